@@ -1,0 +1,73 @@
+"""polystore: store numpy arrays and other objects under paths, in named backends.
+
+``FileManager`` routes calls to backends held in a ``BackendRegistry``; the SQL
+catalog backend (``SQLBackend``) keeps paths, directories and metadata in SQLite
+or PostgreSQL. Importing polystore stays light: SQLAlchemy and the SQL backend
+load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from polystore.backends.base import ReadOnlyBackend, StatResult, StorageBackend
+from polystore.errors import (
+    AlreadyExistsError,
+    BackendConfigError,
+    BackendNotFoundError,
+    BackendUnavailableError,
+    DuplicateBackendError,
+    IntegrityError,
+    InvalidPathError,
+    IsADirectoryError,
+    NotADirectoryError,
+    NotFoundError,
+    PolystoreError,
+    ReadOnlyError,
+    SchemaVersionError,
+    SerializationError,
+    UnsupportedOperationError,
+)
+from polystore.manager import FileManager
+from polystore.registry import BackendRegistry
+
+if TYPE_CHECKING:
+    from polystore.backends.sql import SQLBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExistsError",
+    "BackendConfigError",
+    "BackendNotFoundError",
+    "BackendRegistry",
+    "BackendUnavailableError",
+    "DiskBackend",
+    "DuplicateBackendError",
+    "FileManager",
+    "IntegrityError",
+    "InvalidPathError",
+    "IsADirectoryError",
+    "MemoryBackend",
+    "NotADirectoryError",
+    "NotFoundError",
+    "PolystoreError",
+    "ReadOnlyBackend",
+    "ReadOnlyError",
+    "SQLBackend",
+    "SchemaVersionError",
+    "SerializationError",
+    "StatResult",
+    "StorageBackend",
+    "UnsupportedOperationError",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # SQLAlchemy costs ~100 ms to import; load it only when the SQL backend is used.
+    if name == "SQLBackend":
+        from polystore.backends.sql import SQLBackend
+
+        return SQLBackend
+    raise AttributeError(f"module 'polystore' has no attribute {name!r}")

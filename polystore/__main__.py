@@ -1,0 +1,3 @@
+from polystore.cli import main
+
+main()

@@ -1,0 +1,111 @@
+"""The exceptions polystore raises.
+
+Every error subclasses :class:`PolystoreError` and, where one fits, the builtin
+exception a Python user would already catch, so both ``except FileNotFoundError``
+and ``except PolystoreError`` work::
+
+    PolystoreError
+    ├── NotFoundError                 (FileNotFoundError)
+    ├── AlreadyExistsError            (FileExistsError)
+    ├── IsADirectoryError             (builtins.IsADirectoryError)
+    ├── NotADirectoryError            (builtins.NotADirectoryError)
+    ├── ReadOnlyError                 (PermissionError)
+    ├── InvalidPathError              (ValueError)
+    ├── SerializationError            (TypeError)
+    ├── BackendNotFoundError          (KeyError)
+    ├── BackendConfigError            (TypeError)
+    ├── BackendUnavailableError       (ConnectionError)
+    ├── DuplicateBackendError
+    ├── UnsupportedOperationError     (NotImplementedError)
+    ├── IntegrityError
+    └── SchemaVersionError
+
+``IsADirectoryError`` and ``NotADirectoryError`` shadow the builtins of the same
+name inside this module on purpose: they *are* those builtins, refined.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "AlreadyExistsError",
+    "BackendConfigError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "DuplicateBackendError",
+    "IntegrityError",
+    "InvalidPathError",
+    "IsADirectoryError",
+    "NotADirectoryError",
+    "NotFoundError",
+    "PolystoreError",
+    "ReadOnlyError",
+    "SchemaVersionError",
+    "SerializationError",
+    "UnsupportedOperationError",
+]
+
+
+class PolystoreError(Exception):
+    """Root of every error polystore raises."""
+
+
+class NotFoundError(PolystoreError, FileNotFoundError):
+    """No file or directory exists at the path."""
+
+
+class AlreadyExistsError(PolystoreError, FileExistsError):
+    """Something already exists at the path and may not be replaced."""
+
+
+class IsADirectoryError(PolystoreError, builtins.IsADirectoryError):  # noqa: A001
+    """A file operation was given a directory."""
+
+
+class NotADirectoryError(PolystoreError, builtins.NotADirectoryError):  # noqa: A001
+    """A directory operation was given a file, or a path runs through a file."""
+
+
+class ReadOnlyError(PolystoreError, PermissionError):
+    """A write was attempted on a read-only backend."""
+
+
+class InvalidPathError(PolystoreError, ValueError):
+    """A path breaks the path rules (``..``, NUL, over-long names, ...)."""
+
+
+class SerializationError(PolystoreError, TypeError):
+    """A value cannot be stored, or stored content cannot be turned back into a value."""
+
+
+class BackendNotFoundError(PolystoreError, KeyError):
+    """No backend is registered under the key."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ shows the repr of its argument; a message reads better.
+        return str(self.args[0]) if self.args else ""
+
+
+class BackendConfigError(PolystoreError, TypeError):
+    """A registered backend class cannot be built without arguments."""
+
+
+class BackendUnavailableError(PolystoreError, ConnectionError):
+    """The backend's database or object store cannot be reached."""
+
+
+class DuplicateBackendError(PolystoreError):
+    """A different class already claims this ``_backend_type``."""
+
+
+class UnsupportedOperationError(PolystoreError, NotImplementedError):
+    """The backend does not implement this optional operation."""
+
+
+class IntegrityError(PolystoreError):
+    """Stored content does not match the hash or size the catalog records."""
+
+
+class SchemaVersionError(PolystoreError):
+    """The catalog's schema is not the revision this polystore expects."""
