@@ -1,0 +1,614 @@
+"""``SQLBackend``: the catalog backend on SQLite or PostgreSQL.
+
+Paths, directories and serializer metadata live in ``polystore_nodes``; content
+lives in ``polystore_blobs``, deduplicated by hash. Every public operation runs
+in one database transaction (or in a savepoint of the caller's
+:meth:`SQLBackend.transaction`), so it either happens entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, ClassVar, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore import paths
+from polystore.backends.base import StatResult, StorageBackend
+from polystore.backends.sql import tree
+from polystore.backends.sql.content import (
+    Content,
+    add_blobs,
+    add_references,
+    content_hash,
+    release_blobs,
+)
+from polystore.backends.sql.engine import (
+    WRITE,
+    create_catalog_engine,
+    default_url,
+    retrying,
+    translate_errors,
+)
+from polystore.backends.sql.models import ROOT_ID, Node
+from polystore.backends.sql.schema import ensure_schema
+from polystore.errors import (
+    AlreadyExistsError,
+    InvalidPathError,
+    IsADirectoryError,
+    NotADirectoryError,
+    NotFoundError,
+    SerializationError,
+)
+from polystore.serializers import Encoded, SerializerRegistry
+
+__all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
+
+T = TypeVar("T")
+nodes = Node.__table__
+
+#: Content up to this many bytes is stored in the database itself.
+DEFAULT_INLINE_LIMIT = 1 << 20
+#: User attributes are metadata, not content: their JSON is capped.
+MAX_ATTRS_BYTES = 64 * 1024
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check_attrs(attrs: Any) -> dict[str, Any] | None:
+    if attrs is None:
+        return None
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+        raise SerializationError(f"attrs must be a dict with str keys, not {type(attrs).__name__}")
+    try:
+        text = json.dumps(attrs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"attrs must be plain JSON: {exc}") from exc
+    if len(text.encode("utf-8")) > MAX_ATTRS_BYTES:
+        raise SerializationError(
+            f"attrs are {len(text)} bytes of JSON, more than {MAX_ATTRS_BYTES}; "
+            "store large metadata as a file of its own"
+        )
+    return attrs
+
+
+class SQLBackend(StorageBackend):
+    """A catalog of paths and metadata in SQLite or PostgreSQL, content in blobs.
+
+    ``url`` defaults to ``POLYSTORE_URL`` or ``sqlite:///polystore.db``. A fresh
+    database is brought to the current schema by the migrations; an older one
+    raises :class:`~polystore.errors.SchemaVersionError` unless
+    ``auto_upgrade=True``.
+    """
+
+    _backend_type = "sql"
+    supports_transactions: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        blob_store: Any = None,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        allow_pickle: bool = False,
+        auto_upgrade: bool = False,
+        serializers: SerializerRegistry | None = None,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url or default_url()
+        self.allow_pickle = allow_pickle
+        self.inline_limit = inline_limit
+        self.blob_store = blob_store
+        self.serializers = serializers or SerializerRegistry.default()
+        self._tx: ContextVar[Connection | None] = ContextVar(f"polystore_tx_{id(self)}", default=None)
+        with translate_errors(self.url):
+            self.engine = create_catalog_engine(self.url, **(engine_options or {}))
+            try:
+                ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    def __repr__(self) -> str:
+        return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        # docstring inherited
+        self.engine.dispose()
+
+    def __enter__(self) -> SQLBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- running statements ------------------------------------------------------
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        with translate_errors(self.url):
+            conn = self._tx.get()
+            if conn is not None:
+                return work(conn)
+            with self.engine.connect() as conn:
+                return work(conn)
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` atomically: its own transaction, or a savepoint in the caller's."""
+        with translate_errors(self.url):
+            conn = self._tx.get()
+            if conn is not None:
+                with conn.begin_nested():
+                    return work(conn)
+
+            def attempt() -> T:
+                with self.engine.connect().execution_options(**{WRITE: True}) as conn:
+                    with conn.begin():
+                        return work(conn)
+
+            return retrying(attempt)
+
+    @contextmanager
+    def transaction(self) -> Iterator[SQLBackend]:
+        """Group operations: all commit together, or none do (on any exception).
+
+        Nested calls use savepoints: an exception inside the inner block rolls
+        back only that block if the outer block catches it.
+        """
+        conn = self._tx.get()
+        if conn is not None:
+            with translate_errors(self.url), conn.begin_nested():
+                yield self
+            return
+        with translate_errors(self.url):
+            with self.engine.connect().execution_options(**{WRITE: True}) as conn:
+                token = self._tx.set(conn)
+                try:
+                    with conn.begin():
+                        yield self
+                finally:
+                    self._tx.reset(token)
+
+    # -- saving --------------------------------------------------------------------
+
+    def _encode(self, data: Any) -> tuple[Encoded, Content]:
+        encoded = self.serializers.encode(data, allow_pickle=self.allow_pickle)
+        view = memoryview(encoded.data)
+        return encoded, Content(content_hash(view), encoded.data, view.nbytes)
+
+    def save(self, data: Any, file_path: str, **kwargs: Any) -> None:
+        """Save ``data`` at ``file_path``.
+
+        Keyword arguments: ``overwrite`` (default True; False raises
+        :class:`~polystore.errors.AlreadyExistsError` if the file exists) and
+        ``attrs``, a JSON object stored with the file.
+        """
+        self.save_batch([data], [file_path], **kwargs)
+
+    def save_batch(
+        self, data_list: Sequence[Any], output_paths: Sequence[str], **kwargs: Any
+    ) -> None:
+        """Save every value, all-or-nothing, in one transaction.
+
+        Every value is serialized before the database is touched, so a value that
+        cannot be stored fails the batch with nothing written. A path given twice
+        keeps the last value.
+        """
+        overwrite = bool(kwargs.pop("overwrite", True))
+        attrs = _check_attrs(kwargs.pop("attrs", None))
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        data_list, output_paths = list(data_list), list(output_paths)
+        if len(data_list) != len(output_paths):
+            raise ValueError(
+                f"save_batch got {len(data_list)} values but {len(output_paths)} paths"
+            )
+        items: dict[str, tuple[Encoded, Content]] = {}
+        for data, path in zip(data_list, output_paths, strict=True):
+            items[paths.normalize_file(path)] = self._encode(data)
+        if items:
+            self._write(lambda conn: self._put(conn, items, overwrite, attrs))
+
+    def _put(
+        self,
+        conn: Connection,
+        items: dict[str, tuple[Encoded, Content]],
+        overwrite: bool,
+        attrs: dict[str, Any] | None,
+    ) -> None:
+        now = _now()
+        cache = tree.DirCache()
+        by_parent: dict[int, dict[str, str]] = defaultdict(dict)  # parent id -> name -> path
+        for path in items:
+            parent, name = paths.split(path)
+            by_parent[tree.ensure_dirs(conn, parent, now, cache)][name] = path
+
+        counts: Counter[str] = Counter(content.hash for _, content in items.values())
+        unique = {content.hash: content for _, content in items.values()}
+        add_blobs(conn, {h: (unique[h], n) for h, n in counts.items()}, now)
+
+        released: Counter[str] = Counter()
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for parent_id, entries in by_parent.items():
+            existing = tree.children(conn, parent_id, list(entries), for_update=True)
+            for name, path in entries.items():
+                encoded, content = items[path]
+                row = existing.get(name)
+                values = {
+                    "size": content.size,
+                    "serializer": encoded.serializer,
+                    "serializer_version": encoded.version,
+                    "dtype": encoded.dtype,
+                    "shape": list(encoded.shape) if encoded.shape is not None else None,
+                    "meta": encoded.meta or None,
+                    "attrs": attrs,
+                    "blob_hash": content.hash,
+                    "modified_at": now,
+                }
+                if row is None:
+                    inserts.append(
+                        {"parent_id": parent_id, "name": name, "kind": "file", "created_at": now}
+                        | values
+                    )
+                    continue
+                if row.kind == "dir":
+                    raise IsADirectoryError(f"is a directory: {path!r}")
+                if not overwrite:
+                    raise AlreadyExistsError(f"file exists and overwrite=False: {path!r}")
+                updates.append({"node_id": row.id} | values)
+                released[row.blob_hash] += 1
+        if inserts:
+            conn.execute(nodes.insert(), inserts)
+        if updates:
+            conn.execute(
+                nodes.update()
+                .where(nodes.c.id == sa.bindparam("node_id"))
+                .values({key: sa.bindparam(key) for key in updates[0] if key != "node_id"}),
+                updates,
+            )
+        release_blobs(conn, released)
+
+    # -- loading -------------------------------------------------------------------
+
+    def _decode(self, row: Any, data: Any, path: str) -> Any:
+        if data is None:
+            raise NotFoundError(f"content of {path!r} is missing from the catalog")
+        meta = dict(row.meta or {})
+        if row.shape is not None:
+            meta["shape"] = row.shape
+        if row.dtype is not None:
+            meta["dtype"] = row.dtype
+        return self.serializers.decode(
+            row.serializer, data, meta, allow_pickle=self.allow_pickle
+        )
+
+    @staticmethod
+    def _check_file(row: Any, path: str) -> None:
+        if row is None:
+            raise NotFoundError(f"no such file: {path!r}")
+        if row.kind == "dir":
+            raise IsADirectoryError(f"is a directory: {path!r}")
+
+    def load(self, file_path: str, **kwargs: Any) -> Any:
+        # docstring inherited
+        path = paths.normalize_file(file_path)
+        row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
+        self._check_file(row, path)
+        return self._decode(row, row.data, path)  # type: ignore[union-attr]
+
+    def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
+        """Load every path in order, in one read transaction (a consistent snapshot)."""
+        norm = [paths.normalize_file(p) for p in file_paths]
+        rows = self._read(lambda conn: self._fetch_many(conn, norm))
+        return [self._decode(rows[p], rows[p].data, p) for p in norm]
+
+    def _fetch_many(self, conn: Connection, norm: list[str]) -> dict[str, Any]:
+        by_parent: dict[str, list[str]] = defaultdict(list)
+        for path in dict.fromkeys(norm):
+            parent, name = paths.split(path)
+            by_parent[parent].append(name)
+        blobs = tree.blobs
+        found: dict[str, Any] = {}
+        for parent, names in by_parent.items():
+            parent_row = tree.resolve(conn, parent)
+            if parent_row is None or parent_row.kind != "dir":
+                self._check_file(None, paths.join(parent, names[0]))
+            for part in tree.chunks(names):
+                stmt = (
+                    sa.select(*tree.NODE_COLUMNS, blobs.c.store, blobs.c.data)
+                    .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
+                    .where(nodes.c.parent_id == parent_row.id, nodes.c.name.in_(part))  # type: ignore[union-attr]
+                )
+                for row in conn.execute(stmt):
+                    found[paths.join(parent, row.name)] = row
+        for path in norm:
+            self._check_file(found.get(path), path)
+        return found
+
+    # -- inspecting ------------------------------------------------------------------
+
+    def _kind(self, path: str) -> str | None:
+        norm = paths.normalize(path)
+        row = self._read(lambda conn: tree.resolve(conn, norm))
+        return None if row is None else str(row.kind)
+
+    def exists(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) is not None
+
+    def is_file(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) == "file"
+
+    def is_dir(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) == "dir"
+
+    def _dir_id(self, conn: Connection, path: str) -> int:
+        row = tree.resolve(conn, path)
+        if row is None:
+            raise NotFoundError(f"no such directory: {path!r}")
+        if row.kind != "dir":
+            raise NotADirectoryError(f"not a directory: {path!r}")
+        return int(row.id)
+
+    def list_dir(self, path: str) -> list[str]:
+        # docstring inherited
+        norm = paths.normalize(path)
+
+        def work(conn: Connection) -> list[str]:
+            dir_id = self._dir_id(conn, norm)
+            stmt = sa.select(nodes.c.name).where(nodes.c.parent_id == dir_id)
+            return list(conn.execute(stmt.order_by(nodes.c.name)).scalars())
+
+        return self._read(work)
+
+    def iter_dir(self, path: str = "", *, page_size: int = 1000) -> Iterator[str]:
+        """Yield the names in directory ``path`` in code-point order, a page at a time.
+
+        Each page is one indexed query that starts after the last name seen, so
+        memory stays flat for directories of millions of entries.
+        """
+        norm = paths.normalize(path)
+        dir_id = self._read(lambda conn: self._dir_id(conn, norm))
+        after: str | None = None
+        while True:
+            page = self._read(
+                lambda conn: tree.iter_names(conn, dir_id, after=after, limit=page_size)
+            )
+            yield from page
+            if len(page) < page_size:
+                return
+            after = page[-1]
+
+    def list_files(
+        self,
+        directory: str = "",
+        pattern: str | None = None,
+        extensions: Any = None,
+        recursive: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        # docstring inherited
+        norm = paths.normalize(directory)
+        exts = paths.normalize_extensions(extensions)
+
+        def work(conn: Connection) -> list[str]:
+            dir_id = self._dir_id(conn, norm)
+            if recursive:
+                sql = tree.subtree_sql(
+                    conn.dialect.name, select="sub.path", where="WHERE sub.kind = 'file'"
+                )
+                rel = list(conn.execute(sa.text(sql), {"root": dir_id}).scalars())
+            else:
+                stmt = sa.select(nodes.c.name).where(
+                    nodes.c.parent_id == dir_id, nodes.c.kind == "file"
+                )
+                rel = list(conn.execute(stmt).scalars())
+            return rel
+
+        found = self._read(work)
+        return sorted(
+            paths.join(norm, rel)
+            for rel in found
+            if paths.match_name(rel.rpartition("/")[2], pattern, exts)
+        )
+
+    def stat(self, path: str) -> StatResult:
+        # docstring inherited
+        norm = paths.normalize(path)
+        row = self._read(lambda conn: tree.resolve(conn, norm, with_content=False))
+        if row is None:
+            raise NotFoundError(f"no such file or directory: {norm!r}")
+        store = None
+        if row.blob_hash is not None:
+            store = self._read(
+                lambda conn: conn.execute(
+                    sa.select(tree.blobs.c.store).where(tree.blobs.c.hash == row.blob_hash)
+                ).scalar()
+            )
+        return self._stat_result(norm, row, store)
+
+    @staticmethod
+    def _stat_result(path: str, row: Any, store: str | None) -> StatResult:
+        return StatResult(
+            path=path,
+            kind=row.kind,
+            size=row.size,
+            created_at=tree.as_utc(row.created_at),
+            modified_at=tree.as_utc(row.modified_at),
+            serializer=row.serializer,
+            dtype=row.dtype,
+            shape=tuple(row.shape) if row.shape is not None else None,
+            attrs=dict(row.attrs or {}),
+            hash=row.blob_hash,
+            store=store,
+        )
+
+    # -- changing the tree -------------------------------------------------------------
+
+    def ensure_directory(self, path: str) -> None:
+        # docstring inherited
+        norm = paths.normalize(path)
+        self._write(lambda conn: tree.ensure_dirs(conn, norm, _now(), tree.DirCache()))
+
+    def delete(self, path: str, recursive: bool = False) -> None:
+        # docstring inherited
+        norm = paths.normalize_file(path)
+
+        def work(conn: Connection) -> None:
+            row = tree.resolve(conn, norm)
+            if row is None:
+                raise NotFoundError(f"no such file or directory: {norm!r}")
+            released: Counter[str] = Counter()
+            if row.kind == "file":
+                released[row.blob_hash] += 1
+            else:
+                has_children = conn.execute(
+                    sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
+                ).first()
+                if has_children and not recursive:
+                    raise OSError(errno.ENOTEMPTY, f"directory not empty: {norm!r}")
+                sql = tree.subtree_sql(
+                    conn.dialect.name,
+                    select="n.blob_hash, COUNT(*)",
+                    where="WHERE sub.kind = 'file' GROUP BY n.blob_hash",
+                )
+                for blob_hash, count in conn.execute(sa.text(sql), {"root": row.id}):
+                    released[blob_hash] += count
+            # ON DELETE CASCADE removes the whole subtree with its root row.
+            conn.execute(nodes.delete().where(nodes.c.id == row.id))
+            release_blobs(conn, released)
+
+        self._write(work)
+
+    def _prepare_target(
+        self, conn: Connection, src: str, dst: str, now: dt.datetime
+    ) -> tuple[Any, int, str]:
+        if src == dst:
+            raise AlreadyExistsError(f"source and destination are the same: {dst!r}")
+        row = tree.resolve(conn, src)
+        if row is None:
+            raise NotFoundError(f"no such file or directory: {src!r}")
+        if row.kind == "dir" and dst.startswith(src + "/"):
+            raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
+        if tree.resolve(conn, dst) is not None:
+            raise AlreadyExistsError(f"destination exists: {dst!r}")
+        parent, name = paths.split(dst)
+        return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
+
+    def move(self, src: str, dst: str) -> None:
+        """Move a file or directory tree. A directory move rewrites one row."""
+        src, dst = paths.normalize_file(src), paths.normalize_file(dst)
+
+        def work(conn: Connection) -> None:
+            now = _now()
+            row, parent_id, name = self._prepare_target(conn, src, dst, now)
+            conn.execute(
+                nodes.update()
+                .where(nodes.c.id == row.id)
+                .values(parent_id=parent_id, name=name, modified_at=now)
+            )
+
+        self._write(work)
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy a file or directory tree: catalog rows only, the blobs are shared."""
+        src, dst = paths.normalize_file(src), paths.normalize_file(dst)
+        self._write(lambda conn: self._copy(conn, src, dst))
+
+    def _copy(self, conn: Connection, src: str, dst: str) -> None:
+        now = _now()
+        row, parent_id, name = self._prepare_target(conn, src, dst, now)
+        copied = [c.name for c in tree.NODE_COLUMNS if c.name not in ("id", "parent_id", "name")]
+
+        def clone(source: Any, new_parent: int, new_name: str) -> dict[str, Any]:
+            values = {col: getattr(source, col) for col in copied}
+            return values | {"parent_id": new_parent, "name": new_name, "created_at": now,
+                             "modified_at": now}
+
+        new_root = conn.execute(
+            nodes.insert().values(clone(row, parent_id, name)).returning(nodes.c.id)
+        ).scalar_one()
+        refs: Counter[str] = Counter()
+        if row.kind == "file":
+            refs[row.blob_hash] += 1
+        else:
+            # Copy level by level so every parent exists (and has its new id)
+            # before its children are inserted.
+            id_map = {row.id: new_root}
+            level = [row.id]
+            while level:
+                next_level: list[int] = []
+                for part in tree.chunks(level):
+                    kids = conn.execute(
+                        sa.select(*tree.NODE_COLUMNS).where(nodes.c.parent_id.in_(part))
+                    ).all()
+                    if not kids:
+                        continue
+                    new_ids = conn.execute(
+                        nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
+                        [clone(kid, id_map[kid.parent_id], kid.name) for kid in kids],
+                    ).scalars().all()
+                    for kid, new_id in zip(kids, new_ids, strict=True):
+                        if kid.kind == "dir":
+                            id_map[kid.id] = new_id
+                            next_level.append(kid.id)
+                        else:
+                            refs[kid.blob_hash] += 1
+                level = next_level
+        add_references(conn, refs)
+
+    # -- querying -----------------------------------------------------------------------
+
+    def query(
+        self,
+        *,
+        under: str = "",
+        kind: str | None = None,
+        serializer: str | None = None,
+        dtype: str | None = None,
+        attrs: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[StatResult]:
+        """Nodes under ``under`` matching every filter given, ordered by path.
+
+        ``attrs`` matches files whose attributes hold each given key with exactly
+        that value (str, int, float, bool or None).
+        """
+        from polystore.backends.sql.query import run_query
+
+        norm = paths.normalize(under)
+        rows = self._read(
+            lambda conn: run_query(
+                conn,
+                self._dir_id(conn, norm),
+                kind=kind,
+                serializer=serializer,
+                dtype=dtype,
+                attrs=attrs,
+                limit=limit,
+            )
+        )
+        return [self._stat_result(paths.join(norm, row.path), row, row.store) for row in rows]
+
+    # -- for tests and tools -----------------------------------------------------------
+
+    def count_nodes(self) -> int:
+        """Files and directories in the catalog, the root excluded."""
+        return int(
+            self._read(
+                lambda conn: conn.execute(
+                    sa.select(sa.func.count()).select_from(nodes).where(nodes.c.id != ROOT_ID)
+                ).scalar_one()
+            )
+        )

@@ -1,0 +1,109 @@
+"""Content: blobs deduplicated by SHA-256 with reference counts.
+
+Reference counts change in the same transaction as the nodes that point at the
+blobs, so a rolled-back save leaves counts exactly as they were. Inline blobs
+whose count drops to zero are deleted at once, in that same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore.backends.sql.models import Blob
+from polystore.backends.sql.tree import chunks, dialect_insert
+from polystore.serializers import Buffer
+
+__all__ = ["INLINE", "Content", "add_blobs", "content_hash", "fetch_blobs", "release_blobs"]
+
+INLINE = "inline"
+blobs = Blob.__table__
+
+
+def content_hash(data: Buffer) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Content:
+    """Bytes about to be stored, with their hash."""
+
+    hash: str
+    data: Buffer
+    size: int
+
+
+def add_blobs(conn: Connection, contents: Mapping[str, tuple[Content, int]], now: dt.datetime) -> None:
+    """Store each content (if new) and add ``count`` references to it.
+
+    One upsert per blob, sent as a single executemany: a blob that exists gets its
+    count raised, a new one is inserted with the count.
+    """
+    if not contents:
+        return
+    insert = dialect_insert(conn, blobs)
+    stmt = insert.on_conflict_do_update(
+        index_elements=["hash"],
+        set_={"refcount": blobs.c.refcount + insert.excluded.refcount},
+    )
+    params = [
+        {
+            "hash": content.hash,
+            "size": content.size,
+            "store": INLINE,
+            "refcount": count,
+            "data": content.data,
+            "created_at": now,
+        }
+        for content, count in contents.values()
+    ]
+    conn.execute(stmt, params)
+
+
+def add_references(conn: Connection, counts: Counter[str]) -> None:
+    """Add references to blobs that already exist (copying nodes)."""
+    if counts:
+        conn.execute(
+            blobs.update()
+            .where(blobs.c.hash == sa.bindparam("h"))
+            .values(refcount=blobs.c.refcount + sa.bindparam("n")),
+            [{"h": h, "n": n} for h, n in counts.items()],
+        )
+
+
+def release_blobs(conn: Connection, counts: Counter[str]) -> None:
+    """Drop references; delete inline blobs nobody references any more."""
+    counts = Counter({h: n for h, n in counts.items() if h is not None and n})
+    if not counts:
+        return
+    conn.execute(
+        blobs.update()
+        .where(blobs.c.hash == sa.bindparam("h"))
+        .values(refcount=blobs.c.refcount - sa.bindparam("n")),
+        [{"h": h, "n": n} for h, n in counts.items()],
+    )
+    for part in chunks(sorted(counts)):
+        conn.execute(
+            blobs.delete().where(
+                blobs.c.hash.in_(part), blobs.c.refcount == 0, blobs.c.store == INLINE
+            )
+        )
+
+
+def fetch_blobs(conn: Connection, hashes: list[str]) -> dict[str, Any]:
+    """``hash -> bytes`` for inline blobs."""
+    found: dict[str, Any] = {}
+    for part in chunks(sorted(set(hashes))):
+        for h, data in conn.execute(
+            sa.select(blobs.c.hash, blobs.c.data).where(blobs.c.hash.in_(part))
+        ):
+            found[h] = data
+    return found

@@ -1,0 +1,196 @@
+"""Engines for the catalog, and the one place driver errors become polystore errors.
+
+SQLite: WAL journal, ``synchronous=NORMAL`` (a committed transaction survives a
+process crash; a power cut may lose the last ones, never corrupt the file),
+foreign keys on, a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions
+so two writers queue on the lock instead of failing half-way through.
+
+PostgreSQL: psycopg 3 (binary transfer for ``bytea``), ``READ COMMITTED``;
+writers rely on upserts, row locks and savepoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Engine, make_url
+
+from polystore.errors import BackendConfigError, BackendUnavailableError, PolystoreError
+
+__all__ = [
+    "DEFAULT_URL",
+    "WRITE",
+    "create_catalog_engine",
+    "default_url",
+    "is_retryable",
+    "retrying",
+    "translate_errors",
+]
+
+DEFAULT_URL = "sqlite:///polystore.db"
+#: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE``).
+WRITE = "polystore_write"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+def default_url() -> str:
+    """``POLYSTORE_URL`` if set, else ``sqlite:///polystore.db``."""
+    return os.environ.get("POLYSTORE_URL") or DEFAULT_URL
+
+
+def parse_url(url: str | URL) -> URL:
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError as error:
+        raise BackendConfigError(f"not a database URL: {url!r} ({error})") from error
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise BackendConfigError(
+            f"unsupported database {parsed.get_backend_name()!r} in {url!r}: "
+            "polystore catalogs run on sqlite:/// and postgresql+psycopg:// URLs"
+        )
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        # psycopg 3 is the driver polystore is tested with; plain postgresql://
+        # would pick psycopg2, which is not a dependency.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_catalog_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
+    """An engine configured for a polystore catalog at ``url``."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, **engine_kwargs)
+    engine_kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(parsed, **engine_kwargs)
+
+
+def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
+    database = url.database or ""
+    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    if not memory:
+        parent = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(parent):
+            raise BackendConfigError(f"directory for SQLite catalog does not exist: {parent}")
+    connect_args = dict(engine_kwargs.pop("connect_args", {}))
+    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+    connect_args.setdefault("check_same_thread", False)
+    if memory:
+        # One shared connection, or every checkout would see a new empty database.
+        engine_kwargs.setdefault("poolclass", sa.pool.StaticPool)
+    engine = sa.create_engine(url, connect_args=connect_args, **engine_kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from the sqlite3 module: it would otherwise
+        # open transactions lazily and never with BEGIN IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        immediate = conn.get_execution_options().get(WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+# -- errors --------------------------------------------------------------------
+
+_SQLITE_BUSY = ("database is locked", "database table is locked", "database schema has changed")
+# serialization_failure, deadlock_detected, unique_violation (a concurrent insert
+# of the same new path or blob), lock_not_available
+_PG_RETRY_SQLSTATES = {"40001", "40P01", "23505", "55P03"}
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether a failed write transaction may simply be run again."""
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _PG_RETRY_SQLSTATES
+    return isinstance(error, exc.OperationalError) and any(
+        text in str(orig) for text in _SQLITE_BUSY
+    )
+
+
+def _is_unavailable(error: exc.DBAPIError) -> bool:
+    if error.connection_invalidated:
+        return True
+    text = str(error.orig).lower()
+    return isinstance(error, exc.OperationalError) and any(
+        marker in text
+        for marker in (
+            "connection refused",
+            "could not connect",
+            "connection failed",
+            "server closed the connection",
+            "unable to open database file",
+            "no such host",
+            "name or service not known",
+            "timeout expired",
+        )
+    )
+
+
+@contextmanager
+def translate_errors(url: str) -> Iterator[None]:
+    """Turn driver errors a user can cause into polystore errors, ``from`` the original."""
+    try:
+        yield
+    except PolystoreError:
+        raise
+    except exc.DBAPIError as error:
+        if _is_unavailable(error):
+            raise BackendUnavailableError(
+                f"cannot reach the catalog at {_safe(url)}: {str(error.orig).strip()}"
+            ) from error
+        if "readonly database" in str(error.orig) or "read-only" in str(error.orig):
+            from polystore.errors import ReadOnlyError
+
+            raise ReadOnlyError(
+                f"the catalog at {_safe(url)} is read-only: {str(error.orig).strip()}"
+            ) from error
+        raise
+
+
+def _safe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<invalid URL>"
+
+
+def retrying(
+    operation: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.01
+) -> T:
+    """Run a whole write transaction, again on lock or serialization conflicts.
+
+    Bounded: after ``attempts`` tries the last error propagates.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except exc.DBAPIError as error:
+            if attempt == attempts or not is_retryable(error):
+                raise
+            # Jittered exponential back-off keeps competing writers from retrying in step.
+            time.sleep(base_delay * (2 ** (attempt - 1)) * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover

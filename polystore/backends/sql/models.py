@@ -1,0 +1,113 @@
+"""The catalog's tables, as SQLAlchemy 2.x typed models.
+
+Every name is prefixed ``polystore_`` so a catalog can share a database with an
+application. The schema itself is created and evolved only by the Alembic
+migrations in ``migrations/``; these models are what those migrations must match
+(``polystore db check`` compares them).
+
+* ``polystore_nodes`` -- the directory tree as an adjacency list: one row per file
+  or directory, ``UNIQUE(parent_id, name)``. The root is the row with ``id = 0``
+  and no parent. Moving a directory rewrites one row.
+* ``polystore_blobs`` -- content, keyed by its SHA-256, with a reference count
+  kept in the same transaction as the nodes that point at it. ``store`` says
+  where the bytes live: ``'inline'`` (the deferred ``data`` column) or the name
+  of an external blob store.
+* ``polystore_catalog`` -- a read-only view with one row per node and its full
+  path (defined in the migrations, not here).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
+
+__all__ = ["ROOT_ID", "Base", "Blob", "Node"]
+
+#: The root directory's fixed id.
+ROOT_ID = 0
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Node ids are 64-bit on PostgreSQL; on SQLite a plain INTEGER PRIMARY KEY is the
+# rowid alias (BIGINT would not be).
+Id = Annotated[int, mapped_column(BigInteger().with_variant(Integer(), "sqlite"))]
+# Names compare by code point everywhere: the "C" collation on PostgreSQL,
+# SQLite's default BINARY on UTF-8 text.
+Name = Annotated[str, mapped_column(Text().with_variant(Text(collation="C"), "postgresql"))]
+JSONDoc = Annotated[Any, mapped_column(JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql"))]
+Timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
+Hash = Annotated[str, mapped_column(String(64))]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Blob(Base):
+    __tablename__ = "polystore_blobs"
+
+    hash: Mapped[Hash] = mapped_column(primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    store: Mapped[str] = mapped_column(String(64))
+    refcount: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
+    created_at: Mapped[Timestamp]
+
+    __table_args__ = (
+        CheckConstraint("refcount >= 0", name="refcount_nonnegative"),
+        CheckConstraint("store <> 'inline' OR data IS NOT NULL", name="inline_has_data"),
+    )
+
+
+class Node(Base):
+    __tablename__ = "polystore_nodes"
+
+    id: Mapped[Id] = mapped_column(primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("polystore_nodes.id", ondelete="CASCADE"),
+    )
+    name: Mapped[Name]
+    kind: Mapped[str] = mapped_column(String(4))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    serializer: Mapped[str | None] = mapped_column(String(64))
+    serializer_version: Mapped[int | None] = mapped_column(Integer)
+    dtype: Mapped[str | None] = mapped_column(Text)
+    shape: Mapped[JSONDoc | None]
+    meta: Mapped[JSONDoc | None]
+    attrs: Mapped[JSONDoc | None]
+    blob_hash: Mapped[str | None] = mapped_column(String(64), ForeignKey("polystore_blobs.hash"))
+    created_at: Mapped[Timestamp]
+    modified_at: Mapped[Timestamp]
+
+    __table_args__ = (
+        UniqueConstraint("parent_id", "name"),
+        CheckConstraint("kind IN ('file', 'dir')", name="kind_valid"),
+        CheckConstraint("(parent_id IS NULL) = (id = 0)", name="only_root_has_no_parent"),
+        CheckConstraint("kind = 'dir' OR blob_hash IS NOT NULL", name="file_has_blob"),
+        Index(None, "blob_hash"),
+        Index(None, "dtype"),
+    )

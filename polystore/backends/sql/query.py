@@ -1,0 +1,84 @@
+"""``SQLBackend.query``: the common catalog filters, compiled to one SQL statement."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore.backends.sql.tree import subtree_sql
+
+__all__ = ["run_query"]
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_path(key: str) -> str:
+    # SQLite JSON path with the key quoted, so dots or brackets in keys are literal.
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_query(
+    conn: Connection,
+    root_id: int,
+    *,
+    kind: str | None,
+    serializer: str | None,
+    dtype: str | None,
+    attrs: dict[str, Any] | None,
+    limit: int | None,
+) -> list[sa.Row[Any]]:
+    """Rows (``path`` relative to the root, node columns, ``store``) under ``root_id``."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {"root": root_id}
+    if kind is not None:
+        if kind not in ("file", "dir"):
+            raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
+        clauses.append("sub.kind = :kind")
+        params["kind"] = kind
+    if serializer is not None:
+        clauses.append("n.serializer = :serializer")
+        params["serializer"] = serializer
+    if dtype is not None:
+        clauses.append("n.dtype = :dtype")
+        params["dtype"] = str(dtype)
+    for i, (key, value) in enumerate((attrs or {}).items()):
+        if not isinstance(key, str) or not isinstance(value, _SCALARS):
+            raise ValueError(f"attrs filters take str keys and scalar values, not {key!r}: {value!r}")
+        doc = json.dumps({key: value})
+        if conn.dialect.name == "postgresql":
+            # Containment compares JSON types exactly: 1, 1.0, true and "1" differ.
+            clauses.append(f"n.attrs @> CAST(:attr{i} AS JSONB)")
+        else:
+            clauses.append(
+                f"json_type(n.attrs, :path{i}) = json_type(:attr{i}, :path{i}) "
+                f"AND json_extract(n.attrs, :path{i}) IS json_extract(:attr{i}, :path{i})"
+            )
+            params[f"path{i}"] = _json_path(key)
+        params[f"attr{i}"] = doc
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    where += " ORDER BY sub.path"
+    if limit is not None:
+        where += " LIMIT :limit"
+        params["limit"] = int(limit)
+    select = (
+        "sub.path AS path, n.id, n.parent_id, n.name, n.kind, n.size, n.serializer, "
+        "n.serializer_version, n.dtype, n.shape, n.meta, n.attrs, n.blob_hash, "
+        "n.created_at, n.modified_at, b.store AS store"
+    )
+    sql = subtree_sql(conn.dialect.name, select=select, where=where)
+    stmt = sa.text(sql).columns(
+        sa.column("path"),
+        *[sa.column(c) for c in ("id", "parent_id", "name", "kind", "size", "serializer",
+                                  "serializer_version", "dtype")],
+        sa.column("shape", sa.JSON()),
+        sa.column("meta", sa.JSON()),
+        sa.column("attrs", sa.JSON()),
+        sa.column("blob_hash"),
+        sa.column("created_at", sa.DateTime(timezone=True)),
+        sa.column("modified_at", sa.DateTime(timezone=True)),
+        sa.column("store"),
+    )
+    return list(conn.execute(stmt, params))

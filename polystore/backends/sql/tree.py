@@ -1,0 +1,213 @@
+"""The directory tree: resolving paths, creating directories, walking subtrees.
+
+Everything here takes an open :class:`~sqlalchemy.Connection` and runs inside
+the caller's transaction. A path of depth *d* resolves in one statement (a chain
+of *d* self-joins on the ``(parent_id, name)`` unique index), not *d* round trips.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
+
+from polystore import paths
+from polystore.backends.sql.models import ROOT_ID, Blob, Node
+from polystore.errors import NotADirectoryError
+
+__all__ = [
+    "NODE_COLUMNS",
+    "DirCache",
+    "children",
+    "dialect_insert",
+    "ensure_dirs",
+    "resolve",
+    "subtree_sql",
+]
+
+nodes = Node.__table__
+blobs = Blob.__table__
+
+#: Node columns every lookup returns (never the blob's bytes).
+NODE_COLUMNS = (
+    nodes.c.id,
+    nodes.c.parent_id,
+    nodes.c.name,
+    nodes.c.kind,
+    nodes.c.size,
+    nodes.c.serializer,
+    nodes.c.serializer_version,
+    nodes.c.dtype,
+    nodes.c.shape,
+    nodes.c.meta,
+    nodes.c.attrs,
+    nodes.c.blob_hash,
+    nodes.c.created_at,
+    nodes.c.modified_at,
+)
+
+#: Rows fetched per ``IN (...)`` list, well under SQLite's bound-parameter limit.
+CHUNK = 500
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+@lru_cache(maxsize=64)
+def _resolve_statement(depth: int, with_content: bool) -> sa.Select[Any]:
+    # Chain of aliases n1 -> n2 -> ... -> nd, each on the (parent_id, name) index.
+    aliases = [nodes.alias(f"n{i}") for i in range(depth)]
+    last = aliases[-1]
+    columns: list[Any] = [last.c[col.name] for col in NODE_COLUMNS]
+    joined: Any = aliases[0]
+    for i in range(1, depth):
+        joined = joined.join(
+            aliases[i],
+            sa.and_(
+                aliases[i].c.parent_id == aliases[i - 1].c.id,
+                aliases[i].c.name == sa.bindparam(f"p{i}"),
+            ),
+        )
+    if with_content:
+        joined = joined.outerjoin(blobs, blobs.c.hash == last.c.blob_hash)
+        columns += [blobs.c.store, blobs.c.data]
+    return (
+        sa.select(*columns)
+        .select_from(joined)
+        .where(aliases[0].c.parent_id == ROOT_ID, aliases[0].c.name == sa.bindparam("p0"))
+    )
+
+
+@lru_cache(maxsize=8)
+def _root_statement(with_content: bool) -> sa.Select[Any]:
+    columns: list[Any] = list(NODE_COLUMNS)
+    if with_content:
+        columns += [sa.null().label("store"), sa.null().label("data")]
+    return sa.select(*columns).where(nodes.c.id == ROOT_ID)
+
+
+def resolve(conn: Connection, path: str, *, with_content: bool = False) -> sa.Row[Any] | None:
+    """The node row at normal ``path`` (with ``store``/``data`` if asked), or None."""
+    parts = paths.split_parts(path)
+    if not parts:
+        return conn.execute(_root_statement(with_content)).first()
+    params = {f"p{i}": name for i, name in enumerate(parts)}
+    return conn.execute(_resolve_statement(len(parts), with_content), params).first()
+
+
+def children(
+    conn: Connection, parent_id: int, names: Sequence[str], *, for_update: bool = False
+) -> dict[str, sa.Row[Any]]:
+    """Existing children of ``parent_id`` among ``names``, by name."""
+    found: dict[str, sa.Row[Any]] = {}
+    for part in chunks(sorted(set(names))):
+        stmt = sa.select(*NODE_COLUMNS).where(
+            nodes.c.parent_id == parent_id, nodes.c.name.in_(part)
+        )
+        if for_update and conn.dialect.name == "postgresql":
+            # Concurrent overwrites of one path then queue here and each sees
+            # the other's committed row, so no blob reference is dropped twice.
+            stmt = stmt.with_for_update()
+        for row in conn.execute(stmt):
+            found[row.name] = row
+    return found
+
+
+class DirCache:
+    """Directory ids already resolved or created in the current transaction."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {paths.ROOT: ROOT_ID}
+
+    def get(self, path: str) -> int | None:
+        return self._ids.get(path)
+
+    def put(self, path: str, node_id: int) -> None:
+        self._ids[path] = node_id
+
+
+def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) -> int:
+    """The id of directory ``path``, creating it and its missing parents."""
+    cached = cache.get(path)
+    if cached is not None:
+        return cached
+    row = resolve(conn, path)
+    if row is not None:
+        if row.kind != "dir":
+            raise NotADirectoryError(f"not a directory: {path!r}")
+        cache.put(path, row.id)
+        return int(row.id)
+    parent_path, name = paths.split(path)
+    parent_id = ensure_dirs(conn, parent_path, now, cache)
+    insert = dialect_insert(conn, nodes).values(
+        parent_id=parent_id, name=name, kind="dir", created_at=now, modified_at=now
+    )
+    # A concurrent writer may create the same directory: keep whichever won.
+    conn.execute(insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]))
+    row = conn.execute(
+        sa.select(nodes.c.id, nodes.c.kind).where(
+            nodes.c.parent_id == parent_id, nodes.c.name == name
+        )
+    ).one()
+    if row.kind != "dir":
+        raise NotADirectoryError(f"not a directory: {path!r}")
+    cache.put(path, row.id)
+    return int(row.id)
+
+
+def subtree_sql(dialect: str, *, where: str = "", select: str = "sub.path, sub.kind") -> str:
+    """A recursive query over the subtree under ``:root`` with relative paths.
+
+    ``sub`` has columns ``id``, ``path`` (relative to the subtree's root), ``kind``
+    and ``depth``; join ``polystore_nodes AS n ON n.id = sub.id`` for the rest.
+    """
+    if dialect == "postgresql":
+        # The recursive term must keep the "C" collation of the name column.
+        base, step = 'CAST(name AS TEXT) COLLATE "C"', 'CAST(sub.path || \'/\' || n.name AS TEXT) COLLATE "C"'
+    else:
+        base, step = "name", "sub.path || '/' || n.name"
+    return f"""
+WITH RECURSIVE sub (id, path, kind, depth) AS (
+    SELECT id, {base}, kind, 1 FROM polystore_nodes WHERE parent_id = :root
+    UNION ALL
+    SELECT n.id, {step}, n.kind, sub.depth + 1
+    FROM polystore_nodes AS n JOIN sub ON n.parent_id = sub.id
+    WHERE sub.kind = 'dir'
+)
+SELECT {select}
+FROM sub
+JOIN polystore_nodes AS n ON n.id = sub.id
+LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash
+{where}
+"""
+
+
+def iter_names(conn: Connection, parent_id: int, *, after: str | None, limit: int) -> list[str]:
+    """One page of child names after ``after``, by code point (a keyset cursor)."""
+    stmt = sa.select(nodes.c.name).where(nodes.c.parent_id == parent_id)
+    if after is not None:
+        stmt = stmt.where(nodes.c.name > after)
+    return list(conn.execute(stmt.order_by(nodes.c.name).limit(limit)).scalars())
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
