@@ -12,6 +12,10 @@ migrations in ``migrations/``; these models are what those migrations must match
   kept in the same transaction as the nodes that point at it. ``store`` says
   where the bytes live: ``'inline'`` (the deferred ``data`` column) or the name
   of an external blob store.
+* ``polystore_upload_intents`` -- uploads to external blob stores in flight. An
+  intent is committed before the upload starts and deleted in the transaction
+  that commits the blob row, so ``gc()`` finds abandoned uploads without listing
+  the bucket.
 * ``polystore_catalog`` -- a read-only view with one row per node and its full
   path (defined in the migrations, not here).
 """
@@ -38,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 
-__all__ = ["ROOT_ID", "Base", "Blob", "Node"]
+__all__ = ["ROOT_ID", "Base", "Blob", "Node", "UploadIntent"]
 
 #: The root directory's fixed id.
 ROOT_ID = 0
@@ -111,3 +115,17 @@ class Node(Base):
         Index(None, "blob_hash"),
         Index(None, "dtype"),
     )
+
+
+class UploadIntent(Base):
+    __tablename__ = "polystore_upload_intents"
+
+    id: Mapped[Id] = mapped_column(primary_key=True)
+    hash: Mapped[Hash]
+    store: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[Timestamp]
+    #: Who is uploading ("host:pid"), to help a human reading a stuck intent.
+    owner: Mapped[str] = mapped_column(String(255))
+
+    __table_args__ = (Index(None, "hash"), Index(None, "created_at"))

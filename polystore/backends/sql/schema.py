@@ -35,7 +35,7 @@ __all__ = [
 VERSION_TABLE = "polystore_alembic_version"
 #: Every revision this polystore knows, oldest first. A test checks it against
 #: the scripts in migrations/versions, so it cannot drift.
-REVISIONS: tuple[str, ...] = ("0001",)
+REVISIONS: tuple[str, ...] = ("0001", "0002")
 HEAD = REVISIONS[-1]
 # An arbitrary 64-bit key for pg_advisory_xact_lock ("polystor" in ASCII).
 _PG_LOCK_KEY = 0x706F6C7973746F72

@@ -1,0 +1,91 @@
+"""Shared fixtures: real SQLite files and a real PostgreSQL server.
+
+Each PostgreSQL test gets a schema of its own (``search_path`` set through the
+URL), dropped afterwards, so tests stay independent and can share one server.
+Outside CI a PostgreSQL test skips, saying why, when the server is down; under
+``CI=true`` every skip is turned into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+PG_URL = os.environ.get(
+    "POLYSTORE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pg_conninfo() -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_URL)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+_pg_state: dict[str, str | None] = {}
+
+
+def _pg_unavailable_reason() -> str | None:
+    if "reason" not in _pg_state:
+        import psycopg
+
+        try:
+            with psycopg.connect(_pg_conninfo(), connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            _pg_state["reason"] = None
+        except psycopg.Error as exc:
+            _pg_state["reason"] = f"PostgreSQL not reachable at {PG_URL}: {exc}".strip()
+    return _pg_state["reason"]
+
+
+def _require_pg() -> None:
+    reason = _pg_unavailable_reason()
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run)")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh, empty schema."""
+    _require_pg()
+    import psycopg
+
+    schema = f"ps_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: os.PathLike[str]) -> str:
+    """A URL for a fresh SQLite file."""
+    return f"sqlite:///{tmp_path}/catalog.db"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest) -> str:
+    """Each catalog test runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):  # type: ignore[attr-defined]
+        report.outcome = "failed"  # type: ignore[attr-defined]
+        report.longrepr = f"skipped under CI=true, which counts as a failure: {report.longrepr}"  # type: ignore[attr-defined]
+    return report

@@ -1,0 +1,529 @@
+"""The SQL catalog backend, on a SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from polystore import (
+    AlreadyExistsError,
+    BackendRegistry,
+    FileManager,
+    InvalidPathError,
+    MemoryBackend,
+    IsADirectoryError,
+    NotADirectoryError,
+    NotFoundError,
+    SerializationError,
+)
+from polystore.backends.sql import SQLBackend
+
+
+@pytest.fixture
+def backend(catalog_url: str) -> Iterator[SQLBackend]:
+    b = SQLBackend(catalog_url)
+    yield b
+    b.close()
+
+
+def blob_rows(backend: SQLBackend) -> dict[str, int]:
+    with backend.engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
+
+
+def reference_counts(backend: SQLBackend) -> dict[str, int]:
+    """How many file nodes point at each blob: what every refcount must equal."""
+    with backend.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
+                "WHERE kind = 'file' GROUP BY blob_hash"
+            )
+        ).all()
+    return dict(rows)
+
+
+def assert_consistent(backend: SQLBackend) -> None:
+    assert blob_rows(backend) == reference_counts(backend)
+
+
+def catalog_snapshot(backend: SQLBackend) -> tuple[list[Any], list[Any]]:
+    with backend.engine.connect() as conn:
+        nodes = conn.execute(
+            sa.text("SELECT id, parent_id, name, kind, blob_hash FROM polystore_nodes ORDER BY id")
+        ).all()
+        blobs = conn.execute(
+            sa.text("SELECT hash, refcount FROM polystore_blobs ORDER BY hash")
+        ).all()
+    return nodes, blobs
+
+
+class StatementCounter:
+    """Counts statements and rows touched, through SQLAlchemy's engine events."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.statements: list[str] = []
+        self.rows_changed = 0
+
+    def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if verb in ("UPDATE", "DELETE", "INSERT"):
+            self.rows_changed += max(cursor.rowcount, 0)
+
+    def __enter__(self) -> StatementCounter:
+        sa.event.listen(self.engine, "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sa.event.remove(self.engine, "after_cursor_execute", self._after)
+
+    def writes(self) -> list[str]:
+        return [
+            s for s in self.statements if s.lstrip().split(None, 1)[0].upper()
+            in ("UPDATE", "DELETE", "INSERT")
+        ]
+
+
+# -- serialization ----------------------------------------------------------------
+
+ARRAYS = {
+    "bool": np.array([True, False, True]),
+    "int8": np.arange(-5, 5, dtype=np.int8),
+    "uint16": np.arange(12, dtype=np.uint16).reshape(3, 4),
+    "int64": np.arange(6, dtype=np.int64),
+    "float16": np.linspace(0, 1, 7, dtype=np.float16),
+    "float32": np.random.default_rng(0).random((4, 5), dtype=np.float32),
+    "big_endian": np.arange(5, dtype=">f8"),
+    "complex128": np.array([1 + 2j, -3.5j]),
+    "datetime64": np.array(["2024-01-01T12:00", "1970-01-01"], dtype="datetime64[ns]"),
+    "timedelta64": np.array([1, 2, 3], dtype="timedelta64[s]"),
+    "structured": np.array([(1, 2.5), (3, 4.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    "zero_d": np.array(3.25),
+    "empty": np.zeros((0, 3), dtype=np.float32),
+    "fortran": np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4)),
+    "non_contiguous": np.arange(20, dtype=np.float64).reshape(4, 5)[::2, 1::2],
+    "unicode": np.array(["ab", "ÿ€"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARRAYS))
+def test_array_round_trip_exact(backend: SQLBackend, name: str) -> None:
+    arr = ARRAYS[name]
+    backend.save(arr, f"arrays/{name}.npy")
+    out = backend.load(f"arrays/{name}.npy")
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == arr.dtype
+    assert out.shape == arr.shape
+    assert out.flags.writeable
+    np.testing.assert_array_equal(out, arr)
+    out[...] = out  # writeable for real, not just flagged
+    info = backend.stat(f"arrays/{name}.npy")
+    assert info.dtype == str(arr.dtype)
+    assert info.shape == arr.shape
+    assert info.size == arr.nbytes
+
+
+def test_numpy_scalar_round_trips_as_scalar(backend: SQLBackend) -> None:
+    backend.save(np.float32(2.5), "s.npy")
+    out = backend.load("s.npy")
+    assert isinstance(out, np.float32)
+    assert out == np.float32(2.5)
+
+
+def test_object_arrays_refused_and_nothing_written(backend: SQLBackend) -> None:
+    with pytest.raises(SerializationError):
+        backend.save(np.array([{"a": 1}], dtype=object), "obj.npy")
+    assert not backend.exists("obj.npy")
+    assert backend.count_nodes() == 0
+
+
+@pytest.mark.parametrize(
+    "value", [b"\x00\xffbytes", "text ✓", {"a": [1, 2.5, None, True]}, [1, "two"], 42, None]
+)
+def test_plain_values_round_trip(backend: SQLBackend, value: Any) -> None:
+    backend.save(value, "v")
+    assert backend.load("v") == value
+
+
+def test_unsupported_value_raises_serialization_error(backend: SQLBackend) -> None:
+    with pytest.raises(SerializationError, match="allow_pickle"):
+        backend.save(object(), "x.bin")
+    assert backend.count_nodes() == 0
+
+
+def test_pickle_needs_opt_in_on_save_and_on_load(catalog_url: str) -> None:
+    writer = SQLBackend(catalog_url, allow_pickle=True)
+    writer.save({1, 2, 3}, "set.pkl")
+    assert writer.load("set.pkl") == {1, 2, 3}
+    reader = SQLBackend(catalog_url)
+    with pytest.raises(SerializationError, match="allow_pickle=True"):
+        reader.load("set.pkl")
+    writer.close()
+    reader.close()
+
+
+def test_pickle_payload_never_unpickled_without_opt_in(catalog_url: str) -> None:
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (pytest.fail, ("unpickled without allow_pickle",))
+
+    writer = SQLBackend(catalog_url, allow_pickle=True)
+    writer.save(pickle.dumps(1), "raw.bin")  # bytes are just bytes
+    with writer.engine.begin() as conn:  # a payload planted by someone who allowed pickle
+        conn.execute(
+            sa.text(
+                "UPDATE polystore_blobs SET data = :d WHERE hash = "
+                "(SELECT blob_hash FROM polystore_nodes WHERE name = 'raw.bin')"
+            ),
+            {"d": pickle.dumps(Boom())},
+        )
+        conn.execute(
+            sa.text("UPDATE polystore_nodes SET serializer = 'pickle' WHERE name = 'raw.bin'")
+        )
+    reader = SQLBackend(catalog_url)
+    with pytest.raises(SerializationError):
+        reader.load("raw.bin")
+    writer.close()
+    reader.close()
+
+
+# -- directories and semantics -----------------------------------------------------
+
+
+def test_parents_created_and_real_directories(backend: SQLBackend) -> None:
+    backend.save(b"x", "a/b/c/d.bin")
+    assert backend.is_dir("a") and backend.is_dir("a/b/c")
+    assert backend.list_dir("a/b") == ["c"]
+    backend.ensure_directory("empty/dir")
+    assert backend.is_dir("empty/dir")
+    assert backend.list_dir("empty/dir") == []
+    assert backend.list_files("empty") == []
+
+
+def test_save_onto_directory_and_under_file(backend: SQLBackend) -> None:
+    backend.save(b"x", "a/f.bin")
+    with pytest.raises(IsADirectoryError):
+        backend.save(b"y", "a")
+    with pytest.raises(NotADirectoryError):
+        backend.save(b"y", "a/f.bin/g.bin")
+    with pytest.raises(NotADirectoryError):
+        backend.list_dir("a/f.bin")
+    assert backend.load("a/f.bin") == b"x"
+    assert_consistent(backend)
+
+
+def test_overwrite_replaces_and_releases_old_blob(backend: SQLBackend) -> None:
+    backend.save(b"old", "f.bin")
+    backend.save(b"new", "f.bin")
+    assert backend.load("f.bin") == b"new"
+    assert len(blob_rows(backend)) == 1
+    with pytest.raises(AlreadyExistsError):
+        backend.save(b"newer", "f.bin", overwrite=False)
+    assert backend.load("f.bin") == b"new"
+    assert_consistent(backend)
+
+
+def test_list_dir_sorted_by_code_point(backend: SQLBackend) -> None:
+    names = ["b", "B", "a", "_x", "Z", "é", "e", "😀", "%", "a b", "ab", "A"]
+    backend.save_batch([b"."] * len(names), names)
+    assert backend.list_dir("") == sorted(names)
+    assert list(backend.iter_dir("", page_size=5)) == sorted(names)
+
+
+def test_iter_dir_pages_with_keyset(backend: SQLBackend) -> None:
+    names = [f"f{i:04d}" for i in range(57)]
+    backend.save_batch([b"x"] * 57, [f"d/{n}" for n in names])
+    with StatementCounter(backend.engine) as counter:
+        got = list(backend.iter_dir("d", page_size=10))
+    assert got == names
+    pages = [s for s in counter.statements if "LIMIT" in s.upper()]
+    assert len(pages) == 6
+    # pages after the first start from the last name seen, not from an offset
+    assert all("name >" in s for s in pages[1:])
+
+
+def test_list_files_pattern_extensions_recursive(backend: SQLBackend) -> None:
+    files = [
+        "p/a.npy",
+        "p/B.NPY",
+        "p/img.ome.tiff",
+        "p/img.tiff",
+        "p/notes.txt",
+        "p/sub/c.npy",
+        "p/sub/deep/d.ome.tiff",
+        "p/100%_[x]*.npy",
+    ]
+    backend.save_batch([b"."] * len(files), files)
+    assert backend.list_files("p") == sorted(f for f in files if f.count("/") == 1)
+    assert backend.list_files("p", extensions={".npy"}) == ["p/100%_[x]*.npy", "p/B.NPY", "p/a.npy"]
+    assert backend.list_files("p", extensions={".ome.tiff"}, recursive=True) == [
+        "p/img.ome.tiff",
+        "p/sub/deep/d.ome.tiff",
+    ]
+    assert backend.list_files("p", pattern="*.npy", recursive=True) == [
+        "p/100%_[x]*.npy",
+        "p/a.npy",
+        "p/sub/c.npy",
+    ]
+    # `%` and `_` are never SQL wildcards, `[` is a glob class only in patterns.
+    assert backend.list_files("p", pattern="100%_[[]x]*.npy") == ["p/100%_[x]*.npy"]
+    assert backend.list_files("p", pattern="1_0*") == []
+    with pytest.raises(NotFoundError):
+        backend.list_files("missing")
+
+
+def test_recursive_listing_is_one_query(backend: SQLBackend) -> None:
+    paths = [f"r/{a}/{b}/f{c}.bin" for a in range(3) for b in range(3) for c in range(3)]
+    backend.save_batch([b"."] * len(paths), paths)
+    with StatementCounter(backend.engine) as counter:
+        found = backend.list_files("r", recursive=True)
+    assert found == sorted(paths)
+    selects = [s for s in counter.statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert len(selects) == 2  # resolve the directory, then one recursive query
+
+
+def test_awkward_names_are_literal(backend: SQLBackend) -> None:
+    names = ["it's", 'say "hi"', "50%", "a_b", "*", "[ab]", "x; DROP TABLE polystore_nodes; --"]
+    for i, name in enumerate(names):
+        backend.save(i, f"w/{name}")
+    assert backend.list_dir("w") == sorted(names)
+    for i, name in enumerate(names):
+        assert backend.load(f"w/{name}") == i
+    assert not backend.exists("w/a%b")
+    assert not backend.exists("w/axb")
+
+
+def test_invalid_paths_rejected(backend: SQLBackend) -> None:
+    for bad in ["../x", "a/../../b", "/..", "a\\..\\b", "a\x00b", "x" * 256, ""]:
+        with pytest.raises(InvalidPathError):
+            backend.save(b".", bad)
+    assert backend.count_nodes() == 0
+
+
+# -- move, copy, delete --------------------------------------------------------------
+
+
+def test_directory_move_updates_one_row(backend: SQLBackend) -> None:
+    paths = [f"big/{i // 50}/{i}.bin" for i in range(500)]
+    backend.save_batch([str(i).encode() for i in range(500)], paths)
+    with StatementCounter(backend.engine) as counter:
+        backend.move("big", "moved/here")
+    # one new parent directory, then the move itself: a single-row UPDATE
+    updates = [s for s in counter.writes() if s.lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 1
+    assert counter.rows_changed == 2  # the created "moved" directory + the moved row
+    assert backend.load("moved/here/3/150.bin") == b"150"
+    assert not backend.exists("big")
+    assert_consistent(backend)
+
+
+def test_move_rules(backend: SQLBackend) -> None:
+    backend.save(b"1", "a/x.bin")
+    backend.save(b"2", "b.bin")
+    with pytest.raises(AlreadyExistsError):
+        backend.move("b.bin", "a/x.bin")
+    with pytest.raises(InvalidPathError):
+        backend.move("a", "a/inner")
+    with pytest.raises(NotFoundError):
+        backend.move("nope", "z")
+    backend.move("b.bin", "c/renamed.bin")
+    assert backend.load("c/renamed.bin") == b"2"
+
+
+def test_copy_shares_blobs(backend: SQLBackend) -> None:
+    backend.save_batch([b"a", b"b", b"c"], ["t/1.bin", "t/s/2.bin", "t/s/t/3.bin"])
+    before = blob_rows(backend)
+    with StatementCounter(backend.engine) as counter:
+        backend.copy("t", "u")
+    assert not any("polystore_blobs" in s and "INSERT" in s.upper() for s in counter.statements)
+    assert backend.list_files("u", recursive=True) == ["u/1.bin", "u/s/2.bin", "u/s/t/3.bin"]
+    assert backend.load("u/s/t/3.bin") == b"c"
+    assert set(blob_rows(backend)) == set(before)
+    assert all(n == 2 for n in blob_rows(backend).values())
+    backend.delete("t", recursive=True)
+    assert all(n == 1 for n in blob_rows(backend).values())
+    assert_consistent(backend)
+
+
+def test_delete_releases_content(backend: SQLBackend) -> None:
+    backend.save(b"same", "a.bin")
+    backend.save(b"same", "d/b.bin")
+    assert blob_rows(backend) == {next(iter(blob_rows(backend))): 2}
+    with pytest.raises(OSError, match="not empty"):
+        backend.delete("d")
+    backend.delete("d", recursive=True)
+    assert list(blob_rows(backend).values()) == [1]
+    backend.delete("a.bin")
+    assert blob_rows(backend) == {}
+    with pytest.raises(NotFoundError):
+        backend.delete("a.bin")
+
+
+# -- transactions ------------------------------------------------------------------
+
+
+def test_save_batch_all_or_nothing(backend: SQLBackend) -> None:
+    backend.save(b"keep", "keep.bin")
+    before = catalog_snapshot(backend)
+    values: list[Any] = [np.full(4, i, dtype=np.int32) for i in range(9_999)] + [object()]
+    with pytest.raises(SerializationError):
+        backend.save_batch(values, [f"batch/{i}.npy" for i in range(10_000)])
+    assert catalog_snapshot(backend) == before
+
+
+def test_save_batch_database_failure_rolls_back(backend: SQLBackend) -> None:
+    backend.ensure_directory("x/dir")
+    before = catalog_snapshot(backend)
+    with pytest.raises(IsADirectoryError):
+        backend.save_batch([b"1", b"2", b"3"], ["x/a.bin", "x/b.bin", "x/dir"])
+    assert catalog_snapshot(backend) == before
+
+
+def test_transaction_commit_and_rollback(backend: SQLBackend) -> None:
+    with backend.transaction():
+        backend.save(b"1", "t/a.bin")
+        backend.move("t/a.bin", "t/b.bin")
+        assert backend.load("t/b.bin") == b"1"
+    assert backend.load("t/b.bin") == b"1"
+    before = catalog_snapshot(backend)
+    with pytest.raises(RuntimeError), backend.transaction():
+        backend.save(b"2", "t/c.bin")
+        backend.delete("t/b.bin")
+        raise RuntimeError("boom")
+    assert catalog_snapshot(backend) == before
+
+
+def test_nested_transaction_uses_savepoint(backend: SQLBackend) -> None:
+    with backend.transaction():
+        backend.save(b"outer", "o.bin")
+        with pytest.raises(ValueError), backend.transaction():
+            backend.save(b"inner", "i.bin")
+            raise ValueError
+        # a failed operation inside the transaction does not poison it
+        with pytest.raises(NotFoundError):
+            backend.load("missing")
+        with pytest.raises(IsADirectoryError):
+            backend.save_batch([b"z", b"w"], ["zz/ok.bin", "zz"])
+        backend.save(b"after", "a.bin")
+    assert backend.list_files("") == ["a.bin", "o.bin"]
+    assert not backend.exists("zz")
+    assert_consistent(backend)
+
+
+def test_filemanager_transaction(catalog_url: str) -> None:
+    fm = FileManager(catalog_url)
+    with pytest.raises(KeyError), fm.transaction():
+        fm.save(b"x", "a.bin")
+        raise KeyError("abort")
+    assert not fm.exists("a.bin")
+    with fm.transaction(backend=catalog_url):
+        fm.save(b"x", "a.bin")
+    assert fm.load("a.bin") == b"x"
+    fm.close()
+
+
+# -- metadata, query and the view ------------------------------------------------------
+
+
+def test_stat_and_attrs(backend: SQLBackend) -> None:
+    before = dt.datetime.now(dt.UTC)
+    backend.save(np.zeros((2, 3), np.uint8), "m/a.npy", attrs={"well": "A01", "n": 3})
+    info = backend.stat("m/a.npy")
+    assert info.kind == "file" and info.size == 6
+    assert info.serializer == "ndarray" and info.dtype == "uint8" and info.shape == (2, 3)
+    assert info.attrs == {"well": "A01", "n": 3}
+    assert info.store == "inline" and info.hash is not None and len(info.hash) == 64
+    assert info.created_at is not None and info.created_at >= before - dt.timedelta(seconds=5)
+    assert info.created_at.tzinfo is not None
+    assert backend.stat("m").kind == "dir"
+    with pytest.raises(NotFoundError):
+        backend.stat("nope")
+
+
+@pytest.mark.parametrize(
+    "attrs", [{"x": float("nan")}, {"x": object()}, {1: "a"}, ["list"], {"big": "x" * 70_000}]
+)
+def test_bad_attrs_rejected(backend: SQLBackend, attrs: Any) -> None:
+    with pytest.raises(SerializationError):
+        backend.save(b".", "f.bin", attrs=attrs)
+    assert backend.count_nodes() == 0
+
+
+def test_query_filters(backend: SQLBackend) -> None:
+    backend.save(np.zeros(3, np.float32), "plate1/A01.npy", attrs={"well": "A01", "ok": True})
+    backend.save(np.zeros(3, np.float64), "plate1/A02.npy", attrs={"well": "A02", "ok": 1})
+    backend.save(np.zeros(3, np.float32), "plate2/A01.npy", attrs={"well": "A01"})
+    backend.save({"meta": 1}, "plate1/meta.json")
+    assert [r.path for r in backend.query(dtype="float32")] == ["plate1/A01.npy", "plate2/A01.npy"]
+    assert [r.path for r in backend.query(under="plate1", dtype="float32")] == ["plate1/A01.npy"]
+    assert [r.path for r in backend.query(attrs={"well": "A01"})] == [
+        "plate1/A01.npy",
+        "plate2/A01.npy",
+    ]
+    assert [r.path for r in backend.query(attrs={"ok": True})] == ["plate1/A01.npy"]
+    assert [r.path for r in backend.query(attrs={"ok": 1})] == ["plate1/A02.npy"]
+    assert [r.path for r in backend.query(kind="dir")] == ["plate1", "plate2"]
+    assert [r.path for r in backend.query(serializer="json")] == ["plate1/meta.json"]
+    assert len(backend.query(kind="file", limit=2)) == 2
+
+
+def test_catalog_view(backend: SQLBackend) -> None:
+    backend.save(np.ones((2, 2), ">f8"), "p/q/a.npy", attrs={"well": "B02"})
+    with backend.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT path, name, kind, size, serializer, dtype, shape, attrs, hash, store, "
+                "created_at, modified_at FROM polystore_catalog ORDER BY path"
+            )
+        ).all()
+    assert [(r.path, r.kind) for r in rows] == [("p", "dir"), ("p/q", "dir"), ("p/q/a.npy", "file")]
+    file_row = rows[-1]
+    assert file_row.name == "a.npy" and file_row.size == 32 and file_row.dtype == ">f8"
+    assert file_row.serializer == "ndarray" and file_row.store == "inline"
+    shape = file_row.shape if isinstance(file_row.shape, list) else json.loads(file_row.shape)
+    assert shape == [2, 2]
+
+
+# -- URLs everywhere a backend name goes ---------------------------------------------------
+
+
+def test_database_url_as_backend_name(sqlite_url: str, tmp_path: Any) -> None:
+    fm = FileManager(sqlite_url)
+    fm.save(np.arange(3), "a/b.npy")
+    np.testing.assert_array_equal(fm.load("a/b.npy", backend=sqlite_url), np.arange(3))
+    registry = BackendRegistry()
+    assert sqlite_url in registry
+    assert isinstance(registry[sqlite_url], SQLBackend)
+    assert registry[sqlite_url] is registry[sqlite_url]
+    assert registry[sqlite_url].list_files("a") == ["a/b.npy"]
+    fm2 = FileManager({"mem": MemoryBackend()})
+    assert fm2.list_files("a", backend=sqlite_url) == ["a/b.npy"]
+    registry.close()
+    fm.close()
+    fm2.close()
+
+
+def test_default_url_from_environment(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    registry = BackendRegistry()
+    backend = registry["sql"]
+    assert isinstance(backend, SQLBackend)
+    assert backend.url == "sqlite:///polystore.db"
+    backend.save(b"x", "f.bin")
+    assert (tmp_path / "polystore.db").exists()
+    registry.close()
+    monkeypatch.setenv("POLYSTORE_URL", f"sqlite:///{tmp_path}/other.db")
+    with SQLBackend() as other:
+        assert other.url.endswith("other.db")
+        assert not other.exists("f.bin")
