@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from polystore.backends.base import ReadOnlyBackend, StatResult, StorageBackend
+from polystore.backends.disk import DiskBackend
+from polystore.backends.memory import MemoryBackend
 from polystore.errors import (
     AlreadyExistsError,
     BackendConfigError,
@@ -19,8 +21,8 @@ from polystore.errors import (
     DuplicateBackendError,
     IntegrityError,
     InvalidPathError,
-    IsADirectoryError,
-    NotADirectoryError,
+    IsADirectoryError,  # noqa: A004 -- the refined builtin, re-exported on purpose
+    NotADirectoryError,  # noqa: A004
     NotFoundError,
     PolystoreError,
     ReadOnlyError,

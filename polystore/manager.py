@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 from polystore import paths
 from polystore.backends.base import StatResult, StorageBackend
@@ -85,15 +85,17 @@ class FileManager:
         if isinstance(self._backends, BackendRegistry):
             self._backends.close()
 
-    def __enter__(self) -> FileManager:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- reading and writing ------------------------------------------------------
 
-    def save(self, data: Any, file_path: PathArg, *, backend: str | None = None, **kwargs: Any) -> None:
+    def save(
+        self, data: Any, file_path: PathArg, *, backend: str | None = None, **kwargs: Any
+    ) -> None:
         """Save ``data`` at ``file_path``."""
         self.get_backend(backend).save(data, paths.normalize_file(file_path), **kwargs)
 

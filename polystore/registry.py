@@ -13,8 +13,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Iterator, MutableMapping
-from importlib.metadata import entry_points
-from typing import Any
+from typing import Self
 
 from polystore.backends import disk, memory  # noqa: F401 -- registers "disk" and "memory"
 from polystore.backends.base import StorageBackend, registered_backend_classes
@@ -45,6 +44,10 @@ def _load_entry_points() -> None:
     Importing a module that defines a ``_backend_type`` class registers it; an
     entry point may also name the class itself, which is registered here.
     """
+    # Imported here: importlib.metadata costs ~30 ms, and most programs never
+    # reach this (every key they use is already registered).
+    from importlib.metadata import entry_points
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
         if inspect.isclass(obj) and issubclass(obj, StorageBackend):
@@ -73,16 +76,21 @@ class BackendRegistry(MutableMapping[str, StorageBackend]):
         classes.update(registered_backend_classes())
         return classes
 
-    def _find_class(self, key: str) -> type[StorageBackend] | None:
+    def _lookup(self, key: str) -> type[StorageBackend] | str | None:
+        """The class for ``key``, or ``"module:Class"`` for a lazy built-in."""
         found = self._classes().get(key)
         if found is None and not self._entry_points_loaded:
             self._entry_points_loaded = True
             _load_entry_points()
             found = self._classes().get(key)
+        return found
+
+    def _find_class(self, key: str) -> type[StorageBackend] | None:
+        found = self._lookup(key)
         if isinstance(found, str):
             module, _, name = found.partition(":")
             found = getattr(importlib.import_module(module), name)
-        return found  # type: ignore[return-value]
+        return found
 
     def available(self) -> list[str]:
         """Every key this registry can serve, sorted."""
@@ -140,7 +148,8 @@ class BackendRegistry(MutableMapping[str, StorageBackend]):
             return False
         if key in self._instances or is_database_url(key):
             return True
-        return self._find_class(key) is not None
+        # _lookup, not _find_class: a membership test must not import SQLAlchemy.
+        return self._lookup(key) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.available())
@@ -176,8 +185,8 @@ class BackendRegistry(MutableMapping[str, StorageBackend]):
             if callable(close):
                 close()
 
-    def __enter__(self) -> BackendRegistry:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

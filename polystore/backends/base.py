@@ -152,7 +152,9 @@ class StorageBackend(abc.ABC):
 
     # -- derived, overridable -------------------------------------------------
 
-    def save_batch(self, data_list: Sequence[Any], output_paths: Sequence[str], **kwargs: Any) -> None:
+    def save_batch(
+        self, data_list: Sequence[Any], output_paths: Sequence[str], **kwargs: Any
+    ) -> None:
         """Save each value to its path (a loop; backends may do better)."""
         data_list, output_paths = list(data_list), list(output_paths)
         if len(data_list) != len(output_paths):
@@ -169,9 +171,7 @@ class StorageBackend(abc.ABC):
     # -- optional operations --------------------------------------------------
 
     def _unsupported(self, operation: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(
-            f"{type(self).__name__} does not support {operation}()"
-        )
+        return UnsupportedOperationError(f"{type(self).__name__} does not support {operation}()")
 
     def delete(self, path: str, recursive: bool = False) -> None:
         """Remove a file, or a directory (``recursive=True`` when not empty)."""

@@ -1,0 +1,75 @@
+"""Helpers the built-in backends share: error constructors and path checks.
+
+The OSError-family errors carry ``errno`` and ``filename`` like the builtins
+they refine, so ``str(exc)`` reads as Python's own
+(``[Errno 2] No such file or directory: 'a/b.npy'``) and ``exc.filename`` is the
+normal path the backend looked at.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+from typing import Any
+
+from polystore import errors, paths
+
+
+def not_found(path: str) -> errors.NotFoundError:
+    return errors.NotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+def already_exists(path: str) -> errors.AlreadyExistsError:
+    return errors.AlreadyExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+
+
+def is_a_directory(path: str) -> errors.IsADirectoryError:
+    return errors.IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+
+def not_a_directory(path: str) -> errors.NotADirectoryError:
+    return errors.NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+
+
+def directory_not_empty(path: str) -> errors.IsADirectoryError:
+    """``delete(path)`` of a non-empty directory without ``recursive=True``.
+
+    An :class:`~polystore.errors.IsADirectoryError` (so an ``OSError``) whose
+    ``errno`` is ``ENOTEMPTY``: the operation was given a directory it may not
+    remove as asked.
+    """
+    return errors.IsADirectoryError(
+        errno.ENOTEMPTY, "Directory not empty (pass recursive=True to delete it)", path
+    )
+
+
+def ancestors(path: str) -> list[str]:
+    """Proper ancestors of a normal path, nearest the root first, root excluded.
+
+    >>> ancestors("a/b/c")
+    ['a', 'a/b']
+    """
+    parts = paths.split_parts(path)
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def check_not_into_itself(src: str, dst: str) -> None:
+    """Refuse to move or copy a directory into itself."""
+    if dst == src or dst.startswith(src + "/"):
+        raise errors.InvalidPathError(
+            f"cannot move or copy directory {src!r} into itself ({dst!r})"
+        )
+
+
+def reject_kwargs(backend: object, method: str, kwargs: dict[str, Any]) -> None:
+    """Unknown keywords are an error, not silently ignored (a typo must not pass)."""
+    if kwargs:
+        names = ", ".join(sorted(kwargs))
+        raise TypeError(
+            f"{type(backend).__name__}.{method}() got unexpected keyword arguments: {names}"
+        )
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
