@@ -320,7 +320,9 @@ class DiskBackend(StorageBackend):
         temp, fd = self._open_temp(directory)
         placed = False
         try:
-            with os.fdopen(fd, "wb") as fh:
+            # The opener hands over the descriptor, so fh.name is the temp path
+            # (tifffile wants a named file; os.fdopen's name would be the fd).
+            with open(temp, "wb", opener=lambda _path, _flags: fd) as fh:
                 write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
