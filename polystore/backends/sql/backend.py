@@ -28,6 +28,7 @@ from polystore.backends.sql.content import (
     add_blobs,
     add_references,
     content_hash,
+    lock_blobs,
     release_blobs,
 )
 from polystore.backends.sql.engine import (
@@ -231,10 +232,6 @@ class SQLBackend(StorageBackend):
             parent, name = paths.split(path)
             by_parent[tree.ensure_dirs(conn, parent, now, cache)][name] = path
 
-        counts: Counter[str] = Counter(content.hash for _, content in items.values())
-        unique = {content.hash: content for _, content in items.values()}
-        add_blobs(conn, {h: (unique[h], n) for h, n in counts.items()}, now)
-
         released: Counter[str] = Counter()
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
@@ -266,6 +263,12 @@ class SQLBackend(StorageBackend):
                     raise AlreadyExistsError(f"file exists and overwrite=False: {path!r}")
                 updates.append({"node_id": row.id} | values)
                 released[row.blob_hash] += 1
+        # Node rows are locked above; blob rows are locked next, in hash order, so
+        # writers sharing content queue instead of deadlocking.
+        counts: Counter[str] = Counter(content.hash for _, content in items.values())
+        lock_blobs(conn, counts.keys() | released.keys())
+        unique = {content.hash: content for _, content in items.values()}
+        add_blobs(conn, {h: (unique[h], counts[h]) for h in sorted(counts)}, now)
         if inserts:
             conn.execute(nodes.insert(), inserts)
         if updates:

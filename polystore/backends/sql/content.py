@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,16 @@ from polystore.backends.sql.models import Blob
 from polystore.backends.sql.tree import chunks, dialect_insert
 from polystore.serializers import Buffer
 
-__all__ = ["INLINE", "Content", "add_blobs", "content_hash", "fetch_blobs", "release_blobs"]
+__all__ = [
+    "INLINE",
+    "Content",
+    "add_blobs",
+    "add_references",
+    "content_hash",
+    "fetch_blobs",
+    "lock_blobs",
+    "release_blobs",
+]
 
 INLINE = "inline"
 blobs = Blob.__table__
@@ -68,6 +77,23 @@ def add_blobs(conn: Connection, contents: Mapping[str, tuple[Content, int]], now
     conn.execute(stmt, params)
 
 
+def lock_blobs(conn: Connection, hashes: Iterable[str]) -> None:
+    """Lock existing blob rows in hash order (PostgreSQL; SQLite writers are serial).
+
+    Every writer takes its blob locks in the same order, so two transactions that
+    add and release the same contents wait for each other instead of deadlocking.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    for part in chunks(sorted(h for h in hashes if h is not None)):
+        conn.execute(
+            sa.select(blobs.c.hash)
+            .where(blobs.c.hash.in_(part))
+            .order_by(blobs.c.hash)
+            .with_for_update()
+        ).all()
+
+
 def add_references(conn: Connection, counts: Counter[str]) -> None:
     """Add references to blobs that already exist (copying nodes)."""
     if counts:
@@ -75,7 +101,7 @@ def add_references(conn: Connection, counts: Counter[str]) -> None:
             blobs.update()
             .where(blobs.c.hash == sa.bindparam("h"))
             .values(refcount=blobs.c.refcount + sa.bindparam("n")),
-            [{"h": h, "n": n} for h, n in counts.items()],
+            [{"h": h, "n": n} for h, n in sorted(counts.items())],
         )
 
 
@@ -88,7 +114,7 @@ def release_blobs(conn: Connection, counts: Counter[str]) -> None:
         blobs.update()
         .where(blobs.c.hash == sa.bindparam("h"))
         .values(refcount=blobs.c.refcount - sa.bindparam("n")),
-        [{"h": h, "n": n} for h, n in counts.items()],
+        [{"h": h, "n": n} for h, n in sorted(counts.items())],
     )
     for part in chunks(sorted(counts)):
         conn.execute(
