@@ -19,6 +19,7 @@ from polystore import (
     UnsupportedOperationError,
 )
 from polystore.backends.disk import TEMP_PREFIX, format_for
+from polystore.errors import NotADirectoryError as PolystoreNotADirectoryError
 from polystore.testing import BackendTests, assert_values_equal
 
 
@@ -50,6 +51,14 @@ def test_root_is_created_and_kept_absolute(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.chdir("/")
     relative.save(b"x", "f.bin")
     assert (tmp_path / "rel" / "f.bin").read_bytes() == b"x"
+
+
+def test_root_must_be_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(PolystoreNotADirectoryError):
+        DiskBackend(tmp_path / "file")
+    with pytest.raises(PolystoreNotADirectoryError):
+        DiskBackend(tmp_path / "file" / "below")
 
 
 def test_registry_builds_disk_at_the_working_directory(

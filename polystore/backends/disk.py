@@ -259,7 +259,10 @@ class DiskBackend(StorageBackend):
 
         self.root: Path = Path(root).absolute()
         self._root = str(self.root)
-        os.makedirs(self._root, exist_ok=True)
+        try:
+            os.makedirs(self._root, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file, or a path through one
+            raise c.not_a_directory(self._root) from None
 
     def __repr__(self) -> str:
         return f"DiskBackend(root={self._root!r})"
