@@ -190,9 +190,10 @@ class MemoryBackend(StorageBackend):
             if old is not None and not overwrite:
                 raise c.already_exists(path)
             now = c.utcnow()
-            self._make_dirs(paths.split(path)[0])
+            parent, name = paths.split(path)
+            self._make_dirs(parent)
             self._files[path] = _Entry(value, old.created_at if old else now, now, attrs_copy)
-            self._dirs[paths.split(path)[0]].add(paths.split(path)[1])
+            self._dirs[parent].add(name)
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
