@@ -41,6 +41,8 @@ def normalize(path: str | os.PathLike[str]) -> str:
     >>> normalize("/plate1//A01/./img.npy/")
     'plate1/A01/img.npy'
     """
+    if type(path) is str and _is_plain(path):
+        return path
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -55,6 +57,18 @@ def normalize(path: str | os.PathLike[str]) -> str:
     for part in parts:
         _check_name(part, path)
     return "/".join(parts)
+
+
+def _is_plain(path: str) -> bool:
+    """Whether ``path`` is already normal (the common case, checked cheaply)."""
+    if not path or not path.isascii() or path[0] == "/" or path[-1] == "/":
+        return False
+    if "//" in path or "\\" in path or "\x00" in path:
+        return False
+    for part in path.split("/"):
+        if part == "." or part == ".." or len(part) > MAX_NAME_BYTES:
+            return False
+    return True
 
 
 def normalize_file(path: str | os.PathLike[str]) -> str:

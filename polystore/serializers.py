@@ -33,6 +33,7 @@ import json
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from polystore.errors import SerializationError
@@ -119,26 +120,15 @@ class NDArraySerializer(Serializer):
             flat = np.ascontiguousarray(arr).reshape(-1)
         # A uint8 view exposes the bytes of any dtype without a copy (datetime64
         # arrays, for one, refuse the buffer protocol directly).
-        data = memoryview(flat.view(np.uint8)) if flat.nbytes else b""
-        meta: dict[str, Any] = {
-            "descr": np.lib.format.dtype_to_descr(arr.dtype),
-            "order": order,
-        }
-        if scalar:
-            meta["scalar"] = True
-        return Encoded(
-            self.name,
-            self.version,
-            data,
-            meta,
-            dtype=str(arr.dtype),
-            shape=tuple(int(n) for n in arr.shape),
-        )
+        data = memoryview(flat.view(np.uint8)) if flat.nbytes else b""  # type: ignore[arg-type]
+        dtype_name, meta = _array_meta(arr.dtype, order, scalar)
+        return Encoded(self.name, self.version, data, meta, dtype=dtype_name, shape=arr.shape)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:
         import numpy as np
 
-        dtype = np.lib.format.descr_to_dtype(_tuplify(meta["descr"]))
+        descr = meta["descr"]
+        dtype = _dtype_of(descr) if isinstance(descr, str) else _descr_to_dtype(descr)
         shape = tuple(meta["shape"])
         count = 1
         for n in shape:
@@ -152,10 +142,35 @@ class NDArraySerializer(Serializer):
         return arr[()] if meta.get("scalar") else arr
 
 
+@lru_cache(maxsize=512)
+def _array_meta(dtype: Any, order: str, scalar: bool) -> tuple[str, dict[str, Any]]:
+    # Cached per dtype: batches of like arrays share one (read-only) meta dict,
+    # which also lets the SQL backend serialize it to JSON once per batch.
+    import numpy as np
+
+    meta: dict[str, Any] = {"descr": np.lib.format.dtype_to_descr(dtype), "order": order}
+    if scalar:
+        meta["scalar"] = True
+    return str(dtype), meta
+
+
+@lru_cache(maxsize=512)
+def _dtype_of(descr: str) -> Any:
+    return _descr_to_dtype(descr)
+
+
+def _descr_to_dtype(descr: Any) -> Any:
+    import numpy as np
+
+    return np.lib.format.descr_to_dtype(_tuplify(descr))
+
+
 def _tuplify(descr: Any) -> Any:
     # JSON turned the tuples of a structured descr into lists; numpy wants tuples.
     if isinstance(descr, list):
-        return [tuple(_tuplify(x) for x in item) if isinstance(item, list) else item for item in descr]
+        return [
+            tuple(_tuplify(x) for x in item) if isinstance(item, list) else item for item in descr
+        ]
     return descr
 
 
@@ -299,7 +314,9 @@ class SerializerRegistry:
         except SerializationError:
             raise
         except Exception as exc:
-            raise SerializationError(f"stored content cannot be decoded by {name!r}: {exc}") from exc
+            raise SerializationError(
+                f"stored content cannot be decoded by {name!r}: {exc}"
+            ) from exc
 
 
 def _numpy_if_loaded() -> Any:

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import pickle
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ from polystore import (
     BackendRegistry,
     FileManager,
     InvalidPathError,
-    MemoryBackend,
     IsADirectoryError,
+    MemoryBackend,
     NotADirectoryError,
     NotFoundError,
     SerializationError,
@@ -79,17 +79,18 @@ class StatementCounter:
         if verb in ("UPDATE", "DELETE", "INSERT"):
             self.rows_changed += max(cursor.rowcount, 0)
 
-    def __enter__(self) -> StatementCounter:
+    def __enter__(self) -> Self:
         sa.event.listen(self.engine, "after_cursor_execute", self._after)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         sa.event.remove(self.engine, "after_cursor_execute", self._after)
 
     def writes(self) -> list[str]:
         return [
-            s for s in self.statements if s.lstrip().split(None, 1)[0].upper()
-            in ("UPDATE", "DELETE", "INSERT")
+            s
+            for s in self.statements
+            if s.lstrip().split(None, 1)[0].upper() in ("UPDATE", "DELETE", "INSERT")
         ]
 
 
@@ -405,9 +406,9 @@ def test_transaction_commit_and_rollback(backend: SQLBackend) -> None:
 def test_nested_transaction_uses_savepoint(backend: SQLBackend) -> None:
     with backend.transaction():
         backend.save(b"outer", "o.bin")
-        with pytest.raises(ValueError), backend.transaction():
+        with pytest.raises(ValueError, match="inner"), backend.transaction():
             backend.save(b"inner", "i.bin")
-            raise ValueError
+            raise ValueError("inner")
         # a failed operation inside the transaction does not poison it
         with pytest.raises(NotFoundError):
             backend.load("missing")
@@ -512,9 +513,7 @@ def test_database_url_as_backend_name(sqlite_url: str, tmp_path: Any) -> None:
     fm2.close()
 
 
-def test_default_url_from_environment(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_url_from_environment(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     registry = BackendRegistry()
     backend = registry["sql"]

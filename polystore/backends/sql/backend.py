@@ -9,20 +9,28 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, ClassVar, TypeVar
+from functools import partial
+from typing import Any, ClassVar, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
+from polystore.backends._common import (
+    already_exists,
+    directory_not_empty,
+    is_a_directory,
+    not_a_directory,
+    not_found,
+)
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import tree
+from polystore.backends.sql.bulk import BulkStatement, params_for
 from polystore.backends.sql.content import (
     Content,
     add_blobs,
@@ -38,27 +46,46 @@ from polystore.backends.sql.engine import (
     retrying,
     translate_errors,
 )
-from polystore.backends.sql.models import ROOT_ID, Node
+from polystore.backends.sql.fast import FastReader, children_sql, resolve_sql
+from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import (
-    AlreadyExistsError,
-    InvalidPathError,
-    IsADirectoryError,
-    NotADirectoryError,
-    NotFoundError,
-    SerializationError,
-)
+from polystore.errors import InvalidPathError, NotFoundError, SerializationError
 from polystore.serializers import Encoded, SerializerRegistry
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 
 T = TypeVar("T")
-nodes = Node.__table__
+nodes = nodes_table
 
 #: Content up to this many bytes is stored in the database itself.
 DEFAULT_INLINE_LIMIT = 1 << 20
 #: User attributes are metadata, not content: their JSON is capped.
 MAX_ATTRS_BYTES = 64 * 1024
+
+
+_FILE_VALUES = [
+    nodes.c.size,
+    nodes.c.serializer,
+    nodes.c.serializer_version,
+    nodes.c.dtype,
+    nodes.c.shape,
+    nodes.c.meta,
+    nodes.c.attrs,
+    nodes.c.blob_hash,
+    nodes.c.modified_at,
+]
+_INSERT_COLUMNS = [nodes.c.parent_id, nodes.c.name, nodes.c.kind, nodes.c.created_at, *_FILE_VALUES]
+_INSERT_FILES = BulkStatement(
+    lambda dialect: nodes.insert().values(params_for(_INSERT_COLUMNS)), _INSERT_COLUMNS
+)
+_UPDATE_FILES = BulkStatement(
+    lambda dialect: (
+        nodes.update()
+        .where(nodes.c.id == sa.bindparam("node_id", type_=nodes.c.id.type))
+        .values(params_for(_FILE_VALUES))
+    ),
+    [*_FILE_VALUES, sa.column("node_id", nodes.c.id.type)],
+)
 
 
 def _now() -> dt.datetime:
@@ -110,9 +137,13 @@ class SQLBackend(StorageBackend):
         self.inline_limit = inline_limit
         self.blob_store = blob_store
         self.serializers = serializers or SerializerRegistry.default()
-        self._tx: ContextVar[Connection | None] = ContextVar(f"polystore_tx_{id(self)}", default=None)
+        self._tx: ContextVar[Connection | None] = ContextVar(
+            f"polystore_tx_{id(self)}", default=None
+        )
         with translate_errors(self.url):
             self.engine = create_catalog_engine(self.url, **(engine_options or {}))
+            self._fast = FastReader(self.engine)
+            self._pg = self.engine.dialect.name == "postgresql"
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
             except BaseException:
@@ -124,22 +155,29 @@ class SQLBackend(StorageBackend):
 
     def close(self) -> None:
         # docstring inherited
+        self._fast.close()
         self.engine.dispose()
 
-    def __enter__(self) -> SQLBackend:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- running statements ------------------------------------------------------
 
-    def _read(self, work: Callable[[Connection], T]) -> T:
+    def _read(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+        """Run ``work`` in the caller's transaction, or a read transaction of its own.
+
+        ``snapshot`` asks for one snapshot across statements, which PostgreSQL's
+        default READ COMMITTED does not give.
+        """
         with translate_errors(self.url):
             conn = self._tx.get()
             if conn is not None:
                 return work(conn)
-            with self.engine.connect() as conn:
+            options = {"isolation_level": "REPEATABLE READ"} if snapshot and self._pg else {}
+            with self.engine.connect().execution_options(**options) as conn:
                 return work(conn)
 
     def _write(self, work: Callable[[Connection], T]) -> T:
@@ -151,9 +189,11 @@ class SQLBackend(StorageBackend):
                     return work(conn)
 
             def attempt() -> T:
-                with self.engine.connect().execution_options(**{WRITE: True}) as conn:
-                    with conn.begin():
-                        return work(conn)
+                with (
+                    self.engine.connect().execution_options(**{WRITE: True}) as conn,
+                    conn.begin(),
+                ):
+                    return work(conn)
 
             return retrying(attempt)
 
@@ -169,14 +209,16 @@ class SQLBackend(StorageBackend):
             with translate_errors(self.url), conn.begin_nested():
                 yield self
             return
-        with translate_errors(self.url):
-            with self.engine.connect().execution_options(**{WRITE: True}) as conn:
-                token = self._tx.set(conn)
-                try:
-                    with conn.begin():
-                        yield self
-                finally:
-                    self._tx.reset(token)
+        with (
+            translate_errors(self.url),
+            self.engine.connect().execution_options(**{WRITE: True}) as conn,
+        ):
+            token = self._tx.set(conn)
+            try:
+                with conn.begin():
+                    yield self
+            finally:
+                self._tx.reset(token)
 
     # -- saving --------------------------------------------------------------------
 
@@ -233,35 +275,36 @@ class SQLBackend(StorageBackend):
             by_parent[tree.ensure_dirs(conn, parent, now, cache)][name] = path
 
         released: Counter[str] = Counter()
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        shapes: dict[tuple[int, ...], list[int]] = {}  # one JSON document per distinct shape
         for parent_id, entries in by_parent.items():
             existing = tree.children(conn, parent_id, list(entries), for_update=True)
             for name, path in entries.items():
                 encoded, content = items[path]
+                shape = None
+                if encoded.shape is not None:
+                    shape = shapes.setdefault(encoded.shape, list(encoded.shape))
+                values = (
+                    content.size,
+                    encoded.serializer,
+                    encoded.version,
+                    encoded.dtype,
+                    shape,
+                    encoded.meta or None,
+                    attrs,
+                    content.hash,
+                    now,
+                )
                 row = existing.get(name)
-                values = {
-                    "size": content.size,
-                    "serializer": encoded.serializer,
-                    "serializer_version": encoded.version,
-                    "dtype": encoded.dtype,
-                    "shape": list(encoded.shape) if encoded.shape is not None else None,
-                    "meta": encoded.meta or None,
-                    "attrs": attrs,
-                    "blob_hash": content.hash,
-                    "modified_at": now,
-                }
                 if row is None:
-                    inserts.append(
-                        {"parent_id": parent_id, "name": name, "kind": "file", "created_at": now}
-                        | values
-                    )
+                    inserts.append((parent_id, name, "file", now, *values))
                     continue
                 if row.kind == "dir":
-                    raise IsADirectoryError(f"is a directory: {path!r}")
+                    raise is_a_directory(path)
                 if not overwrite:
-                    raise AlreadyExistsError(f"file exists and overwrite=False: {path!r}")
-                updates.append({"node_id": row.id} | values)
+                    raise already_exists(path)
+                updates.append((*values, row.id))
                 released[row.blob_hash] += 1
         # Node rows are locked above; blob rows are locked next, in hash order, so
         # writers sharing content queue instead of deadlocking.
@@ -269,15 +312,8 @@ class SQLBackend(StorageBackend):
         lock_blobs(conn, counts.keys() | released.keys())
         unique = {content.hash: content for _, content in items.values()}
         add_blobs(conn, {h: (unique[h], counts[h]) for h in sorted(counts)}, now)
-        if inserts:
-            conn.execute(nodes.insert(), inserts)
-        if updates:
-            conn.execute(
-                nodes.update()
-                .where(nodes.c.id == sa.bindparam("node_id"))
-                .values({key: sa.bindparam(key) for key in updates[0] if key != "node_id"}),
-                updates,
-            )
+        _INSERT_FILES.execute(conn, inserts)
+        _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
 
     # -- loading -------------------------------------------------------------------
@@ -290,58 +326,93 @@ class SQLBackend(StorageBackend):
             meta["shape"] = row.shape
         if row.dtype is not None:
             meta["dtype"] = row.dtype
-        return self.serializers.decode(
-            row.serializer, data, meta, allow_pickle=self.allow_pickle
-        )
+        return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
 
     @staticmethod
     def _check_file(row: Any, path: str) -> None:
         if row is None:
-            raise NotFoundError(f"no such file: {path!r}")
+            raise not_found(path)
         if row.kind == "dir":
-            raise IsADirectoryError(f"is a directory: {path!r}")
+            raise is_a_directory(path)
+
+    def _lookup(self, path: str, *, with_content: bool = False) -> Any:
+        """The node row at normal ``path`` or None; the fast path outside transactions."""
+        if self._tx.get() is None:
+            parts = paths.split_parts(path)
+            sql = resolve_sql(self.engine.dialect.name, len(parts), with_content)
+            rows = self._fast.fetch(sql, {f"p{i}": name for i, name in enumerate(parts)})
+            if rows is not None:
+                return rows[0] if rows else None
+        return self._read(lambda conn: tree.resolve(conn, path, with_content=with_content))
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
         path = paths.normalize_file(file_path)
-        row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
+        row = self._lookup(path, with_content=True)
         self._check_file(row, path)
-        return self._decode(row, row.data, path)  # type: ignore[union-attr]
+        return self._decode(row, row.data, path)
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
-        """Load every path in order, in one read transaction (a consistent snapshot)."""
+        """Load every path in order, from one consistent snapshot of the catalog."""
         norm = [paths.normalize_file(p) for p in file_paths]
-        rows = self._read(lambda conn: self._fetch_many(conn, norm))
-        return [self._decode(rows[p], rows[p].data, p) for p in norm]
-
-    def _fetch_many(self, conn: Connection, norm: list[str]) -> dict[str, Any]:
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
             parent, name = paths.split(path)
             by_parent[parent].append(name)
+        rows = None
+        if self._tx.get() is None:
+            with self._fast.snapshot() as fast:
+                if fast:
+                    rows = self._fetch_many_fast(by_parent)
+        if rows is None:
+            rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        for path in norm:
+            self._check_file(rows.get(path), path)
+        return [self._decode(rows[p], rows[p].data, p) for p in norm]
+
+    def _fetch_many_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
+        dialect = self.engine.dialect.name
+        found: dict[str, Any] = {}
+        for parent, names in by_parent.items():
+            parent_rows = self._fast.fetch(
+                resolve_sql(dialect, len(paths.split_parts(parent)), False),
+                {f"p{i}": n for i, n in enumerate(paths.split_parts(parent))},
+            )
+            if parent_rows is None:
+                return None
+            if not parent_rows or parent_rows[0].kind != "dir":
+                continue
+            for part in tree.chunks(names):
+                params: dict[str, Any] = {f"c{i}": n for i, n in enumerate(part)}
+                params["parent"] = parent_rows[0].id
+                rows = self._fast.fetch(children_sql(dialect, len(part)), params)
+                if rows is None:
+                    return None
+                for row in rows:
+                    found[paths.join(parent, row.name)] = row
+        return found
+
+    def _fetch_many(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
         blobs = tree.blobs
         found: dict[str, Any] = {}
         for parent, names in by_parent.items():
             parent_row = tree.resolve(conn, parent)
             if parent_row is None or parent_row.kind != "dir":
-                self._check_file(None, paths.join(parent, names[0]))
+                continue
             for part in tree.chunks(names):
                 stmt = (
                     sa.select(*tree.NODE_COLUMNS, blobs.c.store, blobs.c.data)
                     .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
-                    .where(nodes.c.parent_id == parent_row.id, nodes.c.name.in_(part))  # type: ignore[union-attr]
+                    .where(nodes.c.parent_id == parent_row.id, nodes.c.name.in_(part))
                 )
                 for row in conn.execute(stmt):
                     found[paths.join(parent, row.name)] = row
-        for path in norm:
-            self._check_file(found.get(path), path)
         return found
 
     # -- inspecting ------------------------------------------------------------------
 
     def _kind(self, path: str) -> str | None:
-        norm = paths.normalize(path)
-        row = self._read(lambda conn: tree.resolve(conn, norm))
+        row = self._lookup(paths.normalize(path))
         return None if row is None else str(row.kind)
 
     def exists(self, path: str) -> bool:
@@ -359,9 +430,9 @@ class SQLBackend(StorageBackend):
     def _dir_id(self, conn: Connection, path: str) -> int:
         row = tree.resolve(conn, path)
         if row is None:
-            raise NotFoundError(f"no such directory: {path!r}")
+            raise not_found(path)
         if row.kind != "dir":
-            raise NotADirectoryError(f"not a directory: {path!r}")
+            raise not_a_directory(path)
         return int(row.id)
 
     def list_dir(self, path: str) -> list[str]:
@@ -386,7 +457,7 @@ class SQLBackend(StorageBackend):
         after: str | None = None
         while True:
             page = self._read(
-                lambda conn: tree.iter_names(conn, dir_id, after=after, limit=page_size)
+                partial(tree.iter_names, parent_id=dir_id, after=after, limit=page_size)
             )
             yield from page
             if len(page) < page_size:
@@ -431,7 +502,7 @@ class SQLBackend(StorageBackend):
         norm = paths.normalize(path)
         row = self._read(lambda conn: tree.resolve(conn, norm, with_content=False))
         if row is None:
-            raise NotFoundError(f"no such file or directory: {norm!r}")
+            raise not_found(norm)
         store = None
         if row.blob_hash is not None:
             store = self._read(
@@ -471,7 +542,7 @@ class SQLBackend(StorageBackend):
         def work(conn: Connection) -> None:
             row = tree.resolve(conn, norm)
             if row is None:
-                raise NotFoundError(f"no such file or directory: {norm!r}")
+                raise not_found(norm)
             released: Counter[str] = Counter()
             if row.kind == "file":
                 released[row.blob_hash] += 1
@@ -480,7 +551,7 @@ class SQLBackend(StorageBackend):
                     sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
                 ).first()
                 if has_children and not recursive:
-                    raise OSError(errno.ENOTEMPTY, f"directory not empty: {norm!r}")
+                    raise directory_not_empty(norm)
                 sql = tree.subtree_sql(
                     conn.dialect.name,
                     select="n.blob_hash, COUNT(*)",
@@ -498,14 +569,14 @@ class SQLBackend(StorageBackend):
         self, conn: Connection, src: str, dst: str, now: dt.datetime
     ) -> tuple[Any, int, str]:
         if src == dst:
-            raise AlreadyExistsError(f"source and destination are the same: {dst!r}")
+            raise already_exists(dst)
         row = tree.resolve(conn, src)
         if row is None:
-            raise NotFoundError(f"no such file or directory: {src!r}")
+            raise not_found(src)
         if row.kind == "dir" and dst.startswith(src + "/"):
             raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
         if tree.resolve(conn, dst) is not None:
-            raise AlreadyExistsError(f"destination exists: {dst!r}")
+            raise already_exists(dst)
         parent, name = paths.split(dst)
         return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
 
@@ -536,8 +607,12 @@ class SQLBackend(StorageBackend):
 
         def clone(source: Any, new_parent: int, new_name: str) -> dict[str, Any]:
             values = {col: getattr(source, col) for col in copied}
-            return values | {"parent_id": new_parent, "name": new_name, "created_at": now,
-                             "modified_at": now}
+            return values | {
+                "parent_id": new_parent,
+                "name": new_name,
+                "created_at": now,
+                "modified_at": now,
+            }
 
         new_root = conn.execute(
             nodes.insert().values(clone(row, parent_id, name)).returning(nodes.c.id)
@@ -558,10 +633,14 @@ class SQLBackend(StorageBackend):
                     ).all()
                     if not kids:
                         continue
-                    new_ids = conn.execute(
-                        nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
-                        [clone(kid, id_map[kid.parent_id], kid.name) for kid in kids],
-                    ).scalars().all()
+                    new_ids = (
+                        conn.execute(
+                            nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
+                            [clone(kid, id_map[kid.parent_id], kid.name) for kid in kids],
+                        )
+                        .scalars()
+                        .all()
+                    )
                     for kid, new_id in zip(kids, new_ids, strict=True):
                         if kid.kind == "dir":
                             id_map[kid.id] = new_id

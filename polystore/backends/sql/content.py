@@ -16,9 +16,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
 
-from polystore.backends.sql.models import Blob
-from polystore.backends.sql.tree import chunks, dialect_insert
+from polystore.backends.sql.bulk import BulkStatement, params_for
+from polystore.backends.sql.models import blobs_table
+from polystore.backends.sql.tree import chunks
 from polystore.serializers import Buffer
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 INLINE = "inline"
-blobs = Blob.__table__
+blobs = blobs_table
 
 
 def content_hash(data: Buffer) -> str:
@@ -50,31 +52,38 @@ class Content:
     size: int
 
 
-def add_blobs(conn: Connection, contents: Mapping[str, tuple[Content, int]], now: dt.datetime) -> None:
+def add_blobs(
+    conn: Connection, contents: Mapping[str, tuple[Content, int]], now: dt.datetime
+) -> None:
     """Store each content (if new) and add ``count`` references to it.
 
     One upsert per blob, sent as a single executemany: a blob that exists gets its
     count raised, a new one is inserted with the count.
     """
-    if not contents:
-        return
-    insert = dialect_insert(conn, blobs)
-    stmt = insert.on_conflict_do_update(
+    rows = [
+        (content.hash, content.size, INLINE, count, content.data, now)
+        for content, count in contents.values()
+    ]
+    _UPSERT_BLOBS.execute(conn, rows)
+
+
+def _upsert_blobs(dialect: str) -> Any:
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(blobs)
+    return insert.values(params_for(_BLOB_COLUMNS)).on_conflict_do_update(
         index_elements=["hash"],
         set_={"refcount": blobs.c.refcount + insert.excluded.refcount},
     )
-    params = [
-        {
-            "hash": content.hash,
-            "size": content.size,
-            "store": INLINE,
-            "refcount": count,
-            "data": content.data,
-            "created_at": now,
-        }
-        for content, count in contents.values()
-    ]
-    conn.execute(stmt, params)
+
+
+_BLOB_COLUMNS = [
+    blobs.c.hash,
+    blobs.c.size,
+    blobs.c.store,
+    blobs.c.refcount,
+    blobs.c.data,
+    blobs.c.created_at,
+]
+_UPSERT_BLOBS = BulkStatement(_upsert_blobs, _BLOB_COLUMNS)
 
 
 def lock_blobs(conn: Connection, hashes: Iterable[str]) -> None:

@@ -178,9 +178,7 @@ def _safe(url: str) -> str:
         return "<invalid URL>"
 
 
-def retrying(
-    operation: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.01
-) -> T:
+def retrying(operation: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.01) -> T:
     """Run a whole write transaction, again on lock or serialization conflicts.
 
     Bounded: after ``attempts`` tries the last error propagates.

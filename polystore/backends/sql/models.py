@@ -23,7 +23,7 @@ migrations in ``migrations/``; these models are what those migrations must match
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -36,13 +36,23 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 
-__all__ = ["ROOT_ID", "Base", "Blob", "Node", "UploadIntent"]
+__all__ = [
+    "ROOT_ID",
+    "Base",
+    "Blob",
+    "Node",
+    "UploadIntent",
+    "blobs_table",
+    "intents_table",
+    "nodes_table",
+]
 
 #: The root directory's fixed id.
 ROOT_ID = 0
@@ -61,7 +71,12 @@ Id = Annotated[int, mapped_column(BigInteger().with_variant(Integer(), "sqlite")
 # Names compare by code point everywhere: the "C" collation on PostgreSQL,
 # SQLite's default BINARY on UTF-8 text.
 Name = Annotated[str, mapped_column(Text().with_variant(Text(collation="C"), "postgresql"))]
-JSONDoc = Annotated[Any, mapped_column(JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql"))]
+JSONDoc = Annotated[
+    Any,
+    mapped_column(
+        JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+    ),
+]
 Timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
 Hash = Annotated[str, mapped_column(String(64))]
 
@@ -129,3 +144,10 @@ class UploadIntent(Base):
     owner: Mapped[str] = mapped_column(String(255))
 
     __table_args__ = (Index(None, "hash"), Index(None, "created_at"))
+
+
+# Core handles on the tables, typed as tables (``__table__`` is typed as a
+# plain FromClause) for the hot paths that bypass the ORM.
+nodes_table = cast(Table, Node.__table__)
+blobs_table = cast(Table, Blob.__table__)
+intents_table = cast(Table, UploadIntent.__table__)

@@ -46,7 +46,9 @@ def run_query(
         params["dtype"] = str(dtype)
     for i, (key, value) in enumerate((attrs or {}).items()):
         if not isinstance(key, str) or not isinstance(value, _SCALARS):
-            raise ValueError(f"attrs filters take str keys and scalar values, not {key!r}: {value!r}")
+            raise TypeError(
+                f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
+            )
         doc = json.dumps({key: value})
         if conn.dialect.name == "postgresql":
             # Containment compares JSON types exactly: 1, 1.0, true and "1" differ.
@@ -71,8 +73,19 @@ def run_query(
     sql = subtree_sql(conn.dialect.name, select=select, where=where)
     stmt = sa.text(sql).columns(
         sa.column("path"),
-        *[sa.column(c) for c in ("id", "parent_id", "name", "kind", "size", "serializer",
-                                  "serializer_version", "dtype")],
+        *[
+            sa.column(c)
+            for c in (
+                "id",
+                "parent_id",
+                "name",
+                "kind",
+                "size",
+                "serializer",
+                "serializer_version",
+                "dtype",
+            )
+        ],
         sa.column("shape", sa.JSON()),
         sa.column("meta", sa.JSON()),
         sa.column("attrs", sa.JSON()),

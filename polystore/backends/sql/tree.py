@@ -17,8 +17,8 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
-from polystore.backends.sql.models import ROOT_ID, Blob, Node
-from polystore.errors import NotADirectoryError
+from polystore.backends._common import not_a_directory
+from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table
 
 __all__ = [
     "NODE_COLUMNS",
@@ -30,8 +30,8 @@ __all__ = [
     "subtree_sql",
 ]
 
-nodes = Node.__table__
-blobs = Blob.__table__
+nodes = nodes_table
+blobs = blobs_table
 
 #: Node columns every lookup returns (never the blob's bytes).
 NODE_COLUMNS = (
@@ -113,7 +113,7 @@ def children(
     conn: Connection, parent_id: int, names: Sequence[str], *, for_update: bool = False
 ) -> dict[str, sa.Row[Any]]:
     """Existing children of ``parent_id`` among ``names``, by name."""
-    found: dict[str, sa.Row[Any]] = {}
+    found: dict[str, Any] = {}
     for part in chunks(sorted(set(names))):
         stmt = sa.select(*NODE_COLUMNS).where(
             nodes.c.parent_id == parent_id, nodes.c.name.in_(part)
@@ -148,7 +148,7 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
     row = resolve(conn, path)
     if row is not None:
         if row.kind != "dir":
-            raise NotADirectoryError(f"not a directory: {path!r}")
+            raise not_a_directory(path)
         cache.put(path, row.id)
         return int(row.id)
     parent_path, name = paths.split(path)
@@ -158,15 +158,15 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
     )
     # A concurrent writer may create the same directory: keep whichever won.
     conn.execute(insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]))
-    row = conn.execute(
+    node_id, kind = conn.execute(
         sa.select(nodes.c.id, nodes.c.kind).where(
             nodes.c.parent_id == parent_id, nodes.c.name == name
         )
     ).one()
-    if row.kind != "dir":
-        raise NotADirectoryError(f"not a directory: {path!r}")
-    cache.put(path, row.id)
-    return int(row.id)
+    if kind != "dir":
+        raise not_a_directory(path)
+    cache.put(path, node_id)
+    return int(node_id)
 
 
 def subtree_sql(dialect: str, *, where: str = "", select: str = "sub.path, sub.kind") -> str:
@@ -177,7 +177,10 @@ def subtree_sql(dialect: str, *, where: str = "", select: str = "sub.path, sub.k
     """
     if dialect == "postgresql":
         # The recursive term must keep the "C" collation of the name column.
-        base, step = 'CAST(name AS TEXT) COLLATE "C"', 'CAST(sub.path || \'/\' || n.name AS TEXT) COLLATE "C"'
+        base, step = (
+            'CAST(name AS TEXT) COLLATE "C"',
+            "CAST(sub.path || '/' || n.name AS TEXT) COLLATE \"C\"",
+        )
     else:
         base, step = "name", "sub.path || '/' || n.name"
     return f"""

@@ -1,0 +1,84 @@
+"""Executemany on the hot paths, without per-row SQLAlchemy overhead.
+
+A batch of 10,000 saves repeats the same few values (the timestamp, the JSON of a
+shape or of an array's dtype metadata) in every row. SQLAlchemy would run each
+column's bind processor once per row; here a statement is compiled once per
+dialect, each *distinct* value is processed once (memoized by identity for JSON
+documents, by value otherwise), and the rows go straight to the DBAPI cursor's
+``executemany``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+__all__ = ["BulkStatement", "params_for"]
+
+
+def params_for(columns: Sequence[sa.ColumnClause[Any]]) -> dict[str, Any]:
+    """``{key: bindparam(key)}`` for ``.values()``, typed like the columns."""
+    return {c.key: sa.bindparam(c.key, type_=c.type) for c in columns}
+
+
+class BulkStatement:
+    """A Core statement run with ``executemany`` over rows of plain values."""
+
+    def __init__(
+        self, build: Callable[[str], Any], columns: Sequence[sa.ColumnClause[Any]]
+    ) -> None:
+        #: ``build(dialect_name)`` returns the Core statement for that dialect, with a
+        #: ``bindparam`` named after each column's key (see :func:`params_for`).
+        self._build = build
+        self._columns = list(columns)
+        self._compiled: dict[str, tuple[str, list[str] | None, list[Any]]] = {}
+
+    def _prepare(self, conn: Connection) -> tuple[str, list[str] | None, list[Any]]:
+        name = conn.dialect.name
+        prepared = self._compiled.get(name)
+        if prepared is None:
+            dialect = conn.dialect
+            compiled = self._build(name).compile(dialect=dialect)
+            order = list(compiled.positiontup) if compiled.positional else None
+            processors = [
+                c.type.dialect_impl(dialect).bind_processor(dialect) for c in self._columns
+            ]
+            prepared = (str(compiled), order, processors)
+            self._compiled[name] = prepared
+        return prepared
+
+    def execute(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """Run the statement once per row; each row holds values in column order."""
+        if not rows:
+            return
+        sql, order, processors = self._prepare(conn)
+        memos: list[dict[Any, Any]] = [{} for _ in processors]
+        processed: list[Any] = []
+        for row in rows:
+            values = []
+            for value, process, memo in zip(row, processors, memos, strict=True):
+                if process is None or value is None:
+                    values.append(value)
+                    continue
+                if isinstance(value, dict | list):
+                    key: Any = id(value)  # unhashable JSON: shared documents are one object
+                elif isinstance(value, str | int | float | tuple) or hasattr(value, "isoformat"):
+                    key = value
+                else:
+                    values.append(process(value))  # content: never hashed here
+                    continue
+                hit = memo.get(key)
+                if hit is None:
+                    hit = memo[key] = process(value)
+                values.append(hit)
+            processed.append(values)
+        keys = [c.key for c in self._columns]
+        if order is not None:
+            index = {k: i for i, k in enumerate(keys)}
+            params: list[Any] = [tuple(v[index[k]] for k in order) for v in processed]
+        else:
+            params = [dict(zip(keys, v, strict=True)) for v in processed]
+        conn.exec_driver_sql(sql, params)
