@@ -1,0 +1,36 @@
+"""External blob stores for content too large for the catalog's own table.
+
+These modules know nothing of SQL: the catalog decides what is stored where and
+when an object may go; a store only keeps immutable objects named by their
+SHA-256. See :mod:`polystore.blobs.base` for the interface.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from polystore.blobs.base import BlobReader, BlobStore, StoredObject, from_url, hash_key
+from polystore.blobs.local import LocalBlobStore
+
+if TYPE_CHECKING:
+    from polystore.blobs.s3 import S3BlobStore
+
+__all__ = [
+    "BlobReader",
+    "BlobStore",
+    "LocalBlobStore",
+    "S3BlobStore",
+    "StoredObject",
+    "from_url",
+    "hash_key",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The S3 module is light, but keep it (and with it any thought of obstore)
+    # out of the import of polystore.blobs.
+    if name == "S3BlobStore":
+        from polystore.blobs.s3 import S3BlobStore
+
+        return S3BlobStore
+    raise AttributeError(f"module 'polystore.blobs' has no attribute {name!r}")

@@ -1,0 +1,178 @@
+"""``LocalBlobStore``: content-addressed objects in a local directory.
+
+Layout: ``<root>/ab/cd/abcd...`` -- two levels of hash prefix, so no directory
+grows past a few hundred entries per million blobs.
+
+Writes are atomic: the bytes go to ``<final>.tmp-<token>`` in the same
+directory, which is renamed over the final name with :func:`os.replace` once
+complete. A reader therefore sees a whole object or none. A writer killed
+mid-upload leaves only its temporary file, whose name the catalog's upload
+intent predicts, so ``gc()`` removes it without listing the directory.
+
+Durability (``fsync=True``, the default): the temporary file is fsynced before
+the rename, and the directory after it (and every shard directory the write
+created), so an object is on disk before the catalog row that refers to it
+commits -- a power cut can lose an upload, never leave a committed row pointing
+at a truncated object. ``fsync=False`` skips the syncs: faster for scratch data
+that a power cut may take with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from polystore.blobs.base import (
+    BlobReader,
+    BlobStore,
+    Buffer,
+    StoredObject,
+    check_hash,
+    hash_key,
+)
+from polystore.errors import NotFoundError
+
+__all__ = ["LocalBlobStore"]
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_OBJECT = re.compile(
+    r"([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})(?:\.tmp-([A-Za-z0-9_-]{1,64}))?"
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileReader(BlobReader):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        try:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed in close()
+        except FileNotFoundError:
+            raise NotFoundError(f"no blob object at {path}") from None
+        self.size = os.fstat(self._file.fileno()).st_size
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer)
+
+    def readall(self) -> bytes:
+        return self._file.readall()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+class LocalBlobStore(BlobStore):
+    """Objects under ``root`` (created on the first write, not before)."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, name: str = "local", fsync: bool = True
+    ) -> None:
+        if not name or len(name) > 64 or name == "inline":
+            raise ValueError(f"a blob store name is 1-64 characters and not 'inline': {name!r}")
+        self.root = Path(root).expanduser().absolute()
+        self.name = name
+        self.fsync = bool(fsync)
+
+    def __repr__(self) -> str:
+        return f"LocalBlobStore({str(self.root)!r}, name={self.name!r}, fsync={self.fsync})"
+
+    def path(self, content_hash: str) -> Path:
+        """Where the object for ``content_hash`` lives (whether or not it exists)."""
+        return self.root / hash_key(content_hash)
+
+    def _temp_path(self, content_hash: str, token: str) -> Path:
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(f"an upload token is 1-64 characters of [A-Za-z0-9_-]: {token!r}")
+        return self.path(content_hash).with_name(f"{content_hash}.tmp-{token}")
+
+    def _make_shard(self, shard: Path) -> None:
+        if shard.is_dir():
+            return
+        shard.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # The new directory entries must be durable too, up to the root's parent.
+            for directory in (shard.parent, shard.parent.parent, shard.parent.parent.parent):
+                _fsync_dir(directory)
+
+    def put(
+        self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
+    ) -> bool:
+        # docstring inherited
+        final = self.path(content_hash)
+        if self.size(content_hash) == size:
+            return False
+        temp = self._temp_path(content_hash, token or uuid.uuid4().hex)
+        self._make_shard(final.parent)
+        written = 0
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view.nbytes:
+                        n = os.write(fd, view)
+                        written += n
+                        view = view[n:]
+                if written != size:
+                    raise ValueError(f"upload of {content_hash} gave {written} bytes, not {size}")
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return True
+
+    def open(self, content_hash: str) -> BlobReader:
+        # docstring inherited
+        return _FileReader(self.path(content_hash))
+
+    def size(self, content_hash: str) -> int | None:
+        # docstring inherited
+        try:
+            return self.path(content_hash).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, content_hashes: Iterable[str]) -> None:
+        # docstring inherited
+        for content_hash in content_hashes:
+            self.path(content_hash).unlink(missing_ok=True)
+
+    def abort(self, content_hash: str, token: str) -> None:
+        # docstring inherited
+        self._temp_path(content_hash, token).unlink(missing_ok=True)
+
+    def scan(self) -> Iterator[StoredObject]:
+        # docstring inherited
+        if not self.root.is_dir():
+            return
+        for directory, _dirs, files in os.walk(self.root):
+            for file_name in files:
+                full = Path(directory, file_name)
+                key = full.relative_to(self.root).as_posix()
+                try:
+                    size = full.stat().st_size
+                except FileNotFoundError:  # deleted while we walked
+                    continue
+                match = _OBJECT.fullmatch(key)
+                if match is None:
+                    yield StoredObject(key, size, None)
+                else:
+                    yield StoredObject(key, size, check_hash(match[3]), match[4])
