@@ -15,6 +15,17 @@ polystore is left behind.
 Each run is one transaction under polystore's migration lock, with SQLite's
 foreign keys off while batch operations rebuild tables (see
 ``polystore.backends.sql.schema.migration_transaction`` for why).
+
+Writing a revision: use ``op.batch_alter_table`` for any ALTER (SQLite rebuilds
+the table). A revision that rebuilds ``polystore_nodes`` or ``polystore_blobs``,
+or changes a column the ``polystore_catalog`` view reads, drops the view first
+and recreates it afterwards, on both databases: SQLite refuses to rename the
+rebuilt table into place while a view names the dropped one, and PostgreSQL
+will not alter a column a view uses. Recreate it from the revision that last
+defined it (``op.get_context().script.get_revision("0001").module``) or write
+the new definition out in full; never import today's definition from polystore,
+which would change what an old revision does. Add the revision to
+``polystore.backends.sql.schema.REVISIONS``.
 """
 
 from __future__ import annotations

@@ -31,9 +31,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(255), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_polystore_upload_intents")),
     )
-    op.create_index(
-        op.f("ix_polystore_upload_intents_hash"), "polystore_upload_intents", ["hash"]
-    )
+    op.create_index(op.f("ix_polystore_upload_intents_hash"), "polystore_upload_intents", ["hash"])
     op.create_index(
         op.f("ix_polystore_upload_intents_created_at"), "polystore_upload_intents", ["created_at"]
     )
