@@ -175,8 +175,12 @@ class FastReader:
         if conn is None:
             return None
         try:
-            cursor = conn.execute(sql, params)
-            rows = cursor.fetchall()
+            if self._dialect == "postgresql":
+                # Binary results: bytea arrives as raw bytes, not hex text that
+                # doubles the client's memory and must be decoded.
+                rows = conn.execute(sql, params, binary=True).fetchall()
+            else:
+                rows = conn.execute(sql, params).fetchall()
         except Exception:  # noqa: BLE001
             # A broken connection (server restart, fork) is dropped; the caller
             # retries through SQLAlchemy, which reports the error properly.
