@@ -1,0 +1,232 @@
+"""Commands about the catalog as a whole: ``query``, ``gc``, ``fsck`` and ``db ...``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, cast
+
+import click
+
+from polystore.cli.app import State, json_option, main, pass_state, url_option
+from polystore.cli.output import echo_json, info, print_table
+
+__all__ = ["db", "fsck", "gc", "query"]
+
+
+@main.command()
+@click.argument("sql")
+@json_option
+@url_option
+@pass_state
+def query(state: State, sql: str, as_json: bool) -> None:
+    """Run one read-only SQL statement and print the rows as a table.
+
+    The ``polystore_catalog`` view has one row per file or directory, with
+    columns path, name, kind, size, serializer, dtype, shape, attrs, hash,
+    store, created_at and modified_at. Statements that would write
+    (``INSERT``, ``UPDATE``, ``DELETE``, ``DROP``, ``ATTACH``, ...) are refused
+    and the catalog is left untouched. SQL is ``-`` to read it from stdin.
+
+    \b
+    Examples:
+      polystore query "SELECT dtype, COUNT(*) AS n FROM polystore_catalog GROUP BY dtype"
+      polystore query --json "SELECT path, size FROM polystore_catalog WHERE kind = 'file'"
+    """
+    from polystore.cli.sql import run_readonly
+
+    if sql == "-":
+        sql = sys.stdin.read()
+    result = run_readonly(state.url, sql)
+    if as_json:
+        echo_json(result.records())
+    elif result.columns:
+        print_table(result.columns, result.rows)
+        info(state, f"({len(result.rows)} row{'' if len(result.rows) == 1 else 's'})")
+
+
+# -- reports ------------------------------------------------------------------------
+
+
+def _report_data(report: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        data = dataclasses.asdict(report)
+    else:
+        data = dict(vars(report))
+    # Properties such as ``ok`` are part of what a report says.
+    for name in dir(type(report)):
+        if isinstance(getattr(type(report), name, None), property) and not name.startswith("_"):
+            data[name] = getattr(report, name)
+    return data
+
+
+def _print_report(data: dict[str, Any], title: str) -> None:
+    rows = []
+    details: list[tuple[str, list[Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, list | tuple | set | frozenset):
+            rows.append([key, len(value)])
+            if value:
+                details.append((key, list(value)))
+        else:
+            rows.append([key, value])
+    print_table(["", "value"], rows, title=title)
+    for key, items in details:
+        click.echo(f"{key}:")
+        for item in items:
+            click.echo(f"  {item}")
+
+
+def _report_ok(report: Any, data: dict[str, Any]) -> bool:
+    ok = getattr(report, "ok", None)
+    if isinstance(ok, bool):
+        return ok
+    return not any(isinstance(v, list | tuple) and v for v in data.values())
+
+
+@main.command()
+@json_option
+@url_option
+@pass_state
+def gc(state: State, as_json: bool) -> None:
+    """Remove content no file refers to, and uploads that were abandoned.
+
+    Works from the catalog's own records (reference counts and upload
+    intents); it never lists the external blob store.
+    """
+    # gc() and fsck() are new on SQLBackend; Any until every checkout has them.
+    report = cast(Any, state.backend()).gc()
+    data = _report_data(report)
+    if as_json:
+        echo_json(data)
+    else:
+        _print_report(data, "gc")
+
+
+@main.command()
+@click.option(
+    "--verify/--no-verify",
+    default=False,
+    help="Also read every blob and check its hash (slow: reads all content).",
+)
+@json_option
+@url_option
+@pass_state
+def fsck(state: State, verify: bool, as_json: bool) -> None:
+    """Check the catalog against its content, both ways.
+
+    Every file's blob exists with the recorded size (and, with --verify, the
+    right hash); every stored blob is referenced. Exits with status 1 when
+    something is wrong.
+    """
+    report = cast(Any, state.backend()).fsck(verify=verify)
+    data = _report_data(report)
+    if as_json:
+        echo_json(data)
+    else:
+        _print_report(data, "fsck")
+    if not _report_ok(report, data):
+        click.get_current_context().exit(1)
+
+
+# -- db ----------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Manage the catalog's schema: upgrade, downgrade, current, check, history.
+
+    A new catalog is brought to the newest schema when it is first opened; an
+    older one must be upgraded explicitly (``polystore db upgrade``) after
+    polystore itself was upgraded.
+    """
+
+
+@db.command()
+@click.argument("revision", default="head")
+@url_option
+@pass_state
+def upgrade(state: State, revision: str) -> None:
+    """Upgrade the catalog's schema to REVISION (default: head).
+
+    Creates the catalog if the database has none. Safe to run again, and
+    safe to run from several processes at once.
+    """
+    from polystore import migrate
+
+    migrate.upgrade(state.url, revision)
+    info(state, f"catalog at {state.url} is at revision {migrate.current(state.url)}")
+
+
+@db.command()
+@click.argument("revision")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@url_option
+@pass_state
+def downgrade(state: State, revision: str, yes: bool) -> None:
+    """Downgrade the catalog's schema to REVISION, losing what later revisions added.
+
+    ``base`` removes every polystore table and view, with all their
+    contents. Asks for confirmation unless --yes is given.
+    """
+    from polystore import migrate
+
+    if not yes:
+        click.confirm(
+            f"Downgrade the catalog at {state.url} to {revision}? Data of later revisions "
+            + ("(here: the whole catalog) " if revision == "base" else "")
+            + "is lost",
+            abort=True,
+        )
+    migrate.downgrade(state.url, revision)
+    info(state, f"catalog at {state.url} is at revision {migrate.current(state.url) or 'base'}")
+
+
+@db.command()
+@url_option
+@pass_state
+def current(state: State) -> None:
+    """Print the catalog's schema revision (``none`` when there is no catalog)."""
+    from polystore import migrate
+
+    revision = migrate.current(state.url)
+    if revision is None:
+        click.echo("none")
+    else:
+        click.echo(revision + (" (head)" if revision == migrate.head() else ""))
+
+
+@db.command()
+@url_option
+@pass_state
+def check(state: State) -> None:
+    """Check that the catalog is at head and matches polystore's models.
+
+    Prints each problem found and exits with status 1 if there is any;
+    exits 0 only when all is well.
+    """
+    from polystore import migrate
+
+    problems = migrate.check(state.url)
+    for problem in problems:
+        click.echo(f"problem: {problem}")
+    if problems:
+        click.get_current_context().exit(1)
+    info(
+        state,
+        f"ok: the catalog at {state.url} is at head ({migrate.head()}) and matches the models",
+    )
+
+
+@db.command()
+@pass_state
+def history(state: State) -> None:
+    """List the schema revisions this polystore knows, oldest first."""
+    from polystore import migrate
+
+    head = migrate.head()
+    rows = [
+        [revision + (" (head)" if revision == head else ""), (message or "").strip()]
+        for revision, message in migrate.history()
+    ]
+    print_table(["revision", "description"], rows)

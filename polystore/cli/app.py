@@ -1,0 +1,213 @@
+"""The ``polystore`` group: global options, the catalog commands open, error handling.
+
+Every command works on one catalog, named by a database URL: the ``--url``
+option (accepted before the command or after it), else ``POLYSTORE_URL``, else
+``sqlite:///polystore.db``.
+
+Errors a user can cause -- a bad URL, a missing path, a directory where a file
+was expected, an outdated schema, an unreachable server, a permission problem --
+are polystore errors or ``OSError``\\ s. :class:`PolystoreGroup` turns them into
+one line on stderr and exit status 1; ``--debug`` lets the traceback through.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from polystore.errors import NotFoundError, PolystoreError
+
+if TYPE_CHECKING:
+    from polystore.backends.sql import SQLBackend
+
+__all__ = [
+    "DEFAULT_URL",
+    "PolystoreGroup",
+    "State",
+    "describe_user_error",
+    "json_option",
+    "main",
+    "pass_state",
+    "url_option",
+]
+
+# The same default as polystore.backends.sql.engine.DEFAULT_URL, repeated so that
+# `polystore --help` does not import SQLAlchemy.
+DEFAULT_URL = "sqlite:///polystore.db"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class State:
+    """What the global options chose; commands receive it with :data:`pass_state`."""
+
+    url: str = DEFAULT_URL
+    blob_store: str | None = None
+    debug: bool = False
+    quiet: bool = False
+    _backend: SQLBackend | None = None
+
+    def backend(self, *, create: bool = False) -> SQLBackend:
+        """The catalog at :attr:`url`, opened once per command.
+
+        Commands that only read pass ``create=False``: a SQLite file that does
+        not exist is then an error (most likely a typo in the URL) instead of a
+        new, empty catalog.
+        """
+        if self._backend is None:
+            if not create:
+                self.require_catalog()
+            from polystore.backends.sql import SQLBackend
+
+            self._backend = SQLBackend(self.url, blob_store=self.blob_store)
+        return self._backend
+
+    def require_catalog(self) -> None:
+        """Raise :class:`~polystore.errors.NotFoundError` if the catalog is a missing SQLite file."""
+        path = sqlite_file(self.url)
+        if path is not None and not os.path.exists(path):
+            raise NotFoundError(
+                f"there is no catalog at {self.url} ({path} does not exist); "
+                "create one with `polystore put` or `polystore db upgrade`"
+            )
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file a ``sqlite://`` URL names; None for other databases and in-memory SQLite."""
+    from polystore.backends.sql.engine import parse_url
+
+    parsed = parse_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):
+        return None  # a SQLite URI filename: let SQLite interpret it
+    return database
+
+
+pass_state = click.make_pass_decorator(State, ensure=True)
+
+
+def _set_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(State).url = value
+
+
+def url_option(command: F) -> F:
+    """``--url`` after the command name, overriding the global one."""
+    return click.option(
+        "--url",
+        metavar="URL",
+        expose_value=False,
+        callback=_set_url,
+        help="Catalog database URL (overrides the global --url).",
+    )(command)
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of a table."
+)
+
+
+def describe_user_error(exc: BaseException) -> str | None:
+    """One line for an error the user can fix, or None for a bug."""
+    text: str | None
+    if isinstance(exc, OSError):  # polystore's file errors are OSErrors too
+        text = _os_error_text(exc)
+    elif isinstance(exc, PolystoreError):
+        text = str(exc)
+    else:
+        text = _database_error_text(exc)
+    if text is None:
+        return None
+    # Driver messages span lines ("...\n\tIs the server running...?"); one line it is.
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.strerror is None:
+        return str(exc)
+    if exc.filename is None:
+        return exc.strerror
+    text = f"{exc.strerror}: {os.fsdecode(exc.filename)}"
+    if exc.filename2 is not None:
+        text += f" -> {os.fsdecode(exc.filename2)}"
+    return text
+
+
+def _database_error_text(exc: BaseException) -> str | None:
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    orig = str(exc.orig).strip()
+    # Operational errors come from the environment (locks, disk, server);
+    # "not a database" is the wrong file. Other driver errors are bugs.
+    if isinstance(exc, sa_exc.OperationalError) or "not a database" in orig:
+        return f"database error: {orig}"
+    return None
+
+
+class PolystoreGroup(click.Group):
+    """A group whose commands report user errors as one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise  # `polystore ls | head`: click exits quietly
+            state = ctx.find_object(State)
+            message = describe_user_error(exc)
+            if message is None or (state is not None and state.debug):
+                raise
+            raise click.ClickException(message) from exc
+
+
+@click.group(cls=PolystoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar="POLYSTORE_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    metavar="URL",
+    help="Catalog database URL: sqlite:///FILE or postgresql+psycopg://... [env: POLYSTORE_URL]",
+)
+@click.option(
+    "--blob-store",
+    metavar="STORE",
+    help="External blob store for content over the inline limit (passed to SQLBackend).",
+)
+@click.option("--debug", is_flag=True, help="Show the full traceback when a command fails.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries.")
+@click.version_option(package_name="polystore", prog_name="polystore")
+@click.pass_context
+def main(ctx: click.Context, url: str, blob_store: str | None, debug: bool, quiet: bool) -> None:
+    """Store and query numpy arrays and other objects in a polystore SQL catalog.
+
+    Paths inside the catalog are POSIX-style and relative to its root
+    (``plate1/A01/site1.npy``). Start with ``polystore demo``, then point
+    ``--url`` (or ``POLYSTORE_URL``) at your own catalog.
+    """
+    state = ctx.ensure_object(State)
+    state.url = url
+    state.blob_store = blob_store
+    state.debug = debug
+    state.quiet = quiet
+    ctx.call_on_close(state.close)

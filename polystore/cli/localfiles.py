@@ -1,0 +1,213 @@
+"""Local files and catalog values: how ``put`` reads a file and ``get`` writes one.
+
+``put`` types a file by its extension; ``get`` writes a value by its type:
+
+=============== =============================== ====================================
+extension       ``put`` stores                  ``get`` writes
+=============== =============================== ====================================
+``.npy``        the array (``np.load``, no      ``np.save`` (``.npy`` is appended to
+                pickles)                        an array's name that lacks it)
+``.json``       the parsed JSON value           JSON, in the file's original layout
+``.txt``        the text (UTF-8) as ``str``     the text, unchanged
+``.tif/.tiff``  the image array (tifffile)      ``tifffile.imwrite``
+anything else   the bytes                       the bytes
+=============== =============================== ====================================
+
+A ``.npy``, ``.txt`` or raw file comes back byte for byte (a ``.npy`` written by
+``np.save``: the header is numpy's). So does a ``.json`` file: its layout -- the
+indent, the separators, ASCII escaping and a final newline, as any
+``json.dumps`` call produces -- is recorded in the file's attributes under
+``polystore.json`` unless it is ``json.dumps``'s default layout. A JSON file
+that no ``json.dumps`` call reproduces (hand-aligned, duplicate keys) is kept
+verbatim as text, and ``put`` says so. A TIFF keeps its pixels, not its tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from polystore.errors import SerializationError
+
+__all__ = ["JSON_LAYOUT_ATTR", "read_local", "write_local"]
+
+#: The attribute that records a JSON file's layout when it is not the default one.
+JSON_LAYOUT_ATTR = "polystore.json"
+
+_DEFAULT_LAYOUT: dict[str, Any] = {
+    "indent": None,
+    "separators": [", ", ": "],
+    "ensure_ascii": True,
+    "newline": False,
+}
+_TIFF = (".tif", ".tiff")
+
+
+def _tifffile() -> Any:
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    return tifffile
+
+
+def read_local(path: Path, *, raw: bool = False) -> tuple[Any, dict[str, Any], str | None]:
+    """``(value, attributes, note)`` for local file ``path``.
+
+    ``attributes`` holds what ``get`` needs to write the file back exactly;
+    ``note`` is a remark for the user, or None. A file whose content does not
+    match its extension raises :class:`~polystore.errors.SerializationError`.
+    """
+    suffix = path.suffix.lower()
+    if raw:
+        return path.read_bytes(), {}, None
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            return np.load(path, allow_pickle=False), {}, None
+        except ValueError as exc:
+            raise _unreadable(path, "a .npy array", exc) from exc
+    if suffix in _TIFF and (tifffile := _tifffile()) is not None:
+        try:
+            return tifffile.imread(path), {}, None
+        except Exception as exc:  # tifffile raises a variety of errors on bad input
+            raise _unreadable(path, "a TIFF image", exc) from exc
+    if suffix == ".txt":
+        try:
+            return path.read_bytes().decode("utf-8"), {}, None
+        except UnicodeDecodeError as exc:
+            raise _unreadable(path, "UTF-8 text", exc) from exc
+    if suffix == ".json":
+        return _read_json(path)
+    return path.read_bytes(), {}, None
+
+
+def _unreadable(path: Path, what: str, exc: Exception) -> SerializationError:
+    return SerializationError(
+        f"{path} is not {what} ({exc}); use --raw to store files as plain bytes"
+    )
+
+
+def _read_json(path: Path) -> tuple[Any, dict[str, Any], str | None]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _unreadable(path, "JSON", exc) from exc
+    layout = None if isinstance(value, str) else _json_layout(text, value)
+    if layout is None:
+        return text, {}, f"{path}: JSON layout not reproducible by json.dumps; stored as text"
+    changed = {key: val for key, val in layout.items() if _DEFAULT_LAYOUT[key] != val}
+    return value, ({JSON_LAYOUT_ATTR: changed} if changed else {}), None
+
+
+def _json_layout(text: str, value: Any) -> dict[str, Any] | None:
+    """The ``json.dumps`` layout that turns ``value`` into exactly ``text``, or None."""
+    newline = text.endswith("\n")
+    body = text[:-1] if newline else text
+    # ASCII-only text: escaping or not gives the same bytes if the value is ASCII,
+    # and only escaping explains it otherwise.
+    ensure_ascii = body.isascii()
+    indents: list[Any]
+    if "\n" in body:
+        second = body.split("\n", 2)[1]
+        space = second[: len(second) - len(second.lstrip(" \t"))]
+        indents = [len(space) if space.strip(" ") == "" else space]
+    else:
+        indents = [None]
+    for indent in indents:
+        for separators in ([", ", ": "], [",", ": "], [",", ":"], [", ", ":"]):
+            candidate = json.dumps(
+                value,
+                indent=indent,
+                separators=(separators[0], separators[1]),
+                ensure_ascii=ensure_ascii,
+            )
+            if candidate == body:
+                return {
+                    "indent": indent,
+                    "separators": separators,
+                    "ensure_ascii": ensure_ascii,
+                    "newline": newline,
+                }
+    return None
+
+
+def json_text(value: Any, layout: Any = None) -> str:
+    """``value`` as JSON in ``layout`` (a recorded ``polystore.json`` attribute)."""
+    options = dict(_DEFAULT_LAYOUT)
+    if isinstance(layout, dict):
+        options.update({key: val for key, val in layout.items() if key in options})
+    try:
+        text = json.dumps(
+            value,
+            indent=options["indent"],
+            separators=(str(options["separators"][0]), str(options["separators"][1])),
+            ensure_ascii=bool(options["ensure_ascii"]),
+        )
+    except (TypeError, ValueError, IndexError, KeyError):
+        # An attribute edited by hand into nonsense: fall back to the default layout.
+        text, options["newline"] = json.dumps(value), False
+    return text + ("\n" if options["newline"] else "")
+
+
+def write_local(value: Any, target: Path, attrs: dict[str, Any] | None = None) -> Path:
+    """Write ``value`` to ``target`` atomically; return the path written.
+
+    An array goes to ``target`` plus ``.npy`` when the name does not already
+    end in ``.npy`` (or ``.tif``/``.tiff`` with tifffile installed), as
+    ``np.save`` would name it.
+    """
+    import numpy as np
+
+    if isinstance(value, np.ndarray | np.generic):
+        array = np.asarray(value)
+        tifffile = _tifffile() if target.suffix.lower() in _TIFF else None
+        if tifffile is not None:
+            return _atomic_write(target, lambda fh: tifffile.imwrite(fh, array))
+        if target.suffix.lower() != ".npy":
+            target = target.with_name(target.name + ".npy")
+        return _atomic_write(target, lambda fh: np.save(fh, array, allow_pickle=False))
+    if isinstance(value, bytes | bytearray | memoryview):
+        content = bytes(value)
+    elif isinstance(value, str):
+        content = value.encode("utf-8")
+    elif value is None or isinstance(value, dict | list | int | float | bool):
+        layout = (attrs or {}).get(JSON_LAYOUT_ATTR)
+        content = json_text(value, layout).encode("utf-8")
+    else:
+        raise SerializationError(
+            f"cannot write a {type(value).__name__} to {target}: not an array, bytes, text or JSON"
+        )
+    return _atomic_write(target, lambda fh: fh.write(content))
+
+
+def _atomic_write(target: Path, write: Any) -> Path:
+    # A temporary file beside the target, then os.replace: a reader never sees a
+    # half-written file, and an error leaves the old one in place.
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".part"
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        # mkstemp creates the file private (0600); give it the mode open() would.
+        os.chmod(tmp, _new_file_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return target
+
+
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
