@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql
 
 __all__ = ["BulkStatement", "params_for"]
 
@@ -24,17 +25,54 @@ def params_for(columns: Sequence[sa.ColumnClause[Any]]) -> dict[str, Any]:
     return {c.key: sa.bindparam(c.key, type_=c.type) for c in columns}
 
 
+def _copy_type(column: sa.ColumnClause[Any]) -> str:
+    """The PostgreSQL type name psycopg's binary COPY needs for ``column``."""
+    impl = column.type.dialect_impl(postgresql.dialect())
+    if isinstance(impl, sa.JSON):
+        return "jsonb"
+    for sa_type, name in (
+        (sa.BigInteger, "int8"),
+        (sa.Integer, "int4"),
+        (sa.DateTime, "timestamptz"),
+        (sa.LargeBinary, "bytea"),
+        (sa.String, "text"),
+    ):
+        if isinstance(impl, sa_type):
+            return name
+    raise TypeError(f"no COPY type for column {column.key}: {column.type!r}")
+
+
 class BulkStatement:
-    """A Core statement run with ``executemany`` over rows of plain values."""
+    """A Core statement run with ``executemany`` over rows of plain values.
+
+    With ``copy_into`` (a table name), plain inserts on PostgreSQL use binary
+    ``COPY ... FROM STDIN`` instead: about twice the rows per second of a
+    pipelined executemany. Only for inserts that cannot conflict.
+    """
 
     def __init__(
-        self, build: Callable[[str], Any], columns: Sequence[sa.ColumnClause[Any]]
+        self,
+        build: Callable[[str], Any],
+        columns: Sequence[sa.ColumnClause[Any]],
+        *,
+        copy_into: str | None = None,
     ) -> None:
         #: ``build(dialect_name)`` returns the Core statement for that dialect, with a
         #: ``bindparam`` named after each column's key (see :func:`params_for`).
         self._build = build
         self._columns = list(columns)
+        self._copy_into = copy_into
         self._compiled: dict[str, tuple[str, list[str] | None, list[Any]]] = {}
+
+    def _copy(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        names = ", ".join(c.key for c in self._columns)
+        sql = f"COPY {self._copy_into} ({names}) FROM STDIN (FORMAT BINARY)"
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        with dbapi.cursor() as cursor, cursor.copy(sql) as copy:
+            copy.set_types([_copy_type(c) for c in self._columns])
+            for row in rows:
+                copy.write_row(row)
 
     def _prepare(self, conn: Connection) -> tuple[str, list[str] | None, list[Any]]:
         name = conn.dialect.name
@@ -53,6 +91,9 @@ class BulkStatement:
     def execute(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         """Run the statement once per row; each row holds values in column order."""
         if not rows:
+            return
+        if self._copy_into is not None and conn.dialect.name == "postgresql":
+            self._copy(conn, rows)
             return
         sql, order, processors = self._prepare(conn)
         memos: list[dict[Any, Any]] = [{} for _ in processors]
