@@ -67,9 +67,9 @@ class BulkStatement:
     def _copy(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         names = ", ".join(c.key for c in self._columns)
         sql = f"COPY {self._copy_into} ({names}) FROM STDIN (FORMAT BINARY)"
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        with dbapi.cursor() as cursor, cursor.copy(sql) as copy:
+        # The psycopg connection itself: COPY is not part of the DBAPI.
+        psycopg_conn: Any = conn.connection.driver_connection
+        with psycopg_conn.cursor() as cursor, cursor.copy(sql) as copy:
             copy.set_types([_copy_type(c) for c in self._columns])
             for row in rows:
                 copy.write_row(row)
