@@ -25,9 +25,12 @@ def params_for(columns: Sequence[sa.ColumnClause[Any]]) -> dict[str, Any]:
     return {c.key: sa.bindparam(c.key, type_=c.type) for c in columns}
 
 
+_PG_DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
+
+
 def _copy_type(column: sa.ColumnClause[Any]) -> str:
     """The PostgreSQL type name psycopg's binary COPY needs for ``column``."""
-    impl = column.type.dialect_impl(postgresql.dialect())
+    impl = column.type.dialect_impl(_PG_DIALECT)
     if isinstance(impl, sa.JSON):
         return "jsonb"
     for sa_type, name in (
