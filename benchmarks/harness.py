@@ -1,0 +1,248 @@
+"""Timing machinery shared by the scenarios: interleaved runs, medians, profiles.
+
+The machines these benchmarks run on are shared and noisy, so every scenario
+measures polystore and its raw-driver baseline in the same process, round by
+round, rotating which side goes first, and quotes medians. Setup and teardown of
+each run (fresh databases, opening backends, dropping schemas) are never timed.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Bench",
+    "Row",
+    "Side",
+    "Sizes",
+    "format_seconds",
+    "log",
+    "median",
+    "step",
+    "time_calls",
+    "time_runs",
+]
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout holds only the table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Side:
+    """One contender in a bulk scenario: ``run`` is timed, the rest is not.
+
+    ``prepare`` builds fresh state for one run (a new database, an open backend)
+    and ``cleanup`` disposes of it; ``check`` validates what ``run`` returned, so
+    a benchmark cannot silently measure a no-op.
+    """
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[], Any] = lambda: None
+    cleanup: Callable[[Any], None] = lambda state: None
+    check: Callable[[Any, Any], None] = lambda state, result: None
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    name: str
+    what: str
+    polystore: float | None = None  # seconds (median), or a growth factor for kind="growth"
+    raw: float | None = None
+    goal: float | None = None  # polystore/raw must be <= goal; None: informational
+    kind: str = "ratio"  # "ratio", "growth", "info" or "skip"
+    per_call: bool = False
+    note: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.kind == "growth":
+            return self.polystore
+        if self.polystore is None or not self.raw:
+            return None
+        return self.polystore / self.raw
+
+    @property
+    def verdict(self) -> str:
+        if self.kind == "skip":
+            return "SKIP"
+        if self.goal is None or self.ratio is None:
+            return "info"
+        return "PASS" if self.ratio <= self.goal else "MISS"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "what": self.what,
+            "kind": self.kind,
+            "per_call": self.per_call,
+            "polystore": self.polystore,
+            "raw": self.raw,
+            "ratio": self.ratio,
+            "goal": self.goal,
+            "verdict": self.verdict,
+            "note": self.note,
+            "samples": self.samples,
+        }
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; ``--quick`` shrinks everything for a smoke test."""
+
+    batch: int  # arrays per save_batch / load_batch
+    calls: int  # timed calls per round in the per-call scenarios
+    listing: int  # entries in the list_dir directory
+    small_catalog: int  # files in the smaller catalog of the exists scenario
+    large_catalog: int  # files in the larger one
+    files_per_dir: int = 1000
+
+
+FULL = Sizes(
+    batch=10_000, calls=2_000, listing=100_000, small_catalog=10_000, large_catalog=1_000_000
+)
+QUICK = Sizes(batch=1_000, calls=200, listing=10_000, small_catalog=1_000, large_catalog=100_000)
+
+
+@dataclass
+class Bench:
+    """What every scenario is given: sizes, repetitions, where to work, profiling."""
+
+    repeat: int
+    sizes: Sizes
+    workdir: Path
+    pg_url: str | None
+    profile_dir: Path | None = None
+    #: Seconds the exists scenario may spend building its large catalog through
+    #: the public API before it bulk-inserts the rest with SQL.
+    build_budget: float = 300.0
+
+    def profile(self, name: str, work: Callable[[], Any]) -> None:
+        """Run ``work`` once more under cProfile, if asked to, and keep the stats."""
+        if self.profile_dir is None:
+            return
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        profiler = cProfile.Profile()
+        gc.collect()
+        profiler.enable()
+        try:
+            work()
+        finally:
+            profiler.disable()
+        stem = self.profile_dir / name.replace("/", "_").replace("@", "_at_")
+        profiler.dump_stats(f"{stem}.prof")
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.strip_dirs().sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(30)
+        Path(f"{stem}.txt").write_text(text.getvalue())
+        log(f"  profile of {name}: {stem}.prof (+ .txt summary)")
+
+
+def _rotated(names: list[str], round_no: int) -> list[str]:
+    shift = round_no % len(names)
+    return names[shift:] + names[:shift]
+
+
+def time_runs(sides: dict[str, Side], repeat: int, *, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per run for each side, ``repeat`` rounds, interleaved.
+
+    Each round runs every side once, starting with a different side each round.
+    ``warmup`` untimed rounds come first (page cache, pool, statement caches).
+    """
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_no in range(warmup + repeat):
+        for name in _rotated(names, round_no):
+            side = sides[name]
+            state = side.prepare()
+            try:
+                gc.collect()
+                start = time.perf_counter()
+                result = side.run(state)
+                elapsed = time.perf_counter() - start
+                side.check(state, result)
+            finally:
+                side.cleanup(state)
+            if round_no >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def time_calls(
+    calls: dict[str, Callable[[], Any]], per_round: int, repeat: int
+) -> dict[str, list[float]]:
+    """Seconds per call for each side: ``repeat`` rounds of ``per_round`` calls each.
+
+    Every call is timed on its own; within a round each side runs its block of
+    calls in turn, starting with a different side each round. One untimed block
+    per side warms up first.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for name in names:
+        for _ in range(min(per_round, 50)):
+            calls[name]()
+    clock = time.perf_counter_ns
+    for round_no in range(repeat):
+        for name in _rotated(names, round_no):
+            call = calls[name]
+            out = samples[name]
+            gc.collect()
+            for _ in range(per_round):
+                start = clock()
+                call()
+                out.append((clock() - start) / 1e9)
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+@dataclass
+class Elapsed:
+    start: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    def so_far(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@contextmanager
+def step(message: str) -> Iterator[Elapsed]:
+    """Log an untimed setup step and how long it took (also handed back)."""
+    log(f"  {message} ...")
+    elapsed = Elapsed()
+    try:
+        yield elapsed
+    finally:
+        elapsed.seconds = elapsed.so_far()
+    log(f"  {message}: {elapsed.seconds:.1f} s")

@@ -1,0 +1,36 @@
+"""The scenarios of issue 3's "Performance" section, by name, in running order.
+
+polystore is always driven through its public API (``SQLBackend``) and compared
+with a raw baseline doing the same job in the same process (see drivers.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
+from harness import Bench, Row
+from lookups import exists, list_dir, load_one
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+
+class Scenario:
+    def __init__(self, func: Callable[[Bench], list[Row]], *, postgres: bool = False) -> None:
+        self.func = func
+        self.postgres = postgres
+        self.name = func.__name__
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(save_sqlite),
+        Scenario(save_postgres, postgres=True),
+        Scenario(load_sqlite),
+        Scenario(load_postgres, postgres=True),
+        Scenario(load_one),
+        Scenario(list_dir),
+        Scenario(exists),
+    )
+}
