@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -48,9 +48,14 @@ from polystore.backends.sql.engine import (
 )
 from polystore.backends.sql.fast import FastReader, children_sql, resolve_sql
 from polystore.backends.sql.models import ROOT_ID, nodes_table
+from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, NotFoundError, SerializationError
+from polystore.errors import InvalidPathError, SerializationError
 from polystore.serializers import Encoded, SerializerRegistry
+
+if TYPE_CHECKING:
+    from polystore.backends.sql.fsck import FsckReport
+    from polystore.backends.sql.gc import GCReport, RebalanceReport
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 
@@ -134,11 +139,16 @@ class SQLBackend(StorageBackend):
     ) -> None:
         self.url = url or default_url()
         self.allow_pickle = allow_pickle
+        if not isinstance(inline_limit, int) or inline_limit < 0:
+            raise ValueError(f"inline_limit must be an int >= 0, not {inline_limit!r}")
         self.inline_limit = inline_limit
-        self.blob_store = blob_store
         self.serializers = serializers or SerializerRegistry.default()
         self._tx: ContextVar[Connection | None] = ContextVar(
             f"polystore_tx_{id(self)}", default=None
+        )
+        # Uploads made inside the current transaction(), settled when it ends.
+        self._staged: ContextVar[list[Staged] | None] = ContextVar(
+            f"polystore_staged_{id(self)}", default=None
         )
         with translate_errors(self.url):
             self.engine = create_catalog_engine(self.url, **(engine_options or {}))
@@ -146,9 +156,12 @@ class SQLBackend(StorageBackend):
             self._pg = self.engine.dialect.name == "postgresql"
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
+                #: Where content over ``inline_limit`` goes (None: everything inline).
+                self.blob_store = resolve_blob_store(blob_store, self.engine.url)
             except BaseException:
                 self.engine.dispose()
                 raise
+            self._placement = Placement(self.engine, self.blob_store)
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -157,6 +170,8 @@ class SQLBackend(StorageBackend):
         # docstring inherited
         self._fast.close()
         self.engine.dispose()
+        if self.blob_store is not None:
+            self.blob_store.close()
 
     def __enter__(self) -> Self:
         return self
@@ -209,16 +224,24 @@ class SQLBackend(StorageBackend):
             with translate_errors(self.url), conn.begin_nested():
                 yield self
             return
-        with (
-            translate_errors(self.url),
-            self.engine.connect().execution_options(**{WRITE: True}) as conn,
-        ):
-            token = self._tx.set(conn)
-            try:
-                with conn.begin():
-                    yield self
-            finally:
-                self._tx.reset(token)
+        staged: list[Staged] = []
+        try:
+            with (
+                translate_errors(self.url),
+                self.engine.connect().execution_options(**{WRITE: True}) as conn,
+            ):
+                token = self._tx.set(conn)
+                staged_token = self._staged.set(staged)
+                try:
+                    with conn.begin():
+                        yield self
+                finally:
+                    self._tx.reset(token)
+                    self._staged.reset(staged_token)
+        finally:
+            # Committed or rolled back, and the connection (with SQLite's write
+            # lock) given back: drop the uploads the catalog did not keep.
+            self._placement.settle(staged, quiet=True)
 
     # -- saving --------------------------------------------------------------------
 
@@ -257,8 +280,19 @@ class SQLBackend(StorageBackend):
         items: dict[str, tuple[Encoded, Content]] = {}
         for data, path in zip(data_list, output_paths, strict=True):
             items[paths.normalize_file(path)] = self._encode(data)
-        if items:
-            self._write(lambda conn: self._put(conn, items, overwrite, attrs))
+        if not items:
+            return
+        external = self._placement.external(
+            (content for _, content in items.values()), self.inline_limit
+        )
+        self._placement.run(
+            external,
+            lambda staged: self._write(
+                lambda conn: self._put(conn, items, overwrite, attrs, staged)
+            ),
+            conn=self._tx.get(),
+            pending=self._staged.get(),
+        )
 
     def _put(
         self,
@@ -266,6 +300,7 @@ class SQLBackend(StorageBackend):
         items: dict[str, tuple[Encoded, Content]],
         overwrite: bool,
         attrs: dict[str, Any] | None,
+        staged: Staged | None = None,
     ) -> None:
         now = _now()
         cache = tree.DirCache()
@@ -311,7 +346,13 @@ class SQLBackend(StorageBackend):
         counts: Counter[str] = Counter(content.hash for _, content in items.values())
         lock_blobs(conn, counts.keys() | released.keys())
         unique = {content.hash: content for _, content in items.values()}
-        add_blobs(conn, {h: (unique[h], counts[h]) for h in sorted(counts)}, now)
+        add_blobs(
+            conn,
+            {h: (unique[h], counts[h]) for h in sorted(counts)},
+            now,
+            self._placement.placements(staged),
+        )
+        self._placement.promote(conn, staged)
         _INSERT_FILES.execute(conn, inserts)
         _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
@@ -319,8 +360,7 @@ class SQLBackend(StorageBackend):
     # -- loading -------------------------------------------------------------------
 
     def _decode(self, row: Any, data: Any, path: str) -> Any:
-        if data is None:
-            raise NotFoundError(f"content of {path!r} is missing from the catalog")
+        data = self._placement.content(row, data, path)
         meta = dict(row.meta or {})
         if row.shape is not None:
             meta["shape"] = row.shape
@@ -682,6 +722,52 @@ class SQLBackend(StorageBackend):
             )
         )
         return [self._stat_result(paths.join(norm, row.path), row, row.store) for row in rows]
+
+    # -- content maintenance ------------------------------------------------------------
+
+    def gc(self, *, grace: dt.timedelta | float | None = None) -> GCReport:
+        """Remove content nothing refers to, and uploads that were abandoned.
+
+        Unreferenced external blobs are deleted, and upload intents older than
+        ``grace`` (a timedelta or seconds; default 24 hours) with their objects:
+        uploads whose writer died or whose transaction rolled back. Works from
+        the catalog's records alone and never lists the blob store. Safe while
+        other processes read and write: a blob any file refers to is never
+        deleted. ``grace`` must outlast the longest save in progress, whose
+        upload would otherwise be taken (the save then fails and is retried;
+        nothing is lost).
+        """
+        from polystore.backends.sql.gc import DEFAULT_GRACE, collect_garbage
+
+        with translate_errors(self.url):
+            return collect_garbage(self._placement, grace=DEFAULT_GRACE if grace is None else grace)
+
+    def fsck(self, *, verify: bool = False) -> FsckReport:
+        """Check the catalog against its content, both ways; see :class:`FsckReport`.
+
+        Every referenced blob exists with the recorded size (and, with
+        ``verify=True``, hash: this reads all content); every object in the
+        external store is referenced; every reference count is right. Lists
+        the external store (the only operation that does).
+        """
+        from polystore.backends.sql.fsck import check
+
+        with translate_errors(self.url):
+            return check(self._placement, verify=verify)
+
+    def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
+        """Move blobs between inline and external placement to match the inline limit.
+
+        Blobs over the limit (``inline_limit``, default this backend's) move to
+        the external store, the others into the database; each move is its own
+        transaction, so an interruption leaves every blob readable in one place.
+        Without an external store nothing moves.
+        """
+        from polystore.backends.sql.gc import rebalance
+
+        limit = self.inline_limit if inline_limit is None else inline_limit
+        with translate_errors(self.url):
+            return rebalance(self._placement, limit)
 
     # -- for tests and tools -----------------------------------------------------------
 

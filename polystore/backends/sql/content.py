@@ -53,15 +53,28 @@ class Content:
 
 
 def add_blobs(
-    conn: Connection, contents: Mapping[str, tuple[Content, int]], now: dt.datetime
+    conn: Connection,
+    contents: Mapping[str, tuple[Content, int]],
+    now: dt.datetime,
+    external: Mapping[str, str] | None = None,
 ) -> None:
     """Store each content (if new) and add ``count`` references to it.
 
     One upsert per blob, sent as a single executemany: a blob that exists gets its
-    count raised, a new one is inserted with the count.
+    count raised (and keeps its placement), a new one is inserted with the count:
+    inline, or, for hashes in ``external`` (already uploaded), as a row naming
+    that store.
     """
+    where = external or {}
     rows = [
-        (content.hash, content.size, INLINE, count, content.data, now)
+        (
+            content.hash,
+            content.size,
+            where.get(content.hash, INLINE),
+            count,
+            None if content.hash in where else content.data,
+            now,
+        )
         for content, count in contents.values()
     ]
     _UPSERT_BLOBS.execute(conn, rows)

@@ -1,0 +1,546 @@
+"""Where content lives: inline in the catalog, or in the external blob store.
+
+Content of at most ``inline_limit`` bytes goes into ``polystore_blobs.data``;
+larger content goes to the backend's :class:`~polystore.blobs.BlobStore`, and
+its blob row records the store's name. The placement of a blob is decided once,
+when its row is first inserted; later saves of the same content (under any
+limit) only add references, and :func:`polystore.backends.sql.gc.rebalance`
+moves existing blobs.
+
+The upload protocol (no bucket listing is ever needed to clean up):
+
+1. *Register*: in a short transaction of its own, the writer inserts one
+   ``polystore_upload_intents`` row per external content and reads which of
+   those contents already have a blob row. The intent is committed before a
+   byte is uploaded, and before an existing object is relied on.
+2. *Upload*: each content without a usable blob row is written to the store
+   (idempotently: an object of the right size is left alone).
+3. *Promote*: the transaction that commits the catalog rows inserts or updates
+   the blob rows and deletes the intents. It checks that every intent it
+   deletes still existed: one that ``gc()`` took (an upload outliving the grace
+   period) fails the transaction, and the save starts again from step 1.
+
+Whatever is left when a writer dies or a transaction rolls back is an intent;
+:meth:`Placement.settle` (run at once after a failure) or ``gc()`` (after the
+grace period) deletes the intent, and the object too when no blob row and no
+other intent needs it. That check and the object's deletion happen in one
+transaction holding a per-hash lock (``pg_advisory_xact_lock`` on PostgreSQL,
+the database write lock on SQLite) that step 1 takes as well, so a writer can
+never come to rely on an object that is being deleted.
+
+Inside :meth:`SQLBackend.transaction` on SQLite the caller's transaction holds
+the database's only write lock, so no intent can be committed beside it. There
+the uploads run under that lock (so no ``gc()`` can interleave) without
+intents, and once the outermost transaction ends, commit or rollback,
+:meth:`Placement.settle` deletes any object the catalog did not keep. Only a
+process killed inside such a transaction can leave an object behind unnoticed
+by ``gc()``; ``fsck()`` reports it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import socket
+import sqlite3
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+
+from polystore.backends.sql.content import INLINE, Content
+from polystore.backends.sql.engine import WRITE, retrying
+from polystore.backends.sql.models import blobs_table as blobs
+from polystore.backends.sql.models import intents_table as intents
+from polystore.backends.sql.tree import chunks
+from polystore.blobs.base import CHUNK_SIZE, BlobStore, from_url
+from polystore.errors import IntegrityError, NotFoundError, PolystoreError, SerializationError
+
+__all__ = [
+    "BLOB_STORE_ENV",
+    "IntentLostError",
+    "Placement",
+    "Staged",
+    "default_blob_store",
+    "lock_hashes",
+    "resolve_blob_store",
+]
+
+#: Environment variable naming the blob store when ``blob_store=None``.
+BLOB_STORE_ENV = "POLYSTORE_BLOB_STORE"
+
+T = TypeVar("T")
+
+# Class id of polystore's per-hash advisory locks ("poly"): the two-int key
+# space, which never collides with single-bigint advisory locks.
+_LOCK_CLASS = 0x706F6C79
+# PostgreSQL cannot allocate a value of 1 GB or more (MaxAllocSize); a bytea
+# has a 4-byte header inside that.
+_PG_MAX_VALUE = 0x3FFFFFFF - 4
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:255]
+
+
+def _lock_key(content_hash: str) -> int:
+    key = int(content_hash[:8], 16)
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def lock_hashes(conn: Connection, hashes: Iterable[str]) -> None:
+    """Take the per-hash locks of the upload protocol, in key order.
+
+    PostgreSQL: transaction-scoped advisory locks. SQLite: nothing to do, the
+    write transaction already excludes every other writer.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    keys = sorted({_lock_key(h) for h in hashes})
+    for part in chunks(keys):
+        conn.execute(
+            sa.text(
+                "SELECT pg_advisory_xact_lock(:cls, k) FROM "
+                "(SELECT DISTINCT unnest(CAST(:keys AS integer[])) AS k ORDER BY 1) AS ordered"
+            ),
+            {"cls": _LOCK_CLASS, "keys": list(part)},
+        ).all()
+
+
+# -- choosing the store ---------------------------------------------------------
+
+
+def default_blob_store(url: sa.URL) -> BlobStore | None:
+    """The store used when none is given: ``<database file>.blobs/`` for a SQLite file.
+
+    PostgreSQL catalogs and in-memory SQLite have no default: their content
+    stays inline (up to the database's value limit) unless a store is given.
+    """
+    from polystore.blobs.local import LocalBlobStore
+
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):  # a URI filename (?uri=true)
+        database = unquote(database[5:].partition("?")[0])
+    return LocalBlobStore(os.path.abspath(database) + ".blobs")
+
+
+def resolve_blob_store(blob_store: Any, url: sa.URL) -> BlobStore | None:
+    """A :class:`BlobStore` from what ``SQLBackend(blob_store=...)`` was given."""
+    if isinstance(blob_store, BlobStore):
+        return blob_store
+    if blob_store is None:
+        blob_store = os.environ.get(BLOB_STORE_ENV) or None
+        if blob_store is None:
+            return default_blob_store(url)
+    return from_url(blob_store)
+
+
+# -- staging uploads ------------------------------------------------------------
+
+
+class IntentLostError(PolystoreError):
+    """An upload intent vanished before its transaction committed (gc took it)."""
+
+
+@dataclass
+class Staged:
+    """External content uploaded for one save, waiting for its catalog transaction."""
+
+    #: hash -> id of the committed intent protecting it (empty under SQLite
+    #: transactions, where no intent can be committed).
+    intents: dict[str, int] = field(default_factory=dict)
+    #: Hashes whose object is in the store now.
+    uploaded: set[str] = field(default_factory=set)
+    #: Intents the catalog transaction did not promote (see :meth:`Placement.promote`).
+    leftover: list[int] = field(default_factory=list)
+
+
+def _pieces(data: Any) -> Iterator[memoryview]:
+    view = memoryview(data).cast("B")
+    for start in range(0, view.nbytes, CHUNK_SIZE):
+        yield view[start : start + CHUNK_SIZE]
+
+
+class Placement:
+    """The catalog's side of external content: staging, promoting, reading, cleaning."""
+
+    def __init__(self, engine: Engine, store: BlobStore | None) -> None:
+        self.engine = engine
+        self.store = store
+        self._max_inline: int | None = None
+
+    # -- placement decisions ----------------------------------------------------
+
+    def max_inline(self) -> int:
+        """The largest value the database accepts in one column."""
+        if self._max_inline is None:
+            if self.engine.dialect.name == "postgresql":
+                self._max_inline = _PG_MAX_VALUE
+            else:
+                raw = self.engine.raw_connection()
+                try:
+                    driver = raw.driver_connection
+                    self._max_inline = int(driver.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))  # type: ignore[union-attr]
+                finally:
+                    raw.close()
+        return self._max_inline
+
+    def external(self, contents: Iterable[Content], inline_limit: int) -> list[Content]:
+        """The contents to put in the external store (each hash once)."""
+        big = {c.hash: c for c in contents if c.size > inline_limit}
+        if self.store is not None:
+            return list(big.values())
+        for content in big.values():
+            if content.size > self.max_inline():
+                raise SerializationError(
+                    f"content of {content.size} bytes is more than this "
+                    f"{self.engine.dialect.name} database stores in one value "
+                    f"({self.max_inline()} bytes) and the catalog has no external blob "
+                    "store; open the backend with blob_store='file:///path' or 's3://...'"
+                )
+        return []
+
+    # -- the upload protocol ------------------------------------------------------
+
+    def _existing(self, conn: Connection, hashes: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for part in chunks(hashes):
+            stmt = sa.select(blobs.c.hash, blobs.c.store).where(blobs.c.hash.in_(part))
+            found.update((h, s) for h, s in conn.execute(stmt))
+        return found
+
+    def _register(self, contents: Sequence[Content]) -> tuple[dict[str, int], dict[str, str]]:
+        assert self.store is not None
+        store_name = self.store.name
+        hashes = sorted(c.hash for c in contents)
+
+        def attempt() -> tuple[dict[str, int], dict[str, str]]:
+            with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+                lock_hashes(conn, hashes)
+                now, owner = _now(), _owner()
+                ids = (
+                    conn.execute(
+                        intents.insert().returning(intents.c.id, sort_by_parameter_order=True),
+                        [
+                            {
+                                "hash": c.hash,
+                                "store": store_name,
+                                "size": c.size,
+                                "created_at": now,
+                                "owner": owner,
+                            }
+                            for c in contents
+                        ],
+                    )
+                    .scalars()
+                    .all()
+                )
+                existing = self._existing(conn, hashes)
+            return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
+
+        return retrying(attempt)
+
+    def stage(
+        self, contents: Sequence[Content], conn: Connection | None, *, force: bool = False
+    ) -> Staged:
+        """Steps 1 and 2: register intents and upload ``contents``.
+
+        ``conn`` is the caller's open transaction, if any. Content that already
+        has a blob row elsewhere (inline, another store) is not uploaded unless
+        ``force``. On failure whatever was registered or uploaded is settled
+        before the error propagates.
+        """
+        assert self.store is not None
+        if conn is not None and conn.dialect.name == "sqlite":
+            staged = Staged()
+            existing = self._existing(conn, sorted(c.hash for c in contents))
+        else:
+            ids, existing = self._register(contents)
+            staged = Staged(intents=ids)
+        try:
+            for content in contents:
+                where = existing.get(content.hash)
+                if where is not None and where != self.store.name and not force:
+                    # Already inline (or in another store): the save adds a reference.
+                    continue
+                token = staged.intents.get(content.hash)
+                self.store.put(
+                    content.hash,
+                    _pieces(content.data),
+                    content.size,
+                    token=None if token is None else str(token),
+                )
+                staged.uploaded.add(content.hash)
+        except BaseException:
+            self.settle([staged], quiet=True)
+            raise
+        return staged
+
+    def placements(self, staged: Staged | None) -> dict[str, str]:
+        """hash -> store name, for the contents ``add_blobs`` must not put inline."""
+        if staged is None or self.store is None:
+            return {}
+        return dict.fromkeys(staged.uploaded, self.store.name)
+
+    def promote(self, conn: Connection, staged: Staged | None) -> None:
+        """Step 3, inside the catalog transaction, after the blob rows are written."""
+        if staged is None or not staged.intents:
+            return
+        assert self.store is not None
+        rows = self._existing(conn, sorted(staged.uploaded))
+        kept = [h for h, store in rows.items() if store == self.store.name]
+        ids = [staged.intents[h] for h in kept]
+        deleted = 0
+        for part in chunks(ids):
+            deleted += conn.execute(intents.delete().where(intents.c.id.in_(part))).rowcount
+        if deleted != len(ids):
+            raise IntentLostError(
+                "an upload intent was removed by gc() before its save committed "
+                "(the upload took longer than gc's grace period)"
+            )
+        staged.leftover = [i for h, i in staged.intents.items() if h not in kept]
+
+    # -- cleaning up ------------------------------------------------------------------
+
+    def settle(self, staged: Iterable[Staged], *, quiet: bool = False) -> None:
+        """Drop the intents of finished saves and objects the catalog did not keep.
+
+        Safe to call at any time: an intent already promoted is simply gone,
+        and an object with a blob row or another intent is left alone.
+        ``quiet`` swallows errors (used while another error propagates; ``gc()``
+        finishes the job later).
+        """
+        ids: list[int] = []
+        untracked: set[str] = set()
+        for item in staged:
+            ids.extend(item.intents.values())
+            if not item.intents:
+                untracked |= item.uploaded
+        self._settle(ids, untracked, quiet=quiet)
+
+    def _settle(self, ids: Collection[int], hashes: Collection[str], *, quiet: bool) -> None:
+        if not ids and not hashes:
+            return
+        try:
+            retrying(lambda: self._write(lambda conn: self.release(conn, ids, hashes)))
+        except Exception:
+            if not quiet:
+                raise
+
+    def run(
+        self,
+        contents: Sequence[Content],
+        write: Callable[[Staged | None], T],
+        *,
+        conn: Connection | None = None,
+        pending: list[Staged] | None = None,
+        force: bool = False,
+    ) -> T:
+        """Stage ``contents``, then ``write(staged)`` (the catalog transaction).
+
+        Outside a transaction (``conn`` None) intents left over are settled
+        at once, and a save whose intent gc() took is staged again. Inside one,
+        ``pending`` collects what to settle when the outermost transaction ends.
+        """
+        if not contents:
+            return write(None)
+        attempts = 3 if conn is None else 1
+        for attempt in range(1, attempts + 1):
+            staged = self.stage(contents, conn, force=force)
+            if pending is not None:
+                pending.append(staged)
+            try:
+                result = write(staged)
+            except IntentLostError:
+                if pending is None:
+                    self.settle([staged], quiet=True)
+                if attempt == attempts:
+                    raise
+                continue
+            except BaseException:
+                if pending is None:
+                    self.settle([staged], quiet=True)
+                raise
+            if pending is None:
+                self._settle(staged.leftover, (), quiet=True)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write(self, work: Any) -> Any:
+        with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+            return work(conn)
+
+    def release(
+        self, conn: Connection, intent_ids: Collection[int], hashes: Collection[str] = ()
+    ) -> tuple[int, int]:
+        """Delete these intents, then every object of ``hashes`` or of the intents
+        that no blob row and no remaining intent needs.
+
+        Runs inside a write transaction; the per-hash locks are held from the
+        check to the deletion, so no writer starts relying on an object in between.
+        Returns how many intents this call deleted and how many objects.
+        """
+        assert self.store is not None
+        store_name = self.store.name
+        found: list[tuple[int, str]] = []
+        for part in chunks(sorted(intent_ids)):
+            found += conn.execute(
+                sa.select(intents.c.id, intents.c.hash).where(
+                    intents.c.id.in_(part), intents.c.store == store_name
+                )
+            ).all()
+        candidates = {h for _, h in found} | set(hashes)
+        if not candidates:
+            return 0, 0
+        lock_hashes(conn, candidates)
+        claimed = self._claim(conn, [i for i, _ in found])
+        for intent_id, content_hash in found:
+            if intent_id in claimed:
+                self.store.abort(content_hash, str(intent_id))
+        doomed = sorted(candidates - self.needed(conn, candidates))
+        self.store.delete(doomed)
+        return len(claimed), len(doomed)
+
+    @staticmethod
+    def _claim(conn: Connection, intent_ids: Sequence[int]) -> set[int]:
+        """Delete these intents; the ids actually deleted by this transaction."""
+        claimed: set[int] = set()
+        for part in chunks(sorted(intent_ids)):
+            if conn.dialect.name == "postgresql":
+                # A writer's open transaction may be deleting the same intent:
+                # skip it rather than wait while holding the hash locks.
+                stmt = (
+                    sa.select(intents.c.id)
+                    .where(intents.c.id.in_(part))
+                    .with_for_update(skip_locked=True)
+                )
+                part = list(conn.execute(stmt).scalars())
+            if part:
+                claimed.update(
+                    conn.execute(
+                        intents.delete().where(intents.c.id.in_(part)).returning(intents.c.id)
+                    ).scalars()
+                )
+        return claimed
+
+    def needed(self, conn: Connection, hashes: Collection[str]) -> set[str]:
+        """Hashes whose object must stay: a blob row in this store, or an intent."""
+        assert self.store is not None
+        keep: set[str] = set()
+        for part in chunks(sorted(hashes)):
+            keep.update(
+                conn.execute(
+                    sa.select(blobs.c.hash).where(
+                        blobs.c.hash.in_(part), blobs.c.store == self.store.name
+                    )
+                ).scalars()
+            )
+            keep.update(
+                conn.execute(
+                    sa.select(intents.c.hash).where(intents.c.hash.in_(part)).distinct()
+                ).scalars()
+            )
+        return keep
+
+    # -- reading ------------------------------------------------------------------------
+
+    def content(self, row: Any, data: Any, path: str) -> Any:
+        """The verified content of file ``row`` (with ``store`` and inline ``data``).
+
+        Inline content is checked against the recorded size and hash; external
+        content is streamed from the store into one buffer, hashed on the way.
+        Any mismatch raises :class:`~polystore.errors.IntegrityError`.
+        """
+        store = row.store
+        if store is None:
+            raise NotFoundError(f"content of {path!r} is missing from the catalog")
+        if store == INLINE:
+            if data is None:
+                raise NotFoundError(f"content of {path!r} is missing from the catalog")
+            view = memoryview(data)
+            if view.nbytes != row.size:
+                raise IntegrityError(
+                    f"content of {path!r} is {view.nbytes} bytes inline, the catalog "
+                    f"records {row.size}"
+                )
+            if hashlib.sha256(view).hexdigest() != row.blob_hash:
+                raise IntegrityError(
+                    f"content of {path!r} does not match its hash {row.blob_hash} (stored inline)"
+                )
+            return data
+        if self.store is None or store != self.store.name:
+            here = "no blob store" if self.store is None else f"blob store {self.store.name!r}"
+            raise NotFoundError(
+                f"content of {path!r} is in blob store {store!r}, but this backend has "
+                f"{here}; open it with that store (blob_store=...)"
+            )
+        return self.read(row.blob_hash, int(row.size), path)
+
+    def read(self, content_hash: str, size: int, path: str) -> bytearray:
+        """The external object of ``content_hash`` in a new buffer, verified."""
+        assert self.store is not None
+        try:
+            reader = self.store.open(content_hash)
+        except NotFoundError:
+            raise IntegrityError(
+                f"content of {path!r} is missing: blob {content_hash} is not in blob store "
+                f"{self.store.name!r}"
+            ) from None
+        with reader:
+            if reader.size != size:
+                raise IntegrityError(
+                    f"content of {path!r} is {reader.size} bytes in blob store "
+                    f"{self.store.name!r}, the catalog records {size}"
+                )
+            buffer = bytearray(size)
+            hasher = hashlib.sha256()
+            with memoryview(buffer) as view:
+                done = 0
+                while done < size:
+                    n = reader.readinto(view[done : done + CHUNK_SIZE])
+                    if not n:
+                        break
+                    hasher.update(view[done : done + n])
+                    done += n
+            if done != size or reader.read(1):
+                raise IntegrityError(
+                    f"content of {path!r} changed size while being read from blob store "
+                    f"{self.store.name!r}"
+                )
+        if hasher.hexdigest() != content_hash:
+            raise IntegrityError(
+                f"content of {path!r} does not match its hash {content_hash} "
+                f"(blob store {self.store.name!r})"
+            )
+        return buffer
+
+    def digest(self, content_hash: str) -> tuple[int, str] | None:
+        """Size and SHA-256 of the stored object, streamed through one small buffer.
+
+        ``None`` when there is no such object.
+        """
+        assert self.store is not None
+        try:
+            reader = self.store.open(content_hash)
+        except NotFoundError:
+            return None
+        hasher = hashlib.sha256()
+        size = 0
+        buffer = bytearray(min(CHUNK_SIZE, max(reader.size, 1)))
+        with reader, memoryview(buffer) as view:
+            while n := reader.readinto(view):
+                hasher.update(view[:n])
+                size += n
+        return size, hasher.hexdigest()
