@@ -51,18 +51,23 @@ def engine_for(url: str) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
-def polystore_objects(url: str) -> set[tuple[str, str]]:
-    """Every table, view, index and sequence whose name starts with polystore."""
+def schema_objects(url: str) -> set[tuple[str, str]]:
+    """Every table, view, index and sequence in the database (or PostgreSQL schema)."""
     with engine_for(url) as engine, engine.connect() as conn:
         if conn.dialect.name == "sqlite":
-            sql = "SELECT type, name FROM sqlite_master WHERE name LIKE 'polystore%'"
+            sql = "SELECT type, name FROM sqlite_master"
         else:
             sql = (
                 "SELECT c.relkind::text, c.relname FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = current_schema() AND c.relname LIKE 'polystore%'"
+                "WHERE n.nspname = current_schema()"
             )
         return {(kind, name) for kind, name in conn.execute(sa.text(sql))}
+
+
+def polystore_objects(url: str) -> set[tuple[str, str]]:
+    """The objects polystore's naming puts ``polystore_`` into (``ix_polystore_...`` too)."""
+    return {(kind, name) for kind, name in schema_objects(url) if "polystore_" in name}
 
 
 def snapshot(url: str) -> dict[str, Any]:
@@ -126,12 +131,16 @@ def test_upgrade_check_downgrade_base_upgrade(catalog_url: str) -> None:
     assert migrate.current(catalog_url) == HEAD == migrate.head()
     assert migrate.check(catalog_url) == []
     created = polystore_objects(catalog_url)
+    assert created == schema_objects(catalog_url)  # nothing without polystore_ in its name
     names = {name for _, name in created}
+    kinds = ("", "pk_", "ix_", "uq_", "sqlite_autoindex_")  # the last: SQLite's own
+    for name in names:
+        assert name.startswith(tuple(f"{kind}polystore_" for kind in kinds)), name
     assert {"polystore_nodes", "polystore_blobs", "polystore_upload_intents"} <= names
     assert {"polystore_catalog", schema.VERSION_TABLE} <= names
 
     migrate.downgrade(catalog_url, "base")
-    assert polystore_objects(catalog_url) == set()  # no table, view, index or sequence
+    assert schema_objects(catalog_url) == set()  # nothing left at all
     assert migrate.current(catalog_url) is None
 
     migrate.upgrade(catalog_url)
@@ -148,7 +157,7 @@ def test_step_by_step_matches_history(catalog_url: str) -> None:
         migrate.downgrade(catalog_url, revision)
         assert migrate.current(catalog_url) == revision
     migrate.downgrade(catalog_url, "base")
-    assert polystore_objects(catalog_url) == set()
+    assert schema_objects(catalog_url) == set()
 
 
 def test_check_reports_drift(catalog_url: str) -> None:
@@ -189,7 +198,7 @@ def test_wrong_way_and_unknown_targets_are_refused(catalog_url: str) -> None:
     migrate.downgrade(catalog_url, "base")  # nothing left: does nothing
     with pytest.raises(SchemaVersionError, match=r"no catalog .* to downgrade"):
         migrate.downgrade(catalog_url, "0001")
-    assert polystore_objects(catalog_url) == set()
+    assert schema_objects(catalog_url) == set()
 
 
 def test_bad_urls_are_polystore_errors(tmp_path: Path) -> None:
@@ -346,6 +355,7 @@ def test_coexists_with_an_application_schema(catalog_url: str) -> None:
     } == app
 
 
+@pytest.mark.slow
 def test_alembic_command_line_from_the_checkout(catalog_url: str, tmp_path: Path) -> None:
     alembic = str(Path(sys.executable).with_name("alembic"))
     env = {k: v for k, v in os.environ.items() if k != "POLYSTORE_URL"}
@@ -358,7 +368,7 @@ def test_alembic_command_line_from_the_checkout(catalog_url: str, tmp_path: Path
 
     down = run(alembic, "downgrade", "base", env=env | {"POLYSTORE_URL": catalog_url})
     assert down.returncode == 0, down.stderr
-    assert polystore_objects(catalog_url) == set()
+    assert schema_objects(catalog_url) == set()
 
     nothing = run(alembic, "upgrade", "head", env=env)
     assert nothing.returncode != 0
@@ -373,7 +383,7 @@ def test_alembic_command_line_from_the_checkout(catalog_url: str, tmp_path: Path
     refused = run(alembic, "-c", str(ini), "upgrade", "head", env=env)
     assert refused.returncode != 0
     assert "remove it from the file" in refused.stderr
-    assert polystore_objects(catalog_url) == set()
+    assert schema_objects(catalog_url) == set()
 
 
 # -- SQLite: foreign keys while tables are rebuilt ---------------------------------
@@ -440,7 +450,7 @@ def test_migrations_refuse_a_sqlite_transaction_with_foreign_keys_on(sqlite_url:
         pytest.raises(SchemaVersionError, match="PRAGMA foreign_keys=OFF"),
     ):
         command.upgrade(schema.alembic_config(conn), "head")
-    assert polystore_objects(sqlite_url) == set()
+    assert schema_objects(sqlite_url) == set()
 
 
 # -- several processes opening one fresh database -----------------------------------
@@ -464,6 +474,7 @@ def _open_fresh(url: str, barrier: Any, results: Any, index: int) -> None:
         results.put((index, len(runs), repr(error)))
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_database_migrate_once(catalog_url: str) -> None:
     # The database exists (an application's table in it; on SQLite already in
     # WAL mode), so nothing but polystore's own lock keeps the openers apart.
