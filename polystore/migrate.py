@@ -6,7 +6,7 @@ and open (and close) their own engine::
     from polystore import migrate
 
     migrate.upgrade("sqlite:///catalog.db")        # to head; creates a fresh catalog
-    migrate.current("sqlite:///catalog.db")        # "0002"
+    migrate.current("sqlite:///catalog.db")        # the revision id, e.g. "0002"
     migrate.check("sqlite:///catalog.db")          # [] when all is well
     migrate.downgrade("sqlite:///catalog.db", "base")
 
@@ -21,9 +21,10 @@ along with the catalog's contents. An application's own tables and its own
 ``alembic_version`` are never read or touched.
 
 Errors: :class:`~polystore.errors.SchemaVersionError` for anything about
-revisions (unknown, stale, not a valid target), :class:`~polystore.errors.BackendUnavailableError`
-when the database cannot be reached, :class:`~polystore.errors.BackendConfigError`
-for a URL polystore cannot use.
+revisions (unknown, stale, not a valid target),
+:class:`~polystore.errors.BackendUnavailableError` when the database cannot be
+reached, :class:`~polystore.errors.BackendConfigError` for a URL polystore
+cannot use.
 """
 
 from __future__ import annotations
