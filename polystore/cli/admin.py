@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, cast
 
 import click
 
 from polystore.cli.app import State, json_option, main, pass_state, url_option
-from polystore.cli.output import echo_json, info, print_table
+from polystore.cli.output import echo_json, human_size, info, print_table
 
 __all__ = ["db", "fsck", "gc", "query"]
 
@@ -45,68 +44,46 @@ def query(state: State, sql: str, as_json: bool) -> None:
         info(state, f"({len(result.rows)} row{'' if len(result.rows) == 1 else 's'})")
 
 
-# -- reports ------------------------------------------------------------------------
-
-
-def _report_data(report: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
-        data = dataclasses.asdict(report)
-    else:
-        data = dict(vars(report))
-    # Properties such as ``ok`` are part of what a report says.
-    for name in dir(type(report)):
-        if isinstance(getattr(type(report), name, None), property) and not name.startswith("_"):
-            data[name] = getattr(report, name)
-    return data
-
-
-def _print_report(data: dict[str, Any], title: str) -> None:
-    rows = []
-    details: list[tuple[str, list[Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, list | tuple | set | frozenset):
-            rows.append([key, len(value)])
-            if value:
-                details.append((key, list(value)))
-        else:
-            rows.append([key, value])
-    print_table(["", "value"], rows, title=title)
-    for key, items in details:
-        click.echo(f"{key}:")
-        for item in items:
-            click.echo(f"  {item}")
-
-
-def _report_ok(report: Any, data: dict[str, Any]) -> bool:
-    ok = getattr(report, "ok", None)
-    if isinstance(ok, bool):
-        return ok
-    return not any(isinstance(v, list | tuple) and v for v in data.values())
-
-
-@main.command()
-@json_option
-@url_option
-@pass_state
-def gc(state: State, as_json: bool) -> None:
-    """Remove content no file refers to, and uploads that were abandoned.
-
-    Works from the catalog's own records (reference counts and upload
-    intents); it never lists the external blob store.
-    """
-    # gc() and fsck() are new on SQLBackend; Any until every checkout has them.
-    report = cast(Any, state.backend()).gc()
-    data = _report_data(report)
-    if as_json:
-        echo_json(data)
-    else:
-        _print_report(data, "gc")
+# -- gc and fsck ---------------------------------------------------------------------
 
 
 @main.command()
 @click.option(
-    "--verify/--no-verify",
-    default=False,
+    "--grace",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Age after which an unfinished upload counts as abandoned [default: 1 day].",
+)
+@json_option
+@url_option
+@pass_state
+def gc(state: State, grace: float | None, as_json: bool) -> None:
+    """Remove content no file refers to, and uploads that were abandoned.
+
+    Works from the catalog's own records (reference counts and upload
+    intents); it never lists the external blob store. Safe while other
+    processes read and write.
+    """
+    report = state.backend().gc(grace=grace)
+    if as_json:
+        echo_json(dataclasses.asdict(report))
+        return
+    print_table(
+        ["gc", ""],
+        [
+            ["blobs deleted", report.blobs_deleted],
+            ["bytes freed", human_size(report.bytes_freed)],
+            ["abandoned uploads", report.intents_expired],
+            ["objects deleted from the store", report.objects_deleted],
+        ],
+        right=[""],
+    )
+
+
+@main.command()
+@click.option(
+    "--verify",
+    is_flag=True,
     help="Also read every blob and check its hash (slow: reads all content).",
 )
 @json_option
@@ -116,16 +93,31 @@ def fsck(state: State, verify: bool, as_json: bool) -> None:
     """Check the catalog against its content, both ways.
 
     Every file's blob exists with the recorded size (and, with --verify, the
-    right hash); every stored blob is referenced. Exits with status 1 when
-    something is wrong.
+    right hash); every object in the external blob store is referenced; every
+    reference count is right. Exits with status 1 when something is wrong.
     """
-    report = cast(Any, state.backend()).fsck(verify=verify)
-    data = _report_data(report)
+    report = state.backend().fsck(verify=verify)
     if as_json:
-        echo_json(data)
+        echo_json(dataclasses.asdict(report) | {"ok": report.ok})
     else:
-        _print_report(data, "fsck")
-    if not _report_ok(report, data):
+        print_table(
+            ["fsck", ""],
+            [
+                ["blobs checked", report.blobs_checked],
+                ["objects in the blob store", report.objects_checked],
+                ["hashes verified", "yes" if report.verified else "no (use --verify)"],
+                ["garbage for gc", report.garbage],
+                ["uploads pending", report.pending_uploads],
+                *[[f"blobs in store {name!r} (not checked)", n]
+                  for name, n in sorted(report.other_stores.items())],
+            ],
+            right=[""],
+        )  # fmt: skip
+        problems = report.problems()
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+        info(state, "ok" if report.ok else f"{len(problems)} problems")
+    if not report.ok:
         click.get_current_context().exit(1)
 
 

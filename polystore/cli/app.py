@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -93,10 +94,10 @@ def sqlite_file(url: str) -> str | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database or ""
+    if database.startswith("file:"):  # a SQLite URI filename (with ?uri=true)
+        database = urllib.parse.unquote(urllib.parse.urlparse(database).path)
     if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
         return None
-    if database.startswith("file:"):
-        return None  # a SQLite URI filename: let SQLite interpret it
     return database
 
 
@@ -191,8 +192,10 @@ class PolystoreGroup(click.Group):
 )
 @click.option(
     "--blob-store",
+    envvar="POLYSTORE_BLOB_STORE",
     metavar="STORE",
-    help="External blob store for content over the inline limit (passed to SQLBackend).",
+    help="Blob store for content over the inline limit: a directory or s3://bucket/prefix "
+    "[env: POLYSTORE_BLOB_STORE; default: next to a SQLite catalog, none for PostgreSQL]",
 )
 @click.option("--debug", is_flag=True, help="Show the full traceback when a command fails.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries.")

@@ -1,8 +1,11 @@
 """``put`` and ``get``: local files and directory trees into the catalog and back.
 
-Both follow ``cp -r``: when the destination is an existing directory, ends with
-``/`` or several sources are given, each source goes *into* it under its own
-name; otherwise the single source is copied *to* the destination.
+Both follow ``aws s3 cp --recursive`` rather than ``cp -r``, so that running
+the same command again does the same thing: a directory's *contents* go under
+the destination (``put ./screen data/screen`` makes ``data/screen/...``, the
+first time and every time). A file goes *into* the destination, under its own
+name, when the destination is an existing directory, ends with ``/`` or several
+sources are given; otherwise the file is copied *to* the destination.
 
 ``put`` checks every catalog path before it reads a byte, then saves in
 batches; each batch is one transaction (``save_batch``), and ``--atomic`` makes
@@ -61,10 +64,6 @@ class _PutPlan:
         return [d for d in self.dirs if d not in covered]
 
 
-def _local_name(path: Path) -> str:
-    return path.resolve().name if path.name in ("", ".", "..") else path.name
-
-
 def _plan_put(backend: SQLBackend, sources: tuple[Path, ...], dest: str) -> _PutPlan:
     norm_dest = paths.normalize(dest)
     into = (
@@ -77,14 +76,14 @@ def _plan_put(backend: SQLBackend, sources: tuple[Path, ...], dest: str) -> _Put
     for source in sources:
         if not source.exists():
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
-        base = paths.join(norm_dest, _local_name(source)) if into else norm_dest
         if not source.is_dir():
-            plan.files.append((source, paths.normalize_file(base)))
+            target = paths.join(norm_dest, source.name) if into else norm_dest
+            plan.files.append((source, paths.normalize_file(target)))
             continue
         for root, dirnames, filenames in os.walk(source):
             here = Path(root)
             rel = here.relative_to(source).as_posix()
-            target = paths.normalize(paths.join(base, "" if rel == "." else rel))
+            target = paths.normalize(paths.join(norm_dest, "" if rel == "." else rel))
             if target:
                 plan.dirs.append(target)
             # os.walk lists symlinked directories but never enters them (no loops).
@@ -192,6 +191,9 @@ def put(
 ) -> None:
     """Copy local files and directory trees into the catalog at DEST.
 
+    A directory's contents go under DEST; a file goes into DEST when DEST is
+    a directory, ends with ``/`` or several sources are given, else to DEST.
+
     Files are typed by extension: ``.npy`` becomes an array, ``.json`` a JSON
     value, ``.txt`` text, ``.tif``/``.tiff`` an image array (with tifffile
     installed), anything else bytes; ``--raw`` stores bytes throughout.
@@ -201,7 +203,7 @@ def put(
     \b
     Examples:
       polystore put plate1.npy results/          # -> results/plate1.npy
-      polystore put ./screen data/screen         # the tree, as data/screen/...
+      polystore put ./screen data/screen         # ./screen/a/b.npy -> data/screen/a/b.npy
       polystore put --attr project=demo *.json configs/
     """
     user_attrs = _parse_attrs(attr_pairs)
@@ -238,11 +240,10 @@ def _plan_get(
     for source in sources:
         norm = paths.normalize(source)
         top = backend.stat(norm)
-        name = paths.split(norm)[1]
-        base = dest / name if into and name else dest
         if top.kind == "file":
-            files.append((top, base))
+            files.append((top, dest / paths.split(norm)[1] if into else dest))
             continue
+        base = dest
         dirs.append(base)
         for st in backend.query(under=norm):
             rel = st.path[len(norm) + 1 :] if norm else st.path
@@ -279,6 +280,9 @@ def _load_batches(
 def get(state: State, sources: tuple[str, ...], dest: Path) -> None:
     """Copy files and directory trees from the catalog to local DEST.
 
+    The same rules as ``put``, the other way: a directory's contents go under
+    DEST; a file goes into DEST when it is a directory, else to DEST.
+
     Arrays are written with ``np.save`` (``.npy``), or as TIFF to a
     ``.tif``/``.tiff`` name; JSON values as JSON in the layout they were put
     in; text as UTF-8; bytes as they are. Existing local files are replaced.
@@ -286,9 +290,12 @@ def get(state: State, sources: tuple[str, ...], dest: Path) -> None:
     \b
     Examples:
       polystore get plate1/A01/site1.npy .
-      polystore get plate1 ./export          # ./export/plate1/... if ./export exists
+      polystore get plate1 ./plate1          # plate1/A01/... -> ./plate1/A01/...
     """
     backend = state.backend()
+    if not dest.parent.is_dir():
+        # Like cp: DEST itself may be new, the directory it goes in may not.
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(dest.parent))
     files, dirs = _plan_get(backend, sources, dest)
     for directory in dirs:
         directory.mkdir(parents=True, exist_ok=True)

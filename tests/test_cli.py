@@ -1,0 +1,636 @@
+"""The ``polystore`` command line, through click's CliRunner and as a real process.
+
+Commands that touch the catalog run on ``catalog_url`` (a SQLite file and a
+fresh PostgreSQL schema); what only the CLI decides runs on SQLite alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from polystore import SQLBackend, migrate
+from polystore.cli import main
+
+VENV_BIN = Path(sys.executable).parent
+POLYSTORE = VENV_BIN / "polystore"
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture
+def invoke() -> Invoke:
+    """Run the CLI in-process; ``code`` is the exit status the test expects."""
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0, stdin: str | None = None, **kwargs: Any) -> Result:
+        result = runner.invoke(main, list(args), input=stdin, catch_exceptions=False, **kwargs)
+        assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+        return result
+
+    return run
+
+
+@pytest.fixture
+def cli(invoke: Invoke, catalog_url: str) -> Invoke:
+    """``invoke`` against this test's catalog."""
+    return lambda *args, **kw: invoke("--url", catalog_url, *args, **kw)
+
+
+@pytest.fixture
+def sqlite_cli(invoke: Invoke, sqlite_url: str) -> Invoke:
+    return lambda *args, **kw: invoke("--url", sqlite_url, *args, **kw)
+
+
+def all_commands(group: click.Group = main, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, command in sorted(group.commands.items()):
+        found.append((*prefix, name))
+        if isinstance(command, click.Group):
+            found += all_commands(command, (*prefix, name))
+    return found
+
+
+def snapshot(url: str) -> list[tuple[Any, ...]]:
+    """Everything the catalog records, for "nothing changed" checks."""
+    with SQLBackend(url) as backend:
+        return [
+            (st.path, st.kind, st.size, st.hash, st.attrs, st.modified_at) for st in backend.query()
+        ]
+
+
+def one_error_line(result: Result) -> str:
+    """The single line a user error prints on stderr."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# -- help ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=" ".join)
+def test_every_command_has_help(invoke: Invoke, command: tuple[str, ...]) -> None:
+    result = invoke(*command, "--help")
+    assert result.stdout.startswith("Usage: ")
+    assert " ".join(command) in result.stdout.splitlines()[0]
+    assert len(result.stdout.splitlines()) > 3
+
+
+def test_the_commands_of_the_design(invoke: Invoke) -> None:
+    expected = {"ls", "tree", "put", "get", "cat", "rm", "mv", "cp", "du", "stat", "query"}
+    expected |= {"gc", "fsck", "db", "demo"}
+    assert expected <= set(main.commands)
+    db = main.commands["db"]
+    assert isinstance(db, click.Group)
+    assert {"upgrade", "downgrade", "current", "check", "history"} <= set(db.commands)
+    assert "polystore, version" in invoke("--version").stdout
+
+
+# -- put and get -------------------------------------------------------------------------
+
+JSON_FILES = {
+    # json.dump's defaults, the layout get writes when nothing was recorded
+    "default.json": json.dumps({"a": [1, 2.5, None], "b": {"c": True}}),
+    "indent2.json": json.dumps({"a": [1, 2], "é": "ü"}, indent=2, ensure_ascii=False) + "\n",
+    "indent4.json": json.dumps([{"x": 1}, {"y": "\u2603"}], indent=4),
+    "tabs.json": json.dumps({"a": {"b": [1]}}, indent="\t") + "\n",
+    "compact.json": json.dumps({"a": [1, 2]}, separators=(",", ":")),
+    "scalar.json": "42\n",
+    "string.json": '"just a string"',
+    "hand-made.json": '{ "x" :  1,\n   "y": [1,2 ] }\n',
+}
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A local tree of every kind of file put types; returns {relative path: bytes}."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty dir").mkdir()
+    np.save(root / "c-order.npy", np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    np.save(root / "sub" / "fortran.npy", np.asfortranarray(np.ones((3, 5), dtype=np.int16)))
+    np.save(root / "sub" / "big-endian.npy", np.arange(6, dtype=">f8"))
+    np.save(root / "sub" / "scalar.npy", np.array(7, dtype=np.uint8))
+    np.save(root / "sub" / "record.npy", np.zeros(2, dtype=[("x", "<i4"), ("y", "<f2")]))
+    for name, text in JSON_FILES.items():
+        (root / "sub" / "deeper" / name).write_text(text, encoding="utf-8")
+    (root / "notes.txt").write_bytes("line one\r\nünïcödé ☃\n\n".encode())
+    (root / "empty.txt").write_bytes(b"")
+    (root / "raw.bin").write_bytes(bytes(range(256)) * 3)
+    (root / "no-extension").write_bytes(b"\x00\x01plain")
+    (root / "weird [x] %_*.txt").write_text("odd name", encoding="utf-8")
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def local_tree(root: Path) -> tuple[dict[str, bytes], set[str]]:
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    dirs = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
+    return files, dirs
+
+
+def test_put_then_get_is_byte_identical(cli: Invoke, catalog_url: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    original = make_tree(src)
+    result = cli("put", str(src), "data")
+    assert f"put {len(original)} files" in result.stdout
+    assert "hand-made.json" in result.stderr  # the one kept verbatim says so
+
+    out = tmp_path / "out"
+    cli("get", "data", str(out))
+    files, dirs = local_tree(out)
+    assert files == original
+    assert dirs == local_tree(src)[1]
+
+    # put typed the files: values come back as Python objects, not bytes
+    with SQLBackend(catalog_url) as backend:
+        array = backend.load("data/sub/fortran.npy")
+        assert array.dtype == np.int16 and array.flags.f_contiguous
+        assert backend.stat("data/sub/big-endian.npy").dtype == ">f8"
+        assert backend.load("data/sub/deeper/indent2.json") == {"a": [1, 2], "é": "ü"}
+        assert backend.load("data/sub/deeper/scalar.json") == 42
+        assert backend.load("data/notes.txt") == "line one\r\nünïcödé ☃\n\n"
+        assert backend.load("data/raw.bin") == bytes(range(256)) * 3
+        assert backend.load("data/sub/deeper/hand-made.json") == JSON_FILES["hand-made.json"]
+        assert backend.is_dir("data/empty dir")
+
+
+def test_put_destinations(sqlite_cli: Invoke, sqlite_url: str, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "c.txt").write_text("c")
+    sqlite_cli("put", str(tmp_path / "a.npy"), "renamed.npy")  # to a new name
+    sqlite_cli("put", str(tmp_path / "a.npy"), "dir/")  # into a directory
+    sqlite_cli("put", str(tmp_path / "a.npy"), str(tmp_path / "b.txt"), "many")  # several
+    for _ in range(2):  # a tree's contents, the same way every time
+        sqlite_cli("put", str(tmp_path / "tree"), "copy")
+    with SQLBackend(sqlite_url) as backend:
+        assert backend.list_files("", recursive=True) == [
+            "copy/sub/c.txt",
+            "dir/a.npy",
+            "many/a.npy",
+            "many/b.txt",
+            "renamed.npy",
+        ]
+
+
+def test_put_raw_and_attrs(sqlite_cli: Invoke, sqlite_url: str, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(3))
+    (tmp_path / "b.json").write_text('{"k": 1}')
+    sqlite_cli("put", "--raw", "--attr", "project=demo", "--attr", "n=3", str(tmp_path / "a.npy"),
+               str(tmp_path / "b.json"), "raw/")  # fmt: skip
+    with SQLBackend(sqlite_url) as backend:
+        assert backend.load("raw/a.npy") == (tmp_path / "a.npy").read_bytes()
+        assert backend.load("raw/b.json") == b'{"k": 1}'
+        assert backend.stat("raw/a.npy").attrs == {"project": "demo", "n": 3}
+
+
+def test_put_small_batches_and_overwrite(
+    sqlite_cli: Invoke, sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):
+        (src / f"f{i}.txt").write_text(str(i))
+    sqlite_cli("put", "--batch-size", "2", str(src), "d")
+    (src / "f3.txt").write_text("changed")
+    sqlite_cli("put", "--batch-size", "2", str(src), "d")
+    with SQLBackend(sqlite_url) as backend:
+        assert len(backend.list_files("d")) == 7
+        assert backend.load("d/f3.txt") == "changed"
+
+
+def test_put_refuses_a_bad_file_and_atomic_saves_nothing(
+    sqlite_cli: Invoke, sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("fine")
+    (src / "b.npy").write_bytes(b"not an array")
+    result = sqlite_cli("put", "--atomic", "--batch-size", "1", str(src), "x", code=1)
+    line = one_error_line(result)
+    assert "b.npy" in line and "--raw" in line
+    with SQLBackend(sqlite_url) as backend:
+        assert not backend.exists("x")
+
+
+def test_put_checks_paths_before_writing(
+    sqlite_cli: Invoke, sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.txt").write_text("fine")
+    (src / "back\\slash.txt").write_text("refused")
+    result = sqlite_cli("put", str(src), "x", code=1)
+    assert "backslash" in one_error_line(result)
+    with SQLBackend(sqlite_url) as backend:
+        assert not backend.exists("x")
+
+
+def test_get_single_file_into_directory(cli: Invoke, catalog_url: str, tmp_path: Path) -> None:
+    with SQLBackend(catalog_url) as backend:
+        backend.save(np.arange(4), "arr")  # an array under a name without .npy
+        backend.save({"k": "v"}, "conf.json")
+    cli("get", "arr", "conf.json", str(tmp_path))
+    assert np.array_equal(np.load(tmp_path / "arr.npy"), np.arange(4))
+    assert json.loads((tmp_path / "conf.json").read_text()) == {"k": "v"}
+
+
+# -- looking around ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled(catalog_url: str) -> str:
+    with SQLBackend(catalog_url) as backend:
+        backend.save(np.zeros((2, 3), dtype=np.uint16), "p1/A01/s1.npy", attrs={"well": "A01"})
+        backend.save(np.zeros((2, 3), dtype=np.uint16), "p1/A01/s2.npy", attrs={"well": "A01"})
+        backend.save({"well": "A01"}, "p1/A01/meta.json")
+        backend.save("hello\n", "p1/readme.txt")
+        backend.save(b"\x00\xff", "raw.bin")
+        backend.ensure_directory("empty")
+    return catalog_url
+
+
+def test_ls(cli: Invoke, filled: str) -> None:
+    assert cli("ls").stdout.splitlines() == ["empty/", "p1/", "raw.bin"]
+    assert cli("ls", "p1").stdout.splitlines() == ["A01/", "readme.txt"]
+    assert cli("ls", "p1/readme.txt").stdout.splitlines() == ["p1/readme.txt"]
+    recursive = cli("ls", "-R", "p1").stdout.splitlines()
+    assert recursive == [
+        "p1/A01/",
+        "p1/A01/meta.json",
+        "p1/A01/s1.npy",
+        "p1/A01/s2.npy",
+        "p1/readme.txt",
+    ]
+    long = cli("ls", "-l", "p1/A01").stdout
+    assert "uint16" in long and "2x3" in long and "s1.npy" in long and "12 B" in long
+    entries = json.loads(cli("ls", "--json", "p1/A01").stdout)
+    assert [e["name"] for e in entries] == ["meta.json", "s1.npy", "s2.npy"]
+    assert entries[1]["shape"] == [2, 3] and entries[1]["attrs"] == {"well": "A01"}
+    assert set(entries[0]) == {
+        "path", "name", "kind", "size", "serializer", "dtype", "shape", "attrs", "hash",
+        "store", "created_at", "modified_at",
+    }  # fmt: skip
+
+
+def test_tree(cli: Invoke, filled: str) -> None:
+    out = cli("tree").stdout
+    assert "├── p1/" in out and "│   ├── A01/" in out and "s2.npy" in out
+    assert out.rstrip().endswith("3 directories, 5 files")
+    shallow = cli("tree", "-L", "1").stdout
+    assert "A01" not in shallow and "p1/" in shallow
+
+
+def test_cat(cli: Invoke, filled: str) -> None:
+    assert cli("cat", "p1/readme.txt").stdout == "hello\n"
+    assert cli("cat", "raw.bin").stdout_bytes == b"\x00\xff"
+    assert json.loads(cli("cat", "p1/A01/meta.json").stdout) == {"well": "A01"}
+    assert "dtype=uint16" in cli("cat", "p1/A01/s1.npy").stdout
+
+
+def test_stat_and_du(cli: Invoke, filled: str) -> None:
+    info = json.loads(cli("stat", "--json", "p1/A01/s1.npy").stdout)
+    assert info["dtype"] == "uint16" and info["shape"] == [2, 3] and info["size"] == 12
+    assert info["store"] == "inline" and len(info["hash"]) == 64
+    assert "uint16" in cli("stat", "p1/A01/s1.npy").stdout
+    usage = json.loads(cli("du", "--json").stdout)
+    assert usage["files"] == 5
+    assert usage["size"] == 12 + 12 + len(b'{"well":"A01"}') + 6 + 2
+    assert usage["unique_size"] == usage["size"] - 12  # the two images share content
+    assert {e["name"]: e["files"] for e in usage["entries"]} == {"empty": 0, "p1": 4, "raw.bin": 1}
+    assert "total" in cli("du", "p1").stdout
+    assert json.loads(cli("du", "-s", "--json", "p1").stdout)["entries"] == []
+
+
+# -- changing the tree ----------------------------------------------------------------------
+
+
+def test_rm(cli: Invoke, filled: str) -> None:
+    before = snapshot(filled)
+    result = cli("rm", "p1", code=1)
+    assert "rm -r" in one_error_line(result)
+    result = cli("rm", "raw.bin", "missing", code=1)  # all or nothing
+    assert "missing" in one_error_line(result)
+    assert snapshot(filled) == before
+    cli("rm", "empty")  # an empty directory needs no -r
+    cli("rm", "-r", "p1", "raw.bin")
+    assert cli("ls").stdout == ""
+    assert "root" in one_error_line(cli("rm", "-r", "/", code=1))
+
+
+def test_mv_and_cp(cli: Invoke, filled: str) -> None:
+    cli("mv", "p1/readme.txt", "README.txt")
+    cli("cp", "p1", "p2")
+    cli("mv", "raw.bin", "README.txt", "empty")  # several sources: into the directory
+    assert "exists" in one_error_line(cli("cp", "p1/A01/s1.npy", "p1/A01/s2.npy", code=1))
+    with SQLBackend(filled) as backend:
+        assert backend.list_files("", recursive=True) == [
+            "empty/README.txt",
+            "empty/raw.bin",
+            "p1/A01/meta.json",
+            "p1/A01/s1.npy",
+            "p1/A01/s2.npy",
+            "p2/A01/meta.json",
+            "p2/A01/s1.npy",
+            "p2/A01/s2.npy",
+        ]
+        assert backend.stat("p2/A01/s1.npy").hash == backend.stat("p1/A01/s1.npy").hash
+
+
+# -- query ------------------------------------------------------------------------------------
+
+
+def test_query_prints_rows(cli: Invoke, filled: str) -> None:
+    sql = "SELECT path, dtype FROM polystore_catalog WHERE dtype IS NOT NULL ORDER BY path"
+    rows = json.loads(cli("query", "--json", sql).stdout)
+    assert rows == [
+        {"path": "p1/A01/s1.npy", "dtype": "uint16"},
+        {"path": "p1/A01/s2.npy", "dtype": "uint16"},
+    ]
+    table = cli("query", sql).stdout.splitlines()
+    assert table[0].split() == ["path", "dtype"]
+    assert table[2].split() == ["p1/A01/s1.npy", "uint16"]
+    assert "(2 rows)" in table[-1]
+    assert json.loads(cli("query", "--json", "-", stdin="SELECT 1 AS one").stdout) == [{"one": 1}]
+
+
+WRITES = [
+    "DELETE FROM polystore_nodes",
+    "UPDATE polystore_nodes SET name = 'x'",
+    (
+        "INSERT INTO polystore_blobs (hash, size, store, refcount, created_at) "
+        "VALUES ('h', 0, 'inline', 0, CURRENT_TIMESTAMP)"
+    ),
+    "DROP VIEW polystore_catalog",
+    "DROP TABLE polystore_blobs",
+    "CREATE TABLE intruder (a INTEGER)",
+    "WITH gone AS (DELETE FROM polystore_nodes RETURNING id) SELECT * FROM gone",
+]
+
+
+@pytest.mark.parametrize("sql", WRITES)
+def test_query_refuses_writes(cli: Invoke, filled: str, sql: str) -> None:
+    before = snapshot(filled)
+    result = cli("query", sql, code=1)
+    line = one_error_line(result)
+    assert "read-only" in line or "SQL error" in line  # SQLite has no DELETE ... RETURNING in CTEs
+    assert snapshot(filled) == before
+    assert cli("db", "check").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ATTACH DATABASE ':memory:' AS other",
+        "PRAGMA query_only = OFF",
+        "PRAGMA writable_schema = ON",
+        "SELECT 1; DELETE FROM polystore_nodes",
+        "BEGIN",
+    ],
+)
+def test_query_refuses_sqlite_escapes(sqlite_cli: Invoke, sqlite_url: str, sql: str) -> None:
+    with SQLBackend(sqlite_url) as backend:
+        backend.save("x", "keep.txt")
+    before = snapshot(sqlite_url)
+    one_error_line(sqlite_cli("query", sql, code=1))
+    assert snapshot(sqlite_url) == before
+
+
+def test_query_allows_read_only_pragmas(sqlite_cli: Invoke, sqlite_url: str) -> None:
+    SQLBackend(sqlite_url).close()
+    cols = json.loads(sqlite_cli("query", "--json", "PRAGMA table_info(polystore_nodes)").stdout)
+    assert "parent_id" in {c["name"] for c in cols}
+    sql = "SELECT name FROM pragma_table_info('polystore_blobs') ORDER BY cid"
+    assert json.loads(sqlite_cli("query", "--json", sql).stdout)[0] == {"name": "hash"}
+
+
+@pytest.mark.postgres
+def test_query_refuses_postgresql_escapes(invoke: Invoke, pg_url: str) -> None:
+    with SQLBackend(pg_url) as backend:
+        backend.save("x", "keep.txt")
+    before = snapshot(pg_url)
+    for sql in ("SELECT 1; DELETE FROM polystore_nodes", "COMMIT; DELETE FROM polystore_nodes",
+                "SELECT nextval('polystore_nodes_id_seq')"):  # fmt: skip
+        one_error_line(invoke("--url", pg_url, "query", sql, code=1))
+    invoke("--url", pg_url, "query", "SET transaction_read_only = off")  # harmless: rolled back
+    assert snapshot(pg_url) == before
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--url", "mysql://u@h/db", "ls"], "unsupported database 'mysql'"),
+        (["--url", "not a url", "ls"], "not a database URL"),
+        (["--url", "postgresql+psycopg://postgres@127.0.0.1:1/x", "ls"], "cannot reach"),
+        (["--url", "sqlite:////no/such/dir/c.db", "put", "/etc/hostname", "x"], "does not exist"),
+        (["ls", "missing"], "No such file or directory: missing"),
+        (["cat", "p1"], "Is a directory: p1"),
+        (["cat", "p1/../raw.bin"], "'..' is not allowed"),
+        (["ls", "raw.bin/inside"], "raw.bin"),
+        (["get", "raw.bin", "/no/such/dir/raw.bin"], "No such file or directory"),
+        (["put", "/no/such/local/file", "x"], "No such file or directory: /no/such/local/file"),
+    ],
+)
+def test_user_errors_are_one_line(
+    invoke: Invoke, sqlite_url: str, args: list[str], expected: str
+) -> None:
+    with SQLBackend(sqlite_url) as backend:
+        backend.save(b"x", "raw.bin")
+        backend.ensure_directory("p1")
+    result = invoke("--url", sqlite_url, *args, code=1)
+    assert expected in one_error_line(result)
+
+
+def test_missing_catalog_is_not_created(invoke: Invoke, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/typo.db"
+    assert "no catalog" in one_error_line(invoke("--url", url, "ls", code=1))
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_outdated_schema(invoke: Invoke, catalog_url: str) -> None:
+    migrate.upgrade(catalog_url, "0001")
+    line = one_error_line(invoke("--url", catalog_url, "ls", code=1))
+    assert "polystore db upgrade --url" in line
+    assert "problem:" in invoke("db", "check", "--url", catalog_url, code=1).stdout
+    invoke("db", "upgrade", "--url", catalog_url)
+    invoke("--url", catalog_url, "ls")
+
+
+def test_read_only_catalog(
+    invoke: Invoke, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SQLBackend(sqlite_url) as backend:
+        backend.save("x", "keep.txt")
+    # A relative URI filename: the engine takes "file:/abs" for a directory name.
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///file:catalog.db?mode=ro&uri=true"
+    assert "read-only" in one_error_line(invoke("--url", url, "rm", "keep.txt", code=1))
+    assert invoke("--url", url, "cat", "keep.txt").stdout == "x"
+
+
+def test_permission_denied(invoke: Invoke, sqlite_url: str, tmp_path: Path) -> None:
+    with SQLBackend(sqlite_url) as backend:
+        backend.save(b"x", "raw.bin")
+    if os.geteuid() == 0:
+        locked = Path("/sys")  # root may write anywhere but sysfs
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+    result = invoke("--url", sqlite_url, "get", "raw.bin", str(locked / "raw.bin"), code=1)
+    assert one_error_line(result) == f"Error: Permission denied: {locked / 'raw.bin'}"
+
+
+def test_debug_shows_the_traceback(sqlite_url: str) -> None:
+    SQLBackend(sqlite_url).close()
+    result = CliRunner().invoke(main, ["--url", sqlite_url, "--debug", "cat", "missing"])
+    assert isinstance(result.exception, FileNotFoundError)
+
+
+def test_url_from_environment_and_after_the_command(invoke: Invoke, sqlite_url: str) -> None:
+    with SQLBackend(sqlite_url) as backend:
+        backend.save("x", "here.txt")
+    assert invoke("ls", env={"POLYSTORE_URL": sqlite_url}).stdout == "here.txt\n"
+    assert invoke("ls", "--url", sqlite_url).stdout == "here.txt\n"
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+def test_db_commands(cli: Invoke) -> None:
+    assert cli("db", "current").stdout.strip() == "none"
+    assert "problem:" in cli("db", "check", code=1).stdout
+    cli("db", "upgrade")
+    head = migrate.head()
+    assert cli("db", "current").stdout.strip() == f"{head} (head)"
+    assert "ok:" in cli("db", "check").stdout
+    cli("db", "downgrade", "0001", code=1, stdin="n\n")  # asked, and declined
+    assert cli("db", "current").stdout.strip().startswith(head)
+    cli("db", "downgrade", "--yes", "0001")
+    assert cli("db", "current").stdout.strip() == "0001"
+    cli("db", "downgrade", "--yes", "base")
+    assert cli("db", "current").stdout.strip() == "none"
+
+
+def test_db_history(invoke: Invoke) -> None:
+    out = invoke("db", "history").stdout
+    for revision, _ in migrate.history():
+        assert revision in out
+    assert "(head)" in out
+
+
+# -- gc and fsck --------------------------------------------------------------------------------
+
+
+def test_gc_and_fsck(cli: Invoke, filled: str) -> None:
+    checked = json.loads(cli("fsck", "--json").stdout)
+    assert checked["ok"] is True and checked["blobs_checked"] >= 4
+    assert "ok" in cli("fsck", "--verify").stdout
+    cli("rm", "-r", "p1")
+    report = json.loads(cli("gc", "--json", "--grace", "0").stdout)
+    assert set(report) >= {"blobs_deleted", "bytes_freed", "intents_expired", "objects_deleted"}
+    assert "blobs deleted" in cli("gc").stdout
+    assert json.loads(cli("fsck", "--json").stdout)["garbage"] == 0
+
+
+def test_fsck_finds_damage(invoke: Invoke, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/catalog.db"
+    store = tmp_path / "blobs"
+    with SQLBackend(url, blob_store=str(store), inline_limit=0) as backend:
+        backend.save(b"some content", "f.bin")
+    for blob in (p for p in store.rglob("*") if p.is_file()):
+        blob.write_bytes(b"damaged!")
+    result = invoke("--url", url, "--blob-store", str(store), "fsck", code=1)
+    assert "problem:" in result.stdout
+    assert (
+        json.loads(
+            invoke("--url", url, "--blob-store", str(store), "fsck", "--json", code=1).stdout
+        )["ok"]
+        is False
+    )
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+def test_demo(invoke: Invoke, tmp_path: Path) -> None:
+    where = tmp_path / "demo"
+    args = ("demo", "--path", str(where), "--plates", "1", "--sites", "1", "--size", "32")
+    out = invoke(*args).stdout
+    assert "verified" in out and str((where / "catalog.db").resolve()) in out
+    assert "Try next" in out and "polystore ls" in out
+    assert "staurosporine" in out  # a query table
+    with SQLBackend(f"sqlite:///{where}/catalog.db") as backend:
+        assert len(backend.list_files("plate1", recursive=True)) == 96 * 2
+        assert backend.stat("plate1/B03/site1.npy").attrs["well"] == "B03"
+    invoke(*args)  # a second run rebuilds the catalog
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    line = one_error_line(invoke("demo", "--path", str(other), code=1))
+    assert "not made by" in line
+    assert (other / "precious.txt").exists()
+
+
+# -- the installed console script ------------------------------------------------------------
+
+
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, check=False, capture_output=True, text=True, cwd=cwd, timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error", **(env or {})},
+    )  # fmt: skip
+
+
+def test_console_script_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    original = make_tree(src)
+    url = f"sqlite:///{tmp_path}/catalog.db"
+    put = run(str(POLYSTORE), "--url", url, "put", str(src), "data")
+    assert put.returncode == 0, put.stderr
+    get = run(str(POLYSTORE), "--url", url, "get", "data", str(tmp_path / "out"))
+    assert get.returncode == 0, get.stderr
+    assert local_tree(tmp_path / "out")[0] == original
+    listing = run(str(POLYSTORE), "ls", "-R", "data", env={"POLYSTORE_URL": url})
+    assert "data/sub/deeper/indent2.json" in listing.stdout.splitlines()
+
+
+def test_console_script_error_is_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/catalog.db"
+    assert run(str(POLYSTORE), "--url", url, "db", "upgrade").returncode == 0
+    failed = run(str(POLYSTORE), "--url", url, "cat", "nowhere.npy")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == ["Error: No such file or directory: nowhere.npy"]
+    debug = run(str(POLYSTORE), "--url", url, "--debug", "cat", "nowhere.npy")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    result = run(sys.executable, "-m", "polystore", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "Usage: python -m polystore" in result.stdout
+    assert not (tmp_path / "polystore.db").exists()  # --help opens no catalog
+
+
+def test_importing_the_cli_stays_light() -> None:
+    code = (
+        "import sys, polystore.cli; "
+        "print(sorted(m for m in ('numpy', 'sqlalchemy', 'rich', 'psycopg') if m in sys.modules))"
+    )
+    assert run(sys.executable, "-c", code).stdout.strip() == "[]"
