@@ -475,11 +475,14 @@ def _open_fresh(url: str, barrier: Any, results: Any, index: int) -> None:
 
 
 @pytest.mark.slow
-def test_processes_opening_a_fresh_database_migrate_once(catalog_url: str) -> None:
-    # The database exists (an application's table in it; on SQLite already in
-    # WAL mode), so nothing but polystore's own lock keeps the openers apart.
-    with engine_for(catalog_url) as engine, engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE app_items (id INTEGER PRIMARY KEY)"))
+@pytest.mark.parametrize("database", ["empty", "application"])
+def test_processes_opening_a_fresh_database_migrate_once(catalog_url: str, database: str) -> None:
+    if database == "application":
+        # The database exists with an application's table in it (on SQLite
+        # already in WAL mode), so nothing but polystore's own lock keeps the
+        # openers apart; an empty one also races on creating the file.
+        with engine_for(catalog_url) as engine, engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE app_items (id INTEGER PRIMARY KEY)"))
     workers = 4
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
