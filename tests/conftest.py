@@ -103,3 +103,83 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.outcome = "failed"  # type: ignore[attr-defined]
             report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"  # type: ignore[attr-defined]
     return report
+
+
+# -- S3: a moto server on 127.0.0.1, started by the tests themselves ---------------------
+
+S3_BUCKET = "polystore-test"
+S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The endpoint of an S3 server (moto's server mode, in a subprocess) with one bucket.
+
+    A subprocess, not moto's in-process threaded server: the tests turn warnings
+    into errors, which must not reach the server's own threads.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - moto[server] is a dev dependency
+        pytest.skip(f"S3 tests need moto[server] and boto3: {exc}")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the moto S3 server did not start on port {port}")
+                time.sleep(0.05)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
+            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+        ).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_url(s3_server: str) -> str:
+    """A blob store URL for a fresh prefix of the test bucket, options in the query."""
+    from urllib.parse import urlencode
+
+    query = urlencode(
+        {"endpoint": s3_server, "region": "us-east-1", "allow_http": "true", **S3_CREDENTIALS}
+    )
+    return f"s3://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}?{query}"
+
+
+@pytest.fixture
+def s3_store(s3_url: str) -> object:
+    """An :class:`~polystore.blobs.S3BlobStore` on a fresh prefix (built from its URL)."""
+    from polystore.blobs import from_url
+
+    return from_url(s3_url)

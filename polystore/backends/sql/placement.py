@@ -81,6 +81,8 @@ _LOCK_CLASS = 0x706F6C79
 # PostgreSQL cannot allocate a value of 1 GB or more (MaxAllocSize); a bytea
 # has a 4-byte header inside that.
 _PG_MAX_VALUE = 0x3FFFFFFF - 4
+# SQLite's length limit applies to a whole row, not only to the value.
+_ROW_OVERHEAD = 1024
 
 
 def _now() -> dt.datetime:
@@ -192,7 +194,9 @@ class Placement:
                 raw = self.engine.raw_connection()
                 try:
                     driver = raw.driver_connection
-                    self._max_inline = int(driver.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))  # type: ignore[union-attr]
+                    limit = int(driver.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))  # type: ignore[union-attr]
+                    # The limit bounds the whole row: leave room for the other columns.
+                    self._max_inline = limit - _ROW_OVERHEAD
                 finally:
                     raw.close()
         return self._max_inline
@@ -283,10 +287,35 @@ class Placement:
                     token=None if token is None else str(token),
                 )
                 staged.uploaded.add(content.hash)
-        except BaseException:
+        except BaseException as exc:
+            # An upload that failed because gc() took its intent (and with it
+            # a temporary file) is started again by run(), like a lost promote.
+            lost = isinstance(exc, Exception) and self._lost(staged)
             self.settle([staged], quiet=True)
+            if lost:
+                raise IntentLostError(
+                    "an upload intent was removed by gc() during the upload "
+                    "(the upload took longer than gc's grace period)"
+                ) from exc
             raise
         return staged
+
+    def _lost(self, staged: Staged) -> bool:
+        """Whether gc() has taken any of ``staged``'s intents."""
+        ids = sorted(staged.intents.values())
+        if not ids:
+            return False
+        try:
+            with self.engine.connect() as conn:
+                alive = sum(
+                    conn.execute(
+                        sa.select(sa.func.count()).where(intents.c.id.in_(part))
+                    ).scalar_one()
+                    for part in chunks(ids)
+                )
+        except Exception:  # noqa: BLE001 -- the original error is the one to report
+            return False
+        return bool(alive < len(ids))
 
     def placements(self, staged: Staged | None) -> dict[str, str]:
         """hash -> store name, for the contents ``add_blobs`` must not put inline."""
@@ -323,12 +352,11 @@ class Placement:
         finishes the job later).
         """
         ids: list[int] = []
-        untracked: set[str] = set()
+        uploaded: set[str] = set()
         for item in staged:
             ids.extend(item.intents.values())
-            if not item.intents:
-                untracked |= item.uploaded
-        self._settle(ids, untracked, quiet=quiet)
+            uploaded |= item.uploaded
+        self._settle(ids, uploaded, quiet=quiet)
 
     def _settle(self, ids: Collection[int], hashes: Collection[str], *, quiet: bool) -> None:
         if not ids and not hashes:
@@ -358,7 +386,12 @@ class Placement:
             return write(None)
         attempts = 3 if conn is None else 1
         for attempt in range(1, attempts + 1):
-            staged = self.stage(contents, conn, force=force)
+            try:
+                staged = self.stage(contents, conn, force=force)
+            except IntentLostError:
+                if attempt == attempts:
+                    raise
+                continue
             if pending is not None:
                 pending.append(staged)
             try:
@@ -409,7 +442,9 @@ class Placement:
         for intent_id, content_hash in found:
             if intent_id in claimed:
                 self.store.abort(content_hash, str(intent_id))
-        doomed = sorted(candidates - self.needed(conn, candidates))
+        doomed = [
+            h for h in sorted(candidates - self.needed(conn, candidates)) if self.store.exists(h)
+        ]
         self.store.delete(doomed)
         return len(claimed), len(doomed)
 

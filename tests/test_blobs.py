@@ -1,0 +1,594 @@
+"""Blob storage: the stores themselves, placement, dedup, gc, fsck, rebalance, streaming.
+
+Catalog tests run on SQLite and PostgreSQL (``catalog_url``), most of them with
+both external stores: a local directory and S3 (a moto server on 127.0.0.1 that
+the tests start, reached through the same obstore client users run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from polystore import FileManager, IntegrityError, NotFoundError, SerializationError
+from polystore.backends.sql import SQLBackend
+from polystore.blobs import BlobStore, LocalBlobStore, S3BlobStore, from_url, hash_key
+from polystore.errors import BackendConfigError
+
+LIMIT = 64  # bytes: small enough that most test values go external
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload(seed: int, size: int = 1000) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture(params=["local", "s3"])
+def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if request.param == "local":
+        return LocalBlobStore(tmp_path / "blobs")
+    store = request.getfixturevalue("s3_store")
+    assert isinstance(store, S3BlobStore)
+    return store
+
+
+@pytest.fixture
+def backend(catalog_url: str, blob_store: BlobStore) -> Iterator[SQLBackend]:
+    b = SQLBackend(catalog_url, blob_store=blob_store, inline_limit=LIMIT)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def local(catalog_url: str, tmp_path: Path) -> Iterator[SQLBackend]:
+    """A backend with a local store, for tests that reach behind polystore's back."""
+    b = SQLBackend(catalog_url, blob_store=LocalBlobStore(tmp_path / "blobs"), inline_limit=LIMIT)
+    yield b
+    b.close()
+
+
+def blob_table(backend: SQLBackend) -> dict[str, tuple[str, int, bool]]:
+    """hash -> (store, refcount, has inline data)."""
+    with backend.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT hash, store, refcount, data IS NOT NULL FROM polystore_blobs")
+        ).all()
+    return {h: (store, int(n), bool(inline)) for h, store, n, inline in rows}
+
+
+def intent_count(backend: SQLBackend) -> int:
+    with backend.engine.connect() as conn:
+        return int(
+            conn.execute(sa.text("SELECT COUNT(*) FROM polystore_upload_intents")).scalar_one()
+        )
+
+
+def objects(store: BlobStore) -> set[str]:
+    return {o.key for o in store.scan()}
+
+
+def assert_clean(backend: SQLBackend, *, verify: bool = True) -> None:
+    report = backend.fsck(verify=verify)
+    assert report.ok, str(report)
+    assert report.pending_uploads == 0, str(report)
+
+
+# -- the stores on their own ----------------------------------------------------------
+
+
+def test_store_round_trip_idempotent_and_delete(blob_store: BlobStore) -> None:
+    data = payload(1, 3000)
+    h = sha(data)
+    assert blob_store.size(h) is None and not blob_store.exists(h)
+    views = [memoryview(data)[i : i + 1000] for i in range(0, 3000, 1000)]
+    assert blob_store.put(h, views, len(data)) is True
+    assert blob_store.put(h, [data], len(data)) is False  # already there: nothing written
+    assert blob_store.size(h) == 3000 and blob_store.exists(h)
+    assert blob_store.get(h) == data
+    with blob_store.open(h) as reader:
+        assert reader.size == 3000
+        buffer = bytearray(3000)
+        got = 0
+        while n := reader.readinto(memoryview(buffer)[got:]):
+            got += n
+    assert bytes(buffer) == data
+    assert [(o.key, o.size, o.hash) for o in blob_store.scan()] == [(hash_key(h), 3000, h)]
+    blob_store.delete([h, sha(b"never stored")])
+    assert blob_store.size(h) is None
+    with pytest.raises(NotFoundError):
+        blob_store.open(h)
+    assert list(blob_store.scan()) == []
+
+
+def test_store_refuses_short_uploads_and_bad_hashes(blob_store: BlobStore) -> None:
+    data = payload(2)
+    with pytest.raises(ValueError, match="gave 999 bytes"):
+        blob_store.put(sha(data), [data[:-1]], len(data))
+    assert list(blob_store.scan()) == []
+    for bad in ["../../etc/passwd", "ABC", sha(data).upper(), sha(data)[:-1]]:
+        with pytest.raises(ValueError, match="SHA-256"):
+            blob_store.put(bad, [data], len(data))
+
+
+def test_local_store_layout_and_atomic_writes(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    assert not (tmp_path / "blobs").exists()  # created by the first write, not before
+    data = payload(3)
+    h = sha(data)
+
+    def interrupted() -> Iterator[bytes]:
+        yield data[:500]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.put(h, interrupted(), len(data), token="42")  # noqa: S106 -- not a secret
+    assert store.path(h) == tmp_path / "blobs" / h[:2] / h[2:4] / h
+    assert not store.path(h).exists()
+    assert list(store.scan()) == []  # the temporary file went with the failure
+
+    # A killed writer's temporary file is named after its token, so it can be
+    # found and removed without listing.
+    temp = store.path(h).with_name(f"{h}.tmp-7")
+    temp.write_bytes(data[:10])
+    assert [(o.hash, o.token) for o in store.scan()] == [(h, "7")]
+    store.abort(h, "7")
+    assert not temp.exists()
+    store.put(h, [data], len(data))
+    assert store.path(h).read_bytes() == data
+    (tmp_path / "blobs" / "notes.txt").write_text("stray")
+    assert {(o.key, o.hash) for o in store.scan()} == {(hash_key(h), h), ("notes.txt", None)}
+
+
+def test_from_url(tmp_path: Path) -> None:
+    store = from_url(f"file://{tmp_path}/a%20b?fsync=false&name=mine")
+    assert isinstance(store, LocalBlobStore)
+    assert store.root == tmp_path / "a b" and store.fsync is False and store.name == "mine"
+    assert isinstance(from_url(tmp_path / "plain"), LocalBlobStore)
+    assert from_url(str(tmp_path / "plain")).name == "local"
+    s3 = from_url(
+        "s3://bucket/some/prefix/?endpoint=http://127.0.0.1:1&region=eu-west-1&allow_http=true"
+    )
+    assert isinstance(s3, S3BlobStore)
+    assert (s3.bucket, s3.prefix, s3.name) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
+    assert len(from_url("s3://b/" + "p" * 100).name) <= 64
+    for bad in ["gs://bucket", "file://host/path", "s3:///prefix", ""]:
+        with pytest.raises(BackendConfigError):
+            from_url(bad)
+    with pytest.raises(BackendConfigError, match="unknown S3 blob store options"):
+        from_url("s3://bucket?colour=blue")
+
+
+def test_importing_polystore_does_not_import_obstore() -> None:
+    code = (
+        "import sys, polystore, polystore.blobs; polystore.SQLBackend; "
+        "assert 'obstore' not in sys.modules, 'obstore imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- placement and dedup ------------------------------------------------------------
+
+
+def test_small_inline_large_external(backend: SQLBackend) -> None:
+    big = np.arange(100, dtype=np.float64)  # 800 bytes
+    backend.save(big, "a/big.npy")
+    backend.save(b"tiny", "a/tiny.bin")
+    backend.save(b"x" * LIMIT, "a/at_limit.bin")
+    assert backend.stat("a/big.npy").store == backend.blob_store.name  # type: ignore[union-attr]
+    assert backend.stat("a/tiny.bin").store == "inline"
+    assert backend.stat("a/at_limit.bin").store == "inline"
+    out = backend.load("a/big.npy")
+    np.testing.assert_array_equal(out, big)
+    assert out.flags.writeable
+    h = backend.stat("a/big.npy").hash
+    assert h is not None
+    assert blob_table(backend)[h] == (backend.blob_store.name, 1, False)  # type: ignore[union-attr]
+    assert objects(backend.blob_store) == {hash_key(h)}  # type: ignore[arg-type]
+    with backend.engine.connect() as conn:
+        sql = "SELECT path, store FROM polystore_catalog WHERE kind = 'file'"
+        stores = {row.path: row.store for row in conn.execute(sa.text(sql))}
+    assert stores["a/big.npy"] == backend.blob_store.name  # type: ignore[union-attr]
+    assert stores["a/tiny.bin"] == "inline"
+    assert backend.load_batch(["a/tiny.bin", "a/big.npy"])[0] == b"tiny"
+    assert intent_count(backend) == 0
+    assert_clean(backend)
+
+
+def test_dedup_external_with_refcounts(backend: SQLBackend) -> None:
+    data = payload(4)
+    backend.save_batch([data, data], ["x/1.bin", "x/2.bin"])
+    backend.save(data, "y/3.bin")
+    backend.copy("x", "z")
+    h = sha(data)
+    assert blob_table(backend)[h][1] == 5
+    assert len(objects(backend.blob_store)) == 1  # type: ignore[arg-type]
+    backend.delete("x", recursive=True)
+    backend.save(b"other" * 100, "y/3.bin")  # overwrite releases one reference
+    assert blob_table(backend)[h][1] == 2
+    assert backend.load("z/2.bin") == data
+    assert_clean(backend)
+
+
+def test_dedup_across_placements_and_limit_changes(catalog_url: str, blob_store: BlobStore) -> None:
+    inline_first, external_first = payload(5), payload(6)
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=1 << 20) as roomy:
+        roomy.save(inline_first, "a.bin")
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=LIMIT) as tight:
+        tight.save(external_first, "b.bin")
+        # Same content again under the other limit: a reference, not a second copy.
+        tight.save(inline_first, "a2.bin")
+        assert blob_table(tight)[sha(inline_first)] == ("inline", 2, True)
+        assert objects(blob_store) == {hash_key(sha(external_first))}
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=1 << 20) as roomy:
+        roomy.save(external_first, "b2.bin")
+        assert blob_table(roomy)[sha(external_first)] == (blob_store.name, 2, False)
+        # Old blobs stay readable where they are.
+        assert roomy.load_batch(["a.bin", "a2.bin", "b.bin", "b2.bin"]) == [
+            inline_first,
+            inline_first,
+            external_first,
+            external_first,
+        ]
+        assert_clean(roomy)
+
+
+def test_rebalance_moves_both_ways(catalog_url: str, blob_store: BlobStore) -> None:
+    values = {f"f{i}.bin": payload(10 + i, 100 * (i + 1)) for i in range(6)}  # 100..600 bytes
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=1 << 20) as b:
+        b.save_batch(list(values.values()), list(values))
+        assert objects(blob_store) == set()
+        report = b.rebalance(inline_limit=350)  # 400, 500 and 600 bytes go out
+        assert (report.to_external, report.to_inline, report.bytes_moved) == (3, 0, 1500)
+        stores = {p: b.stat(p).store for p in values}
+        assert [p for p, s in stores.items() if s != "inline"] == ["f3.bin", "f4.bin", "f5.bin"]
+        assert len(objects(blob_store)) == 3
+        assert b.load_batch(list(values)) == list(values.values())
+        assert_clean(b)
+        assert b.rebalance(inline_limit=350).to_external == 0  # already balanced
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=450) as b:
+        report = b.rebalance()  # this backend's own limit: 400 comes back in
+        assert (report.to_external, report.to_inline) == (0, 1)
+        assert len(objects(blob_store)) == 2
+        assert b.load_batch(list(values)) == list(values.values())
+        assert_clean(b)
+
+
+def test_no_external_store_keeps_everything_inline(catalog_url: str) -> None:
+    url = catalog_url
+    if url.startswith("sqlite"):
+        url = "sqlite://"  # in memory: no file, so no default store
+    with SQLBackend(url, inline_limit=0) as b:
+        assert b.blob_store is None
+        b.save(payload(7, 5000), "big.bin")
+        assert b.stat("big.bin").store == "inline"
+        assert b.rebalance().to_external == 0
+        assert b.gc().objects_deleted == 0
+        assert b.fsck(verify=True).ok
+
+
+def test_default_store_next_to_sqlite_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POLYSTORE_BLOB_STORE", raising=False)
+    url = f"sqlite:///{tmp_path}/cat.db"
+    with SQLBackend(url, inline_limit=LIMIT) as b:
+        assert isinstance(b.blob_store, LocalBlobStore)
+        assert b.blob_store.root == tmp_path / "cat.db.blobs"
+        b.save(b"small", "s.bin")
+        assert not (tmp_path / "cat.db.blobs").exists()  # created on the first external write
+        b.save(payload(8), "big.bin")
+        assert (tmp_path / "cat.db.blobs").is_dir()
+    # A FileManager given the URL opens the same catalog with the same default store.
+    fm = FileManager(url)
+    assert fm.load("big.bin") == payload(8)
+    fm.close()
+    monkeypatch.setenv("POLYSTORE_BLOB_STORE", f"file://{tmp_path}/elsewhere")
+    with SQLBackend(url) as b:
+        assert isinstance(b.blob_store, LocalBlobStore)
+        assert b.blob_store.root == tmp_path / "elsewhere"
+
+
+def test_blob_store_given_as_url_and_through_filemanager(catalog_url: str, tmp_path: Path) -> None:
+    store_url = f"file://{tmp_path}/store?fsync=false"
+    fm = FileManager({"cat": SQLBackend(catalog_url, blob_store=store_url, inline_limit=LIMIT)})
+    fm.save(np.ones(50), "ones.npy", backend="cat")
+    assert fm.stat("ones.npy", backend="cat").store == "local"
+    assert (tmp_path / "store").is_dir()
+    np.testing.assert_array_equal(fm.load("ones.npy", backend="cat"), np.ones(50))
+    fm.close()
+    fm.registry["cat"].close()
+
+
+def test_another_store_name_is_reported_not_guessed(catalog_url: str, tmp_path: Path) -> None:
+    with SQLBackend(catalog_url, blob_store=LocalBlobStore(tmp_path / "a", name="first"),
+                    inline_limit=LIMIT) as b:  # fmt: skip
+        b.save(payload(9), "f.bin")
+    with SQLBackend(catalog_url, blob_store=LocalBlobStore(tmp_path / "b", name="second"),
+                    inline_limit=LIMIT) as b:  # fmt: skip
+        with pytest.raises(NotFoundError, match="blob store 'first'"):
+            b.load("f.bin")
+        report = b.fsck()
+        assert report.ok and report.other_stores == {"first": 1}
+        b.gc(grace=0)  # never touches another store's blobs
+    assert (tmp_path / "a").is_dir() and len(objects(LocalBlobStore(tmp_path / "a"))) == 1
+
+
+# -- failures, rollbacks and gc --------------------------------------------------------
+
+
+def test_failed_batch_leaves_no_upload_behind(backend: SQLBackend) -> None:
+    backend.save(b"kept", "d/taken.bin")
+    with pytest.raises(FileExistsError):
+        backend.save_batch([payload(20), b"new"], ["d/new.bin", "d/taken.bin"], overwrite=False)
+    assert objects(backend.blob_store) == set()  # type: ignore[arg-type]
+    assert intent_count(backend) == 0
+    assert_clean(backend)
+
+
+def test_transaction_rollbacks_leave_no_upload_behind(backend: SQLBackend) -> None:
+    with pytest.raises(RuntimeError), backend.transaction():
+        backend.save(payload(21), "t/a.bin")
+        raise RuntimeError("abort")
+    assert objects(backend.blob_store) == set()  # type: ignore[arg-type]
+    with backend.transaction():
+        backend.save(payload(22), "t/kept.bin")
+        with pytest.raises(RuntimeError), backend.transaction():
+            backend.save(payload(23), "t/inner.bin")
+            raise RuntimeError("inner only")
+        backend.save(payload(24), "t/after.bin")
+    assert backend.list_files("t") == ["t/after.bin", "t/kept.bin"]
+    assert objects(backend.blob_store) == {hash_key(sha(payload(n))) for n in (22, 24)}  # type: ignore[arg-type]
+    assert backend.load("t/kept.bin") == payload(22)
+    assert_clean(backend)
+
+
+def test_gc_removes_unreferenced_external_blobs_only(backend: SQLBackend) -> None:
+    keep, drop, shared = payload(30), payload(31), payload(32)
+    backend.save_batch([keep, drop, shared, shared], ["keep", "drop", "s1", "s2"])
+    backend.save(b"inline content", "small")
+    backend.copy("keep", "keep-copy")
+    backend.delete("keep")  # the copy still refers to it
+    backend.delete("drop")
+    backend.delete("s1")
+    backend.delete("small")  # inline: gone at once
+    assert sha(b"inline content") not in blob_table(backend)
+    assert blob_table(backend)[sha(drop)][1] == 0  # external: kept for gc
+    assert backend.fsck().garbage == 1
+    report = backend.gc()
+    assert (report.blobs_deleted, report.bytes_freed, report.objects_deleted) == (1, 1000, 1)
+    assert objects(backend.blob_store) == {hash_key(sha(keep)), hash_key(sha(shared))}  # type: ignore[arg-type]
+    assert backend.load("keep-copy") == keep and backend.load("s2") == shared
+    assert backend.gc() == type(report)()  # nothing left to do
+    assert_clean(backend)
+
+
+class PausingStore(LocalBlobStore):
+    """A local store whose uploads can be held at a chosen point, to race gc against."""
+
+    def __init__(self, root: Path, *, hold_after_write: bool) -> None:
+        super().__init__(root)
+        self.hold_after_write = hold_after_write
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.holds = 1
+
+    def _hold(self) -> None:
+        if self.holds:
+            self.holds -= 1
+            self.reached.set()
+            assert self.release.wait(30)
+
+    def put(self, content_hash: str, chunks: Any, size: int, *, token: str | None = None) -> bool:
+        def held() -> Iterator[Any]:
+            for i, chunk in enumerate(chunks):
+                if i == 0 and not self.hold_after_write:
+                    yield memoryview(chunk)[:10]
+                    self._hold()
+                    yield memoryview(chunk)[10:]
+                else:
+                    yield chunk
+
+        written = super().put(content_hash, held(), size, token=token)
+        if self.hold_after_write:
+            self._hold()
+        return written
+
+
+def test_upload_in_flight_is_protected_until_its_intent_expires(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    store = PausingStore(tmp_path / "blobs", hold_after_write=False)
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=LIMIT) as b:
+        errors: list[BaseException] = []
+
+        def save() -> None:
+            try:
+                b.save(payload(40), "slow.bin")
+            except BaseException as exc:  # noqa: BLE001 -- handed to the main thread
+                errors.append(exc)
+
+        writer = threading.Thread(target=save)
+        writer.start()
+        assert store.reached.wait(30)
+        # Half-written: the temporary file and the intent are all there is.
+        report = b.fsck()
+        assert report.ok and report.pending_uploads == 1
+        assert [o.token for o in store.scan()] == [str(_only_intent_id(b))]
+        assert b.gc().intents_expired == 0  # young: left alone
+        gone = b.gc(grace=0)  # "abandoned": its temporary file goes with it
+        assert (gone.intents_expired, gone.objects_deleted) == (1, 0)
+        assert list(store.scan()) == []
+        store.release.set()
+        writer.join(30)
+        # The writer found its intent gone, so it registered and uploaded again.
+        assert errors == []
+        assert b.load("slow.bin") == payload(40)
+        assert_clean(b)
+
+
+def _only_intent_id(backend: SQLBackend) -> int:
+    with backend.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT id FROM polystore_upload_intents")).scalar_one())
+
+
+def test_save_whose_upload_gc_took_starts_again(catalog_url: str, tmp_path: Path) -> None:
+    store = PausingStore(tmp_path / "blobs", hold_after_write=True)
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=LIMIT) as b:
+        writer = threading.Thread(target=b.save, args=(payload(41), "f.bin"))
+        writer.start()
+        assert store.reached.wait(30)
+        assert objects(store) == {hash_key(sha(payload(41)))}
+        assert b.gc(grace=0).objects_deleted == 1  # the upload looks abandoned
+        store.release.set()
+        writer.join(30)
+        # Its commit found the intent gone, so the save registered and uploaded again.
+        assert b.load("f.bin") == payload(41)
+        assert_clean(b)
+
+
+# -- integrity and fsck ---------------------------------------------------------------
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_fsck_reports_each_kind_of_damage_and_nothing_else(local: SQLBackend) -> None:
+    store = local.blob_store
+    assert isinstance(store, LocalBlobStore)
+    names = ["corrupt", "truncated", "deleted", "fine"]
+    local.save_batch([payload(50 + i) for i in range(4)], names)
+    h = {name: sha(payload(50 + i)) for i, name in enumerate(names)}
+    assert_clean(local)
+
+    _corrupt(store.path(h["corrupt"]))
+    assert local.fsck().ok  # same size: only verify=True reads the bytes
+    report = local.fsck(verify=True)
+    assert report.hash_mismatch == [h["corrupt"]] and report.problems() == [
+        f"wrong hash: {h['corrupt']}"
+    ]
+
+    store.path(h["truncated"]).write_bytes(payload(51)[:-1])
+    store.path(h["deleted"]).unlink()
+    stray = sha(b"nobody's")
+    store.put(stray, [b"nobody's"], 8)
+    (store.root / "junk.txt").write_text("junk")
+    report = local.fsck(verify=True)
+    assert report.missing == [h["deleted"]]
+    assert report.size_mismatch == [h["truncated"]]
+    assert report.hash_mismatch == [h["corrupt"]]
+    assert report.unreferenced == sorted([hash_key(stray), "junk.txt"])
+    assert report.refcount_mismatch == {}
+    assert not report.ok and len(report.problems()) == 5
+
+    for name in ("corrupt", "truncated", "deleted"):
+        with pytest.raises(IntegrityError):
+            local.load(name)
+        with pytest.raises(IntegrityError):
+            local.load_batch(["fine", name])
+    assert local.load("fine") == payload(53)
+
+
+def test_fsck_and_load_check_inline_content_and_refcounts(local: SQLBackend) -> None:
+    local.save_batch([b"one", b"two", b"three"], ["one", "two", "three"])
+    with local.engine.begin() as conn:  # behind polystore's back
+        conn.execute(
+            sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+            {"d": b"ONE", "h": sha(b"one")},
+        )
+        conn.execute(
+            sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+            {"d": b"tw", "h": sha(b"two")},
+        )
+        conn.execute(
+            sa.text("UPDATE polystore_blobs SET refcount = 7 WHERE hash = :h"),
+            {"h": sha(b"three")},
+        )
+    report = local.fsck()
+    assert report.size_mismatch == [sha(b"two")]
+    assert report.hash_mismatch == []
+    assert report.refcount_mismatch == {sha(b"three"): (7, 1)}
+    report = local.fsck(verify=True)
+    assert report.hash_mismatch == [sha(b"one")]
+    assert (report.missing, report.unreferenced) == ([], [])
+    with pytest.raises(IntegrityError, match="does not match its hash"):
+        local.load("one")
+    with pytest.raises(IntegrityError, match="records 3"):
+        local.load("two")
+    assert local.load("three") == b"three"
+
+
+# -- streaming large arrays ------------------------------------------------------------
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from polystore import SQLBackend
+
+    def peak():  # bytes (ru_maxrss is KiB on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    url, store, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    backend = SQLBackend(url, blob_store=store, inline_limit=1 << 16)
+    backend.save(np.zeros(1 << 15), "warm.npy")  # imports and caches, not content
+    backend.load("warm.npy")
+    if mode == "save":
+        array = np.ones(n, dtype=np.uint8)
+        array[::4096] = 7
+        before = peak()
+        backend.save(array, "big.npy")
+    else:
+        before = peak()
+        array = backend.load("big.npy")
+        assert array.nbytes == n and array[4096] == 7 and array[1] == 1
+    print(json.dumps({"before": before, "after": peak()}))
+    """
+)
+
+
+def test_large_array_streams_with_one_copy_in_memory(sqlite_url: str, tmp_path: Path) -> None:
+    size = 96 << 20
+    store = f"file://{tmp_path}/blobs"
+    growth = {}
+    for mode in ("save", "load"):
+        result = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, sqlite_url, store, mode, str(size)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        peaks = json.loads(result.stdout)
+        growth[mode] = (peaks["after"] - peaks["before"]) / size
+    # Saving streams the caller's array (hashing and writing in chunks): no copy.
+    # Loading reads straight into the array's own buffer: exactly one copy.
+    assert growth["save"] < 0.25, growth
+    assert growth["load"] < 1.25, growth
+
+
+def test_size_limit_without_a_store_is_a_clear_error() -> None:
+    with SQLBackend("sqlite://", inline_limit=0) as b:
+        # In-memory SQLite shares one connection: lower its value limit, as a
+        # database built with a smaller SQLITE_MAX_LENGTH would have it.
+        raw = b.engine.raw_connection()
+        raw.driver_connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 3000)  # type: ignore[union-attr]
+        raw.close()
+        with pytest.raises(SerializationError, match="blob_store="):
+            b.save(payload(60, 1977), "too-big.bin")
+        assert b.count_nodes() == 0
+        b.save(payload(61, 1976), "fits.bin")
