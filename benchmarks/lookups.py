@@ -228,7 +228,7 @@ def _catalog(bench: Bench, files: int, label: str) -> tuple[Path, SQLBackend, Pa
     tiny = np.zeros(1, dtype=np.float32)
     poly_path, raw_path = fresh_file(bench, f"exists-{label}"), fresh_file(bench, f"paths-{label}")
     backend = SQLBackend(f"sqlite:///{poly_path}")
-    chunk_dirs = max(1, 100_000 // per_dir)
+    chunk_dirs = max(1, min(100_000 // per_dir, dirs // 10))
     note = ""
     with step(f"exists: {human(files)} files through save_batch") as api:
         built = 0

@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "write DIR/<scenario>.prof and a .txt summary",
     )
     parser.add_argument(
+        "--profiler",
+        choices=("cprofile", "pyinstrument"),
+        default="cprofile",
+        help="with --profile: cProfile (deterministic) or pyinstrument (sampling, "
+        "`pip install pyinstrument`) (default %(default)s)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         help="where the SQLite files and the real directory go (default: a temp dir)",
@@ -88,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
         )
     args.only = only
+    if args.profiler == "pyinstrument":
+        try:
+            import pyinstrument  # noqa: F401
+        except ImportError:
+            parser.error("--profiler pyinstrument: pyinstrument is not installed")
     if args.profile is not None:
         try:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=Path(workdir),
             pg_url=None if args.no_postgres or pg_problem else args.pg_url,
             profile_dir=args.profile,
+            profiler=args.profiler,
             build_budget=args.build_budget,
         )
         rows: list[Row] = []
