@@ -80,8 +80,12 @@ _FILE_VALUES = [
     nodes.c.modified_at,
 ]
 _INSERT_COLUMNS = [nodes.c.parent_id, nodes.c.name, nodes.c.kind, nodes.c.created_at, *_FILE_VALUES]
+# New file rows cannot conflict (their names were just checked under lock;
+# a concurrent insert of the same name fails the transaction, which is retried).
 _INSERT_FILES = BulkStatement(
-    lambda dialect: nodes.insert().values(params_for(_INSERT_COLUMNS)), _INSERT_COLUMNS
+    lambda dialect: nodes.insert().values(params_for(_INSERT_COLUMNS)),
+    _INSERT_COLUMNS,
+    copy_into="polystore_nodes",
 )
 _UPDATE_FILES = BulkStatement(
     lambda dialect: (
