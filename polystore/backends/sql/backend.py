@@ -348,13 +348,14 @@ class SQLBackend(StorageBackend):
         # Node rows are locked above; blob rows are locked next, in hash order, so
         # writers sharing content queue instead of deadlocking.
         counts: Counter[str] = Counter(content.hash for _, content in items.values())
-        lock_blobs(conn, counts.keys() | released.keys())
+        stored = lock_blobs(conn, counts.keys() | released.keys())
         unique = {content.hash: content for _, content in items.values()}
         add_blobs(
             conn,
             {h: (unique[h], counts[h]) for h in sorted(counts)},
             now,
             self._placement.placements(staged),
+            stored,
         )
         self._placement.promote(conn, staged)
         _INSERT_FILES.execute(conn, inserts)

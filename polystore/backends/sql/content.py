@@ -57,13 +57,16 @@ def add_blobs(
     contents: Mapping[str, tuple[Content, int]],
     now: dt.datetime,
     external: Mapping[str, str] | None = None,
+    existing: set[str] | None = None,
 ) -> None:
     """Store each content (if new) and add ``count`` references to it.
 
-    One upsert per blob, sent as a single executemany: a blob that exists gets its
-    count raised (and keeps its placement), a new one is inserted with the count:
-    inline, or, for hashes in ``external`` (already uploaded), as a row naming
-    that store.
+    A blob that exists gets its count raised (and keeps its placement), a new one
+    is inserted with the count: inline, or, for hashes in ``external`` (already
+    uploaded), as a row naming that store. ``existing`` is what
+    :func:`lock_blobs` found: when known (PostgreSQL), new rows go in by binary
+    COPY and existing ones get a plain UPDATE; otherwise one upsert per blob,
+    sent as a single executemany.
     """
     where = external or {}
     rows = [
@@ -76,8 +79,15 @@ def add_blobs(
             now,
         )
         for content, count in contents.values()
+        if existing is None or content.hash not in existing
     ]
-    _UPSERT_BLOBS.execute(conn, rows)
+    if existing is None:
+        _UPSERT_BLOBS.execute(conn, rows)
+        return
+    # A concurrent writer inserting the same new content makes the COPY fail on
+    # the primary key; the whole transaction is then retried and finds it.
+    _INSERT_BLOBS.execute(conn, rows)
+    add_references(conn, Counter({h: count for h, (_, count) in contents.items() if h in existing}))
 
 
 def _upsert_blobs(dialect: str) -> Any:
@@ -97,23 +107,33 @@ _BLOB_COLUMNS = [
     blobs.c.created_at,
 ]
 _UPSERT_BLOBS = BulkStatement(_upsert_blobs, _BLOB_COLUMNS)
+_INSERT_BLOBS = BulkStatement(
+    lambda dialect: blobs.insert().values(params_for(_BLOB_COLUMNS)),
+    _BLOB_COLUMNS,
+    copy_into="polystore_blobs",
+)
 
 
-def lock_blobs(conn: Connection, hashes: Iterable[str]) -> None:
-    """Lock existing blob rows in hash order (PostgreSQL; SQLite writers are serial).
+def lock_blobs(conn: Connection, hashes: Iterable[str]) -> set[str] | None:
+    """Lock existing blob rows in hash order; return which exist (PostgreSQL).
 
     Every writer takes its blob locks in the same order, so two transactions that
     add and release the same contents wait for each other instead of deadlocking.
+    SQLite writers are serial already: nothing to lock, and None is returned.
     """
     if conn.dialect.name != "postgresql":
-        return
+        return None
+    found: set[str] = set()
     for part in chunks(sorted(h for h in hashes if h is not None)):
-        conn.execute(
-            sa.select(blobs.c.hash)
-            .where(blobs.c.hash.in_(part))
-            .order_by(blobs.c.hash)
-            .with_for_update()
-        ).all()
+        found.update(
+            conn.execute(
+                sa.select(blobs.c.hash)
+                .where(blobs.c.hash.in_(part))
+                .order_by(blobs.c.hash)
+                .with_for_update()
+            ).scalars()
+        )
+    return found
 
 
 def add_references(conn: Connection, counts: Counter[str]) -> None:
