@@ -181,7 +181,11 @@ class PolystoreGroup(click.Group):
             raise click.ClickException(message) from exc
 
 
-@click.group(cls=PolystoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="polystore",
+    cls=PolystoreGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--url",
     envvar="POLYSTORE_URL",

@@ -1,0 +1,46 @@
+"""Sphinx configuration for the polystore documentation.
+
+Built with ``make docs`` (``sphinx-build -W``: every warning is an error). The
+CLI reference is generated from the click commands by ``_ext/clidoc.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "_ext"))
+sys.path.insert(0, str(HERE.parent))
+
+import polystore
+
+project = "polystore"
+author = "polystore developers"
+copyright = "polystore developers"  # noqa: A001 -- Sphinx's name for it
+release = polystore.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = ["sphinx.ext.autodoc", "clidoc"]
+
+exclude_patterns = ["_build"]
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "numpy arrays and Python objects under paths, with a SQL catalog",
+    "fixed_sidebar": True,
+}
+html_static_path: list[str] = []
+
+# The docs build offline: no intersphinx. Cross-references inside polystore are
+# checked (nitpicky); references to other projects' classes in signatures
+# (numpy, SQLAlchemy, the standard library) cannot resolve and are not errors.
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(?!polystore\b).*")]
+
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+
+pygments_style = "sphinx"
