@@ -212,3 +212,23 @@ def test_every_command_is_shown_in_the_guides(command: str) -> None:
     """Beyond the generated reference, the guides show each command in use."""
     guides = "\n".join(page.read_text("utf-8") for page in doc_pages() if page.name != "cli.rst")
     assert f"polystore {command}" in guides
+
+
+# -- the README ----------------------------------------------------------------------------
+
+README = DOCS.parent / "README.md"
+
+
+def test_readme_python_runs(sandbox: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), re.DOTALL)
+    assert blocks
+    namespace: dict[str, object] = {"__name__": "readme"}
+    for number, code in enumerate(blocks):
+        exec(compile(code, f"README.md[python block {number}]", "exec"), namespace)  # noqa: S102
+
+
+def test_readme_starts_with_make_demo_and_make_test() -> None:
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text("utf-8"), re.DOTALL)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block[1].splitlines()]
+    assert commands[:2] == ["make demo", "make test"]
