@@ -44,3 +44,14 @@ autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 
 pygments_style = "sphinx"
+
+
+def _drop_object_base(
+    app: object, name: str, obj: object, options: object, bases: list[type]
+) -> None:
+    # "Bases: object" on every plain class says nothing.
+    bases[:] = [base for base in bases if base is not object]
+
+
+def setup(app: object) -> None:
+    app.connect("autodoc-process-bases", _drop_object_base)  # type: ignore[attr-defined]

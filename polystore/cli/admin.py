@@ -8,7 +8,7 @@ import sys
 import click
 
 from polystore.cli.app import State, json_option, main, pass_state, url_option
-from polystore.cli.output import echo_json, human_size, info, print_table
+from polystore.cli.output import echo_json, human_size, info, print_table, spinner
 
 __all__ = ["db", "fsck", "gc", "query"]
 
@@ -64,7 +64,9 @@ def gc(state: State, grace: float | None, as_json: bool) -> None:
     intents); it never lists the external blob store. Safe while other
     processes read and write.
     """
-    report = state.backend().gc(grace=grace)
+    backend = state.backend()
+    with spinner(state, "gc: removing unreferenced content..."):
+        report = backend.gc(grace=grace)
     if as_json:
         echo_json(dataclasses.asdict(report))
         return
@@ -96,7 +98,9 @@ def fsck(state: State, verify: bool, as_json: bool) -> None:
     right hash); every object in the external blob store is referenced; every
     reference count is right. Exits with status 1 when something is wrong.
     """
-    report = state.backend().fsck(verify=verify)
+    backend = state.backend()
+    with spinner(state, "fsck: reading every blob..." if verify else "fsck: checking blobs..."):
+        report = backend.fsck(verify=verify)
     if as_json:
         echo_json(dataclasses.asdict(report) | {"ok": report.ok})
     else:

@@ -32,6 +32,7 @@ __all__ = [
     "note",
     "print_table",
     "progress",
+    "spinner",
     "stat_dict",
 ]
 
@@ -162,6 +163,17 @@ def progress(state: State, total: int, label: str) -> Iterator[Callable[[int], N
             bar.advance(task, n)
 
         yield advance
+
+
+@contextmanager
+def spinner(state: State, label: str) -> Iterator[None]:
+    """A spinner on stderr while one long call runs; silent off a terminal or with --quiet."""
+    console = None if state.quiet else _console(stderr=True)
+    if console is None or not console.is_terminal:
+        yield
+        return
+    with console.status(label):
+        yield
 
 
 def _ignore(n: int = 1) -> None:
