@@ -137,7 +137,7 @@ def test_local_store_layout_and_atomic_writes(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         store.put(h, interrupted(), len(data), token="42")  # noqa: S106 -- not a secret
-    assert store.path(h) == tmp_path / "blobs" / h[:2] / h[2:4] / h
+    assert store.path(h) == tmp_path / "blobs" / h[:2] / h
     assert not store.path(h).exists()
     assert list(store.scan()) == []  # the temporary file went with the failure
 

@@ -63,14 +63,16 @@ def check_hash(content_hash: str) -> str:
 
 
 def hash_key(content_hash: str) -> str:
-    """The object key of a hash: ``ab/cd/abcd...`` (two levels of hash prefix).
+    """The object key of a hash: ``ab/abcd...`` (one level of 256 shards by hash prefix).
 
-    Two levels of 256 keep every local directory small (a few hundred entries
-    per million blobs); object stores do not need it but sharing one layout
-    keeps keys identical everywhere.
+    One level keeps a local directory at a few thousand entries per million
+    blobs, and stops creating (and fsyncing) new directories after the first few
+    hundred blobs; a second level would create a directory for nearly every one
+    of the first hundred thousand. Object stores need no sharding, but one
+    layout everywhere keeps keys identical.
     """
     check_hash(content_hash)
-    return f"{content_hash[:2]}/{content_hash[2:4]}/{content_hash}"
+    return f"{content_hash[:2]}/{content_hash}"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``LocalBlobStore``: content-addressed objects in a local directory.
 
-Layout: ``<root>/ab/cd/abcd...`` -- two levels of hash prefix, so no directory
-grows past a few hundred entries per million blobs.
+Layout: ``<root>/ab/abcd...`` -- one level of 256 shards by hash prefix, so a
+directory holds a few thousand entries per million blobs.
 
 Writes are atomic: the bytes go to ``<final>.tmp-<token>`` in the same
 directory, which is renamed over the final name with :func:`os.replace` once
@@ -39,9 +39,7 @@ from polystore.errors import NotFoundError
 __all__ = ["LocalBlobStore"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_OBJECT = re.compile(
-    r"([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})(?:\.tmp-([A-Za-z0-9_-]{1,64}))?"
-)
+_OBJECT = re.compile(r"([0-9a-f]{2})/(\1[0-9a-f]{62})(?:\.tmp-([A-Za-z0-9_-]{1,64}))?")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,8 +100,9 @@ class LocalBlobStore(BlobStore):
             return
         shard.mkdir(parents=True, exist_ok=True)
         if self.fsync:
-            # The new directory entries must be durable too, up to the root's parent.
-            for directory in (shard.parent, shard.parent.parent, shard.parent.parent.parent):
+            # The new directory entries must be durable too: the shard's in the
+            # root, and the root's in its parent (the first write creates both).
+            for directory in (shard.parent, shard.parent.parent):
                 _fsync_dir(directory)
 
     def put(
@@ -175,4 +174,4 @@ class LocalBlobStore(BlobStore):
                 if match is None:
                     yield StoredObject(key, size, None)
                 else:
-                    yield StoredObject(key, size, check_hash(match[3]), match[4])
+                    yield StoredObject(key, size, check_hash(match[2]), match[3])

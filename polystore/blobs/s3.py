@@ -15,7 +15,7 @@ fsspec/s3fs or boto3:
 obstore is an optional dependency (``pip install polystore[s3]``) and is imported
 only when an S3 store is built, so ``import polystore`` stays light.
 
-Keys are ``<prefix>/ab/cd/<hash>``. Uploads are atomic on the server: a single
+Keys are ``<prefix>/ab/<hash>``. Uploads are atomic on the server: a single
 PUT for small objects, a multipart upload (parts of :data:`CHUNK_SIZE`) for
 large ones. A writer killed during a multipart upload leaves invisible parts
 behind that only the bucket's ``AbortIncompleteMultipartUpload`` lifecycle rule
