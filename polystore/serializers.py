@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -322,6 +323,4 @@ class SerializerRegistry:
 def _numpy_if_loaded() -> Any:
     # A value can only be a numpy array if numpy is already imported, so an
     # import here would only cost time for non-array values.
-    import sys
-
     return sys.modules.get("numpy")

@@ -46,7 +46,7 @@ from polystore.backends.sql.engine import (
     retrying,
     translate_errors,
 )
-from polystore.backends.sql.fast import FastReader, children_sql, resolve_sql
+from polystore.backends.sql.fast import FastReader, children_sql, names_sql, resolve_sql
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
@@ -157,7 +157,8 @@ class SQLBackend(StorageBackend):
         with translate_errors(self.url):
             self.engine = create_catalog_engine(self.url, **(engine_options or {}))
             self._fast = FastReader(self.engine)
-            self._pg = self.engine.dialect.name == "postgresql"
+            self._dialect = self.engine.dialect.name
+            self._pg = self._dialect == "postgresql"
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
                 #: Where content over ``inline_limit`` goes (None: everything inline).
@@ -318,7 +319,11 @@ class SQLBackend(StorageBackend):
         updates: list[tuple[Any, ...]] = []
         shapes: dict[tuple[int, ...], list[int]] = {}  # one JSON document per distinct shape
         for parent_id, entries in by_parent.items():
-            existing = tree.children(conn, parent_id, list(entries), for_update=True)
+            existing = (
+                {}  # created by this very transaction: nothing to replace in it
+                if parent_id in cache.created
+                else tree.children(conn, parent_id, list(entries), for_update=True)
+            )
             for name, path in entries.items():
                 encoded, content = items[path]
                 shape = None
@@ -384,11 +389,24 @@ class SQLBackend(StorageBackend):
         """The node row at normal ``path`` or None; the fast path outside transactions."""
         if self._tx.get() is None:
             parts = paths.split_parts(path)
-            sql = resolve_sql(self.engine.dialect.name, len(parts), with_content)
+            sql = resolve_sql(self._dialect, len(parts), "content" if with_content else "node")
             rows = self._fast.fetch(sql, {f"p{i}": name for i, name in enumerate(parts)})
             if rows is not None:
                 return rows[0] if rows else None
         return self._read(lambda conn: tree.resolve(conn, path, with_content=with_content))
+
+    def _lookup_kind(self, path: str) -> tuple[int, str] | None:
+        """``(id, kind)`` of the node at normal ``path``, or None."""
+        if self._tx.get() is None:
+            parts = paths.split_parts(path)
+            rows = self._fast.fetch_raw(
+                resolve_sql(self._dialect, len(parts), "kind"),
+                {f"p{i}": name for i, name in enumerate(parts)},
+            )
+            if rows is not None:
+                return (rows[0][0], rows[0][1]) if rows else None
+        row = self._read(lambda conn: tree.resolve(conn, path))
+        return None if row is None else (int(row.id), str(row.kind))
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
@@ -420,7 +438,7 @@ class SQLBackend(StorageBackend):
         found: dict[str, Any] = {}
         for parent, names in by_parent.items():
             parent_rows = self._fast.fetch(
-                resolve_sql(dialect, len(paths.split_parts(parent)), False),
+                resolve_sql(dialect, len(paths.split_parts(parent)), "node"),
                 {f"p{i}": n for i, n in enumerate(paths.split_parts(parent))},
             )
             if parent_rows is None:
@@ -457,8 +475,8 @@ class SQLBackend(StorageBackend):
     # -- inspecting ------------------------------------------------------------------
 
     def _kind(self, path: str) -> str | None:
-        row = self._lookup(paths.normalize(path))
-        return None if row is None else str(row.kind)
+        found = self._lookup_kind(paths.normalize(path))
+        return None if found is None else found[1]
 
     def exists(self, path: str) -> bool:
         # docstring inherited
@@ -483,6 +501,17 @@ class SQLBackend(StorageBackend):
     def list_dir(self, path: str) -> list[str]:
         # docstring inherited
         norm = paths.normalize(path)
+        if self._tx.get() is None:
+            with self._fast.snapshot() as fast:
+                if fast:
+                    found = self._lookup_kind(norm)
+                    if found is None:
+                        raise not_found(norm)
+                    if found[1] != "dir":
+                        raise not_a_directory(norm)
+                    rows = self._fast.fetch_raw(names_sql(self._dialect), {"parent": found[0]})
+                    if rows is not None:
+                        return [name for (name,) in rows]
 
         def work(conn: Connection) -> list[str]:
             dir_id = self._dir_id(conn, norm)

@@ -99,30 +99,44 @@ class BulkStatement:
             self._copy(conn, rows)
             return
         sql, order, processors = self._prepare(conn)
-        memos: list[dict[Any, Any]] = [{} for _ in processors]
-        processed: list[Any] = []
-        for row in rows:
-            values = []
-            for value, process, memo in zip(row, processors, memos, strict=True):
-                if process is None or value is None:
-                    values.append(value)
-                    continue
-                if isinstance(value, dict | list):
-                    key: Any = id(value)  # unhashable JSON: shared documents are one object
-                elif isinstance(value, str | int | float | tuple) or hasattr(value, "isoformat"):
-                    key = value
-                else:
-                    values.append(process(value))  # content: never hashed here
-                    continue
-                hit = memo.get(key)
-                if hit is None:
-                    hit = memo[key] = process(value)
-                values.append(hit)
-            processed.append(values)
+        # Column by column: most columns need no processing at all, and the ones
+        # that do repeat a handful of distinct values.
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+        for i, process in enumerate(processors):
+            if process is not None:
+                columns[i] = _processed(columns[i], process)
         keys = [c.key for c in self._columns]
-        if order is not None:
-            index = {k: i for i, k in enumerate(keys)}
-            params: list[Any] = [tuple(v[index[k]] for k in order) for v in processed]
+        if order is None:
+            params: list[Any] = [
+                dict(zip(keys, v, strict=True)) for v in zip(*columns, strict=True)
+            ]
+        elif order == keys:
+            params = list(zip(*columns, strict=True))
         else:
-            params = [dict(zip(keys, v, strict=True)) for v in processed]
+            by_key = dict(zip(keys, columns, strict=True))
+            params = list(zip(*(by_key[k] for k in order), strict=True))
         conn.exec_driver_sql(sql, params)
+
+
+_CONTENT_TYPES = (bytes, bytearray, memoryview)
+
+
+def _processed(values: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
+    """``process`` applied to each value, once per distinct value."""
+    memo: dict[Any, Any] = {}
+    out: list[Any] = []
+    for value in values:
+        if value is None:
+            out.append(None)
+            continue
+        cls = value.__class__
+        if cls in _CONTENT_TYPES:
+            out.append(process(value))  # content: never hashed for the memo
+            continue
+        # Unhashable JSON documents are memoized by identity: shared ones are one object.
+        key = id(value) if cls is dict or cls is list else value
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = process(value)
+        out.append(hit)
+    return out

@@ -123,17 +123,15 @@ def lock_blobs(conn: Connection, hashes: Iterable[str]) -> set[str] | None:
     """
     if conn.dialect.name != "postgresql":
         return None
-    found: set[str] = set()
-    for part in chunks(sorted(h for h in hashes if h is not None)):
-        found.update(
-            conn.execute(
-                sa.select(blobs.c.hash)
-                .where(blobs.c.hash.in_(part))
-                .order_by(blobs.c.hash)
-                .with_for_update()
-            ).scalars()
-        )
-    return found
+    wanted = sorted(h for h in hashes if h is not None)
+    if not wanted:
+        return set()
+    # One statement with an array parameter, not chunks of IN lists.
+    rows = conn.exec_driver_sql(
+        "SELECT hash FROM polystore_blobs WHERE hash = ANY(%(hashes)s) ORDER BY hash FOR UPDATE",
+        {"hashes": wanted},
+    )
+    return {h for (h,) in rows}
 
 
 def add_references(conn: Connection, counts: Counter[str]) -> None:

@@ -55,24 +55,41 @@ def _placeholder(dialect: str, name: str) -> str:
 
 
 @lru_cache(maxsize=128)
-def resolve_sql(dialect: str, depth: int, with_content: bool) -> str:
-    """SQL for the node at a path of ``depth`` names (``p0`` .. ``p{depth-1}``)."""
+def resolve_sql(dialect: str, depth: int, what: str = "node") -> str:
+    """SQL for the node at a path of ``depth`` names (``p0`` .. ``p{depth-1}``).
+
+    ``what`` is ``"kind"`` (``id, kind`` only: ``exists`` and friends),
+    ``"node"`` (the :class:`FastRow` columns, no content) or ``"content"`` (with
+    the blob's placement and inline bytes).
+    """
     last = f"n{depth - 1}" if depth else "n0"
-    sql = [f"SELECT {_COLUMNS.format(n=last)}"]
-    sql.append(", b.store, b.data" if with_content else ", NULL, NULL")
+    if what == "kind":
+        sql = [f"SELECT {last}.id, {last}.kind"]
+    else:
+        sql = [f"SELECT {_COLUMNS.format(n=last)}"]
+        sql.append(", b.store, b.data" if what == "content" else ", NULL, NULL")
     sql.append("FROM polystore_nodes AS n0")
     for i in range(1, depth):
         sql.append(
             f"JOIN polystore_nodes AS n{i} ON n{i}.parent_id = n{i - 1}.id "
             f"AND n{i}.name = {_placeholder(dialect, f'p{i}')}"
         )
-    if with_content:
+    if what == "content":
         sql.append(f"LEFT JOIN polystore_blobs AS b ON b.hash = {last}.blob_hash")
     if depth:
         sql.append(f"WHERE n0.parent_id = 0 AND n0.name = {_placeholder(dialect, 'p0')}")
     else:
         sql.append("WHERE n0.id = 0")
     return "\n".join(sql)
+
+
+@lru_cache(maxsize=8)
+def names_sql(dialect: str) -> str:
+    """SQL for the names in directory ``parent``, by code point (the index order)."""
+    return (
+        "SELECT name FROM polystore_nodes "
+        f"WHERE parent_id = {_placeholder(dialect, 'parent')} ORDER BY name"
+    )
 
 
 @lru_cache(maxsize=64)
@@ -88,21 +105,43 @@ def children_sql(dialect: str, count: int) -> str:
 
 @lru_cache(maxsize=4096)
 def _parse_json(text: str) -> Any:
+    # SQLite hands JSON back as text. Shapes and dtype metadata repeat across
+    # files, so parsed documents are cached (and read-only for every caller).
     return json.loads(text)
 
 
-def _json(value: Any) -> Any:
-    # SQLite hands JSON back as text; psycopg has already parsed JSONB. Shapes
-    # and dtype metadata repeat across files, so parsed documents are cached
-    # (and treated as read-only by every caller).
-    return _parse_json(value) if isinstance(value, str) else value
-
-
 def _row(raw: Sequence[Any]) -> FastRow:
-    row = FastRow(*raw)
-    if isinstance(row.shape, str) or isinstance(row.meta, str):
-        row = row._replace(shape=_json(row.shape), meta=_json(row.meta))
-    return row
+    shape, meta = raw[7], raw[8]
+    if shape.__class__ is str:
+        shape = _parse_json(shape)
+    if meta.__class__ is str:
+        meta = _parse_json(meta)
+    return FastRow(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], shape, meta, *raw[9:])
+
+
+@lru_cache(maxsize=4096)
+def _parse_jsonb(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def _load_jsonb(data: Any) -> Any:
+    # psycopg's loader for JSONB on fast connections: the same few shapes and
+    # dtype descriptions repeat across thousands of rows.
+    return _parse_jsonb(bytes(data))
+
+
+# A forked child must not use (nor close) its parent's connections: closing
+# would end the parent's session on the shared socket. Each fork moves on a
+# generation; connections of an older one are forgotten.
+_generation = 0
+
+
+def _after_fork() -> None:
+    global _generation
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class FastReader:
@@ -114,22 +153,29 @@ class FastReader:
         self._local = threading.local()
         self._held: list[Any] = []
         self._lock = threading.Lock()
+        self._generation = _generation
 
     def _connection(self) -> Any | None:
         held = getattr(self._local, "held", None)
-        if held is not None and held[0] == os.getpid():
-            return held[1].driver_connection
-        # After a fork the parent's connection must be left alone, not closed:
-        # closing would end the parent's session on the shared socket.
+        if held is not None and held[0] == _generation:
+            return held[2]
         with self._lock:
+            if held is not None or _generation != self._generation:
+                # Inherited across a fork: forget, never close.
+                self._held = [] if _generation != self._generation else self._held
+                self._generation = _generation
             if len(self._held) >= MAX_HELD:
                 return None
             fairy = self._engine.raw_connection()
+            driver: Any = fairy.driver_connection
             if self._dialect == "postgresql":
-                fairy.driver_connection.autocommit = True  # type: ignore[union-attr]
+                from psycopg.types.json import set_json_loads
+
+                driver.autocommit = True
+                set_json_loads(_load_jsonb, driver)
             self._held.append(fairy)
-        self._local.held = (os.getpid(), fairy)
-        return fairy.driver_connection
+        self._local.held = (_generation, fairy, driver)
+        return driver
 
     def _discard(self) -> None:
         held = getattr(self._local, "held", None)
@@ -163,14 +209,14 @@ class FastReader:
             yield True
         finally:
             held = getattr(self._local, "held", None)
-            if held is not None and held[1].driver_connection is conn:
+            if held is not None and held[2] is conn:
                 try:
                     conn.execute("COMMIT")
                 except Exception:  # noqa: BLE001 -- a dead connection is dropped
                     self._discard()
 
-    def fetch(self, sql: str, params: dict[str, Any]) -> list[FastRow] | None:
-        """Rows for ``sql``, or None when the fast path is unavailable (use the slow one)."""
+    def fetch_raw(self, sql: str, params: dict[str, Any]) -> list[Any] | None:
+        """Plain result tuples for ``sql``, or None when the fast path is unavailable."""
         conn = self._connection()
         if conn is None:
             return None
@@ -178,15 +224,18 @@ class FastReader:
             if self._dialect == "postgresql":
                 # Binary results: bytea arrives as raw bytes, not hex text that
                 # doubles the client's memory and must be decoded.
-                rows = conn.execute(sql, params, binary=True).fetchall()
-            else:
-                rows = conn.execute(sql, params).fetchall()
+                return conn.execute(sql, params, binary=True).fetchall()  # type: ignore[no-any-return]
+            return conn.execute(sql, params).fetchall()  # type: ignore[no-any-return]
         except Exception:  # noqa: BLE001
-            # A broken connection (server restart, fork) is dropped; the caller
+            # A broken connection (server restart) is dropped; the caller
             # retries through SQLAlchemy, which reports the error properly.
             self._discard()
             return None
-        return [_row(r) for r in rows]
+
+    def fetch(self, sql: str, params: dict[str, Any]) -> list[FastRow] | None:
+        """:class:`FastRow` results for ``sql``, or None when unavailable."""
+        rows = self.fetch_raw(sql, params)
+        return None if rows is None else [_row(r) for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -132,6 +132,8 @@ class DirCache:
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {paths.ROOT: ROOT_ID}
+        #: Ids of directories this transaction created: they have no other children.
+        self.created: set[int] = set()
 
     def get(self, path: str) -> int | None:
         return self._ids.get(path)
@@ -157,7 +159,7 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
         parent_id=parent_id, name=name, kind="dir", created_at=now, modified_at=now
     )
     # A concurrent writer may create the same directory: keep whichever won.
-    conn.execute(insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]))
+    inserted = conn.execute(insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]))
     node_id, kind = conn.execute(
         sa.select(nodes.c.id, nodes.c.kind).where(
             nodes.c.parent_id == parent_id, nodes.c.name == name
@@ -166,6 +168,8 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
     if kind != "dir":
         raise not_a_directory(path)
     cache.put(path, node_id)
+    if inserted.rowcount == 1:
+        cache.created.add(node_id)
     return int(node_id)
 
 
