@@ -326,6 +326,21 @@ def test_another_store_name_is_reported_not_guessed(catalog_url: str, tmp_path: 
     assert (tmp_path / "a").is_dir() and len(objects(LocalBlobStore(tmp_path / "a"))) == 1
 
 
+def test_large_batches_register_and_settle_in_chunks(catalog_url: str, tmp_path: Path) -> None:
+    # More contents than one transaction locks (LOCK_BATCH): intents are
+    # registered, and a transaction's uploads settled, a chunk at a time.
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as b:
+        names = [f"many/{i}.bin" for i in range(600)]
+        b.save_batch([str(i).encode() for i in range(600)], names)
+        with pytest.raises(RuntimeError), b.transaction():
+            b.save_batch([f"t{i}".encode() for i in range(600)], [f"t/{i}" for i in range(600)])
+            raise RuntimeError("roll back 600 uploads")
+        assert len(objects(store)) == 600
+        assert b.load_batch(names[::50]) == [str(i).encode() for i in range(0, 600, 50)]
+        assert_clean(b)
+
+
 # -- failures, rollbacks and gc --------------------------------------------------------
 
 

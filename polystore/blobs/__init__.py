@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from polystore.blobs.base import BlobReader, BlobStore, StoredObject, from_url, hash_key
+from polystore.blobs.base import (
+    BlobReader,
+    BlobStore,
+    BytesReader,
+    StoredObject,
+    from_url,
+    hash_key,
+)
 from polystore.blobs.local import LocalBlobStore
 
 if TYPE_CHECKING:
@@ -18,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BlobReader",
     "BlobStore",
+    "BytesReader",
     "LocalBlobStore",
     "S3BlobStore",
     "StoredObject",

@@ -38,6 +38,7 @@ __all__ = [
     "CHUNK_SIZE",
     "BlobReader",
     "BlobStore",
+    "BytesReader",
     "StoredObject",
     "check_hash",
     "from_url",
@@ -97,6 +98,23 @@ class BlobReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+
+class BytesReader(BlobReader):
+    """A :class:`BlobReader` over bytes already in memory (for simple custom stores)."""
+
+    def __init__(self, data: Buffer) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self.size = self._view.nbytes
+        self._position = 0
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        n = min(out.nbytes, self.size - self._position)
+        out[:n] = self._view[self._position : self._position + n]
+        self._position += n
+        return n
 
 
 class BlobStore(abc.ABC):

@@ -24,9 +24,10 @@ Whatever is left when a writer dies or a transaction rolls back is an intent;
 :meth:`Placement.settle` (run at once after a failure) or ``gc()`` (after the
 grace period) deletes the intent, and the object too when no blob row and no
 other intent needs it. That check and the object's deletion happen in one
-transaction holding a per-hash lock (``pg_advisory_xact_lock`` on PostgreSQL,
-the database write lock on SQLite) that step 1 takes as well, so a writer can
-never come to rely on an object that is being deleted.
+transaction holding a per-hash lock (an exclusive ``pg_advisory_xact_lock`` on
+PostgreSQL, the database write lock on SQLite) that step 1 takes as well
+(shared, so writers do not wait for each other), so a writer can never come to
+rely on an object that is being deleted.
 
 Inside :meth:`SQLBackend.transaction` on SQLite the caller's transaction holds
 the database's only write lock, so no intent can be committed beside it. There
@@ -46,6 +47,7 @@ import socket
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -98,23 +100,31 @@ def _lock_key(content_hash: str) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
-def lock_hashes(conn: Connection, hashes: Iterable[str]) -> None:
+def lock_hashes(conn: Connection, hashes: Iterable[str], *, shared: bool = False) -> None:
     """Take the per-hash locks of the upload protocol, in key order.
 
-    PostgreSQL: transaction-scoped advisory locks. SQLite: nothing to do, the
-    write transaction already excludes every other writer.
+    PostgreSQL: transaction-scoped advisory locks, ``shared`` for writers
+    registering intents (they do not exclude each other), exclusive for
+    deleting objects. SQLite: nothing to do, the write transaction already
+    excludes every other writer. Advisory locks live in PostgreSQL's shared lock
+    table (about 64 per connection), so callers lock at most :data:`LOCK_BATCH`
+    hashes per transaction.
     """
     if conn.dialect.name != "postgresql":
         return
     keys = sorted({_lock_key(h) for h in hashes})
-    for part in chunks(keys):
-        conn.execute(
-            sa.text(
-                "SELECT pg_advisory_xact_lock(:cls, k) FROM "
-                "(SELECT DISTINCT unnest(CAST(:keys AS integer[])) AS k ORDER BY 1) AS ordered"
-            ),
-            {"cls": _LOCK_CLASS, "keys": list(part)},
-        ).all()
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    conn.execute(
+        sa.text(
+            f"SELECT {function}(:cls, k) FROM "
+            "(SELECT unnest(CAST(:keys AS integer[])) AS k ORDER BY 1) AS ordered"
+        ),
+        {"cls": _LOCK_CLASS, "keys": keys},
+    ).all()
+
+
+#: Most hashes locked by one transaction (see :func:`lock_hashes`).
+LOCK_BATCH = 256
 
 
 # -- choosing the store ---------------------------------------------------------
@@ -225,14 +235,23 @@ class Placement:
             found.update((h, s) for h, s in conn.execute(stmt))
         return found
 
-    def _register(self, contents: Sequence[Content]) -> tuple[dict[str, int], dict[str, str]]:
+    def _register(
+        self, contents: Sequence[Content], staged: Staged, existing: dict[str, str]
+    ) -> None:
+        """Commit an intent per content, :data:`LOCK_BATCH` at a time, into ``staged``."""
+        for part in chunks(sorted(contents, key=lambda c: c.hash), LOCK_BATCH):
+            ids, found = retrying(partial(self._register_part, part))
+            staged.intents.update(ids)
+            existing.update(found)
+
+    def _register_part(self, contents: Sequence[Content]) -> tuple[dict[str, int], dict[str, str]]:
         assert self.store is not None
         store_name = self.store.name
-        hashes = sorted(c.hash for c in contents)
+        hashes = [c.hash for c in contents]
 
         def attempt() -> tuple[dict[str, int], dict[str, str]]:
             with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-                lock_hashes(conn, hashes)
+                lock_hashes(conn, hashes, shared=True)
                 now, owner = _now(), _owner()
                 ids = (
                     conn.execute(
@@ -254,7 +273,7 @@ class Placement:
                 existing = self._existing(conn, hashes)
             return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
 
-        return retrying(attempt)
+        return attempt()
 
     def stage(
         self, contents: Sequence[Content], conn: Connection | None, *, force: bool = False
@@ -267,13 +286,13 @@ class Placement:
         before the error propagates.
         """
         assert self.store is not None
-        if conn is not None and conn.dialect.name == "sqlite":
-            staged = Staged()
-            existing = self._existing(conn, sorted(c.hash for c in contents))
-        else:
-            ids, existing = self._register(contents)
-            staged = Staged(intents=ids)
+        staged = Staged()
+        existing: dict[str, str] = {}
         try:
+            if conn is not None and conn.dialect.name == "sqlite":
+                existing = self._existing(conn, sorted(c.hash for c in contents))
+            else:
+                self._register(contents, staged, existing)
             for content in contents:
                 where = existing.get(content.hash)
                 if where is not None and where != self.store.name and not force:
@@ -359,13 +378,18 @@ class Placement:
         self._settle(ids, uploaded, quiet=quiet)
 
     def _settle(self, ids: Collection[int], hashes: Collection[str], *, quiet: bool) -> None:
-        if not ids and not hashes:
-            return
-        try:
-            retrying(lambda: self._write(lambda conn: self.release(conn, ids, hashes)))
-        except Exception:
-            if not quiet:
-                raise
+        # A transaction per LOCK_BATCH intents or hashes: each locks that many.
+        groups: list[tuple[Sequence[int], Sequence[str]]] = [
+            (part, ()) for part in chunks(sorted(ids), LOCK_BATCH)
+        ]
+        groups += [((), part) for part in chunks(sorted(hashes), LOCK_BATCH)]
+        for some_ids, some_hashes in groups:
+            try:
+                release = partial(self.release, intent_ids=some_ids, hashes=some_hashes)
+                retrying(partial(self._write, release))
+            except Exception:
+                if not quiet:
+                    raise
 
     def run(
         self,
