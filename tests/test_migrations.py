@@ -66,7 +66,7 @@ def schema_objects(url: str) -> set[tuple[str, str]]:
 
 
 def polystore_objects(url: str) -> set[tuple[str, str]]:
-    """The objects polystore's naming puts ``polystore_`` into (``ix_polystore_...`` too)."""
+    """The objects whose names polystore's naming convention starts with ``polystore_``."""
     return {(kind, name) for kind, name in schema_objects(url) if "polystore_" in name}
 
 
@@ -164,12 +164,12 @@ def test_check_reports_drift(catalog_url: str) -> None:
     migrate.upgrade(catalog_url)
     with engine_for(catalog_url) as engine, engine.begin() as conn:
         conn.execute(sa.text("DROP VIEW polystore_catalog"))
-        conn.execute(sa.text("DROP INDEX ix_polystore_nodes_dtype"))
+        conn.execute(sa.text("DROP INDEX polystore_nodes_dtype_idx"))
         conn.execute(sa.text("ALTER TABLE polystore_blobs ADD COLUMN extra INTEGER"))
     problems = migrate.check(catalog_url)
     assert len(problems) == 3, problems
     text = "\n".join(problems)
-    assert "index ix_polystore_nodes_dtype on polystore_nodes (dtype) is in the models" in text
+    assert "index polystore_nodes_dtype_idx on polystore_nodes (dtype) is in the models" in text
     assert "column polystore_blobs.extra is in the database but not in the models" in text
     assert "the polystore_catalog view is missing" in text
 
@@ -244,7 +244,7 @@ def test_constraints_and_indexes_follow_the_naming_convention(catalog_url: str) 
             names += [c["name"] for c in inspector.get_check_constraints(table)]
             for name in names:
                 assert name is not None
-                assert re.fullmatch(rf"(pk|ix|uq|fk|ck)_{table}(_\w+)?", name)
+                assert re.fullmatch(rf"{table}(_\w+)?_(pkey|idx|key|fkey|check)", name)
 
 
 # -- SQLBackend and the schema -----------------------------------------------------

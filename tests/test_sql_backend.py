@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from polystore import (
     AlreadyExistsError,
+    BackendConfigError,
     BackendRegistry,
     FileManager,
     InvalidPathError,
@@ -21,6 +22,7 @@ from polystore import (
     MemoryBackend,
     NotADirectoryError,
     NotFoundError,
+    ReadOnlyError,
     SerializationError,
 )
 from polystore.backends.sql import SQLBackend
@@ -519,3 +521,21 @@ def test_default_url_from_environment(tmp_path: Any, monkeypatch: pytest.MonkeyP
     with SQLBackend() as other:
         assert other.url.endswith("other.db")
         assert not other.exists("f.bin")
+
+
+def test_not_a_database_is_a_config_error(tmp_path: Any) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the pages of a SQLite database " * 20)
+    with pytest.raises(BackendConfigError, match="not point at a SQLite database"):
+        SQLBackend(f"sqlite:///{path}")
+    assert path.read_bytes().startswith(b"these are not")
+
+
+def test_read_only_uri_filename(tmp_path: Any) -> None:
+    with SQLBackend(f"sqlite:///{tmp_path}/c.db") as writer:
+        writer.save(b"kept", "a.bin")
+    with SQLBackend(f"sqlite:///file:{tmp_path}/c.db?mode=ro&uri=true") as reader:
+        assert reader.load("a.bin") == b"kept"
+        with pytest.raises(ReadOnlyError):
+            reader.save(b"new", "b.bin")
+        assert reader.list_files("") == ["a.bin"]

@@ -71,11 +71,14 @@ def upgrade() -> None:
         sa.Column("refcount", sa.BigInteger(), nullable=False),
         sa.Column("data", sa.LargeBinary(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.CheckConstraint("refcount >= 0", name=op.f("ck_polystore_blobs_refcount_nonnegative")),
         sa.CheckConstraint(
-            "store <> 'inline' OR data IS NOT NULL", name=op.f("ck_polystore_blobs_inline_has_data")
+            "refcount >= 0", name=op.f("polystore_blobs_refcount_nonnegative_check")
         ),
-        sa.PrimaryKeyConstraint("hash", name=op.f("pk_polystore_blobs")),
+        sa.CheckConstraint(
+            "store <> 'inline' OR data IS NOT NULL",
+            name=op.f("polystore_blobs_inline_has_data_check"),
+        ),
+        sa.PrimaryKeyConstraint("hash", name=op.f("polystore_blobs_pkey")),
     )
     op.create_table(
         "polystore_nodes",
@@ -93,30 +96,33 @@ def upgrade() -> None:
         sa.Column("blob_hash", sa.String(64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("modified_at", sa.DateTime(timezone=True), nullable=False),
-        sa.CheckConstraint("kind IN ('file', 'dir')", name=op.f("ck_polystore_nodes_kind_valid")),
         sa.CheckConstraint(
-            "(parent_id IS NULL) = (id = 0)",
-            name=op.f("ck_polystore_nodes_only_root_has_no_parent"),
+            "kind IN ('file', 'dir')", name=op.f("polystore_nodes_kind_valid_check")
         ),
         sa.CheckConstraint(
-            "kind = 'dir' OR blob_hash IS NOT NULL", name=op.f("ck_polystore_nodes_file_has_blob")
+            "(parent_id IS NULL) = (id = 0)",
+            name=op.f("polystore_nodes_only_root_has_no_parent_check"),
+        ),
+        sa.CheckConstraint(
+            "kind = 'dir' OR blob_hash IS NOT NULL",
+            name=op.f("polystore_nodes_file_has_blob_check"),
         ),
         sa.ForeignKeyConstraint(
             ["blob_hash"],
             ["polystore_blobs.hash"],
-            name=op.f("fk_polystore_nodes_blob_hash_polystore_blobs"),
+            name=op.f("polystore_nodes_blob_hash_fkey"),
         ),
         sa.ForeignKeyConstraint(
             ["parent_id"],
             ["polystore_nodes.id"],
-            name=op.f("fk_polystore_nodes_parent_id_polystore_nodes"),
+            name=op.f("polystore_nodes_parent_id_fkey"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_polystore_nodes")),
-        sa.UniqueConstraint("parent_id", "name", name=op.f("uq_polystore_nodes_parent_id_name")),
+        sa.PrimaryKeyConstraint("id", name=op.f("polystore_nodes_pkey")),
+        sa.UniqueConstraint("parent_id", "name", name=op.f("polystore_nodes_parent_id_name_key")),
     )
-    op.create_index(op.f("ix_polystore_nodes_blob_hash"), "polystore_nodes", ["blob_hash"])
-    op.create_index(op.f("ix_polystore_nodes_dtype"), "polystore_nodes", ["dtype"])
+    op.create_index(op.f("polystore_nodes_blob_hash_idx"), "polystore_nodes", ["blob_hash"])
+    op.create_index(op.f("polystore_nodes_dtype_idx"), "polystore_nodes", ["dtype"])
     op.execute(
         "INSERT INTO polystore_nodes (id, parent_id, name, kind, created_at, modified_at) "
         "VALUES (0, NULL, '', 'dir', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
@@ -126,7 +132,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS polystore_catalog")
-    op.drop_index(op.f("ix_polystore_nodes_dtype"), table_name="polystore_nodes")
-    op.drop_index(op.f("ix_polystore_nodes_blob_hash"), table_name="polystore_nodes")
+    op.drop_index(op.f("polystore_nodes_dtype_idx"), table_name="polystore_nodes")
+    op.drop_index(op.f("polystore_nodes_blob_hash_idx"), table_name="polystore_nodes")
     op.drop_table("polystore_nodes")
     op.drop_table("polystore_blobs")

@@ -29,17 +29,17 @@ def upgrade() -> None:
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("owner", sa.String(255), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_polystore_upload_intents")),
+        sa.PrimaryKeyConstraint("id", name=op.f("polystore_upload_intents_pkey")),
     )
-    op.create_index(op.f("ix_polystore_upload_intents_hash"), "polystore_upload_intents", ["hash"])
+    op.create_index(op.f("polystore_upload_intents_hash_idx"), "polystore_upload_intents", ["hash"])
     op.create_index(
-        op.f("ix_polystore_upload_intents_created_at"), "polystore_upload_intents", ["created_at"]
+        op.f("polystore_upload_intents_created_at_idx"), "polystore_upload_intents", ["created_at"]
     )
 
 
 def downgrade() -> None:
     op.drop_index(
-        op.f("ix_polystore_upload_intents_created_at"), table_name="polystore_upload_intents"
+        op.f("polystore_upload_intents_created_at_idx"), table_name="polystore_upload_intents"
     )
-    op.drop_index(op.f("ix_polystore_upload_intents_hash"), table_name="polystore_upload_intents")
+    op.drop_index(op.f("polystore_upload_intents_hash_idx"), table_name="polystore_upload_intents")
     op.drop_table("polystore_upload_intents")

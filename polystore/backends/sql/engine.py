@@ -22,7 +22,12 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 
-from polystore.errors import BackendConfigError, BackendUnavailableError, PolystoreError
+from polystore.errors import (
+    BackendConfigError,
+    BackendUnavailableError,
+    PolystoreError,
+    ReadOnlyError,
+)
 
 __all__ = [
     "DEFAULT_URL",
@@ -77,7 +82,11 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
     database = url.database or ""
     memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
     if not memory:
-        parent = os.path.dirname(os.path.abspath(database))
+        path = database
+        if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
+            # A SQLite URI filename: file:/abs/x.db or file:rel/x.db
+            path = path[len("file:") :].split("?", 1)[0]
+        parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise BackendConfigError(f"directory for SQLite catalog does not exist: {parent}")
     connect_args = dict(engine_kwargs.pop("connect_args", {}))
@@ -162,11 +171,14 @@ def translate_errors(url: str) -> Iterator[None]:
             raise BackendUnavailableError(
                 f"cannot reach the catalog at {_safe(url)}: {str(error.orig).strip()}"
             ) from error
-        if "readonly database" in str(error.orig) or "read-only" in str(error.orig):
-            from polystore.errors import ReadOnlyError
-
+        text = str(error.orig)
+        if "readonly database" in text or "read-only" in text:
             raise ReadOnlyError(
-                f"the catalog at {_safe(url)} is read-only: {str(error.orig).strip()}"
+                f"the catalog at {_safe(url)} is read-only: {text.strip()}"
+            ) from error
+        if "file is not a database" in text:
+            raise BackendConfigError(
+                f"{_safe(url)} does not point at a SQLite database: {text.strip()}"
             ) from error
         raise
 

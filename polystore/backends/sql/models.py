@@ -57,12 +57,14 @@ __all__ = [
 #: The root directory's fixed id.
 ROOT_ID = 0
 
+# Every constraint and index name starts with its polystore_ table's name (the
+# style PostgreSQL itself uses), so everything polystore owns is polystore_*.
 NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
+    "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+    "uq": "%(table_name)s_%(column_0_N_name)s_key",
+    "ck": "%(table_name)s_%(constraint_name)s_check",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
 }
 
 # Node ids are 64-bit on PostgreSQL; on SQLite a plain INTEGER PRIMARY KEY is the
