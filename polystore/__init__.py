@@ -21,8 +21,8 @@ from polystore.errors import (
     DuplicateBackendError,
     IntegrityError,
     InvalidPathError,
-    IsADirectoryError,  # noqa: A004 -- the refined builtin, re-exported on purpose
-    NotADirectoryError,  # noqa: A004
+    IsADirectoryError,
+    NotADirectoryError,
     NotFoundError,
     PolystoreError,
     ReadOnlyError,
