@@ -39,7 +39,7 @@ import numpy as np
 from polystore import SQLBackend
 from polystore.blobs import LocalBlobStore
 
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20]
 PLACEMENTS = ("inline", "external", "ext-nosync")
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -113,7 +113,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         databases.append(("postgresql", lambda: pg_catalog(args.pg_url)))
     results = []
     for db, catalog in databases:
-        for size in QUICK_SIZES if args.quick else SIZES:
+        for size in args.sizes or (QUICK_SIZES if args.quick else SIZES):
             count = max(4, min(256, (args.mib << 20) // size))
             for placement in PLACEMENTS:
                 rounds = [
@@ -167,6 +167,13 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three sizes, a smoke test")
+    parser.add_argument(
+        "--size",
+        dest="sizes",
+        action="append",
+        type=lambda text: int(text[:-1]) << {"K": 10, "M": 20}[text[-1].upper()],
+        help="only this size, like 512K or 4M (repeatable)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per point (median)")
     parser.add_argument("--mib", type=int, default=32, help="MiB written per point")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")

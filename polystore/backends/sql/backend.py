@@ -62,7 +62,9 @@ __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 T = TypeVar("T")
 nodes = nodes_table
 
-#: Content up to this many bytes is stored in the database itself.
+#: Content up to this many bytes is stored in the database itself; larger content
+#: goes to the blob store. Where saving externally stops costing more than inline,
+#: on SQLite and PostgreSQL (benchmarks/inline_sweep.py, docs/blob-stores.rst).
 DEFAULT_INLINE_LIMIT = 1 << 20
 #: User attributes are metadata, not content: their JSON is capped.
 MAX_ATTRS_BYTES = 64 * 1024
