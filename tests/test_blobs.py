@@ -125,6 +125,22 @@ def test_store_refuses_short_uploads_and_bad_hashes(blob_store: BlobStore) -> No
             blob_store.put(bad, [data], len(data))
 
 
+def test_s3_multipart_upload_and_streamed_read(s3_url: str, catalog_url: str) -> None:
+    store = from_url(s3_url + f"&part_size={5 << 20}")
+    assert isinstance(store, S3BlobStore) and store.part_size == 5 << 20
+    data = payload(90, 11 << 20)  # three parts
+    h = sha(data)
+    view = memoryview(data)
+    assert store.put(h, (view[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)), len(data))
+    assert store.size(h) == len(data) and store.get(h) == data
+    with SQLBackend(catalog_url, blob_store=store) as b:
+        b.save(np.frombuffer(data, dtype=np.uint8), "big.npy")  # dedup: already uploaded
+        assert b.load("big.npy").tobytes() == data
+        assert_clean(b)
+    with pytest.raises(BackendConfigError, match="at least 5 MiB"):
+        from_url(s3_url + "&part_size=1024")
+
+
 def test_local_store_layout_and_atomic_writes(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     assert not (tmp_path / "blobs").exists()  # created by the first write, not before

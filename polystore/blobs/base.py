@@ -213,8 +213,8 @@ def from_url(url: str | os.PathLike[str], **options: Any) -> BlobStore:
       ``fsync``).
     * ``s3://bucket/prefix``: an :class:`~polystore.blobs.s3.S3BlobStore`
       (options: ``endpoint``, ``region``, ``access_key_id``,
-      ``secret_access_key``, ``session_token``, ``allow_http``, ``name``,
-      ``config``, ``client_options``).
+      ``secret_access_key``, ``session_token``, ``allow_http``, ``part_size``,
+      ``name``, ``config``, ``client_options``).
 
     Options may also be given as query parameters
     (``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&allow_http=true``);

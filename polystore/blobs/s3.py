@@ -114,9 +114,11 @@ class S3BlobStore(BlobStore):
     Configuration comes from the keyword arguments and, for anything not
     given, from the usual ``AWS_*`` environment variables (``AWS_ENDPOINT_URL``,
     ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``...). ``allow_http=True`` permits a
-    plain-HTTP endpoint (a local MinIO or moto server). ``config`` and
-    ``client_options`` pass further settings to obstore's ``S3Store`` as they
-    are. The bucket must exist.
+    plain-HTTP endpoint (a local MinIO or moto server). ``part_size`` is the
+    size of a multipart upload's parts (default 8 MiB, at least 5 MiB); S3 allows
+    10,000 parts, so it bounds the largest object (78 GiB by default). ``config``
+    and ``client_options`` pass further settings to obstore's ``S3Store`` as
+    they are. The bucket must exist.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class S3BlobStore(BlobStore):
         prefix: str = "",
         name: str | None = None,
         allow_http: bool = False,
+        part_size: int = CHUNK_SIZE,
         config: dict[str, Any] | None = None,
         client_options: dict[str, Any] | None = None,
         **options: Any,
@@ -140,8 +143,12 @@ class S3BlobStore(BlobStore):
         if unknown:
             raise BackendConfigError(
                 f"unknown S3 blob store options: {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(_CONFIG_KEYS)}, allow_http, name, config, client_options)"
+                f"(known: {', '.join(_CONFIG_KEYS)}, allow_http, part_size, name, config, "
+                "client_options)"
             )
+        self.part_size = int(part_size)
+        if self.part_size < 5 << 20:
+            raise BackendConfigError(f"S3 multipart parts are at least 5 MiB, not {part_size}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.name = name or _default_name(bucket, self.prefix)
@@ -183,14 +190,14 @@ class S3BlobStore(BlobStore):
 
         with _translate("writing to", self.name):
             try:
-                if size <= CHUNK_SIZE:
+                if size <= self.part_size:
                     # One PUT: small content needs no multipart bookkeeping.
                     data = b"".join(counting())
                     if counted == size:
                         obstore.put(self._store, key, data, use_multipart=False)
                 else:
                     obstore.put(
-                        self._store, key, counting(), chunk_size=CHUNK_SIZE, max_concurrency=4
+                        self._store, key, counting(), chunk_size=self.part_size, max_concurrency=4
                     )
             except FileNotFoundError as exc:
                 raise BackendUnavailableError(
@@ -198,7 +205,7 @@ class S3BlobStore(BlobStore):
                     "(does the bucket exist?)"
                 ) from exc
         if counted != size:
-            if size > CHUNK_SIZE:
+            if size > self.part_size:
                 self.delete([content_hash])
             raise ValueError(f"upload of {content_hash} gave {counted} bytes, not {size}")
         return True
