@@ -406,11 +406,6 @@ def _record(figures: dict[str, int]) -> None:
             fh.write(json.dumps({"test": test, **figures}) + "\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: gc() drops unreferenced external blobs before it expires abandoned "
-    "intents, so a blob covered by a dead writer's intent needs a second gc()",
-)
 def test_one_gc_collects_a_dead_writers_garbage(sqlite_url: str, tmp_path: Path) -> None:
     """A writer killed after registering an upload of content whose blob is garbage."""
     from polystore.backends.sql import SQLBackend

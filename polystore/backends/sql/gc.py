@@ -96,6 +96,24 @@ def collect_garbage(
     objects = intents_expired = 0
     store = placement.store
     if store is not None:
+        # Abandoned uploads first: an expired intent may be all that keeps an
+        # unreferenced blob from being collected, and it should go in this run.
+        expired = _read(
+            placement,
+            lambda conn: list(
+                conn.execute(
+                    sa.select(intents.c.id).where(
+                        intents.c.created_at < cutoff, intents.c.store == store.name
+                    )
+                ).scalars()
+            ),
+        )
+        for part in chunks(expired, GC_BATCH):
+            claimed, deleted = _write(
+                placement, lambda conn, part=part: placement.release(conn, part)
+            )
+            intents_expired += claimed
+            objects += deleted
         candidates = _read(
             placement,
             lambda conn: list(
@@ -113,22 +131,6 @@ def collect_garbage(
             blobs_deleted += n
             bytes_freed += size
             objects += n
-        expired = _read(
-            placement,
-            lambda conn: list(
-                conn.execute(
-                    sa.select(intents.c.id).where(
-                        intents.c.created_at < cutoff, intents.c.store == store.name
-                    )
-                ).scalars()
-            ),
-        )
-        for part in chunks(expired, GC_BATCH):
-            claimed, deleted = _write(
-                placement, lambda conn, part=part: placement.release(conn, part)
-            )
-            intents_expired += claimed
-            objects += deleted
     return GCReport(blobs_deleted, bytes_freed, intents_expired, objects)
 
 
