@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore.backends.sql.content import INLINE, Content
-from polystore.backends.sql.engine import WRITE, retrying
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.placement import Placement, Staged, lock_hashes
@@ -68,14 +69,6 @@ class RebalanceReport:
     bytes_moved: int = 0
 
 
-def _write(placement: Placement, work: Any) -> Any:
-    def attempt() -> Any:
-        with placement.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-            return work(conn)
-
-    return retrying(attempt)
-
-
 def _read(placement: Placement, work: Any) -> Any:
     with placement.engine.connect() as conn:
         return work(conn)
@@ -92,7 +85,7 @@ def collect_garbage(
 ) -> GCReport:
     """Remove unreferenced blobs and abandoned uploads; see :meth:`SQLBackend.gc`."""
     cutoff = dt.datetime.now(dt.UTC) - _as_timedelta(grace)
-    blobs_deleted, bytes_freed = _write(placement, _drop_inline_garbage)
+    blobs_deleted, bytes_freed = placement.transact(_drop_inline_garbage)
     objects = intents_expired = 0
     store = placement.store
     if store is not None:
@@ -109,9 +102,7 @@ def collect_garbage(
             ),
         )
         for part in chunks(expired, GC_BATCH):
-            claimed, deleted = _write(
-                placement, lambda conn, part=part: placement.release(conn, part)
-            )
+            claimed, deleted = placement.transact(partial(placement.release, intent_ids=part))
             intents_expired += claimed
             objects += deleted
         candidates = _read(
@@ -125,9 +116,7 @@ def collect_garbage(
             ),
         )
         for part in chunks(candidates, GC_BATCH):
-            n, size = _write(
-                placement, lambda conn, part=part: _drop_external(conn, placement, part)
-            )
+            n, size = placement.transact(partial(_drop_external, placement=placement, hashes=part))
             blobs_deleted += n
             bytes_freed += size
             objects += n
@@ -149,12 +138,14 @@ def _drop_inline_garbage(conn: Connection) -> tuple[int, int]:
     return len(sizes), int(sum(sizes))
 
 
-def _drop_external(conn: Connection, placement: Placement, hashes: list[str]) -> tuple[int, int]:
+def _drop_external(
+    conn: Connection, placement: Placement, hashes: Sequence[str]
+) -> tuple[int, int]:
     store = placement.store
     assert store is not None
     lock_hashes(conn, hashes)
     stmt = sa.select(blobs.c.hash, blobs.c.size).where(
-        blobs.c.hash.in_(hashes), blobs.c.refcount == 0, blobs.c.store == store.name
+        blobs.c.hash.in_(list(hashes)), blobs.c.refcount == 0, blobs.c.store == store.name
     )
     if conn.dialect.name == "postgresql":
         # A writer adding a reference holds the row: leave it to that writer.
@@ -241,7 +232,7 @@ def _move_out(placement: Placement, content_hash: str, size: int) -> bool:
             placement.promote(conn, staged)
             return bool(moved)
 
-        return bool(_write(placement, work))
+        return placement.transact(work)
 
     return placement.run([Content(content_hash, data, size)], switch, force=True)
 
@@ -275,7 +266,7 @@ def _move_in(placement: Placement, content_hash: str, size: int) -> bool:
             ).scalar_one()
         )
 
-    intent_id = _write(placement, work)
+    intent_id = placement.transact(work)
     if intent_id is None:
         return False
     placement.settle([Staged(intents={content_hash: intent_id})], quiet=True)

@@ -240,40 +240,26 @@ class Placement:
     ) -> None:
         """Commit an intent per content, :data:`LOCK_BATCH` at a time, into ``staged``."""
         for part in chunks(sorted(contents, key=lambda c: c.hash), LOCK_BATCH):
-            ids, found = retrying(partial(self._register_part, part))
+            ids, found = self.transact(partial(self._register_part, contents=part))
             staged.intents.update(ids)
             existing.update(found)
 
-    def _register_part(self, contents: Sequence[Content]) -> tuple[dict[str, int], dict[str, str]]:
+    def _register_part(
+        self, conn: Connection, contents: Sequence[Content]
+    ) -> tuple[dict[str, int], dict[str, str]]:
         assert self.store is not None
-        store_name = self.store.name
         hashes = [c.hash for c in contents]
-
-        def attempt() -> tuple[dict[str, int], dict[str, str]]:
-            with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-                lock_hashes(conn, hashes, shared=True)
-                now, owner = _now(), _owner()
-                ids = (
-                    conn.execute(
-                        intents.insert().returning(intents.c.id, sort_by_parameter_order=True),
-                        [
-                            {
-                                "hash": c.hash,
-                                "store": store_name,
-                                "size": c.size,
-                                "created_at": now,
-                                "owner": owner,
-                            }
-                            for c in contents
-                        ],
-                    )
-                    .scalars()
-                    .all()
-                )
-                existing = self._existing(conn, hashes)
-            return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
-
-        return attempt()
+        lock_hashes(conn, hashes, shared=True)
+        now, owner = _now(), _owner()
+        rows = [
+            {"hash": c.hash, "store": self.store.name, "size": c.size, "created_at": now,
+             "owner": owner}
+            for c in contents
+        ]  # fmt: skip
+        insert = intents.insert().returning(intents.c.id, sort_by_parameter_order=True)
+        ids = conn.execute(insert, rows).scalars().all()
+        existing = self._existing(conn, hashes)
+        return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
 
     def stage(
         self, contents: Sequence[Content], conn: Connection | None, *, force: bool = False
@@ -385,8 +371,7 @@ class Placement:
         groups += [((), part) for part in chunks(sorted(hashes), LOCK_BATCH)]
         for some_ids, some_hashes in groups:
             try:
-                release = partial(self.release, intent_ids=some_ids, hashes=some_hashes)
-                retrying(partial(self._write, release))
+                self.transact(partial(self.release, intent_ids=some_ids, hashes=some_hashes))
             except Exception:
                 if not quiet:
                     raise
@@ -435,9 +420,14 @@ class Placement:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _write(self, work: Any) -> Any:
-        with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-            return work(conn)
+    def transact(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction of its own, again on lock conflicts."""
+
+        def attempt() -> T:
+            with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+                return work(conn)
+
+        return retrying(attempt)
 
     def release(
         self, conn: Connection, intent_ids: Collection[int], hashes: Collection[str] = ()
