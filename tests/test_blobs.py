@@ -386,6 +386,38 @@ def test_transaction_rollbacks_leave_no_upload_behind(backend: SQLBackend) -> No
     assert_clean(backend)
 
 
+class FailingStore(LocalBlobStore):
+    """A local store whose n-th upload fails (a full disk, a network error)."""
+
+    def __init__(self, root: Path, fail_at: int) -> None:
+        super().__init__(root, fsync=False)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def put(self, content_hash: str, chunks: Any, size: int, *, token: str | None = None) -> bool:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(28, "No space left on device")
+        return super().put(content_hash, chunks, size, token=token)
+
+
+def test_failed_upload_cleans_up_in_and_outside_transactions(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    store = FailingStore(tmp_path / "blobs", fail_at=2)
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=LIMIT) as b:
+        with pytest.raises(OSError, match="No space"):
+            b.save_batch([payload(80), payload(81)], ["a.bin", "b.bin"])
+        assert objects(store) == set() and intent_count(b) == 0
+        store.calls, store.fail_at = 0, 3
+        with pytest.raises(OSError, match="No space"), b.transaction():
+            b.save(payload(82), "kept-until-rollback.bin")
+            b.save_batch([payload(83), payload(84)], ["c.bin", "d.bin"])
+        # Everything uploaded in the transaction went with its rollback.
+        assert objects(store) == set() and b.count_nodes() == 0
+        assert_clean(b)
+
+
 def test_gc_removes_unreferenced_external_blobs_only(backend: SQLBackend) -> None:
     keep, drop, shared = payload(30), payload(31), payload(32)
     backend.save_batch([keep, drop, shared, shared], ["keep", "drop", "s1", "s2"])

@@ -262,17 +262,26 @@ class Placement:
         return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
 
     def stage(
-        self, contents: Sequence[Content], conn: Connection | None, *, force: bool = False
+        self,
+        contents: Sequence[Content],
+        conn: Connection | None,
+        *,
+        force: bool = False,
+        pending: list[Staged] | None = None,
     ) -> Staged:
         """Steps 1 and 2: register intents and upload ``contents``.
 
-        ``conn`` is the caller's open transaction, if any. Content that already
-        has a blob row elsewhere (inline, another store) is not uploaded unless
-        ``force``. On failure whatever was registered or uploaded is settled
-        before the error propagates.
+        ``conn`` is the caller's open transaction, if any, and ``pending`` its
+        list of uploads to settle when it ends. Content that already has a blob
+        row elsewhere (inline, another store) is not uploaded unless ``force``.
+        On failure whatever was registered or uploaded is settled before the
+        error propagates -- at once, or with ``pending`` when the caller's
+        transaction ends (on SQLite that transaction holds the only write lock).
         """
         assert self.store is not None
         staged = Staged()
+        if pending is not None:
+            pending.append(staged)
         existing: dict[str, str] = {}
         try:
             if conn is not None and conn.dialect.name == "sqlite":
@@ -296,7 +305,8 @@ class Placement:
             # An upload that failed because gc() took its intent (and with it
             # a temporary file) is started again by run(), like a lost promote.
             lost = isinstance(exc, Exception) and self._lost(staged)
-            self.settle([staged], quiet=True)
+            if pending is None:
+                self.settle([staged], quiet=True)
             if lost:
                 raise IntentLostError(
                     "an upload intent was removed by gc() during the upload "
@@ -396,13 +406,11 @@ class Placement:
         attempts = 3 if conn is None else 1
         for attempt in range(1, attempts + 1):
             try:
-                staged = self.stage(contents, conn, force=force)
+                staged = self.stage(contents, conn, force=force, pending=pending)
             except IntentLostError:
                 if attempt == attempts:
                     raise
                 continue
-            if pending is not None:
-                pending.append(staged)
             try:
                 result = write(staged)
             except IntentLostError:
