@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from polystore import FileManager, IntegrityError, NotFoundError, SerializationError
 from polystore.backends.sql import SQLBackend
 from polystore.blobs import BlobStore, LocalBlobStore, S3BlobStore, from_url, hash_key
-from polystore.errors import BackendConfigError
+from polystore.errors import BackendConfigError, UnsupportedOperationError
 
 LIMIT = 64  # bytes: small enough that most test values go external
 
@@ -435,6 +435,17 @@ def test_gc_removes_unreferenced_external_blobs_only(backend: SQLBackend) -> Non
     assert objects(backend.blob_store) == {hash_key(sha(keep)), hash_key(sha(shared))}  # type: ignore[arg-type]
     assert backend.load("keep-copy") == keep and backend.load("s2") == shared
     assert backend.gc() == type(report)()  # nothing left to do
+    assert_clean(backend)
+
+
+def test_maintenance_refuses_to_run_inside_a_transaction(backend: SQLBackend) -> None:
+    with backend.transaction():
+        backend.save(payload(85), "f.bin")
+        with pytest.raises(UnsupportedOperationError, match="gc"):
+            backend.gc()
+        with pytest.raises(UnsupportedOperationError, match="rebalance"):
+            backend.rebalance()
+    assert backend.load("f.bin") == payload(85)
     assert_clean(backend)
 
 

@@ -50,7 +50,7 @@ from polystore.backends.sql.fast import FastReader, children_sql, names_sql, res
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, SerializationError
+from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
 from polystore.serializers import Encoded, SerializerRegistry
 
 if TYPE_CHECKING:
@@ -761,6 +761,12 @@ class SQLBackend(StorageBackend):
 
     # -- content maintenance ------------------------------------------------------------
 
+    def _outside_transaction(self, operation: str) -> None:
+        # Maintenance commits its own transactions, one per batch; inside the
+        # caller's (on SQLite, holding the only write lock) it could not.
+        if self._tx.get() is not None:
+            raise UnsupportedOperationError(f"{operation}() cannot run inside transaction()")
+
     def gc(self, *, grace: dt.timedelta | float | None = None) -> GCReport:
         """Remove content nothing refers to, and uploads that were abandoned.
 
@@ -775,6 +781,7 @@ class SQLBackend(StorageBackend):
         """
         from polystore.backends.sql.gc import DEFAULT_GRACE, collect_garbage
 
+        self._outside_transaction("gc")
         with translate_errors(self.url):
             return collect_garbage(self._placement, grace=DEFAULT_GRACE if grace is None else grace)
 
@@ -801,6 +808,7 @@ class SQLBackend(StorageBackend):
         """
         from polystore.backends.sql.gc import rebalance
 
+        self._outside_transaction("rebalance")
         limit = self.inline_limit if inline_limit is None else inline_limit
         with translate_errors(self.url):
             return rebalance(self._placement, limit)
