@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -222,17 +224,25 @@ class Model:
 
 
 def clear_catalog(backend: SQLBackend) -> None:
-    """Empty a catalog between examples (much cheaper than migrating a new one)."""
+    """Empty a catalog and its blob store between examples (cheaper than a new one)."""
     with backend.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM polystore_nodes WHERE id <> 0"))
         conn.execute(sa.text("DELETE FROM polystore_blobs"))
         conn.execute(sa.text("DELETE FROM polystore_upload_intents"))
+    root = getattr(backend.blob_store, "root", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def sql_consistency(backend: SQLBackend) -> tuple[dict[str, int], dict[str, int], int]:
     """(refcount by blob, file rows by blob, nodes but the root)."""
     with backend.engine.connect() as conn:
-        stored = dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
+        stored = dict(
+            conn.execute(
+                # External blobs at zero references wait for gc(); inline ones go at once.
+                sa.text("SELECT hash, refcount FROM polystore_blobs WHERE refcount > 0")
+            ).all()
+        )
         referenced = dict(
             conn.execute(
                 sa.text(
@@ -266,6 +276,20 @@ INVALID_PATHS = (
 )
 
 
+#: How often each kind of path is drawn (see ``BackendMachine.paths``).
+SOURCES = {"file": 3, "dir": 2, "new": 1, "under_file": 1}  # load, delete, move/copy from
+TARGETS = {"new": 3, "child": 3, "file": 3, "dir": 1, "under_file": 1}  # save
+CLEAN_TARGETS = {"new": 2, "child": 3, "file": 3}  # most batches
+DESTINATIONS = {"fresh": 3, "child": 3, "file": 1, "dir": 1}  # move/copy to
+DIRECTORIES = {"dir": 4, "new": 1, "child": 1, "file": 1, "under_file": 1}  # listings
+NEW_DIRECTORIES = {"new": 2, "child": 2, "dir": 1, "file": 1, "under_file": 1}  # ensure
+
+INVALID_PATH_OPERATIONS = (
+    *("save", "save_batch", "load", "delete", "move", "copy", "ensure", "list", "exists"),
+    *("root: save", "root: delete", "root: move from", "root: move to", "root: copy to"),
+)
+
+
 class BackendMachine(RuleBasedStateMachine):
     """Drives one backend and a :class:`Model` in step. Subclasses set ``factory``."""
 
@@ -291,22 +315,32 @@ class BackendMachine(RuleBasedStateMachine):
 
     # -- drawing paths ----------------------------------------------------------------
 
-    def paths(self, model: Model | None = None) -> st.SearchStrategy[str]:
-        """Normal paths, biased towards what exists and what is just next to it."""
+    def paths(self, model: Model | None = None, **weights: int) -> st.SearchStrategy[str]:
+        """Normal paths of the kinds weighted (default: the mix for sources).
+
+        Kinds: ``new`` (any path of 1-3 names, most of them absent), ``fresh``
+        (one that does not exist), ``child`` (a name inside an existing directory),
+        ``file`` and ``dir`` (existing ones), ``under_file`` (a path through a file).
+        """
         model = model or self.model
+        weights = weights or SOURCES
         names = st.sampled_from(NAMES)
-        options: list[st.SearchStrategy[str]] = [
-            st.lists(names, min_size=1, max_size=3).map("/".join)
-        ]
+        anywhere = st.lists(names, min_size=1, max_size=3).map("/".join)
         files = sorted(model.files)
         dirs = sorted(model.dirs - {""})
-        for existing in (files, dirs):
-            if existing:
-                options.append(st.sampled_from(existing))
-                options.append(
-                    st.tuples(st.sampled_from(existing), names).map(lambda t: f"{t[0]}/{t[1]}")
-                )
-        return st.one_of(options)
+        kinds: dict[str, st.SearchStrategy[str]] = {
+            "new": anywhere,
+            "fresh": anywhere.filter(lambda p: not model.exists(p)),
+        }
+        if dirs:
+            kinds["child"] = st.tuples(st.sampled_from(dirs), names).map("/".join)
+            kinds["dir"] = st.sampled_from(dirs)
+        if files:
+            kinds["file"] = st.sampled_from(files)
+            kinds["under_file"] = st.tuples(st.sampled_from(files), names).map("/".join)
+        # one_of picks among its branches evenly: a branch given n times weighs n.
+        options = [kinds[k] for k, n in weights.items() if k in kinds for _ in range(n)]
+        return st.one_of(options or [anywhere])
 
     @staticmethod
     def spell(data: st.DataObject, path: str) -> str:
@@ -367,9 +401,23 @@ class BackendMachine(RuleBasedStateMachine):
 
     # -- rules --------------------------------------------------------------------------
 
+    @initialize(data=st.data())
+    def populate(self, data: st.DataObject) -> None:
+        """Start from a few files, so that the first steps have something to work on."""
+        anywhere = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map("/".join)
+        start = self.model.clone()
+        for path in data.draw(st.lists(anywhere, min_size=2, max_size=8), label="initial"):
+            try:
+                start.save(path, data.draw(value_strategy(path), label="value"))
+            except errors.PolystoreError:
+                continue  # under a file or onto a directory: leave it out
+        STATS["operations"] += 1
+        self.backend.save_batch(list(start.files.values()), list(start.files))
+        self.model = start
+
     @rule(data=st.data(), overwrite=st.sampled_from([True, True, False]))
     def save(self, data: st.DataObject, overwrite: bool) -> None:
-        path = data.draw(self.paths(), label="path")
+        path = data.draw(self.paths(**TARGETS), label="path")
         value = data.draw(value_strategy(path), label="value")
         spelled = self.spell(data, path)
         self.step(
@@ -379,8 +427,10 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), overwrite=st.sampled_from([True, True, False]))
     def save_batch(self, data: st.DataObject, overwrite: bool) -> None:
+        mix = TARGETS if data.draw(st.integers(0, 3), label="conflicts allowed") == 0 else None
         batch_paths = data.draw(
-            st.lists(self.paths(), min_size=0, max_size=5, unique=True), label="paths"
+            st.lists(self.paths(**(mix or CLEAN_TARGETS)), max_size=5, unique=True),
+            label="paths",
         )
         values = [data.draw(value_strategy(p), label="value") for p in batch_paths]
 
@@ -425,7 +475,7 @@ class BackendMachine(RuleBasedStateMachine):
 
     def _transfer_paths(self, data: st.DataObject) -> tuple[str, str]:
         src = data.draw(self.paths(), label="src")
-        dst = data.draw(self.paths(), label="dst")
+        dst = data.draw(self.paths(**DESTINATIONS), label="dst")
         if src == dst and not self.model.exists(src):
             # SQLBackend reports AlreadyExistsError for move/copy of a missing
             # path onto itself; that known bug has its own test in test_hostile.
@@ -467,7 +517,7 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def ensure_directory(self, data: st.DataObject) -> None:
-        path = data.draw(st.one_of(st.just(""), self.paths()), label="path")
+        path = data.draw(st.one_of(st.just(""), self.paths(**NEW_DIRECTORIES)), label="path")
         spelled = self.spell(data, path) if path else data.draw(st.sampled_from(["", "/", "."]))
         self.step(
             lambda m: m.ensure_directory(path), lambda: self.backend.ensure_directory(spelled)
@@ -475,7 +525,7 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), recursive=st.booleans())
     def listing(self, data: st.DataObject, recursive: bool) -> None:
-        path = data.draw(st.one_of(st.just(""), self.paths()), label="path")
+        path = data.draw(st.one_of(st.just(""), self.paths(**DIRECTORIES)), label="path")
         out = self.step(
             lambda m: (m.check_listable(path), m.list_files(path, recursive))[1],
             lambda: self.backend.list_files(path, recursive=recursive),
@@ -491,13 +541,17 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(
         bad=st.sampled_from(INVALID_PATHS),
-        op=st.sampled_from(
-            ["save", "save_batch", "load", "delete", "move", "copy", "ensure", "list", "exists"]
-        ),
+        op=st.sampled_from(INVALID_PATH_OPERATIONS),
     )
     def invalid_path(self, bad: str, op: str) -> None:
         b = self.backend
         calls: dict[str, Callable[[], Any]] = {
+            # The root is a directory, never a file: file operations refuse it.
+            "root: save": lambda: b.save(b"x", "/"),
+            "root: delete": lambda: b.delete("", recursive=True),
+            "root: move from": lambda: b.move("", "elsewhere"),
+            "root: move to": lambda: b.move("a", "/"),
+            "root: copy to": lambda: b.copy("a", ""),
             "save": lambda: b.save(b"x", bad),
             "save_batch": lambda: b.save_batch([b"x", b"y"], ["fine", bad]),
             "load": lambda: b.load(bad),
@@ -518,34 +572,20 @@ class BackendMachine(RuleBasedStateMachine):
             self.model, model_op, calls[op], partial_on_error=not self.transactional
         )
 
-    @rule(op=st.sampled_from(["save", "delete", "move_from", "move_to", "copy_to"]))
-    def root_is_not_a_file(self, op: str) -> None:
-        b = self.backend
-        calls: dict[str, Callable[[], Any]] = {
-            "save": lambda: b.save(b"x", "/"),
-            "delete": lambda: b.delete("", recursive=True),
-            "move_from": lambda: b.move("", "elsewhere"),
-            "move_to": lambda: b.move("a", "/"),
-            "copy_to": lambda: b.copy("a", ""),
-        }
-
-        def model_op(m: Model) -> None:
-            raise errors.InvalidPathError("")
-
-        self.step(model_op, calls[op])
-
     # -- transactions -------------------------------------------------------------------
 
     def _draw_op(self, data: st.DataObject, model: Model) -> tuple[str, Any, Any]:
         """One operation for inside a transaction: (kind, model_op, backend_op)."""
         kind = data.draw(st.sampled_from(["save", "save", "batch", "delete", "move", "copy"]))
-        p = data.draw(self.paths(model), label=f"{kind} path")
+        weights = TARGETS if kind in ("save", "batch") else SOURCES
+        p = data.draw(self.paths(model, **weights), label=f"{kind} path")
         b = self.backend
         if kind == "save":
             v = data.draw(value_strategy(p), label="value")
             return kind, lambda m: m.save(p, copy.deepcopy(v)), lambda: b.save(v, p)
         if kind == "batch":
-            ps = [p, *data.draw(st.lists(self.paths(model), max_size=2), label="more")]
+            more = st.lists(self.paths(model, **CLEAN_TARGETS), max_size=2)
+            ps = [p, *data.draw(more, label="more")]
             ps = list(dict.fromkeys(ps))
             vs = [data.draw(value_strategy(x), label="value") for x in ps]
 
@@ -556,7 +596,7 @@ class BackendMachine(RuleBasedStateMachine):
             return kind, model_batch, lambda: b.save_batch(vs, ps)
         if kind == "delete":
             return kind, lambda m: m.delete(p, True), lambda: b.delete(p, recursive=True)
-        q = data.draw(self.paths(model), label="dst")
+        q = data.draw(self.paths(model, **DESTINATIONS), label="dst")
         if q == p:
             q = p + "/x" if p.count("/") < 3 else "zz"
         q = self.same_format(p, q) if p in model.files else q
@@ -631,6 +671,8 @@ class BackendMachine(RuleBasedStateMachine):
             assert isinstance(b, SQLBackend)
             stored, referenced, nodes = sql_consistency(b)
             assert stored == referenced, "reference counts differ from the file rows"
+            report = b.fsck()
+            assert report.ok and report.pending_uploads == 0, str(report)
             assert nodes == len(m.files) + len(m.dirs) - 1, "catalog holds other nodes"
 
 
@@ -680,10 +722,18 @@ def test_disk() -> None:
     _run(factory, formats=True)
 
 
+#: Content over this many bytes goes to the external store: with the values
+#: above, some files are inline and some external, and they move between the two
+#: as files are overwritten.
+INLINE_LIMIT = 8
+
+
 @pytest.fixture
-def shared_sql(catalog_url: str) -> Iterator[SQLBackend]:
+def shared_sql(catalog_url: str, tmp_path: Path) -> Iterator[SQLBackend]:
     """One migrated catalog per database, emptied before each example."""
-    backend = SQLBackend(catalog_url)
+    backend = SQLBackend(
+        catalog_url, blob_store=f"file://{tmp_path}/blobs", inline_limit=INLINE_LIMIT
+    )
     yield backend
     backend.close()
 
