@@ -421,6 +421,34 @@ def test_one_gc_collects_a_dead_writers_garbage(sqlite_url: str, tmp_path: Path)
         assert report.garbage == 0, str(report)
 
 
+def test_durability_settings(catalog_url: str) -> None:
+    """The settings the crash guarantees rest on, as the database reports them.
+
+    SQLite: WAL journal with ``synchronous=NORMAL`` (a commit survives the
+    process; a power cut may lose the last commits, never corrupt the file),
+    foreign keys on. PostgreSQL: the server's defaults, untouched: a commit
+    returns once it is durable (``synchronous_commit=on``, ``fsync=on``),
+    statements in READ COMMITTED.
+    """
+    from polystore.backends.sql import SQLBackend
+
+    with SQLBackend(catalog_url) as backend, backend.engine.connect() as conn:
+        if backend.engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        else:
+            settings = {
+                name: conn.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("synchronous_commit", "fsync", "transaction_isolation")
+            }
+            assert settings == {
+                "synchronous_commit": "on",
+                "fsync": "on",
+                "transaction_isolation": "read committed",
+            }
+
+
 @pytest.mark.parametrize("placement", ["inline", "external"])
 def test_sigkill_writer_repeatedly(
     helper: Helper, catalog_url: str, placement: str, tmp_path: Path
