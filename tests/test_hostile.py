@@ -39,11 +39,13 @@ import pytest
 import sqlalchemy as sa
 
 from polystore import (
+    AlreadyExistsError,
     BackendUnavailableError,
     DiskBackend,
     IntegrityError,
     InvalidPathError,
     MemoryBackend,
+    NotFoundError,
     ReadOnlyError,
     SerializationError,
     StorageBackend,
@@ -294,6 +296,42 @@ def test_absolute_and_lookalike_paths_stay_inside(subject: Subject) -> None:
             assert (root / stored).is_file(), stored
         assert _tree(subject.tmp) == ["root", *[f"root/{p}" for p in _tree(root)]]
     _count("test_absolute_and_lookalike_paths_stay_inside", len(names))
+
+
+def test_move_or_copy_onto_itself(subject: Subject, request: pytest.FixtureRequest) -> None:
+    """A careless ``move(p, p)``: the documented errors, and nothing changes."""
+    if subject.kind in ("sqlite", "postgresql"):
+        known_bug(
+            request,
+            "SQLBackend checks src == dst before looking src up, so move or copy of a missing "
+            "path onto itself raises AlreadyExistsError (other backends: NotFoundError)",
+        )
+    b = subject.backend
+    before = snapshot(subject)
+    failures = Failures()
+    for op in (b.move, b.copy):
+        name = op.__name__
+        failures.expect(
+            AlreadyExistsError,
+            lambda op=op: op("keep/existing.bin", "/keep//existing.bin"),
+            f"{name} a file onto itself",
+        )
+        # A directory onto itself: "into itself" and "already exists" are both true.
+        failures.expect(
+            (InvalidPathError, AlreadyExistsError),
+            lambda op=op: op("keep", "keep/"),
+            f"{name} a directory onto itself",
+        )
+    failures.check()
+    assert snapshot(subject) == before
+    for op in (b.move, b.copy):
+        try:
+            op("missing.bin", "missing.bin")
+        except NotFoundError:
+            continue
+        except AlreadyExistsError as exc:
+            raise KnownBug(f"{op.__name__} of a missing path onto itself: {exc!r}") from exc
+    assert snapshot(subject) == before
 
 
 def _names_of_bytes(total: int) -> dict[str, str]:
