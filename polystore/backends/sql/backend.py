@@ -27,6 +27,7 @@ from polystore.backends._common import (
     is_a_directory,
     not_a_directory,
     not_found,
+    reject_kwargs,
 )
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import tree
@@ -277,8 +278,7 @@ class SQLBackend(StorageBackend):
         """
         overwrite = bool(kwargs.pop("overwrite", True))
         attrs = _check_attrs(kwargs.pop("attrs", None))
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        reject_kwargs(self, "save_batch", kwargs)
         data_list, output_paths = list(data_list), list(output_paths)
         if len(data_list) != len(output_paths):
             raise ValueError(
@@ -412,6 +412,7 @@ class SQLBackend(StorageBackend):
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
+        reject_kwargs(self, "load", kwargs)
         path = paths.normalize_file(file_path)
         row = self._lookup(path, with_content=True)
         self._check_file(row, path)
@@ -419,6 +420,7 @@ class SQLBackend(StorageBackend):
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
         """Load every path in order, from one consistent snapshot of the catalog."""
+        reject_kwargs(self, "load_batch", kwargs)
         norm = [paths.normalize_file(p) for p in file_paths]
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
