@@ -11,6 +11,7 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import assert_refcounts_consistent
 
 from polystore import (
     AlreadyExistsError,
@@ -38,22 +39,6 @@ def backend(catalog_url: str) -> Iterator[SQLBackend]:
 def blob_rows(backend: SQLBackend) -> dict[str, int]:
     with backend.engine.connect() as conn:
         return dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
-
-
-def reference_counts(backend: SQLBackend) -> dict[str, int]:
-    """How many file nodes point at each blob: what every refcount must equal."""
-    with backend.engine.connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
-                "WHERE kind = 'file' GROUP BY blob_hash"
-            )
-        ).all()
-    return dict(rows)
-
-
-def assert_consistent(backend: SQLBackend) -> None:
-    assert blob_rows(backend) == reference_counts(backend)
 
 
 def catalog_snapshot(backend: SQLBackend) -> tuple[list[Any], list[Any]]:
@@ -214,7 +199,7 @@ def test_save_onto_directory_and_under_file(backend: SQLBackend) -> None:
     with pytest.raises(NotADirectoryError):
         backend.list_dir("a/f.bin")
     assert backend.load("a/f.bin") == b"x"
-    assert_consistent(backend)
+    assert_refcounts_consistent(backend)
 
 
 def test_overwrite_replaces_and_releases_old_blob(backend: SQLBackend) -> None:
@@ -225,7 +210,7 @@ def test_overwrite_replaces_and_releases_old_blob(backend: SQLBackend) -> None:
     with pytest.raises(AlreadyExistsError):
         backend.save(b"newer", "f.bin", overwrite=False)
     assert backend.load("f.bin") == b"new"
-    assert_consistent(backend)
+    assert_refcounts_consistent(backend)
 
 
 def test_list_dir_sorted_by_code_point(backend: SQLBackend) -> None:
@@ -319,7 +304,7 @@ def test_directory_move_updates_one_row(backend: SQLBackend) -> None:
     assert counter.rows_changed == 2  # the created "moved" directory + the moved row
     assert backend.load("moved/here/3/150.bin") == b"150"
     assert not backend.exists("big")
-    assert_consistent(backend)
+    assert_refcounts_consistent(backend)
 
 
 def test_move_rules(backend: SQLBackend) -> None:
@@ -347,7 +332,7 @@ def test_copy_shares_blobs(backend: SQLBackend) -> None:
     assert all(n == 2 for n in blob_rows(backend).values())
     backend.delete("t", recursive=True)
     assert all(n == 1 for n in blob_rows(backend).values())
-    assert_consistent(backend)
+    assert_refcounts_consistent(backend)
 
 
 def test_delete_releases_content(backend: SQLBackend) -> None:
@@ -412,7 +397,7 @@ def test_nested_transaction_uses_savepoint(backend: SQLBackend) -> None:
         backend.save(b"after", "a.bin")
     assert backend.list_files("") == ["a.bin", "o.bin"]
     assert not backend.exists("zz")
-    assert_consistent(backend)
+    assert_refcounts_consistent(backend)
 
 
 def test_filemanager_transaction(catalog_url: str) -> None:

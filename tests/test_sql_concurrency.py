@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import assert_refcounts_consistent
 
 from polystore.backends.sql import SQLBackend
 
@@ -48,20 +49,6 @@ def _run_processes(target: Callable[[str, int], Any], url: str) -> list[Any]:
         return pool.starmap(target, [(url, k) for k in range(WORKERS)])
 
 
-def _refcounts_consistent(backend: SQLBackend) -> None:
-    with backend.engine.connect() as conn:
-        stored = dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
-        referenced = dict(
-            conn.execute(
-                sa.text(
-                    "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
-                    "WHERE kind = 'file' GROUP BY blob_hash"
-                )
-            ).all()
-        )
-    assert stored == referenced
-
-
 @pytest.mark.slow
 def test_processes_lose_no_write(catalog_url: str) -> None:
     SQLBackend(catalog_url).close()  # migrate first; the race on a fresh DB is tested elsewhere
@@ -74,7 +61,7 @@ def test_processes_lose_no_write(catalog_url: str) -> None:
         for path, arr in zip(files, sample, strict=True):
             worker, i = (int(x) for x in path.rsplit("/", 1)[1][1:-4].split("_"))
             assert arr[0] == worker * SAVES + i
-        _refcounts_consistent(backend)
+        assert_refcounts_consistent(backend)
 
 
 @pytest.mark.slow
@@ -85,7 +72,7 @@ def test_concurrent_overwrites_converge(catalog_url: str) -> None:
         final = backend.load("hot/one.bin")
         assert final in {v for values in written for v in values}
         assert backend.list_files("hot") == ["hot/one.bin"]
-        _refcounts_consistent(backend)
+        assert_refcounts_consistent(backend)
         with backend.engine.connect() as conn:
             blobs = conn.execute(sa.text("SELECT COUNT(*) FROM polystore_blobs")).scalar_one()
         assert blobs == 1  # every replaced value was released
@@ -110,4 +97,4 @@ def test_threads_share_one_backend(catalog_url: str) -> None:
             t.join()
         assert errors == []
         assert len(backend.list_files("", recursive=True)) == 4 * 40 * 2
-        _refcounts_consistent(backend)
+        assert_refcounts_consistent(backend)
