@@ -28,6 +28,7 @@ from polystore.errors import (
     ReadOnlyError,
     SchemaVersionError,
     SerializationError,
+    StorageFullError,
     UnsupportedOperationError,
 )
 from polystore.manager import FileManager
@@ -61,6 +62,7 @@ __all__ = [
     "SerializationError",
     "StatResult",
     "StorageBackend",
+    "StorageFullError",
     "UnsupportedOperationError",
     "__version__",
 ]

@@ -15,6 +15,7 @@ and ``except PolystoreError`` work::
     ├── BackendNotFoundError          (KeyError)
     ├── BackendConfigError            (TypeError)
     ├── BackendUnavailableError       (ConnectionError)
+    ├── StorageFullError              (OSError, errno ENOSPC)
     ├── DuplicateBackendError
     ├── UnsupportedOperationError     (NotImplementedError)
     ├── IntegrityError
@@ -43,6 +44,7 @@ __all__ = [
     "ReadOnlyError",
     "SchemaVersionError",
     "SerializationError",
+    "StorageFullError",
     "UnsupportedOperationError",
 ]
 
@@ -93,6 +95,10 @@ class BackendConfigError(PolystoreError, TypeError):
 
 class BackendUnavailableError(PolystoreError, ConnectionError):
     """The backend's database or object store cannot be reached."""
+
+
+class StorageFullError(PolystoreError, OSError):
+    """The disk or database is full; ``errno`` is ``ENOSPC``. Nothing was written."""
 
 
 class DuplicateBackendError(PolystoreError):

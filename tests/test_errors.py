@@ -18,6 +18,7 @@ TWINS = {
     errors.ReadOnlyError: PermissionError,
     errors.InvalidPathError: ValueError,
     errors.SerializationError: TypeError,
+    errors.StorageFullError: OSError,
     errors.BackendNotFoundError: KeyError,
     errors.BackendConfigError: TypeError,
     errors.BackendUnavailableError: ConnectionError,

@@ -31,6 +31,7 @@ EXPECTED = [
     "SerializationError",
     "StatResult",
     "StorageBackend",
+    "StorageFullError",
     "UnsupportedOperationError",
     "__version__",
 ]

@@ -56,7 +56,12 @@ from typing import IO, TYPE_CHECKING, Any
 from polystore import paths
 from polystore.backends import _common as c
 from polystore.backends.base import StatResult, StorageBackend
-from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
+from polystore.errors import (
+    InvalidPathError,
+    SerializationError,
+    StorageFullError,
+    UnsupportedOperationError,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -325,10 +330,18 @@ class DiskBackend(StorageBackend):
         try:
             # The opener hands over the descriptor, so fh.name is the temp path
             # (tifffile wants a named file; os.fdopen's name would be the fd).
-            with open(temp, "wb", opener=lambda _path, _flags: fd) as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(temp, "wb", opener=lambda _path, _flags: fd) as fh:
+                    write(fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                # numpy's tofile() reports a full disk as a short write with no errno.
+                if exc.errno == errno.ENOSPC or (exc.errno is None and "requested and" in str(exc)):
+                    raise StorageFullError(
+                        errno.ENOSPC, f"no space left to write {path!r}: {exc}", path
+                    ) from exc
+                raise
             if overwrite:
                 try:
                     os.replace(temp, full)

@@ -568,7 +568,8 @@ class SQLBackend(StorageBackend):
                 rel = list(conn.execute(stmt).scalars())
             return rel
 
-        found = self._read(work)
+        # Resolving the directory and listing it must see one state of the catalog.
+        found = self._read(work, snapshot=True)
         return sorted(
             paths.join(norm, rel)
             for rel in found
@@ -646,11 +647,11 @@ class SQLBackend(StorageBackend):
     def _prepare_target(
         self, conn: Connection, src: str, dst: str, now: dt.datetime
     ) -> tuple[Any, int, str]:
-        if src == dst:
-            raise already_exists(dst)
         row = tree.resolve(conn, src)
         if row is None:
             raise not_found(src)
+        if src == dst:
+            raise already_exists(dst)
         if row.kind == "dir" and dst.startswith(src + "/"):
             raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
         if tree.resolve(conn, dst) is not None:

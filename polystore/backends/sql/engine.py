@@ -11,6 +11,7 @@ writers rely on upserts, row locks and savepoints.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -27,6 +28,7 @@ from polystore.errors import (
     BackendUnavailableError,
     PolystoreError,
     ReadOnlyError,
+    StorageFullError,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ DEFAULT_URL = "sqlite:///polystore.db"
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE``).
 WRITE = "polystore_write"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+PG_CONNECT_TIMEOUT_S = 10
 
 T = TypeVar("T")
 
@@ -75,7 +78,11 @@ def create_catalog_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **engine_kwargs)
     engine_kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(parsed, **engine_kwargs)
+    connect_args = dict(engine_kwargs.pop("connect_args", {}))
+    # A server that accepts the connection and then says nothing must not hang
+    # the caller forever (libpq's default is to wait indefinitely).
+    connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+    return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
 
 
 def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
@@ -180,6 +187,10 @@ def translate_errors(url: str) -> Iterator[None]:
         if "readonly database" in text or "read-only" in text:
             raise ReadOnlyError(
                 f"the catalog at {_safe(url)} is read-only: {text.strip()}"
+            ) from error
+        if "database or disk is full" in text:
+            raise StorageFullError(
+                errno.ENOSPC, f"the catalog at {_safe(url)} is full: {text.strip()}"
             ) from error
         if "file is not a database" in text:
             raise BackendConfigError(

@@ -15,11 +15,6 @@ __all__ = ["run_query"]
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _json_path(key: str) -> str:
-    # SQLite JSON path with the key quoted, so dots or brackets in keys are literal.
-    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def run_query(
     conn: Connection,
     root_id: int,
@@ -54,11 +49,16 @@ def run_query(
             # Containment compares JSON types exactly: 1, 1.0, true and "1" differ.
             clauses.append(f"n.attrs @> CAST(:attr{i} AS JSONB)")
         else:
+            # json_each yields decoded keys, so any key matches as written
+            # (a JSON path would need quoting rules SQLite does not offer);
+            # the type check keeps 1, 1.0, true and "1" apart.
             clauses.append(
-                f"json_type(n.attrs, :path{i}) = json_type(:attr{i}, :path{i}) "
-                f"AND json_extract(n.attrs, :path{i}) IS json_extract(:attr{i}, :path{i})"
+                f"EXISTS (SELECT 1 FROM json_each(n.attrs) AS a{i} WHERE a{i}.key = :key{i} "
+                f"AND a{i}.type = json_type(:attr{i}, '$.v') "
+                f"AND a{i}.atom IS json_extract(:attr{i}, '$.v'))"
             )
-            params[f"path{i}"] = _json_path(key)
+            params[f"key{i}"] = key
+            doc = json.dumps({"v": value})
         params[f"attr{i}"] = doc
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     where += " ORDER BY sub.path"
