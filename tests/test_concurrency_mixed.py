@@ -44,6 +44,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from catalog_checks import refcounts
 
 from polystore import NotFoundError
 from polystore.backends.sql import SQLBackend
@@ -125,12 +126,6 @@ def _reader_thread(backend: SQLBackend, name: str, stop: float, out: dict[str, A
                 count = len(backend.list_files(f"new/{batch}"))
             except NotFoundError:
                 count = BATCH  # deleted, whole, since list_dir
-            if count == 0 and not backend.exists(f"new/{batch}"):
-                # PostgreSQL: list_files resolves the directory and lists it in two
-                # READ COMMITTED statements, so a delete committed in between shows
-                # as an empty directory (test_list_files_reads_one_snapshot).
-                out["empty_listing_of_deleted_dir"] += 1
-                count = BATCH
             assert count == BATCH, f"listed {count} of {BATCH} files of {batch}"
         slot = rng.randrange(SLOTS)
         loaded = backend.load_batch(slot_paths(slot))
@@ -178,7 +173,6 @@ def _process(
             "writes": 0,
             "reads": 0,
             "vanished": 0,
-            "empty_listing_of_deleted_dir": 0,
         }
         outs.append(out)
         name = f"{role[0]}{number}t{t}"
@@ -198,20 +192,6 @@ def _process(
 
 
 # -- the test -------------------------------------------------------------------------------
-
-
-def _refcounts(backend: SQLBackend) -> tuple[dict[str, int], dict[str, int]]:
-    with backend.engine.connect() as conn:
-        stored = dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
-        referenced = dict(
-            conn.execute(
-                sa.text(
-                    "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
-                    "WHERE kind = 'file' GROUP BY blob_hash"
-                )
-            ).all()
-        )
-    return {h: n for h, n in stored.items() if n}, referenced
 
 
 def _record(figures: dict[str, Any]) -> None:
@@ -295,7 +275,7 @@ def test_readers_never_see_partial_batches(
             assert generation in generations[str(slot)]
             assert loaded == [slot_content(slot, generation, i) for i in range(BATCH)]
         assert backend.load("hot/x.bin").decode() in hot_values
-        stored, referenced = _refcounts(backend)
+        stored, referenced = refcounts(backend)
         assert stored == referenced
         report = backend.fsck(verify=True)
         assert report.ok, str(report)
@@ -309,31 +289,17 @@ def test_readers_never_see_partial_batches(
         "batches_committed": len(committed),
         "batches_deleted": len(deleted),
         "listed_then_vanished": sum(out["vanished"] for out in outs),
-        "empty_listing_of_deleted_dir": sum(out["empty_listing_of_deleted_dir"] for out in outs),
     }
     _record(figures)
     assert figures["writes"] > 0 and figures["reader_rounds"] > 0
 
 
-class KnownBug(AssertionError):
-    """Raised by the check that shows a known bug; its xfail marker expects exactly this."""
-
-
-def test_list_files_reads_one_snapshot(catalog_url: str, request: pytest.FixtureRequest) -> None:
+def test_list_files_reads_one_snapshot(catalog_url: str) -> None:
     """A directory deleted while list_files runs is listed whole, or not found: never empty.
 
     The delete is made to commit exactly between list_files' statements (after
     the one that resolves the directory), from another backend.
     """
-    if catalog_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=KnownBug,
-                reason="bug: SQLBackend.list_files reads in READ COMMITTED, one snapshot "
-                "per statement, so it lists a directory deleted meanwhile as empty",
-            )
-        )
     with SQLBackend(catalog_url) as reader, SQLBackend(catalog_url) as writer:
         writer.save_batch([b"1", b"2", b"3"], ["d/a.bin", "d/b.bin", "d/c.bin"])
         fired: list[str] = []
@@ -352,6 +318,4 @@ def test_list_files_reads_one_snapshot(catalog_url: str, request: pytest.Fixture
             sa.event.remove(reader.engine, "after_cursor_execute", delete_after_first_select)
         assert fired, "list_files ran no SELECT through the engine"
         assert not writer.exists("d")
-        if listed == []:
-            raise KnownBug("a directory deleted during list_files was listed as empty")
         assert listed in (None, ["d/a.bin", "d/b.bin", "d/c.bin"])

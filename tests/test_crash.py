@@ -52,6 +52,7 @@ from typing import IO, Any
 
 import pytest
 import sqlalchemy as sa
+from catalog_checks import refcounts
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 
@@ -345,20 +346,6 @@ def _wait_for_server_to_drop(backend: Any, app_name: str) -> None:
         time.sleep(0.01)
 
 
-def _refcounts(backend: Any) -> tuple[dict[str, int], dict[str, int]]:
-    with backend.engine.connect() as conn:
-        stored = dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
-        referenced = dict(
-            conn.execute(
-                sa.text(
-                    "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
-                    "WHERE kind = 'file' GROUP BY blob_hash"
-                )
-            ).all()
-        )
-    return {h: n for h, n in stored.items() if n}, referenced
-
-
 def _matching_world(backend: Any, candidates: list[World]) -> World:
     """The one candidate the catalog equals, file for file and byte for byte."""
     found = backend.list_files("", recursive=True)
@@ -378,7 +365,7 @@ def _matching_world(backend: Any, candidates: list[World]) -> World:
 
 
 def _check_store(backend: Any, figures: dict[str, int]) -> None:
-    stored, referenced = _refcounts(backend)
+    stored, referenced = refcounts(backend)
     assert stored == referenced, "reference counts differ from the file rows"
     before = backend.fsck()
     assert before.ok, str(before)

@@ -37,6 +37,7 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import refcounts
 
 from polystore import (
     AlreadyExistsError,
@@ -49,6 +50,7 @@ from polystore import (
     ReadOnlyError,
     SerializationError,
     StorageBackend,
+    StorageFullError,
     UnsupportedOperationError,
 )
 from polystore.backends.sql import SQLBackend
@@ -100,20 +102,6 @@ def snapshot(subject: Subject) -> Any:
         assert_consistent(subject.sql)
         extra = subject.sql.count_nodes()
     return files, contents, sorted(dirs), extra
-
-
-def refcounts(backend: SQLBackend) -> tuple[dict[str, int], dict[str, int]]:
-    with backend.engine.connect() as conn:
-        stored = dict(conn.execute(sa.text("SELECT hash, refcount FROM polystore_blobs")).all())
-        referenced = dict(
-            conn.execute(
-                sa.text(
-                    "SELECT blob_hash, COUNT(*) FROM polystore_nodes "
-                    "WHERE kind = 'file' GROUP BY blob_hash"
-                )
-            ).all()
-        )
-    return {h: n for h, n in stored.items() if n}, referenced
 
 
 def assert_consistent(backend: SQLBackend) -> None:
@@ -298,14 +286,8 @@ def test_absolute_and_lookalike_paths_stay_inside(subject: Subject) -> None:
     _count("test_absolute_and_lookalike_paths_stay_inside", len(names))
 
 
-def test_move_or_copy_onto_itself(subject: Subject, request: pytest.FixtureRequest) -> None:
+def test_move_or_copy_onto_itself(subject: Subject) -> None:
     """A careless ``move(p, p)``: the documented errors, and nothing changes."""
-    if subject.kind in ("sqlite", "postgresql"):
-        known_bug(
-            request,
-            "SQLBackend checks src == dst before looking src up, so move or copy of a missing "
-            "path onto itself raises AlreadyExistsError (other backends: NotFoundError)",
-        )
     b = subject.backend
     before = snapshot(subject)
     failures = Failures()
@@ -325,12 +307,8 @@ def test_move_or_copy_onto_itself(subject: Subject, request: pytest.FixtureReque
     failures.check()
     assert snapshot(subject) == before
     for op in (b.move, b.copy):
-        try:
+        with pytest.raises(NotFoundError):
             op("missing.bin", "missing.bin")
-        except NotFoundError:
-            continue
-        except AlreadyExistsError as exc:
-            raise KnownBug(f"{op.__name__} of a missing path onto itself: {exc!r}") from exc
     assert snapshot(subject) == before
 
 
@@ -482,45 +460,24 @@ def test_sql_and_like_metacharacters_are_literal(subject: Subject) -> None:
 ATTR_KEYS = ["plain", "a.b", "a[0]", "$", "$.a", "a'b", "a\\b", "a b", "%", "_", "*", "µm", "é"]
 
 
-def test_query_attrs_with_hostile_keys_and_values(
-    sql_subject: Subject, request: pytest.FixtureRequest
-) -> None:
-    if sql_subject.kind == "sqlite":
-        known_bug(
-            request,
-            "on SQLite, query(attrs=...) never matches a key with non-ASCII characters "
-            "(é, µm): attrs are stored as ASCII-escaped JSON and the JSON path names the "
-            "key unescaped",
-        )
+def test_query_attrs_with_hostile_keys_and_values(sql_subject: Subject) -> None:
     sql = sql_subject.sql
     values: list[Any] = ["' OR 1=1 --", "%", "_", '"', "\\", None, True, 1, 1.5, "1"]
     for i, key in enumerate(ATTR_KEYS):
         sql.save(b".", f"q/{i}.bin", attrs={key: values[i % len(values)], "other": "x"})
     for i, key in enumerate(ATTR_KEYS):
         want = values[i % len(values)]
-        found = [r.path for r in sql.query(attrs={key: want})]
-        if not key.isascii() and found == []:
-            raise KnownBug(f"query(attrs={{{key!r}: {want!r}}}) found nothing")
-        assert found == [f"q/{i}.bin"], key
+        assert [r.path for r in sql.query(attrs={key: want})] == [f"q/{i}.bin"], key
         assert sql.query(attrs={key: "no such value"}) == [], key
     _count("test_query_attrs_with_hostile_keys_and_values", 2 * len(ATTR_KEYS))
 
 
-def test_query_attrs_key_with_a_double_quote(
-    sql_subject: Subject, request: pytest.FixtureRequest
-) -> None:
-    if sql_subject.kind == "sqlite":
-        known_bug(
-            request,
-            "on SQLite, query(attrs=...) with a key holding '\"' matches nothing: the JSON "
-            "path quotes the key with a backslash escape, which SQLite's JSON path does not take",
-        )
+def test_query_attrs_key_with_a_double_quote(sql_subject: Subject) -> None:
     sql = sql_subject.sql
-    sql.save(b".", "q.bin", attrs={'say "hi"': 1, "plain": 2})
-    assert [r.path for r in sql.query(attrs={"plain": 2})] == ["q.bin"]
-    found = [r.path for r in sql.query(attrs={'say "hi"': 1})]
-    if found != ["q.bin"]:
-        raise KnownBug(f"query by a key with a double quote found {found}")
+    sql.save(b".", "q.bin", attrs={'say "hi"': 1, "plain": 2, '"': 3, '\\"': 4})
+    for key, value in {'say "hi"': 1, "plain": 2, '"': 3, '\\"': 4}.items():
+        assert [r.path for r in sql.query(attrs={key: value})] == ["q.bin"], key
+        assert sql.query(attrs={key: value + 10}) == [], key
 
 
 # -- attributes and values that cannot be stored --------------------------------------------
@@ -1106,14 +1063,11 @@ class _SilentServer:
         self.thread.join()
 
 
-def test_unresponsive_postgresql_gives_up_on_its_own(request: pytest.FixtureRequest) -> None:
-    """A server that accepts the connection and then says nothing must not hang polystore."""
-    known_bug(
-        request,
-        "SQLBackend sets no connect timeout on PostgreSQL, so an unresponsive server hangs "
-        "it forever (here the fake server hangs up after 15 s; a default under that, such as "
-        "10 s, makes this test pass)",
-    )
+def test_unresponsive_postgresql_gives_up_on_its_own() -> None:
+    """A server that accepts the connection and then says nothing must not hang polystore.
+
+    polystore's default connect timeout is 10 s; the fake server hangs up after 15 s.
+    """
     server = _SilentServer(patience=15)
     try:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/test"
@@ -1122,8 +1076,7 @@ def test_unresponsive_postgresql_gives_up_on_its_own(request: pytest.FixtureRequ
         hung_up = server.hung_up.is_set()
     finally:
         server.stop()
-    if hung_up:
-        raise KnownBug("SQLBackend waited until the silent server hung up")
+    assert not hung_up, "SQLBackend waited until the silent server hung up"
 
 
 def test_connect_timeout_in_the_url_is_honoured() -> None:
@@ -1205,7 +1158,7 @@ def test_full_disk_injected_disk_backend(tmp_path: Path, monkeypatch: pytest.Mon
         "copy": lambda: disk.copy("keep.bin", "copy.bin"),
     }
     for name, call in cases.items():
-        with pytest.raises(OSError, match="No space left") as info:
+        with pytest.raises(StorageFullError) as info:
             call()
         assert info.value.errno == errno.ENOSPC, name
         assert _tree(tmp_path) == before, f"{name} left something behind"
@@ -1217,7 +1170,7 @@ def test_full_disk_injected_disk_backend(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_full_disk_injected_blob_store(
-    sql_subject: Subject, monkeypatch: pytest.MonkeyPatch
+    sql_subject: Subject, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     import polystore.blobs.local as local_module
 
@@ -1239,10 +1192,12 @@ def test_full_disk_injected_blob_store(
         "overwrite": lambda: sql.save(big[1], "keep/array.npy"),
         "save_batch": lambda: sql.save_batch(big, [f"batch/{i}.npy" for i in range(3)]),
     }
+    raised = []
     for name, call in cases.items():
         with pytest.raises(OSError, match="No space left") as info:
             call()
         assert info.value.errno == errno.ENOSPC, name
+        raised.append(info.value)
     monkeypatch.undo()
     assert full.hits == len(cases)
     assert snapshot(sql_subject) == before
@@ -1251,6 +1206,19 @@ def test_full_disk_injected_blob_store(
     assert report.ok and report.pending_uploads == 0, str(report)
     sql.save(big[0], "new/big.npy")  # space again: it works
     _count("test_full_disk_injected_blob_store", len(cases))
+    for error in raised:
+        _full_blob_store_is_storage_full(error, request)
+
+
+def _full_blob_store_is_storage_full(error: BaseException, request: pytest.FixtureRequest) -> None:
+    """docs/decisions.rst: a full blob store raises StorageFullError, like a full disk."""
+    if not isinstance(error, StorageFullError):
+        known_bug(
+            request,
+            "a full local blob store raises a plain OSError(ENOSPC), not the StorageFullError "
+            "docs/decisions.rst promises (LocalBlobStore.put does not translate it)",
+        )
+        raise KnownBug(repr(error))
 
 
 @pytest.fixture
@@ -1277,7 +1245,7 @@ def test_full_disk_real_disk_backend(tiny_tmpfs: Path) -> None:
     disk = DiskBackend(tiny_tmpfs / "root")
     disk.save(b"old", "keep.bin")
     before = _tree(tiny_tmpfs)
-    with pytest.raises(OSError, match="No space left") as info:
+    with pytest.raises(StorageFullError) as info:
         disk.save(b"x" * (2 << 20), "a/b/big.bin")
     assert info.value.errno == errno.ENOSPC
     assert _tree(tiny_tmpfs) == before
@@ -1285,29 +1253,19 @@ def test_full_disk_real_disk_backend(tiny_tmpfs: Path) -> None:
     disk.save(b"y" * 1000, "fits.bin")  # the failed save freed what it had taken
 
 
-def test_full_disk_real_npy(tiny_tmpfs: Path, request: pytest.FixtureRequest) -> None:
-    known_bug(
-        request,
-        "a full disk while DiskBackend writes .npy raises an OSError without errno: numpy's "
-        "tofile() reports a short write ('N requested and M written'), not ENOSPC",
-    )
+def test_full_disk_real_npy(tiny_tmpfs: Path) -> None:
+    """numpy reports a full disk as a short write without errno; polystore says ENOSPC."""
     disk = DiskBackend(tiny_tmpfs / "root")
     before = _tree(tiny_tmpfs)
-    with pytest.raises(OSError, match=r"No space left|requested and") as info:
+    with pytest.raises(StorageFullError) as info:
         disk.save(np.zeros(300_000), "big.npy")
+    assert info.value.errno == errno.ENOSPC
     assert _tree(tiny_tmpfs) == before
-    if info.value.errno != errno.ENOSPC:
-        raise KnownBug(f"errno {info.value.errno}: {info.value}")
 
 
 def test_full_disk_real_catalog_and_blob_store(
     tiny_tmpfs: Path, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request,
-        "a full SQLite catalog raises sqlalchemy.exc.OperationalError ('database or disk is "
-        "full'), untranslated: callers catching OSError or PolystoreError miss it",
-    )
     url = f"sqlite:///{tiny_tmpfs}/catalog.db"
     with SQLBackend(url, blob_store=f"file://{tiny_tmpfs}/blobs", inline_limit=1024) as sql:
         sql.save(b"e" * 2000, "keep/external.bin")
@@ -1328,8 +1286,9 @@ def test_full_disk_real_catalog_and_blob_store(
             error: BaseException = exc
         else:  # pragma: no cover
             pytest.fail("a 1 MiB file system never filled up")
+        assert isinstance(error, StorageFullError), repr(error)
+        assert error.errno == errno.ENOSPC
         assert len(sql.list_files("fill")) == written  # every save before the error is whole
         assert sql.load("keep/external.bin") == b"e" * 2000
         assert_consistent(sql)
-    if not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
-        raise KnownBug(f"{type(error).__module__}.{type(error).__name__}: {error}")
+    _full_blob_store_is_storage_full(info.value, request)
