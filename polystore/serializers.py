@@ -182,7 +182,8 @@ class BytesSerializer(Serializer):
         return isinstance(value, bytes | bytearray | memoryview)
 
     def encode(self, value: Any) -> Encoded:
-        data = value if isinstance(value, bytes) else memoryview(value).cast("B").tobytes()
+        # tobytes() copies any buffer, contiguous or not, in C order.
+        data = value if isinstance(value, bytes) else memoryview(value).tobytes()
         return Encoded(self.name, self.version, data)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:
@@ -215,7 +216,7 @@ class JSONSerializer(Serializer):
     def encode(self, value: Any) -> Encoded:
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # too deep is bad input too
             raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
         return Encoded(self.name, self.version, text.encode("utf-8"))
 

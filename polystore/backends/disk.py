@@ -125,7 +125,7 @@ def _encode(fmt: str, value: Any, path: str) -> _Writer:
     if fmt == "json":
         try:
             content = json.dumps(value).encode("utf-8")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
             raise _refuse(fmt, value, path, f"JSON values ({exc})") from exc
     elif fmt == "txt":
         if not isinstance(value, str):

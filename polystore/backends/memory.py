@@ -83,7 +83,7 @@ def _describe(value: Any) -> tuple[str, int | None, str | None, tuple[int, ...] 
         return "str", len(value.encode("utf-8", "surrogatepass")), None, None
     try:
         return "json", len(json.dumps(value).encode("utf-8")), None, None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return "object", None, None, None
 
 

@@ -111,7 +111,7 @@ def _check_attrs(attrs: Any) -> dict[str, Any] | None:
         raise SerializationError(f"attrs must be a dict with str keys, not {type(attrs).__name__}")
     try:
         text = json.dumps(attrs, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
         raise SerializationError(f"attrs must be plain JSON: {exc}") from exc
     if len(text.encode("utf-8")) > MAX_ATTRS_BYTES:
         raise SerializationError(
