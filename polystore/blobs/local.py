@@ -19,6 +19,7 @@ that a power cut may take with it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -34,7 +35,7 @@ from polystore.blobs.base import (
     check_hash,
     hash_key,
 )
-from polystore.errors import NotFoundError
+from polystore.errors import NotFoundError, StorageFullError
 
 __all__ = ["LocalBlobStore"]
 
@@ -131,8 +132,12 @@ class LocalBlobStore(BlobStore):
             finally:
                 os.close(fd)
             os.replace(temp, final)
-        except BaseException:
+        except BaseException as exc:
             temp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StorageFullError(
+                    errno.ENOSPC, f"blob store {self.name!r} is full: {exc}", str(final)
+                ) from exc
             raise
         if self.fsync:
             _fsync_dir(final.parent)
