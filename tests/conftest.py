@@ -183,3 +183,14 @@ def s3_store(s3_url: str) -> object:
     from polystore.blobs import from_url
 
     return from_url(s3_url)
+
+
+@pytest.fixture
+def isolated_backend_classes() -> Iterator[None]:
+    """Backend classes a test defines register process-wide; forget them afterwards."""
+    from polystore.backends import base
+
+    saved = dict(base._BACKEND_CLASSES)
+    yield
+    base._BACKEND_CLASSES.clear()
+    base._BACKEND_CLASSES.update(saved)

@@ -21,17 +21,10 @@ from polystore import (
     MemoryBackend,
     StorageBackend,
 )
-from polystore.backends import base
 from polystore.backends.base import registered_backend_classes
 
-
-@pytest.fixture(autouse=True)
-def isolated_classes() -> Iterator[None]:
-    """Classes defined by a test register globally; forget them afterwards."""
-    saved = dict(base._BACKEND_CLASSES)
-    yield
-    base._BACKEND_CLASSES.clear()
-    base._BACKEND_CLASSES.update(saved)
+# Classes a test defines register globally; the conftest fixture forgets them.
+pytestmark = pytest.mark.usefixtures("isolated_backend_classes")
 
 
 class DictBackend(StorageBackend):

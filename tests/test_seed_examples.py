@@ -34,20 +34,13 @@ from polystore import (
     StorageBackend,
     paths,
 )
-from polystore.backends import base
 from polystore.backends.base import registered_backend_classes
 from polystore.errors import NotADirectoryError as PolystoreNotADirectoryError
 from polystore.errors import NotFoundError, SerializationError
 from polystore.testing import BackendTests
 
-
-@pytest.fixture(autouse=True)
-def isolated_classes() -> Iterator[None]:
-    """Seed classes register global keys ('json_storage', 'http', ...); forget them."""
-    saved = dict(base._BACKEND_CLASSES)
-    yield
-    base._BACKEND_CLASSES.clear()
-    base._BACKEND_CLASSES.update(saved)
+# Classes a test defines register globally; the conftest fixture forgets them.
+pytestmark = pytest.mark.usefixtures("isolated_backend_classes")
 
 
 @pytest.fixture
