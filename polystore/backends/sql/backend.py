@@ -47,7 +47,13 @@ from polystore.backends.sql.engine import (
     retrying,
     translate_errors,
 )
-from polystore.backends.sql.fast import FastReader, children_sql, names_sql, resolve_sql
+from polystore.backends.sql.fast import (
+    FastReader,
+    children_sql,
+    names_sql,
+    resolve_params,
+    resolve_sql,
+)
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
@@ -392,7 +398,7 @@ class SQLBackend(StorageBackend):
         if self._tx.get() is None:
             parts = paths.split_parts(path)
             sql = resolve_sql(self._dialect, len(parts), "content" if with_content else "node")
-            rows = self._fast.fetch(sql, {f"p{i}": name for i, name in enumerate(parts)})
+            rows = self._fast.fetch(sql, resolve_params(self._dialect, parts))
             if rows is not None:
                 return rows[0] if rows else None
         return self._read(lambda conn: tree.resolve(conn, path, with_content=with_content))
@@ -403,7 +409,7 @@ class SQLBackend(StorageBackend):
             parts = paths.split_parts(path)
             rows = self._fast.fetch_raw(
                 resolve_sql(self._dialect, len(parts), "kind"),
-                {f"p{i}": name for i, name in enumerate(parts)},
+                resolve_params(self._dialect, parts),
             )
             if rows is not None:
                 return (rows[0][0], rows[0][1]) if rows else None
@@ -441,9 +447,9 @@ class SQLBackend(StorageBackend):
         dialect = self.engine.dialect.name
         found: dict[str, Any] = {}
         for parent, names in by_parent.items():
+            parts = paths.split_parts(parent)
             parent_rows = self._fast.fetch(
-                resolve_sql(dialect, len(paths.split_parts(parent)), "node"),
-                {f"p{i}": n for i, n in enumerate(paths.split_parts(parent))},
+                resolve_sql(dialect, len(parts), "node"), resolve_params(dialect, parts)
             )
             if parent_rows is None:
                 return None

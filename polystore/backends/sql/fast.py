@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Engine
 
-__all__ = ["FastReader", "FastRow"]
+__all__ = ["JOIN_DEPTH", "FastReader", "FastRow", "resolve_params", "resolve_sql", "walk_sql"]
 
 #: Most connections the fast path holds at once; more threads use the pool normally.
 MAX_HELD = 8
@@ -54,14 +54,68 @@ def _placeholder(dialect: str, name: str) -> str:
     return f"%({name})s" if dialect == "postgresql" else f":{name}"
 
 
+#: Paths up to this many names resolve through a chain of self-joins (fastest);
+#: deeper ones through one recursive query. SQLite refuses joins of more than
+#: 64 tables, and PostgreSQL's planner slows sharply on long join chains.
+JOIN_DEPTH = 16
+
+
+def resolve_params(dialect: str, parts: Sequence[str]) -> dict[str, Any]:
+    """Parameters for :func:`resolve_sql` of the path ``parts``."""
+    if len(parts) > JOIN_DEPTH:
+        names: Any = list(parts) if dialect == "postgresql" else json.dumps(list(parts))
+        return {"names": names, "depth": len(parts)}
+    return {f"p{i}": name for i, name in enumerate(parts)}
+
+
+def walk_sql(dialect: str, select: str, *, with_content: bool, named: bool = False) -> str:
+    """A path of any depth resolved in one statement: a recursive walk from the root.
+
+    The names come as one parameter ``names`` (a JSON array on SQLite, a text
+    array on PostgreSQL) with ``depth`` their count; ``select`` lists columns
+    of the node ``n`` (and of its blob ``b`` with ``with_content``). ``named``
+    writes ``:name`` placeholders (for :func:`sqlalchemy.text`) instead of the
+    driver's own.
+    """
+
+    def param(name: str) -> str:
+        return f":{name}" if named else _placeholder(dialect, name)
+
+    if dialect == "postgresql":
+        name_at = f"(CAST({param('names')} AS TEXT[]))[walk.depth + 1]"
+    else:
+        name_at = f"json_extract({param('names')}, '$[' || walk.depth || ']')"
+    blob = "LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash\n" if with_content else ""
+    return (
+        "WITH RECURSIVE walk (id, depth) AS (\n"
+        "    SELECT CAST(0 AS BIGINT), 0\n"
+        "    UNION ALL\n"
+        "    SELECT n.id, walk.depth + 1 FROM walk\n"
+        f"    JOIN polystore_nodes AS n ON n.parent_id = walk.id AND n.name = {name_at}\n"
+        f"    WHERE walk.depth < {param('depth')}\n"
+        ")\n"
+        f"SELECT {select}\n"
+        "FROM walk JOIN polystore_nodes AS n ON n.id = walk.id\n"
+        f"{blob}"
+        f"WHERE walk.depth = {param('depth')}"
+    )
+
+
 @lru_cache(maxsize=128)
 def resolve_sql(dialect: str, depth: int, what: str = "node") -> str:
-    """SQL for the node at a path of ``depth`` names (``p0`` .. ``p{depth-1}``).
+    """SQL for the node at a path of ``depth`` names; see :func:`resolve_params`.
 
     ``what`` is ``"kind"`` (``id, kind`` only: ``exists`` and friends),
     ``"node"`` (the :class:`FastRow` columns, no content) or ``"content"`` (with
     the blob's placement and inline bytes).
     """
+    if depth > JOIN_DEPTH:
+        columns = "n.id, n.kind" if what == "kind" else _COLUMNS.format(n="n")
+        if what == "node":
+            columns += ", NULL, NULL"
+        elif what == "content":
+            columns += ", b.store, b.data"
+        return walk_sql(dialect, columns, with_content=what == "content")
     last = f"n{depth - 1}" if depth else "n0"
     if what == "kind":
         sql = [f"SELECT {last}.id, {last}.kind"]

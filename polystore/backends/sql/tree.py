@@ -2,7 +2,9 @@
 
 Everything here takes an open :class:`~sqlalchemy.Connection` and runs inside
 the caller's transaction. A path of depth *d* resolves in one statement (a chain
-of *d* self-joins on the ``(parent_id, name)`` unique index), not *d* round trips.
+of *d* self-joins on the ``(parent_id, name)`` unique index, or past
+:data:`~polystore.backends.sql.fast.JOIN_DEPTH` names a recursive walk), not *d*
+round trips.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
 from polystore.backends._common import not_a_directory
+from polystore.backends.sql.fast import JOIN_DEPTH, resolve_params, walk_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table
 
 __all__ = [
@@ -100,12 +103,29 @@ def _root_statement(with_content: bool) -> sa.Select[Any]:
     return sa.select(*columns).where(nodes.c.id == ROOT_ID)
 
 
+@lru_cache(maxsize=8)
+def _walk_statement(dialect: str, with_content: bool) -> sa.TextClause:
+    columns: list[Any] = list(NODE_COLUMNS)
+    if with_content:
+        columns += [blobs.c.store, blobs.c.data]
+    select = ", ".join(f"{'b' if col.table is blobs else 'n'}.{col.name}" for col in columns)
+    sql = walk_sql(dialect, select, with_content=with_content, named=True)
+    return sa.text(sql).columns(*columns)  # type: ignore[return-value]
+
+
 def resolve(conn: Connection, path: str, *, with_content: bool = False) -> sa.Row[Any] | None:
-    """The node row at normal ``path`` (with ``store``/``data`` if asked), or None."""
+    """The node row at normal ``path`` (with ``store``/``data`` if asked), or None.
+
+    One statement at any depth: a chain of joins up to :data:`JOIN_DEPTH` names,
+    a recursive walk beyond.
+    """
     parts = paths.split_parts(path)
     if not parts:
         return conn.execute(_root_statement(with_content)).first()
-    params = {f"p{i}": name for i, name in enumerate(parts)}
+    dialect = conn.dialect.name
+    params = resolve_params(dialect, parts)
+    if len(parts) > JOIN_DEPTH:
+        return conn.execute(_walk_statement(dialect, with_content), params).first()
     return conn.execute(_resolve_statement(len(parts), with_content), params).first()
 
 
