@@ -462,6 +462,72 @@ def test_missing_catalog_is_not_created(invoke: Invoke, tmp_path: Path) -> None:
     assert not (tmp_path / "typo.db").exists()
 
 
+#: Commands that need an existing catalog (all but ``put`` and ``db upgrade``).
+NEEDS_A_CATALOG = [
+    ["ls"],
+    ["tree"],
+    ["cat", "a.bin"],
+    ["stat", "a.bin"],
+    ["du"],
+    ["query", "SELECT 1"],
+    ["get", "a.bin", "{tmp}"],
+    ["rm", "a.bin"],
+    ["mv", "a.bin", "b.bin"],
+    ["cp", "a.bin", "b.bin"],
+    ["gc"],
+    ["fsck"],
+]
+
+
+def _database_objects(url: str) -> list[str]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return sorted(inspector.get_table_names() + inspector.get_view_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", NEEDS_A_CATALOG, ids=" ".join)
+def test_empty_postgresql_database_is_not_made_a_catalog(
+    invoke: Invoke, pg_url: str, command: list[str], tmp_path: Path
+) -> None:
+    assert _database_objects(pg_url) == []
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    line = one_error_line(invoke("--url", pg_url, *args, code=1))
+    assert "no catalog at" in line and "no polystore tables" in line, line
+    assert "polystore db upgrade" in line
+    assert _database_objects(pg_url) == []  # nothing created
+    # Once it is a catalog, the same command gets past the check.
+    invoke("db", "upgrade", "--url", pg_url)
+    assert "no polystore tables" not in invoke("--url", pg_url, "ls").stderr
+
+
+@pytest.mark.parametrize("kind", ["empty file", "another application's database"])
+def test_sqlite_file_without_a_catalog_is_not_made_one(
+    invoke: Invoke, tmp_path: Path, kind: str
+) -> None:
+    import sqlite3
+
+    db = tmp_path / "app.db"
+    if kind == "empty file":
+        db.touch()
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE things (x)")
+        conn.close()
+    before = db.read_bytes()
+    for command in (["ls"], ["stat", "a.bin"], ["query", "SELECT 1"], ["fsck"]):
+        line = one_error_line(invoke("--url", f"sqlite:///{db}", *command, code=1))
+        assert "no polystore tables" in line, (command, line)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 def test_outdated_schema(invoke: Invoke, catalog_url: str) -> None:
     migrate.upgrade(catalog_url, "0001")
     line = one_error_line(invoke("--url", catalog_url, "ls", code=1))

@@ -94,8 +94,10 @@ def test_unknown_keyword_is_an_error() -> None:
         backend.save(b"x", "x.bin", overwite=False)
     with pytest.raises(TypeError, match="mmap_mode"):
         backend.load("x.bin", mmap_mode="r")
-    with pytest.raises(TypeError, match="attrs must be a mapping"):
+    # Bad attrs are a SerializationError (a TypeError), as on the SQL catalog.
+    with pytest.raises(SerializationError, match="attrs must be a dict with str keys"):
         backend.save(b"x", "x.bin", attrs=["not", "a", "mapping"])
+    assert not backend.exists("x.bin")
 
 
 def test_stat_describes_values() -> None:

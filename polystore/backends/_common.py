@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import os
 from typing import Any
 
 from polystore import errors, paths
+
+#: User attributes are metadata, not content: their JSON is capped.
+MAX_ATTRS_BYTES = 64 * 1024
 
 
 def not_found(path: str) -> errors.NotFoundError:
@@ -42,6 +46,48 @@ def directory_not_empty(path: str) -> errors.IsADirectoryError:
     return errors.IsADirectoryError(
         errno.ENOTEMPTY, "Directory not empty (pass recursive=True to delete it)", path
     )
+
+
+def read_only_file_system(path: str) -> errors.ReadOnlyError:
+    """A write refused by the operating system because the file system is read-only.
+
+    A :class:`~polystore.errors.ReadOnlyError` (so a ``PermissionError``) that
+    keeps ``errno.EROFS``, so code that looked at the ``OSError`` still works.
+    """
+    return errors.ReadOnlyError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+def attrs_json(attrs: Any) -> str:
+    """The JSON text of user attributes, checked the same way on every backend.
+
+    ``attrs`` must be a ``dict`` with ``str`` keys holding plain JSON (no NaN or
+    infinities, nothing ``json`` cannot encode, not nested too deep), at most
+    :data:`MAX_ATTRS_BYTES` once encoded as UTF-8; anything else raises
+    :class:`~polystore.errors.SerializationError`.
+    """
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+        raise errors.SerializationError(
+            f"attrs must be a dict with str keys, not {type(attrs).__name__}"
+        )
+    try:
+        text = json.dumps(attrs, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
+        raise errors.SerializationError(f"attrs must be plain JSON: {exc}") from exc
+    size = len(text.encode("utf-8"))
+    if size > MAX_ATTRS_BYTES:
+        raise errors.SerializationError(
+            f"attrs are {size} bytes of JSON, more than {MAX_ATTRS_BYTES}; "
+            "store large metadata as a file of its own"
+        )
+    return text
+
+
+def check_attrs(attrs: Any) -> dict[str, Any] | None:
+    """``attrs`` itself once :func:`attrs_json` accepts it; ``None`` stays ``None``."""
+    if attrs is None:
+        return None
+    attrs_json(attrs)
+    return attrs  # type: ignore[no-any-return]
 
 
 def ancestors(path: str) -> list[str]:

@@ -28,7 +28,11 @@ directory (named ``.polystore-tmp-<random>``), is flushed and fsync'ed, then
 renamed over the target with ``os.replace`` (``os.link`` for
 ``overwrite=False``, so an existing file is never clobbered). A failed save
 removes its temporary file and any directory it created, so it leaves nothing
-behind. Temporary files never appear in listings, and names starting with
+behind. On a read-only file system (``EROFS``) every write -- ``save``,
+``delete``, ``move``, ``copy``, ``ensure_directory`` -- raises
+:class:`~polystore.errors.ReadOnlyError` (a ``PermissionError`` that keeps
+``errno.EROFS``); a permission the OS denies (``EACCES``, ``EPERM``) stays the
+builtin ``PermissionError``. Temporary files never appear in listings, and names starting with
 ``.polystore-tmp-`` are refused. ``save_batch`` is a loop, not all-or-nothing:
 the disk backend has no transactions.
 
@@ -49,8 +53,8 @@ import io
 import json
 import os
 import stat as stat_mod
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import IO, TYPE_CHECKING, Any
 
 from polystore import paths
@@ -58,6 +62,7 @@ from polystore.backends import _common as c
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.errors import (
     InvalidPathError,
+    ReadOnlyError,
     SerializationError,
     StorageFullError,
     UnsupportedOperationError,
@@ -240,6 +245,20 @@ def _npy_header(full: str) -> tuple[str | None, tuple[int, ...] | None]:
     return str(dtype), tuple(shape)
 
 
+@contextmanager
+def _refuse_read_only(path: str) -> Iterator[None]:
+    """A write the OS refuses because the file system is read-only (``EROFS``)
+    raises :class:`~polystore.errors.ReadOnlyError`, as every read-only backend
+    does. ``EACCES``/``EPERM`` stay the builtin ``PermissionError`` (a
+    ``ReadOnlyError``'s base): they mean "not this user here", not "read-only"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EROFS and not isinstance(exc, ReadOnlyError):
+            raise c.read_only_file_system(path) from exc
+        raise
+
+
 def _fsync_directory(directory: str) -> None:
     # Makes the rename itself durable. Not possible on Windows; some
     # filesystems refuse fsync on a directory, which is fine to ignore.
@@ -265,7 +284,8 @@ class DiskBackend(StorageBackend):
         self.root: Path = Path(root).absolute()
         self._root = str(self.root)
         try:
-            os.makedirs(self._root, exist_ok=True)
+            with _refuse_read_only(self._root):
+                os.makedirs(self._root, exist_ok=True)
         except (FileExistsError, NotADirectoryError):  # a file, or a path through one
             raise c.not_a_directory(self._root) from None
 
@@ -408,12 +428,13 @@ class DiskBackend(StorageBackend):
         write = _encode(format_for(name), data, path)
         if os.path.isdir(self._full(path)):
             raise c.is_a_directory(path)
-        created = self._makedirs(parent)
-        try:
-            self._atomic_write(path, write, overwrite)
-        except BaseException:
-            self._remove_dirs(created)
-            raise
+        with _refuse_read_only(path):
+            created = self._makedirs(parent)
+            try:
+                self._atomic_write(path, write, overwrite)
+            except BaseException:
+                self._remove_dirs(created)
+                raise
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
@@ -481,61 +502,67 @@ class DiskBackend(StorageBackend):
         full = self._full(p)
         if self._hidden(p) or not os.path.lexists(full):
             raise c.not_found(p)
-        if os.path.isdir(full) and not os.path.islink(full):
-            if recursive:
-                import shutil
+        with _refuse_read_only(p):
+            if os.path.isdir(full) and not os.path.islink(full):
+                if recursive:
+                    import shutil
 
-                shutil.rmtree(full)
-                return
-            try:
-                os.rmdir(full)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise c.directory_not_empty(p) from None
-                raise
-        else:
-            os.unlink(full)
+                    shutil.rmtree(full)
+                    return
+                try:
+                    os.rmdir(full)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise c.directory_not_empty(p) from None
+                    raise
+            else:
+                os.unlink(full)
 
     def move(self, src: str, dst: str) -> None:
         # docstring inherited
         s, d = paths.normalize_file(src), paths.normalize_file(dst)
         full_src = self._check_source(s, d)
-        created = self._makedirs(paths.split(d)[0])
-        try:
-            os.rename(full_src, self._full(d))
-        except BaseException:
-            self._remove_dirs(created)
-            raise
+        with _refuse_read_only(d):
+            created = self._makedirs(paths.split(d)[0])
+            try:
+                os.rename(full_src, self._full(d))
+            except BaseException:
+                self._remove_dirs(created)
+                raise
 
     def copy(self, src: str, dst: str) -> None:
         # docstring inherited
         s, d = paths.normalize_file(src), paths.normalize_file(dst)
         full_src = self._check_source(s, d)
-        created = self._makedirs(paths.split(d)[0])
         import shutil
 
-        try:
-            if os.path.isdir(full_src):
-                try:
-                    shutil.copytree(
-                        full_src, self._full(d), ignore=shutil.ignore_patterns(TEMP_PREFIX + "*")
-                    )
-                except BaseException:
-                    shutil.rmtree(self._full(d), ignore_errors=True)
-                    raise
-            else:
-                with open(full_src, "rb") as source:
-                    self._atomic_write(d, lambda fh: shutil.copyfileobj(source, fh), False)
-        except BaseException:
-            self._remove_dirs(created)
-            raise
+        with _refuse_read_only(d):
+            created = self._makedirs(paths.split(d)[0])
+            try:
+                if os.path.isdir(full_src):
+                    try:
+                        shutil.copytree(
+                            full_src,
+                            self._full(d),
+                            ignore=shutil.ignore_patterns(TEMP_PREFIX + "*"),
+                        )
+                    except BaseException:
+                        shutil.rmtree(self._full(d), ignore_errors=True)
+                        raise
+                else:
+                    with open(full_src, "rb") as source:
+                        self._atomic_write(d, lambda fh: shutil.copyfileobj(source, fh), False)
+            except BaseException:
+                self._remove_dirs(created)
+                raise
 
     def ensure_directory(self, path: str) -> None:
         # docstring inherited
         p = paths.normalize(path)
         if self._hidden(p):
             raise InvalidPathError(f"names starting with {TEMP_PREFIX!r} are reserved: {p!r}")
-        self._makedirs(p)
+        with _refuse_read_only(p):
+            self._makedirs(p)
 
     def stat(self, path: str) -> StatResult:
         # docstring inherited

@@ -28,7 +28,11 @@ The rules every built-in backend follows (memory and disk alike):
 - ``ensure_directory`` on a file, or under one: ``NotADirectoryError``.
 - Unknown keyword arguments raise ``TypeError`` instead of being ignored.
 
-``save(..., attrs={...})`` keeps user attributes, returned by ``stat``.
+``save(..., attrs={...})`` keeps user attributes, returned by ``stat``. They
+are checked exactly as the SQL catalog checks them (a ``dict`` with ``str``
+keys, plain JSON, at most 64 KiB; else
+:class:`~polystore.errors.SerializationError`) and returned as that JSON reads
+back.
 ``transaction()`` snapshots the store and restores it if the block raises;
 transactions nest, and ``save_batch`` is all-or-nothing. Every operation holds
 one re-entrant lock, so the backend can be shared between threads (a
@@ -41,7 +45,7 @@ import copy
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -172,16 +176,16 @@ class MemoryBackend(StorageBackend):
         file_path: str,
         *,
         overwrite: bool = True,
-        attrs: Mapping[str, Any] | None = None,
+        attrs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # docstring inherited
         c.reject_kwargs(self, "save", kwargs)
-        if attrs is not None and not isinstance(attrs, Mapping):
-            raise TypeError(f"attrs must be a mapping, not {type(attrs).__name__}")
+        # Checked as the SQL catalog checks them, and kept as the JSON it would
+        # return (tuples become lists), so both backends give back the same attrs.
+        attrs_copy = {} if attrs is None else json.loads(c.attrs_json(attrs))
         path = paths.normalize_file(file_path)
         value = _private_copy(data)
-        attrs_copy = dict(_private_copy(attrs, "attrs")) if attrs else {}
         with self._lock:
             if path in self._dirs:
                 raise c.is_a_directory(path)

@@ -176,6 +176,19 @@ class BlobStore(abc.ABC):
         with self.open(content_hash) as reader:
             return reader.readall()
 
+    def replace(
+        self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
+    ) -> None:
+        """Write the object even when one of that size is already there.
+
+        polystore calls this only to repair an object whose bytes do not hash
+        to its name. The default deletes the object, then calls :meth:`put`
+        (so for a moment there is none); stores that can overwrite
+        atomically override it, as the built-in ones do.
+        """
+        self.delete([content_hash])
+        self.put(content_hash, chunks, size, token=token)
+
     def abort(self, content_hash: str, token: str) -> None:  # noqa: B027 -- optional hook
         """Remove what an interrupted upload with ``token`` left behind, if anything.
 

@@ -110,9 +110,22 @@ class LocalBlobStore(BlobStore):
         self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
     ) -> bool:
         # docstring inherited
-        final = self.path(content_hash)
         if self.size(content_hash) == size:
             return False
+        self._write(content_hash, chunks, size, token)
+        return True
+
+    def replace(
+        self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
+    ) -> None:
+        # docstring inherited
+        self._write(content_hash, chunks, size, token)
+
+    def _write(
+        self, content_hash: str, chunks: Iterable[Buffer], size: int, token: str | None
+    ) -> None:
+        """Write the object through a temporary file renamed over the final name."""
+        final = self.path(content_hash)
         temp = self._temp_path(content_hash, token or uuid.uuid4().hex)
         self._make_shard(final.parent)
         written = 0
@@ -141,7 +154,6 @@ class LocalBlobStore(BlobStore):
             raise
         if self.fsync:
             _fsync_dir(final.parent)
-        return True
 
     def open(self, content_hash: str) -> BlobReader:
         # docstring inherited

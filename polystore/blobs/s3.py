@@ -175,11 +175,21 @@ class S3BlobStore(BlobStore):
         self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
     ) -> bool:
         # docstring inherited
+        if self.size(content_hash) == size:
+            return False
+        self._write(content_hash, chunks, size)
+        return True
+
+    def replace(
+        self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
+    ) -> None:
+        # docstring inherited (a PUT replaces the object atomically on the server)
+        self._write(content_hash, chunks, size)
+
+    def _write(self, content_hash: str, chunks: Iterable[Buffer], size: int) -> None:
         import obstore
 
         key = hash_key(content_hash)
-        if self.size(content_hash) == size:
-            return False
         counted = 0
 
         def counting() -> Iterator[Buffer]:
@@ -208,7 +218,6 @@ class S3BlobStore(BlobStore):
             if size > self.part_size:
                 self.delete([content_hash])
             raise ValueError(f"upload of {content_hash} gave {counted} bytes, not {size}")
-        return True
 
     def open(self, content_hash: str) -> BlobReader:
         # docstring inherited

@@ -36,6 +36,7 @@ def query(state: State, sql: str, as_json: bool) -> None:
 
     if sql == "-":
         sql = sys.stdin.read()
+    state.require_catalog()
     result = run_readonly(state.url, sql)
     if as_json:
         echo_json(result.records())

@@ -72,18 +72,74 @@ class State:
         return self._backend
 
     def require_catalog(self) -> None:
-        """Raise :class:`~polystore.errors.NotFoundError` if the catalog is a missing SQLite file."""
+        """Raise :class:`~polystore.errors.NotFoundError` unless there is a catalog at :attr:`url`.
+
+        A missing SQLite file, or a database (SQLite or PostgreSQL) without
+        polystore's tables, is most likely a wrong URL: a command that only reads
+        must not create a catalog there.
+        """
         path = sqlite_file(self.url)
         if path is not None and not os.path.exists(path):
             raise NotFoundError(
                 f"there is no catalog at {self.url} ({path} does not exist); "
                 "create one with `polystore put` or `polystore db upgrade`"
             )
+        if not has_polystore_tables(self.url):
+            from polystore.backends.sql.schema import display_url
+
+            raise NotFoundError(
+                f"there is no catalog at {display_url(self.url)} (the database has no "
+                "polystore tables); create one with `polystore put` or `polystore db upgrade`"
+            )
 
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def has_polystore_tables(url: str) -> bool:
+    """Whether the database at ``url`` holds polystore's tables; it is not changed.
+
+    True for in-memory SQLite (always new) and whenever a SQLite file cannot be
+    looked at: opening the catalog then reports the actual problem.
+    """
+    import sqlite3
+
+    tables = ("polystore_alembic_version", "polystore_nodes")
+    path = sqlite_file(url)
+    if path is not None:
+        # Read-only, through sqlite3 itself: the catalog engine would switch a
+        # non-WAL file to WAL on connect.
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True)
+            try:
+                found = db.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                    tables,
+                ).fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return True
+        return bool(found)
+    from polystore.backends.sql.engine import parse_url
+
+    if parse_url(url).get_backend_name() == "sqlite":
+        return True  # in memory
+    import sqlalchemy as sa
+
+    from polystore.backends.sql.engine import create_catalog_engine, translate_errors
+
+    with translate_errors(url):
+        engine = create_catalog_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                inspector = sa.inspect(conn)
+                return any(inspector.has_table(name) for name in tables)
+        finally:
+            engine.dispose()
 
 
 def sqlite_file(url: str) -> str | None:

@@ -85,15 +85,22 @@ def create_catalog_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
 
 
-def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
+def _sqlite_path(url: URL) -> str | None:
+    """The absolute path of a SQLite catalog file; None for an in-memory database."""
     database = url.database or ""
-    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
-    if not memory:
-        path = database
-        if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
-            # A SQLite URI filename: file:/abs/x.db or file:rel/x.db
-            path = path[len("file:") :].split("?", 1)[0]
-        parent = os.path.dirname(os.path.abspath(path))
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        # A SQLite URI filename: file:/abs/x.db or file:rel/x.db
+        database = database[len("file:") :].split("?", 1)[0]
+    return os.path.abspath(database)
+
+
+def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
+    path = _sqlite_path(url)
+    memory = path is None
+    if path is not None:
+        parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise BackendConfigError(f"directory for SQLite catalog does not exist: {parent}")
     connect_args = dict(engine_kwargs.pop("connect_args", {}))
@@ -179,6 +186,9 @@ def translate_errors(url: str) -> Iterator[None]:
     except PolystoreError:
         raise
     except exc.DBAPIError as error:
+        read_only = _read_only_sqlite_directory(url, error)
+        if read_only is not None:
+            raise read_only from error
         if _is_unavailable(error):
             raise BackendUnavailableError(
                 f"cannot reach the catalog at {_safe(url)}: {str(error.orig).strip()}"
@@ -197,6 +207,45 @@ def translate_errors(url: str) -> Iterator[None]:
                 f"{_safe(url)} does not point at a SQLite database: {text.strip()}"
             ) from error
         raise
+
+
+def _read_only_sqlite_directory(url: str, error: exc.DBAPIError) -> ReadOnlyError | None:
+    """The error for a SQLite catalog in a directory this process cannot write.
+
+    SQLite reads a WAL database through ``-wal`` and ``-shm`` files it creates
+    beside it, so on a read-only file system or in a read-only directory even a
+    ``mode=ro`` open fails, with "unable to open database file" (or "attempt to
+    write a readonly database"): say why, and what opens it.
+    """
+    text = str(error.orig).strip()
+    if not isinstance(error, exc.OperationalError) or not any(
+        marker in text
+        for marker in ("unable to open database file", "attempt to write a readonly database")
+    ):
+        return None
+    try:
+        parsed = parse_url(url)
+    except PolystoreError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("immutable") in ("1", "true"):
+        return None
+    path = _sqlite_path(parsed)
+    if path is None:
+        return None
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory) or os.access(directory, os.W_OK):
+        return None
+    if not os.path.exists(path):
+        return ReadOnlyError(
+            f"cannot create the SQLite catalog {path}: its directory is read-only (SQLite: {text})"
+        )
+    return ReadOnlyError(
+        f"cannot open the SQLite catalog {path}: its directory is read-only (a read-only "
+        "file system or directory), and SQLite must create its -wal and -shm files there, "
+        f"even to read (SQLite: {text}). To read it in place, open "
+        f"sqlite:///file:{path}?immutable=1&uri=true -- only while nothing changes the "
+        "file -- or copy it somewhere writable"
+    )
 
 
 def _safe(url: str) -> str:
