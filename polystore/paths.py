@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable
 
 from polystore.errors import InvalidPathError
@@ -59,16 +60,10 @@ def normalize(path: str | os.PathLike[str]) -> str:
     return "/".join(parts)
 
 
-def _is_plain(path: str) -> bool:
-    """Whether ``path`` is already normal (the common case, checked cheaply)."""
-    if not path or not path.isascii() or path[0] == "/" or path[-1] == "/":
-        return False
-    if "//" in path or "\\" in path or "\x00" in path:
-        return False
-    for part in path.split("/"):
-        if part == "." or part == ".." or len(part) > MAX_NAME_BYTES:
-            return False
-    return True
+# A normal path of plain ASCII names: no empty, "." or ".." segment, no NUL or
+# backslash, no name over 255 bytes. One regex match, the common case's only check.
+_PLAIN_NAME = r"(?!\.\.?(?:/|\Z))[\x01-\x2e\x30-\x5b\x5d-\x7f]{1,255}"
+_is_plain = re.compile(rf"{_PLAIN_NAME}(?:/{_PLAIN_NAME})*").fullmatch
 
 
 def normalize_file(path: str | os.PathLike[str]) -> str:

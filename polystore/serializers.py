@@ -32,9 +32,9 @@ from __future__ import annotations
 import json
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, ClassVar
 
 from polystore.errors import SerializationError
@@ -69,6 +69,22 @@ class Encoded:
         return memoryview(self.data).nbytes
 
 
+def _encoded(
+    serializer: str,
+    version: int,
+    data: Buffer,
+    meta: dict[str, Any],
+    dtype: str | None,
+    shape: tuple[int, ...] | None,
+) -> Encoded:
+    """``Encoded(...)`` without the frozen dataclass's per-field ``__setattr__`` calls."""
+    encoded = object.__new__(Encoded)
+    encoded.__dict__.update(
+        serializer=serializer, version=version, data=data, meta=meta, dtype=dtype, shape=shape
+    )
+    return encoded
+
+
 class Serializer:
     """Base class: subclasses set ``name`` and ``version`` and implement three methods."""
 
@@ -93,39 +109,63 @@ class Serializer:
         """
         raise NotImplementedError
 
+    def decoder(self, meta: dict[str, Any]) -> Callable[[Buffer], Any]:
+        """A function that decodes content recorded with ``meta``.
+
+        Backends that load many files of the same metadata (arrays of one dtype
+        and shape) build one decoder and reuse it. The default calls
+        :meth:`decode`; override it to do the per-metadata work only once.
+        """
+        return partial(_decode_with, self, meta)
+
 
 class NDArraySerializer(Serializer):
     name = "ndarray"
 
     def accepts(self, value: Any) -> bool:
         np = _numpy_if_loaded()
-        return np is not None and isinstance(value, np.ndarray | np.generic)
+        return np is not None and isinstance(value, (np.ndarray, np.generic))
 
     def encode(self, value: Any) -> Encoded:
         import numpy as np
 
-        scalar = isinstance(value, np.generic)
-        arr = np.asarray(value)
-        if arr.dtype.hasobject:
+        # Batches encode thousands of small arrays: every step here is kept cheap.
+        if value.__class__ is np.ndarray:
+            arr, scalar = value, False
+        else:
+            scalar = isinstance(value, np.generic)
+            arr = np.asarray(value)
+        dtype = arr.dtype
+        if dtype.hasobject:
             raise SerializationError(
                 f"numpy arrays of dtype {arr.dtype} hold Python objects and cannot be stored "
                 "as raw bytes; convert them, or open the backend with allow_pickle=True "
                 "and save a list instead"
             )
         order = "C"
-        if arr.flags.c_contiguous:
-            flat = arr.reshape(-1)
-        elif arr.flags.f_contiguous:
-            order, flat = "F", arr.T.reshape(-1)
+        flags = arr.flags
+        if flags.c_contiguous:
+            flat = arr
+        elif flags.f_contiguous:
+            order, flat = "F", arr.T
         else:
-            flat = np.ascontiguousarray(arr).reshape(-1)
-        # A uint8 view exposes the bytes of any dtype without a copy (datetime64
-        # arrays, for one, refuse the buffer protocol directly).
-        data = memoryview(flat.view(np.uint8)) if flat.nbytes else b""  # type: ignore[arg-type]
-        dtype_name, meta = _array_meta(arr.dtype, order, scalar)
-        return Encoded(self.name, self.version, data, meta, dtype=dtype_name, shape=arr.shape)
+            flat = np.ascontiguousarray(arr)
+        data: Buffer = b""
+        if flat.nbytes:
+            try:
+                # The bytes, in order, without a copy.
+                data = memoryview(flat).cast("B")  # type: ignore[arg-type]
+            except (TypeError, ValueError, NotImplementedError):
+                # A uint8 view exposes the bytes of any dtype (datetime64 arrays,
+                # for one, refuse the buffer protocol directly).
+                data = memoryview(flat.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        dtype_name, meta = _array_meta(dtype, order, scalar)
+        return _encoded(self.name, self.version, data, meta, dtype_name, arr.shape)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:
+        return self.decoder(meta)(data)
+
+    def decoder(self, meta: dict[str, Any]) -> Callable[[Buffer], Any]:
         import numpy as np
 
         descr = meta["descr"]
@@ -134,13 +174,22 @@ class NDArraySerializer(Serializer):
         count = 1
         for n in shape:
             count *= n
-        flat = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
         order = meta.get("order", "C")
-        arr = flat.reshape(shape, order=order)
-        # frombuffer over bytes is read-only: one copy makes the result writeable
-        # and owns its memory (the driver's buffer can then be freed).
-        arr = arr.copy(order="K") if not arr.flags.writeable else arr
-        return arr[()] if meta.get("scalar") else arr
+        scalar = bool(meta.get("scalar"))
+
+        flat_shape = shape == (count,)
+
+        def decode(data: Buffer) -> Any:
+            arr = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
+            if not arr.flags.writeable:
+                # frombuffer over bytes is read-only: one copy makes the result
+                # writeable and owns its memory (the driver's buffer can be freed).
+                arr = arr.copy()
+            if not flat_shape:
+                arr = arr.reshape(shape, order=order)
+            return arr[()] if scalar else arr
+
+        return decode
 
 
 @lru_cache(maxsize=512)
@@ -301,10 +350,40 @@ class SerializerRegistry:
             "(open the backend with allow_pickle=True to pickle other objects)"
         )
 
+    def encoder(self, *, allow_pickle: bool = False) -> Callable[[Any], Encoded]:
+        """:meth:`encode` as a one-argument function, for encoding many values.
+
+        Same choices, made once where the order allows: when the first
+        serializer tried is the built-in :class:`NDArraySerializer`, a plain
+        ``numpy.ndarray`` goes straight to it (it would accept it anyway).
+        """
+        tried = [s for s in self._by_name.values() if allow_pickle or not s.unsafe]
+        np = _numpy_if_loaded()
+        if not tried or type(tried[0]) is not NDArraySerializer or np is None:
+            return partial(self.encode, allow_pickle=allow_pickle)
+        ndarray, encode_array, encode = np.ndarray, tried[0].encode, self.encode
+
+        def encode_one(value: Any) -> Encoded:
+            if value.__class__ is ndarray:
+                return encode_array(value)
+            return encode(value, allow_pickle=allow_pickle)
+
+        return encode_one
+
     def decode(
         self, name: str, data: Buffer, meta: dict[str, Any], *, allow_pickle: bool = False
     ) -> Any:
         """Decode content that serializer ``name`` wrote."""
+        return self.decoder(name, meta, allow_pickle=allow_pickle)(data)
+
+    def decoder(
+        self, name: str, meta: dict[str, Any], *, allow_pickle: bool = False
+    ) -> Callable[[Buffer], Any]:
+        """A function decoding content that serializer ``name`` wrote with ``meta``.
+
+        Every failure, building the decoder or calling it, raises
+        :class:`~polystore.errors.SerializationError`.
+        """
         serializer = self.get(name)
         if serializer.unsafe and not allow_pickle:
             raise SerializationError(
@@ -312,13 +391,30 @@ class SerializerRegistry:
                 "open the backend with allow_pickle=True to load it"
             )
         try:
-            return serializer.decode(data, meta)
+            decode = serializer.decoder(meta)
         except SerializationError:
             raise
         except Exception as exc:
-            raise SerializationError(
-                f"stored content cannot be decoded by {name!r}: {exc}"
-            ) from exc
+            raise _cannot_decode(name, exc) from exc
+        return partial(_guarded, name, decode)
+
+
+def _cannot_decode(name: str, exc: Exception) -> SerializationError:
+    return SerializationError(f"stored content cannot be decoded by {name!r}: {exc}")
+
+
+def _guarded(name: str, decode: Callable[[Buffer], Any], data: Buffer) -> Any:
+    # Runs for every file loaded: a plain try, no context manager.
+    try:
+        return decode(data)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _cannot_decode(name, exc) from exc
+
+
+def _decode_with(serializer: Serializer, meta: dict[str, Any], data: Buffer) -> Any:
+    return serializer.decode(data, meta)
 
 
 def _numpy_if_loaded() -> Any:

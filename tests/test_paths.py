@@ -185,3 +185,29 @@ raw_names = st.lists(
 def test_names_round_trip_on_disk(chosen: list[str]) -> None:
     with tempfile.TemporaryDirectory() as root:
         _check_names_round_trip(DiskBackend(root), chosen)
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("a/b.npy", "a/b.npy"),
+        ("a/./b", "a/b"),
+        ("./a", "a"),
+        ("a/.", "a"),
+        ("a//b", "a/b"),
+        ("/a/", "a"),
+        ("...", "..."),
+        (".a/b.", ".a/b."),
+        ("a/..b/c", "a/..b/c"),
+        ("x" * 255, "x" * 255),
+    ],
+)
+def test_plain_looking_paths_normalize_exactly(raw: str, norm: str) -> None:
+    """Paths of plain ASCII names take a shortcut; it must agree with the full rules."""
+    assert paths.normalize(raw) == norm
+
+
+@pytest.mark.parametrize("raw", ["a/../b", "..", "a/..", "x" * 256, "a/b\\c", "a\x00"])
+def test_plain_looking_bad_paths_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidPathError):
+        paths.normalize(raw)

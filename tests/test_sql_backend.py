@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import pickle
+import sqlite3
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, Self
 
 import numpy as np
@@ -26,7 +29,9 @@ from polystore import (
     ReadOnlyError,
     SerializationError,
 )
-from polystore.backends.sql import SQLBackend
+from polystore.backends.sql import SQLBackend, bulk
+from polystore.backends.sql import backend as backend_module
+from polystore.backends.sql.engine import is_retryable
 
 
 @pytest.fixture
@@ -298,13 +303,81 @@ def test_directory_move_updates_one_row(backend: SQLBackend) -> None:
     backend.save_batch([str(i).encode() for i in range(500)], paths)
     with StatementCounter(backend.engine) as counter:
         backend.move("big", "moved/here")
-    # one new parent directory, then the move itself: a single-row UPDATE
+    # one new parent directory, the tree version raised, then the move itself:
+    # a single-row UPDATE of the nodes
     updates = [s for s in counter.writes() if s.lstrip().upper().startswith("UPDATE")]
-    assert len(updates) == 1
-    assert counter.rows_changed == 2  # the created "moved" directory + the moved row
+    assert [u.split()[1] for u in updates] == ["polystore_tree_version", "polystore_nodes"]
+    assert counter.rows_changed == 3  # the version, the created "moved" directory, the moved row
     assert backend.load("moved/here/3/150.bin") == b"150"
     assert not backend.exists("big")
     assert_refcounts_consistent(backend)
+
+
+def tree_version(backend: SQLBackend) -> int:
+    with backend.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT version FROM polystore_tree_version")).scalar_one())
+
+
+def test_tree_version_counts_directory_moves_and_deletes_only(backend: SQLBackend) -> None:
+    backend.save_batch([b"1", b"2"], ["d/one.bin", "d/sub/two.bin"])
+    start = tree_version(backend)
+    backend.move("d/one.bin", "d/uno.bin")  # files: directory ids stay where they are
+    backend.copy("d", "copied")
+    backend.delete("d/uno.bin")
+    backend.ensure_directory("e/f")
+    assert tree_version(backend) == start
+    backend.move("d/sub", "d/moved")
+    backend.delete("copied", recursive=True)
+    assert tree_version(backend) == start + 2
+    with pytest.raises(RuntimeError), backend.transaction():
+        backend.move("d", "gone")
+        raise RuntimeError("rolled back: so is the version")
+    assert tree_version(backend) == start + 2
+
+
+def test_cached_directories_follow_another_writer(catalog_url: str) -> None:
+    """A reader caches directory ids by path; another backend moves and deletes them."""
+    with SQLBackend(catalog_url) as reader, SQLBackend(catalog_url) as writer:
+        writer.save(b"one", "a/b/x.bin")
+        assert reader.load("a/b/x.bin") == b"one"  # resolves the path, caches a/b
+        assert reader.load("a/b/x.bin") == b"one"  # through the cached id
+        writer.move("a/b", "a/c")
+        writer.save(b"two", "a/b/x.bin")  # a new directory at the old path
+        assert reader.load("a/b/x.bin") == b"two"
+        assert reader.load("a/c/x.bin") == b"one"
+        writer.delete("a", recursive=True)
+        writer.save(b"three", "a/b/x.bin")
+        assert reader.load("a/b/x.bin") == b"three"
+        writer.move("a", "z")  # an ancestor moves
+        with pytest.raises(NotFoundError):
+            reader.load("a/b/x.bin")
+        assert reader.load("z/b/x.bin") == b"three"
+        writer.move("z/b/x.bin", "z/b/y.bin")  # a file moves: the directory stays put
+        with pytest.raises(NotFoundError):
+            reader.load("z/b/x.bin")
+        writer.save(b"four", "z/b/x.bin")
+        assert reader.load_batch(["z/b/x.bin", "z/b/y.bin"]) == [b"four", b"three"]
+        writer.delete("z/b", recursive=True)
+        writer.save(b"file now", "z/b")  # the directory's path is a file's
+        with pytest.raises(NotFoundError):
+            reader.load("z/b/x.bin")
+        assert reader.load("z/b") == b"file now"
+
+
+def test_load_in_a_cached_directory_is_one_indexed_lookup(sqlite_url: str) -> None:
+    """Counted on the reader's own SQLite connection: the path is not walked again."""
+    with SQLBackend(sqlite_url) as b:
+        b.save_batch([b"x", b"y"], ["d1/d2/d3/d4/d5/x.bin", "d1/d2/d3/d4/d5/y.bin"])
+        assert b.load("d1/d2/d3/d4/d5/x.bin") == b"x"
+        statements: list[str] = []
+        conn = b._fast._connection()  # this thread's read connection (internal, for counting)
+        conn.set_trace_callback(statements.append)
+        try:
+            assert b.load("d1/d2/d3/d4/d5/y.bin") == b"y"
+        finally:
+            conn.set_trace_callback(None)
+        assert len(statements) == 1
+        assert statements[0].count("polystore_nodes") == 1  # no join per level
 
 
 def test_move_rules(backend: SQLBackend) -> None:
@@ -367,6 +440,71 @@ def test_save_batch_database_failure_rolls_back(backend: SQLBackend) -> None:
     with pytest.raises(IsADirectoryError):
         backend.save_batch([b"1", b"2", b"3"], ["x/a.bin", "x/b.bin", "x/dir"])
     assert catalog_snapshot(backend) == before
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_save_batch_file_and_directory_of_one_name(backend: SQLBackend, order: int) -> None:
+    before = catalog_snapshot(backend)
+    with pytest.raises(IsADirectoryError):
+        backend.save_batch([b"1", b"2"][::order], ["f/a", "f/a/x"][::order])
+    assert catalog_snapshot(backend) == before
+
+
+def test_save_batch_path_twice(backend: SQLBackend) -> None:
+    backend.save(b"old", "d/x.bin")
+    before = catalog_snapshot(backend)
+    with pytest.raises(AlreadyExistsError):
+        backend.save_batch(
+            [b"new", b"1", b"2"], ["d/new.bin", "d/y.bin", "d//y.bin"], overwrite=False
+        )
+    assert catalog_snapshot(backend) == before
+    # overwrite=True: the last value wins, and only its content is referenced
+    backend.save_batch([b"1", b"2", b"3"], ["d/x.bin", "d/y.bin", "/d/x.bin"])
+    assert backend.load("d/x.bin") == b"3"
+    assert backend.load("d/y.bin") == b"2"
+    assert set(blob_rows(backend)) == {hashlib.sha256(v).hexdigest() for v in (b"2", b"3")}
+    assert_refcounts_consistent(backend)
+
+
+def test_batch_with_repeated_content(backend: SQLBackend) -> None:
+    # Across directories, with repeated content: hashes, counts and order hold.
+    values = [np.full(1024, i % 1500, dtype=np.float32) for i in range(2000)]
+    names = [f"big/{i // 700}/{i}.npy" for i in range(len(values))]
+    backend.save_batch(values, names)
+    counts = blob_rows(backend)
+    assert len(counts) == 1500
+    for v in values[:3] + values[-3:]:
+        assert counts[hashlib.sha256(v.tobytes()).hexdigest()] == (2 if v[0] < 500 else 1)
+    for got, want in zip(backend.load_batch(names), values, strict=True):
+        assert np.array_equal(got, want)
+    assert_refcounts_consistent(backend)
+
+
+def test_streamed_bulk_insert_errors_are_sqlalchemy_errors(sqlite_url: str) -> None:
+    """The SQLite bulk inserts bypass exec_driver_sql; errors must look the same."""
+    with (
+        SQLBackend(sqlite_url) as backend,
+        backend.engine.begin() as conn,
+        pytest.raises(sa.exc.IntegrityError, match="CHECK constraint"),
+    ):
+        backend_module._INSERT_FILES.execute_processed(
+            conn, iter([(0, "x", "bogus", 1, *[None] * 6, "h" * 64, "t", "t")])
+        )
+
+    class LockedCursor:
+        def executemany(self, sql: str, rows: Any) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+        def close(self) -> None:
+            pass
+
+    fake: Any = SimpleNamespace(
+        connection=SimpleNamespace(driver_connection=SimpleNamespace(cursor=LockedCursor)),
+        dialect=sa.create_engine("sqlite://").dialect,
+    )
+    with pytest.raises(sa.exc.OperationalError) as caught:
+        bulk._sqlite_executemany(fake, "INSERT ...", iter([()]))
+    assert is_retryable(caught.value)
 
 
 def test_transaction_commit_and_rollback(backend: SQLBackend) -> None:

@@ -200,6 +200,42 @@ class BackendTests:
             backend.save_batch([b"a", b"b"], ["a.bin"])
         assert not backend.exists("a.bin")
 
+    def test_batch_naming_a_path_twice(self, backend: StorageBackend) -> None:
+        """The last value wins, as in a loop of saves; overwrite=False refuses the batch."""
+        backend.save_batch([b"one", b"two"], ["twice/x.bin", "/twice//x.bin"])
+        assert backend.load("twice/x.bin") == b"two"
+        if not self.supports_overwrite_false:
+            return
+        with pytest.raises(errors.AlreadyExistsError):
+            backend.save_batch(
+                [b"1", b"2", b"3"], ["again/1.bin", "again/2.bin", "again/1.bin"], overwrite=False
+            )
+        if backend.supports_transactions:
+            assert not backend.exists("again/1.bin"), "save_batch is not all-or-nothing"
+            assert not backend.exists("again/2.bin")
+        elif backend.exists("again/1.bin"):
+            assert backend.load("again/1.bin") == b"1"  # never the second value
+
+    def test_load_batch_order_repeats_and_directories(self, backend: StorageBackend) -> None:
+        """Values come back in the order asked, from any directories, repeats included."""
+        names = [f"many/{i:04d}.bin" for i in range(1200)]  # past any chunk of IN lists
+        backend.save_batch([str(i).encode() for i in range(1200)], names)
+        backend.save(b"top", "top.bin")
+        backend.save(b"deep", "a/b/c/deep.bin")
+        asked = ["a/b/c/deep.bin", *names[::-7], "top.bin", names[3], "top.bin"]
+        want = [b"deep", *[str(i).encode() for i in range(1200)][::-7], b"top", b"3", b"top"]
+        assert backend.load_batch(asked) == want
+        if "array" in self.value_kinds and self.stores_copies:
+            backend.save(np.arange(4.0), "arr.npy")
+            first, second = backend.load_batch(["arr.npy", "arr.npy"])
+            first[0] = 99.0  # a repeated path is loaded twice, not shared
+            assert second[0] == 0.0 and backend.load("arr.npy")[0] == 0.0
+        if self.supports_directories:
+            with pytest.raises(errors.IsADirectoryError):
+                backend.load_batch(["top.bin", "a/b"])
+        with pytest.raises(errors.NotFoundError):
+            backend.load_batch(["top.bin", "top.bin/under-a-file.bin"])
+
     def test_load_batch_missing_file(self, backend: StorageBackend) -> None:
         backend.save(b"x", "here.bin")
         with pytest.raises(errors.NotFoundError):

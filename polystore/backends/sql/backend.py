@@ -9,7 +9,6 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from sqlalchemy import Connection
 
 from polystore import paths
 from polystore.backends._common import (
+    MAX_ATTRS_BYTES,
     already_exists,
     directory_not_empty,
     is_a_directory,
@@ -29,14 +29,16 @@ from polystore.backends._common import (
     not_found,
     reject_kwargs,
 )
+from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import tree
-from polystore.backends.sql.bulk import BulkStatement, params_for
+from polystore.backends.sql.bulk import BulkStatement, bound, params_for
 from polystore.backends.sql.content import (
+    INLINE,
     Content,
     add_blobs,
     add_references,
-    content_hash,
+    content_hashes,
     lock_blobs,
     release_blobs,
 )
@@ -49,16 +51,18 @@ from polystore.backends.sql.engine import (
 )
 from polystore.backends.sql.fast import (
     FastReader,
+    cached_load_sql,
     children_sql,
     names_sql,
-    resolve_params,
+    parse_json,
+    resolve_args,
     resolve_sql,
 )
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
-from polystore.serializers import Encoded, SerializerRegistry
+from polystore.errors import InvalidPathError, UnsupportedOperationError
+from polystore.serializers import Buffer, SerializerRegistry
 
 if TYPE_CHECKING:
     from polystore.backends.sql.fsck import FsckReport
@@ -73,8 +77,10 @@ nodes = nodes_table
 #: goes to the blob store. Where saving externally stops costing more than inline,
 #: on SQLite and PostgreSQL (benchmarks/inline_sweep.py, docs/blob-stores.rst).
 DEFAULT_INLINE_LIMIT = 1 << 20
-#: User attributes are metadata, not content: their JSON is capped.
-MAX_ATTRS_BYTES = 64 * 1024
+#: Decoders each backend keeps (one per distinct serializer, dtype, shape, meta).
+_MAX_DECODERS = 4096
+#: Directory ids each backend keeps for single loads.
+_MAX_DIRS = 4096
 
 
 _FILE_VALUES = [
@@ -88,7 +94,15 @@ _FILE_VALUES = [
     nodes.c.blob_hash,
     nodes.c.modified_at,
 ]
-_INSERT_COLUMNS = [nodes.c.parent_id, nodes.c.name, nodes.c.kind, nodes.c.created_at, *_FILE_VALUES]
+# In the table's order, which is the order the compiled INSERT binds them.
+_INSERT_COLUMNS = [
+    nodes.c.parent_id,
+    nodes.c.name,
+    nodes.c.kind,
+    *_FILE_VALUES[:-1],
+    nodes.c.created_at,
+    nodes.c.modified_at,
+]
 # New file rows cannot conflict (their names were just checked under lock;
 # a concurrent insert of the same name fails the transaction, which is retried).
 _INSERT_FILES = BulkStatement(
@@ -110,21 +124,33 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _check_attrs(attrs: Any) -> dict[str, Any] | None:
-    if attrs is None:
-        return None
-    if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
-        raise SerializationError(f"attrs must be a dict with str keys, not {type(attrs).__name__}")
-    try:
-        text = json.dumps(attrs, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
-        raise SerializationError(f"attrs must be plain JSON: {exc}") from exc
-    if len(text.encode("utf-8")) > MAX_ATTRS_BYTES:
-        raise SerializationError(
-            f"attrs are {len(text)} bytes of JSON, more than {MAX_ATTRS_BYTES}; "
-            "store large metadata as a file of its own"
-        )
-    return attrs
+#: What every file of one kind shares: serializer, version, dtype, shape (as the
+#: JSON list) and meta. One tuple per distinct kind in a batch.
+_Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
+
+
+class _Batch:
+    """The files of one ``save_batch``, column by column, one entry per path.
+
+    Columns, not an object per file: a batch of 10,000 small arrays then leaves
+    the cyclic garbage collector almost nothing to walk. A path added again
+    replaces its entry (the last value wins).
+    """
+
+    __slots__ = ("datas", "hashes", "index", "kinds", "sizes")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}  # path -> entry
+        self.hashes: list[str] = []
+        self.sizes: list[int] = []
+        self.datas: list[Buffer] = []
+        self.kinds: list[_Kind] = []
+
+    def contents(self, over: int) -> Iterator[Content]:
+        """The contents of more than ``over`` bytes."""
+        for h, size, data in zip(self.hashes, self.sizes, self.datas, strict=True):
+            if size > over:
+                yield Content(h, data, size)
 
 
 class SQLBackend(StorageBackend):
@@ -134,6 +160,11 @@ class SQLBackend(StorageBackend):
     database is brought to the current schema by the migrations; an older one
     raises :class:`~polystore.errors.SchemaVersionError` unless
     ``auto_upgrade=True``.
+
+    Every load checks content against its recorded size, and content from an
+    external blob store against its SHA-256 as well; ``verify_inline=True``
+    hashes content stored in the database on every load too (about 3 µs per
+    4 KiB). ``fsck(verify=True)`` hashes everything.
     """
 
     _backend_type = "sql"
@@ -146,6 +177,7 @@ class SQLBackend(StorageBackend):
         blob_store: Any = None,
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         allow_pickle: bool = False,
+        verify_inline: bool = False,
         auto_upgrade: bool = False,
         serializers: SerializerRegistry | None = None,
         engine_options: dict[str, Any] | None = None,
@@ -156,6 +188,10 @@ class SQLBackend(StorageBackend):
             raise ValueError(f"inline_limit must be an int >= 0, not {inline_limit!r}")
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
+        self._decoders: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
+        #: Directory path -> (id, tree version it was read at), for single loads.
+        self._dirs: dict[str, tuple[int, int]] = {}
+        self._dirs_version = 0
         self._tx: ContextVar[Connection | None] = ContextVar(
             f"polystore_tx_{id(self)}", default=None
         )
@@ -175,7 +211,7 @@ class SQLBackend(StorageBackend):
             except BaseException:
                 self.engine.dispose()
                 raise
-            self._placement = Placement(self.engine, self.blob_store)
+            self._placement = Placement(self.engine, self.blob_store, verify_inline=verify_inline)
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -259,11 +295,6 @@ class SQLBackend(StorageBackend):
 
     # -- saving --------------------------------------------------------------------
 
-    def _encode(self, data: Any) -> tuple[Encoded, Content]:
-        encoded = self.serializers.encode(data, allow_pickle=self.allow_pickle)
-        view = memoryview(encoded.data)
-        return encoded, Content(content_hash(view), encoded.data, view.nbytes)
-
     def save(self, data: Any, file_path: str, **kwargs: Any) -> None:
         """Save ``data`` at ``file_path``.
 
@@ -280,7 +311,9 @@ class SQLBackend(StorageBackend):
 
         Every value is serialized before the database is touched, so a value that
         cannot be stored fails the batch with nothing written. A path given twice
-        keeps the last value.
+        (after normalization) keeps the last value, as a loop of single saves
+        would; with ``overwrite=False`` it raises
+        :class:`~polystore.errors.AlreadyExistsError` and nothing is written.
         """
         overwrite = bool(kwargs.pop("overwrite", True))
         attrs = _check_attrs(kwargs.pop("attrs", None))
@@ -290,101 +323,171 @@ class SQLBackend(StorageBackend):
             raise ValueError(
                 f"save_batch got {len(data_list)} values but {len(output_paths)} paths"
             )
-        items: dict[str, tuple[Encoded, Content]] = {}
-        for data, path in zip(data_list, output_paths, strict=True):
-            items[paths.normalize_file(path)] = self._encode(data)
-        if not items:
+        batch = self._encode_batch(data_list, output_paths, overwrite)
+        if not batch.index:
             return
-        external = self._placement.external(
-            (content for _, content in items.values()), self.inline_limit
-        )
+        external = self._placement.external(batch.contents(self.inline_limit), self.inline_limit)
         self._placement.run(
             external,
             lambda staged: self._write(
-                lambda conn: self._put(conn, items, overwrite, attrs, staged)
+                lambda conn: self._put(conn, batch, overwrite, attrs, staged)
             ),
             conn=self._tx.get(),
             pending=self._staged.get(),
         )
 
+    def _encode_batch(
+        self, data_list: list[Any], output_paths: list[str], overwrite: bool
+    ) -> _Batch:
+        """Normalize, serialize and hash every value (the database is not touched)."""
+        batch = _Batch()
+        index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
+        shared: dict[tuple[Any, ...], _Kind] = {}
+        normalize, encode = (
+            paths.normalize_file,
+            self.serializers.encoder(allow_pickle=self.allow_pickle),
+        )
+        for value, output_path in zip(data_list, output_paths, strict=True):
+            path = normalize(output_path)
+            at = index.get(path)
+            if at is not None and not overwrite:
+                raise already_exists(path)
+            encoded = encode(value)
+            data = encoded.data
+            size = data.nbytes if data.__class__ is memoryview else memoryview(data).nbytes
+            shape, meta = encoded.shape, encoded.meta or None
+            key = (encoded.serializer, encoded.version, encoded.dtype, shape)
+            kind = shared.get(key)
+            if kind is None or kind[4] is not meta:
+                kind = shared[key] = (*key[:3], None if shape is None else list(shape), meta)
+            if at is None:
+                index[path] = len(datas)
+                sizes.append(size)
+                datas.append(data)
+                kinds.append(kind)
+            else:
+                sizes[at], datas[at], kinds[at] = size, data, kind
+        batch.hashes = content_hashes(datas)
+        return batch
+
     def _put(
         self,
         conn: Connection,
-        items: dict[str, tuple[Encoded, Content]],
+        batch: _Batch,
         overwrite: bool,
         attrs: dict[str, Any] | None,
         staged: Staged | None = None,
     ) -> None:
         now = _now()
         cache = tree.DirCache()
-        by_parent: dict[int, dict[str, str]] = defaultdict(dict)  # parent id -> name -> path
-        for path in items:
-            parent, name = paths.split(path)
-            by_parent[tree.ensure_dirs(conn, parent, now, cache)][name] = path
+        # parent path -> name -> entry; each distinct parent is resolved once, in
+        # the order the batch first names it, and every directory exists before
+        # any name is looked up (a batch may name "a" and "a/x").
+        by_dir: dict[str, dict[str, int]] = defaultdict(dict)
+        for path, i in batch.index.items():
+            parent, _, name = path.rpartition("/")
+            by_dir[parent][name] = i
+        parent_ids = {parent: tree.ensure_dirs(conn, parent, now, cache) for parent in by_dir}
 
+        # New rows get their values as the driver takes them, each distinct value
+        # (the timestamp, a kind's JSON documents) converted once: a row then holds
+        # only strings and numbers, which the garbage collector does not track.
+        processors = _INSERT_FILES.processors(conn)
+        created, modified = (
+            bound(processors, "created_at", now),
+            bound(processors, "modified_at", now),
+        )
+        bound_attrs = bound(processors, "attrs", attrs)
+        bound_kinds: dict[int, tuple[Any, ...]] = {}  # id(kind) -> its columns, converted
+        hashes, sizes, kinds = batch.hashes, batch.sizes, batch.kinds
         released: Counter[str] = Counter()
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
-        shapes: dict[tuple[int, ...], list[int]] = {}  # one JSON document per distinct shape
-        for parent_id, entries in by_parent.items():
-            existing = (
-                {}  # created by this very transaction: nothing to replace in it
-                if parent_id in cache.created
-                else tree.children(conn, parent_id, list(entries), for_update=True)
-            )
-            for name, path in entries.items():
-                encoded, content = items[path]
-                shape = None
-                if encoded.shape is not None:
-                    shape = shapes.setdefault(encoded.shape, list(encoded.shape))
-                values = (
-                    content.size,
-                    encoded.serializer,
-                    encoded.version,
-                    encoded.dtype,
-                    shape,
-                    encoded.meta or None,
-                    attrs,
-                    content.hash,
-                    now,
-                )
-                row = existing.get(name)
+        for parent, entries in by_dir.items():
+            parent_id = parent_ids[parent]
+            if parent_id in cache.created:
+                # Created by this very transaction: nothing to replace in it, but
+                # it may hold a directory the batch also names as a file.
+                existing = {}
+                clash = cache.subdirectories(parent) & entries.keys()
+                if clash:
+                    raise is_a_directory(paths.join(parent, next(n for n in entries if n in clash)))
+            else:
+                existing = tree.children(conn, parent_id, list(entries), for_update=True)
+            for name, i in entries.items():
+                kind = kinds[i]
+                row = existing.get(name) if existing else None
                 if row is None:
-                    inserts.append((parent_id, name, "file", now, *values))
+                    converted = bound_kinds.get(id(kind))
+                    if converted is None:
+                        converted = bound_kinds[id(kind)] = (
+                            *kind[:3],
+                            bound(processors, "shape", kind[3]),
+                            bound(processors, "meta", kind[4]),
+                        )
+                    inserts.append(
+                        (
+                            parent_id,
+                            name,
+                            "file",
+                            sizes[i],
+                            *converted,
+                            bound_attrs,
+                            hashes[i],
+                            created,
+                            modified,
+                        )
+                    )
                     continue
+                path = paths.join(parent, name)
                 if row.kind == "dir":
                     raise is_a_directory(path)
                 if not overwrite:
                     raise already_exists(path)
-                updates.append((*values, row.id))
+                updates.append((sizes[i], *kind, attrs, hashes[i], now, row.id))
                 released[row.blob_hash] += 1
         # Node rows are locked above; blob rows are locked next, in hash order, so
         # writers sharing content queue instead of deadlocking.
-        counts: Counter[str] = Counter(content.hash for _, content in items.values())
-        stored = lock_blobs(conn, counts.keys() | released.keys())
-        unique = {content.hash: content for _, content in items.values()}
-        add_blobs(
-            conn,
-            {h: (unique[h], counts[h]) for h in sorted(counts)},
-            now,
-            self._placement.placements(staged),
-            stored,
-        )
+        stored = lock_blobs(conn, set(hashes) | released.keys()) if self._pg else None
+        add_blobs(conn, hashes, sizes, batch.datas, now, self._placement.placements(staged), stored)
         self._placement.promote(conn, staged)
-        _INSERT_FILES.execute(conn, inserts)
+        _INSERT_FILES.execute_processed(conn, inserts)
         _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
 
     # -- loading -------------------------------------------------------------------
 
-    def _decode(self, row: Any, data: Any, path: str) -> Any:
-        data = self._placement.content(row, data, path)
+    def _decode(self, row: Any, path: str) -> Any:
+        """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
+        data = self._placement.content(row.store, row.size, row.blob_hash, row.data, path)
         meta = dict(row.meta or {})
         if row.shape is not None:
             meta["shape"] = row.shape
         if row.dtype is not None:
             meta["dtype"] = row.dtype
         return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
+
+    def _decode_fast(self, raw: Sequence[Any], path: str) -> Any:
+        """The value of a fast-path row of :data:`~.fast.LOAD_COLUMNS`."""
+        kind, size, serializer, dtype, shape, meta, blob_hash, store, data = raw[:9]
+        if kind != "file":
+            raise is_a_directory(path)
+        if store != INLINE or self._placement.verify_inline or len(data) != size:
+            data = self._placement.content(store, size, blob_hash, data, path)
+        # Files of one dtype and shape share one decoder (JSON still unparsed).
+        key = (serializer, dtype, shape, meta)
+        decode = self._decoders.get(key)
+        if decode is None:
+            full = dict(parse_json(meta) or {})
+            if shape is not None:
+                full["shape"] = parse_json(shape)
+            if dtype is not None:
+                full["dtype"] = dtype
+            decode = self.serializers.decoder(serializer, full, allow_pickle=self.allow_pickle)
+            if len(self._decoders) >= _MAX_DECODERS:
+                self._decoders.clear()
+            self._decoders[key] = decode
+        return decode(data)
 
     @staticmethod
     def _check_file(row: Any, path: str) -> None:
@@ -393,23 +496,13 @@ class SQLBackend(StorageBackend):
         if row.kind == "dir":
             raise is_a_directory(path)
 
-    def _lookup(self, path: str, *, with_content: bool = False) -> Any:
-        """The node row at normal ``path`` or None; the fast path outside transactions."""
-        if self._tx.get() is None:
-            parts = paths.split_parts(path)
-            sql = resolve_sql(self._dialect, len(parts), "content" if with_content else "node")
-            rows = self._fast.fetch(sql, resolve_params(self._dialect, parts))
-            if rows is not None:
-                return rows[0] if rows else None
-        return self._read(lambda conn: tree.resolve(conn, path, with_content=with_content))
-
     def _lookup_kind(self, path: str) -> tuple[int, str] | None:
         """``(id, kind)`` of the node at normal ``path``, or None."""
         if self._tx.get() is None:
             parts = paths.split_parts(path)
             rows = self._fast.fetch_raw(
                 resolve_sql(self._dialect, len(parts), "kind"),
-                resolve_params(self._dialect, parts),
+                resolve_args(self._dialect, parts),
             )
             if rows is not None:
                 return (rows[0][0], rows[0][1]) if rows else None
@@ -418,52 +511,133 @@ class SQLBackend(StorageBackend):
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
         # docstring inherited
-        reject_kwargs(self, "load", kwargs)
+        if kwargs:
+            reject_kwargs(self, "load", kwargs)
         path = paths.normalize_file(file_path)
-        row = self._lookup(path, with_content=True)
+        if self._tx.get() is None:
+            parent, _, name = path.rpartition("/")
+            known = self._dirs.get(parent)
+            if known is not None:  # one join, whatever the depth
+                rows = self._fast.fetch_raw(
+                    cached_load_sql(self._dialect), [known[0], name, known[1]]
+                )
+                if rows:
+                    return self._decode_fast(rows[0], path)
+            parts = path.split("/")
+            rows = self._fast.fetch_raw(
+                resolve_sql(self._dialect, len(parts), "load"),
+                resolve_args(self._dialect, parts),
+            )
+            if rows is not None:
+                if not rows:
+                    raise not_found(path)
+                row = rows[0]
+                if parent:
+                    self._remember_dir(parent, row[9], row[10])
+                return self._decode_fast(row, path)
+        row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
         self._check_file(row, path)
-        return self._decode(row, row.data, path)
+        return self._decode(row, path)
+
+    def _remember_dir(self, path: str, dir_id: int, version: int) -> None:
+        """Cache directory ``path``'s id as read at tree version ``version``.
+
+        Each entry keeps its own version, and a lookup passes that version to
+        :func:`~.fast.cached_load_sql`, so an entry can only ever be used while
+        it is true, whatever other threads or processes do.
+        """
+        dirs = self._dirs
+        if version > self._dirs_version or len(dirs) >= _MAX_DIRS:
+            dirs.clear()  # older entries can no longer match
+            self._dirs_version = max(version, self._dirs_version)
+        dirs[path] = (dir_id, version)
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
         """Load every path in order, from one consistent snapshot of the catalog."""
-        reject_kwargs(self, "load_batch", kwargs)
+        if kwargs:
+            reject_kwargs(self, "load_batch", kwargs)
         norm = [paths.normalize_file(p) for p in file_paths]
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
-            parent, name = paths.split(path)
+            parent, _, name = path.rpartition("/")
             by_parent[parent].append(name)
-        rows = None
         if self._tx.get() is None:
-            with self._fast.snapshot() as fast:
-                if fast:
-                    rows = self._fetch_many_fast(by_parent)
-        if rows is None:
-            rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+            values = self._load_many_fast(norm, by_parent)
+            if values is not None:
+                return values
+        rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
         for path in norm:
             self._check_file(rows.get(path), path)
-        return [self._decode(rows[p], rows[p].data, p) for p in norm]
+        return [self._decode(rows[p], p) for p in norm]
 
-    def _fetch_many_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
-        dialect = self.engine.dialect.name
-        found: dict[str, Any] = {}
-        for parent, names in by_parent.items():
-            parts = paths.split_parts(parent)
-            parent_rows = self._fast.fetch(
-                resolve_sql(dialect, len(parts), "node"), resolve_params(dialect, parts)
-            )
-            if parent_rows is None:
+    def _load_many_fast(self, norm: list[str], by_parent: dict[str, list[str]]) -> list[Any] | None:
+        """``load_batch`` on the fast path, or None if it is unavailable.
+
+        Inline content is decoded as each chunk of rows arrives and the
+        driver's bytes are dropped at once, so the process holds one copy of
+        the batch, not two. External content is read after the snapshot ends.
+        """
+        repeated: set[str] = set()
+        if sum(map(len, by_parent.values())) != len(norm):
+            repeated = {p for p, n in Counter(norm).items() if n > 1}
+        decoded: dict[str, Any] = {}
+        later: dict[str, Any] = {}  # external content, and paths asked for twice
+        with self._fast.snapshot() as fast:
+            if not fast:
                 return None
-            if not parent_rows or parent_rows[0].kind != "dir":
-                continue
-            for part in tree.chunks(names):
-                params: dict[str, Any] = {f"c{i}": n for i, n in enumerate(part)}
-                params["parent"] = parent_rows[0].id
-                rows = self._fast.fetch(children_sql(dialect, len(part)), params)
+            queries = self._children_queries(by_parent)
+            if queries is None:
+                return None
+            for prefix, sql, args in queries:
+                rows = self._fast.fetch_raw(sql, args)
                 if rows is None:
                     return None
-                for row in rows:
-                    found[paths.join(parent, row.name)] = row
-        return found
+                for i, row in enumerate(rows):
+                    rows[i] = None
+                    path = prefix + row[9]
+                    if row[7] == INLINE and path not in repeated:
+                        decoded[path] = self._decode_fast(row, path)
+                    else:
+                        later[path] = row
+                    del row
+        values = []
+        for path in norm:
+            if path in decoded:
+                values.append(decoded.pop(path))
+                continue
+            row = later.get(path)
+            if row is None:
+                raise not_found(path)
+            values.append(self._decode_fast(row, path))
+        return values
+
+    def _children_queries(
+        self, by_parent: dict[str, list[str]]
+    ) -> list[tuple[str, str, list[Any]]] | None:
+        """``(prefix, sql, args)`` fetching the named children of each parent, in chunks.
+
+        Parents that do not exist or are files get no query (their paths are
+        not found). None if the fast path is unavailable.
+        """
+        dialect = self._dialect
+        queries = []
+        for parent, names in by_parent.items():
+            parent_id = ROOT_ID
+            if parent:
+                parts = parent.split("/")
+                found = self._fast.fetch_raw(
+                    resolve_sql(dialect, len(parts), "kind"), resolve_args(dialect, parts)
+                )
+                if found is None:
+                    return None
+                if not found or found[0][1] != "dir":
+                    continue
+                parent_id = found[0][0]
+            prefix = f"{parent}/" if parent else ""
+            for part in tree.chunks(names):
+                args = [parent_id, list(part)] if self._pg else [parent_id, *part]
+                queries.append((prefix, children_sql(dialect, len(part)), args))
+        return queries
 
     def _fetch_many(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
         blobs = tree.blobs
@@ -519,7 +693,7 @@ class SQLBackend(StorageBackend):
                         raise not_found(norm)
                     if found[1] != "dir":
                         raise not_a_directory(norm)
-                    rows = self._fast.fetch_raw(names_sql(self._dialect), {"parent": found[0]})
+                    rows = self._fast.fetch_raw(names_sql(self._dialect), [found[0]])
                     if rows is not None:
                         return [name for (name,) in rows]
 
@@ -632,6 +806,7 @@ class SQLBackend(StorageBackend):
             if row.kind == "file":
                 released[row.blob_hash] += 1
             else:
+                tree.bump_version(conn)  # before any node row is locked
                 has_children = conn.execute(
                     sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
                 ).first()
@@ -651,7 +826,7 @@ class SQLBackend(StorageBackend):
         self._write(work)
 
     def _prepare_target(
-        self, conn: Connection, src: str, dst: str, now: dt.datetime
+        self, conn: Connection, src: str, dst: str, now: dt.datetime, *, moving: bool = False
     ) -> tuple[Any, int, str]:
         row = tree.resolve(conn, src)
         if row is None:
@@ -662,6 +837,8 @@ class SQLBackend(StorageBackend):
             raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
         if tree.resolve(conn, dst) is not None:
             raise already_exists(dst)
+        if moving and row.kind == "dir":
+            tree.bump_version(conn)  # before any node row is locked
         parent, name = paths.split(dst)
         return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
 
@@ -671,7 +848,7 @@ class SQLBackend(StorageBackend):
 
         def work(conn: Connection) -> None:
             now = _now()
-            row, parent_id, name = self._prepare_target(conn, src, dst, now)
+            row, parent_id, name = self._prepare_target(conn, src, dst, now, moving=True)
             conn.execute(
                 nodes.update()
                 .where(nodes.c.id == row.id)

@@ -3,21 +3,22 @@
 A batch of 10,000 saves repeats the same few values (the timestamp, the JSON of a
 shape or of an array's dtype metadata) in every row. SQLAlchemy would run each
 column's bind processor once per row; here a statement is compiled once per
-dialect, each *distinct* value is processed once (memoized by identity for JSON
-documents, by value otherwise), and the rows go straight to the DBAPI cursor's
-``executemany``.
+dialect, each *distinct* value is processed once (memoized by identity: the
+callers share one object per distinct value), and the rows go straight to the
+DBAPI cursor's ``executemany``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BulkStatement", "params_for"]
+__all__ = ["BulkStatement", "bound", "params_for"]
 
 
 def params_for(columns: Sequence[sa.ColumnClause[Any]]) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class BulkStatement:
         self._copy_into = copy_into
         self._compiled: dict[str, tuple[str, list[str] | None, list[Any]]] = {}
 
-    def _copy(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+    def _copy(self, conn: Connection, rows: Iterable[Sequence[Any]]) -> None:
         names = ", ".join(c.key for c in self._columns)
         sql = f"COPY {self._copy_into} ({names}) FROM STDIN (FORMAT BINARY)"
         # The psycopg connection itself: COPY is not part of the DBAPI.
@@ -90,6 +91,50 @@ class BulkStatement:
             prepared = (str(compiled), order, processors)
             self._compiled[name] = prepared
         return prepared
+
+    def _copies(self, conn: Connection) -> bool:
+        return self._copy_into is not None and conn.dialect.name == "postgresql"
+
+    def processors(self, conn: Connection) -> dict[str, Callable[[Any], Any]]:
+        """``{column key: bind processor}`` for the columns whose values need one.
+
+        For :meth:`execute_processed`: apply each once per distinct value (a
+        batch repeats a few), not once per row.
+        """
+        if self._copies(conn):
+            return {}  # COPY takes the Python values
+        processors = self._prepare(conn)[2]
+        return {
+            c.key: process
+            for c, process in zip(self._columns, processors, strict=True)
+            if process is not None
+        }
+
+    def execute_processed(self, conn: Connection, rows: Iterable[Sequence[Any]]) -> None:
+        """Like :meth:`execute`, for rows whose values went through :meth:`processors`.
+
+        On SQLite ``rows`` may be a generator: it is streamed to the driver's
+        ``executemany``, so the rows never all exist at once (and the garbage
+        collector does not walk thousands of them). The columns must be listed
+        in the order the compiled statement binds them (the table's order).
+        """
+        if self._copies(conn):
+            rows = list(rows)
+            if rows:
+                self._copy(conn, rows)
+            return
+        sql, order, _ = self._prepare(conn)
+        if order is not None and order != [c.key for c in self._columns]:
+            raise AssertionError(f"columns not in statement order: {order}")
+        if conn.dialect.name == "sqlite":
+            _sqlite_executemany(conn, sql, rows)
+            return
+        params: list[Any] = list(rows)
+        if params:
+            if order is None:
+                keys = [c.key for c in self._columns]
+                params = [dict(zip(keys, row, strict=True)) for row in params]
+            conn.exec_driver_sql(sql, params)
 
     def execute(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         """Run the statement once per row; each row holds values in column order."""
@@ -118,25 +163,45 @@ class BulkStatement:
         conn.exec_driver_sql(sql, params)
 
 
-_CONTENT_TYPES = (bytes, bytearray, memoryview)
+def bound(processors: Mapping[str, Callable[[Any], Any]], key: str, value: Any) -> Any:
+    """``value`` as column ``key`` sends it, given :meth:`BulkStatement.processors`."""
+    process = processors.get(key)
+    return value if process is None or value is None else process(value)
+
+
+def _sqlite_executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    """``executemany`` on the sqlite3 cursor itself, errors raised as SQLAlchemy raises them.
+
+    SQLAlchemy's ``exec_driver_sql`` wants a list of all the rows first; the
+    driver takes any iterable. Driver errors become the same
+    :class:`sqlalchemy.exc.DBAPIError` subclasses (``OperationalError`` for a
+    busy database, ``IntegrityError``...), so retries and error translation
+    see no difference. Statement events do not fire for these statements.
+    """
+    dbapi_conn: Any = conn.connection.driver_connection
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    except sqlite3.Error as error:
+        raise sa.exc.DBAPIError.instance(
+            sql, None, error, sqlite3.Error, dialect=conn.dialect, ismulti=True
+        ) from error
+    finally:
+        cursor.close()
 
 
 def _processed(values: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
-    """``process`` applied to each value, once per distinct value."""
-    memo: dict[Any, Any] = {}
-    out: list[Any] = []
-    for value in values:
-        if value is None:
-            out.append(None)
-            continue
-        cls = value.__class__
-        if cls in _CONTENT_TYPES:
-            out.append(process(value))  # content: never hashed for the memo
-            continue
-        # Unhashable JSON documents are memoized by identity: shared ones are one object.
-        key = id(value) if cls is dict or cls is list else value
-        hit = memo.get(key)
-        if hit is None:
-            hit = memo[key] = process(value)
-        out.append(hit)
-    return out
+    """``process`` applied to each value, once per distinct object.
+
+    Memoized by identity, in C-level loops: a batch shares one object per
+    distinct value (the timestamp, a shape's JSON document, an array's dtype
+    metadata), so this is one call per distinct value. Identity, not equality:
+    ``1``, ``1.0`` and ``True`` are equal but serialize differently.
+    """
+    ids = list(map(id, values))
+    distinct = dict(zip(ids, values, strict=True))
+    if len(distinct) == 1:
+        value = values[0]
+        return [None if value is None else process(value)] * len(values)
+    memo = {key: None if value is None else process(value) for key, value in distinct.items()}
+    return list(map(memo.__getitem__, ids))

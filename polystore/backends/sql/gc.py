@@ -43,6 +43,11 @@ DEFAULT_GRACE = dt.timedelta(hours=24)
 GC_BATCH = 100
 
 
+#: Written out, not bound, so both databases plan it on the partial index
+#: polystore_blobs_unreferenced_idx.
+UNREFERENCED = blobs.c.refcount == sa.literal_column("0")
+
+
 @dataclass(frozen=True)
 class GCReport:
     """What :meth:`SQLBackend.gc` removed."""
@@ -109,9 +114,7 @@ def collect_garbage(
             placement,
             lambda conn: list(
                 conn.execute(
-                    sa.select(blobs.c.hash).where(
-                        blobs.c.refcount == 0, blobs.c.store == store.name
-                    )
+                    sa.select(blobs.c.hash).where(UNREFERENCED, blobs.c.store == store.name)
                 ).scalars()
             ),
         )
@@ -128,9 +131,7 @@ def _drop_inline_garbage(conn: Connection) -> tuple[int, int]:
     # any left by older versions or by hand edits.
     sizes = (
         conn.execute(
-            blobs.delete()
-            .where(blobs.c.refcount == 0, blobs.c.store == INLINE)
-            .returning(blobs.c.size)
+            blobs.delete().where(UNREFERENCED, blobs.c.store == INLINE).returning(blobs.c.size)
         )
         .scalars()
         .all()

@@ -16,6 +16,9 @@ migrations in ``migrations/``; these models are what those migrations must match
   intent is committed before the upload starts and deleted in the transaction
   that commits the blob row, so ``gc()`` finds abandoned uploads without listing
   the bucket.
+* ``polystore_tree_version`` -- one row, a counter that every directory move
+  or delete raises in its own transaction. Readers cache directory ids by path
+  and use a cached id only while the counter is unchanged.
 * ``polystore_catalog`` -- a read-only view with one row per node and its full
   path (defined in the migrations, not here).
 """
@@ -39,6 +42,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
@@ -48,10 +52,12 @@ __all__ = [
     "Base",
     "Blob",
     "Node",
+    "TreeVersion",
     "UploadIntent",
     "blobs_table",
     "intents_table",
     "nodes_table",
+    "tree_version_table",
 ]
 
 #: The root directory's fixed id.
@@ -100,6 +106,13 @@ class Blob(Base):
     __table_args__ = (
         CheckConstraint("refcount >= 0", name="refcount_nonnegative"),
         CheckConstraint("store <> 'inline' OR data IS NOT NULL", name="inline_has_data"),
+        # gc()'s candidates, without a scan of every blob (revision 0003).
+        Index(
+            "polystore_blobs_unreferenced_idx",
+            "store",
+            sqlite_where=text("refcount = 0"),
+            postgresql_where=text("refcount = 0"),
+        ),
     )
 
 
@@ -148,8 +161,20 @@ class UploadIntent(Base):
     __table_args__ = (Index(None, "hash"), Index(None, "created_at"))
 
 
+class TreeVersion(Base):
+    """One row: a counter every directory move or delete raises (revision 0003)."""
+
+    __tablename__ = "polystore_tree_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+
 # Core handles on the tables, typed as tables (``__table__`` is typed as a
 # plain FromClause) for the hot paths that bypass the ORM.
 nodes_table = cast(Table, Node.__table__)
 blobs_table = cast(Table, Blob.__table__)
 intents_table = cast(Table, UploadIntent.__table__)
+tree_version_table = cast(Table, TreeVersion.__table__)

@@ -14,7 +14,11 @@ The upload protocol (no bucket listing is ever needed to clean up):
    those contents already have a blob row. The intent is committed before a
    byte is uploaded, and before an existing object is relied on.
 2. *Upload*: each content without a usable blob row is written to the store
-   (idempotently: an object of the right size is left alone).
+   (idempotently: an object of the right size is left alone). An object that is
+   already there but that no blob row in this store vouches for (a dead
+   writer's, or one put there behind polystore's back) is hashed first and
+   replaced if its bytes are wrong. An object that has a blob row is trusted
+   after the size check: a save of existing content never reads it back.
 3. *Promote*: the transaction that commits the catalog rows inserts or updates
    the blob rows and deletes the intents. It checks that every intent it
    deletes still existed: one that ``gc()`` took (an upload outliving the grace
@@ -188,9 +192,13 @@ def _pieces(data: Any) -> Iterator[memoryview]:
 class Placement:
     """The catalog's side of external content: staging, promoting, reading, cleaning."""
 
-    def __init__(self, engine: Engine, store: BlobStore | None) -> None:
+    def __init__(
+        self, engine: Engine, store: BlobStore | None, *, verify_inline: bool = False
+    ) -> None:
         self.engine = engine
         self.store = store
+        #: Hash inline content on every read too (external content always is).
+        self.verify_inline = verify_inline
         self._max_inline: int | None = None
 
     # -- placement decisions ----------------------------------------------------
@@ -294,12 +302,16 @@ class Placement:
                     # Already inline (or in another store): the save adds a reference.
                     continue
                 token = staged.intents.get(content.hash)
-                self.store.put(
-                    content.hash,
-                    _pieces(content.data),
-                    content.size,
-                    token=None if token is None else str(token),
+                name = None if token is None else str(token)
+                wrote = self.store.put(
+                    content.hash, _pieces(content.data), content.size, token=name
                 )
+                if not wrote and where != self.store.name and not self._intact(content):
+                    # No blob row vouches for this object (a dead writer's, a
+                    # planted one) and its bytes are wrong: the caller's replace them.
+                    self.store.replace(
+                        content.hash, _pieces(content.data), content.size, token=name
+                    )
                 staged.uploaded.add(content.hash)
         except BaseException as exc:
             # An upload that failed because gc() took its intent (and with it
@@ -314,6 +326,10 @@ class Placement:
                 ) from exc
             raise
         return staged
+
+    def _intact(self, content: Content) -> bool:
+        """Whether the stored object of ``content`` has its size and hash."""
+        return self.digest(content.hash) == (content.size, content.hash)
 
     def _lost(self, staged: Staged) -> bool:
         """Whether gc() has taken any of ``staged``'s intents."""
@@ -513,28 +529,27 @@ class Placement:
 
     # -- reading ------------------------------------------------------------------------
 
-    def content(self, row: Any, data: Any, path: str) -> Any:
-        """The verified content of file ``row`` (with ``store`` and inline ``data``).
+    def content(self, store: str | None, size: int, content_hash: str, data: Any, path: str) -> Any:
+        """The verified content of the file at ``path`` (inline ``data`` or from ``store``).
 
-        Inline content is checked against the recorded size and hash; external
-        content is streamed from the store into one buffer, hashed on the way.
-        Any mismatch raises :class:`~polystore.errors.IntegrityError`.
+        Inline content is checked against the recorded size (and hash, with
+        ``verify_inline``); external content is streamed from the store into one
+        buffer, hashed on the way. Any mismatch raises
+        :class:`~polystore.errors.IntegrityError`.
         """
-        store = row.store
         if store is None:
             raise NotFoundError(f"content of {path!r} is missing from the catalog")
         if store == INLINE:
             if data is None:
                 raise NotFoundError(f"content of {path!r} is missing from the catalog")
             view = memoryview(data)
-            if view.nbytes != row.size:
+            if view.nbytes != size:
                 raise IntegrityError(
-                    f"content of {path!r} is {view.nbytes} bytes inline, the catalog "
-                    f"records {row.size}"
+                    f"content of {path!r} is {view.nbytes} bytes inline, the catalog records {size}"
                 )
-            if hashlib.sha256(view).hexdigest() != row.blob_hash:
+            if self.verify_inline and hashlib.sha256(view).hexdigest() != content_hash:
                 raise IntegrityError(
-                    f"content of {path!r} does not match its hash {row.blob_hash} (stored inline)"
+                    f"content of {path!r} does not match its hash {content_hash} (stored inline)"
                 )
             return data
         if self.store is None or store != self.store.name:
@@ -543,7 +558,7 @@ class Placement:
                 f"content of {path!r} is in blob store {store!r}, but this backend has "
                 f"{here}; open it with that store (blob_store=...)"
             )
-        return self.read(row.blob_hash, int(row.size), path)
+        return self.read(content_hash, int(size), path)
 
     def read(self, content_hash: str, size: int, path: str) -> bytearray:
         """The external object of ``content_hash`` in a new buffer, verified."""

@@ -20,12 +20,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
 from polystore.backends._common import not_a_directory
-from polystore.backends.sql.fast import JOIN_DEPTH, resolve_params, walk_sql
-from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table
+from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
+from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
 
 __all__ = [
     "NODE_COLUMNS",
     "DirCache",
+    "bump_version",
     "children",
     "dialect_insert",
     "ensure_dirs",
@@ -35,6 +36,7 @@ __all__ = [
 
 nodes = nodes_table
 blobs = blobs_table
+tree_version = tree_version_table
 
 #: Node columns every lookup returns (never the blob's bytes).
 NODE_COLUMNS = (
@@ -123,9 +125,10 @@ def resolve(conn: Connection, path: str, *, with_content: bool = False) -> sa.Ro
     if not parts:
         return conn.execute(_root_statement(with_content)).first()
     dialect = conn.dialect.name
-    params = resolve_params(dialect, parts)
     if len(parts) > JOIN_DEPTH:
+        params = {"names": walk_names(dialect, parts), "depth": len(parts)}
         return conn.execute(_walk_statement(dialect, with_content), params).first()
+    params = {f"p{i}": name for i, name in enumerate(parts)}
     return conn.execute(_resolve_statement(len(parts), with_content), params).first()
 
 
@@ -152,11 +155,21 @@ class DirCache:
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {paths.ROOT: ROOT_ID}
-        #: Ids of directories this transaction created: they have no other children.
+        #: Ids of directories this transaction created: their only children are
+        #: what this transaction puts there (the directories are in this cache).
         self.created: set[int] = set()
 
     def get(self, path: str) -> int | None:
         return self._ids.get(path)
+
+    def subdirectories(self, path: str) -> set[str]:
+        """Names of the directories in this cache directly under ``path``."""
+        prefix = f"{path}/" if path else ""
+        return {
+            p[len(prefix) :]
+            for p in self._ids
+            if p and p.startswith(prefix) and "/" not in p[len(prefix) :]
+        }
 
     def put(self, path: str, node_id: int) -> None:
         self._ids[path] = node_id
@@ -191,6 +204,21 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
     if inserted.rowcount == 1:
         cache.created.add(node_id)
     return int(node_id)
+
+
+def bump_version(conn: Connection) -> None:
+    """Raise the tree version: directory ids cached by path are stale from now on.
+
+    Every transaction that moves or deletes a directory calls this before it
+    locks any node row, so on PostgreSQL such transactions queue here in one
+    order and never deadlock with each other or with saves (which take no
+    version lock).
+    """
+    conn.execute(
+        tree_version.update()
+        .where(tree_version.c.id == 1)
+        .values(version=tree_version.c.version + 1)
+    )
 
 
 def subtree_sql(dialect: str, *, where: str = "", select: str = "sub.path, sub.kind") -> str:
