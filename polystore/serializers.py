@@ -296,6 +296,8 @@ class SerializerRegistry:
 
     def __init__(self, serializers: list[Serializer] | None = None) -> None:
         self._by_name: dict[str, Serializer] = {}
+        #: Raised by every :meth:`register`, so callers can drop cached decoders.
+        self.changes = 0
         for serializer in serializers or []:
             self.register(serializer)
 
@@ -316,6 +318,7 @@ class SerializerRegistry:
         """Add ``serializer`` (replacing one of the same name); ``first`` tries it before the rest."""
         if not getattr(serializer, "name", None):
             raise TypeError(f"{type(serializer).__name__} needs a class attribute 'name'")
+        self.changes += 1
         self._by_name.pop(serializer.name, None)
         if first:
             self._by_name = {serializer.name: serializer, **self._by_name}

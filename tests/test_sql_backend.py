@@ -662,3 +662,22 @@ def test_read_only_uri_filename(tmp_path: Any) -> None:
         with pytest.raises(ReadOnlyError):
             reader.save(b"new", "b.bin")
         assert reader.list_files("") == ["a.bin"]
+
+
+def test_a_serializer_registered_later_decodes_the_next_load(catalog_url: str) -> None:
+    """Loads reuse decoders per dtype and shape, but never past a registry change."""
+    from polystore.serializers import NDArraySerializer, SerializerRegistry
+
+    class Tagged(NDArraySerializer):
+        def decoder(self, meta: dict[str, Any]) -> Any:
+            plain = super().decoder(meta)
+            return lambda data: ("tagged", plain(data))
+
+    registry = SerializerRegistry.default()
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save(np.arange(3), "a/x.npy")
+        assert b.load("a/x.npy").tolist() == [0, 1, 2]
+        registry.register(Tagged())  # replaces "ndarray"
+        tag, value = b.load("a/x.npy")
+        assert tag == "tagged" and value.tolist() == [0, 1, 2]
+        assert b.load_batch(["a/x.npy"])[0][0] == "tagged"

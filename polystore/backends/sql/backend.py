@@ -472,10 +472,11 @@ class SQLBackend(StorageBackend):
         kind, size, serializer, dtype, shape, meta, blob_hash, store, data = raw[:9]
         if kind != "file":
             raise is_a_directory(path)
-        if store != INLINE or self._placement.verify_inline or len(data) != size:
+        if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
             data = self._placement.content(store, size, blob_hash, data, path)
-        # Files of one dtype and shape share one decoder (JSON still unparsed).
-        key = (serializer, dtype, shape, meta)
+        # Files of one dtype and shape share one decoder (JSON still unparsed),
+        # until a serializer is registered.
+        key = (serializer, dtype, shape, meta, self.serializers.changes)
         decode = self._decoders.get(key)
         if decode is None:
             full = dict(parse_json(meta) or {})
