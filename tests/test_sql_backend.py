@@ -63,13 +63,15 @@ class StatementCounter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.statements: list[str] = []
-        self.rows_changed = 0
+        #: Rows each UPDATE or DELETE touched, in order (INSERT ... RETURNING
+        #: reports no rowcount on every driver; count those statements instead).
+        self.rows_changed: list[int] = []
 
     def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.statements.append(statement)
         verb = statement.lstrip().split(None, 1)[0].upper()
-        if verb in ("UPDATE", "DELETE", "INSERT"):
-            self.rows_changed += max(cursor.rowcount, 0)
+        if verb in ("UPDATE", "DELETE"):
+            self.rows_changed.append(cursor.rowcount)
 
     def __enter__(self) -> Self:
         sa.event.listen(self.engine, "after_cursor_execute", self._after)
@@ -303,14 +305,31 @@ def test_directory_move_updates_one_row(backend: SQLBackend) -> None:
     backend.save_batch([str(i).encode() for i in range(500)], paths)
     with StatementCounter(backend.engine) as counter:
         backend.move("big", "moved/here")
-    # one new parent directory, the tree version raised, then the move itself:
-    # a single-row UPDATE of the nodes
-    updates = [s for s in counter.writes() if s.lstrip().upper().startswith("UPDATE")]
-    assert [u.split()[1] for u in updates] == ["polystore_tree_version", "polystore_nodes"]
-    assert counter.rows_changed == 3  # the version, the created "moved" directory, the moved row
+    # the tree version raised (before any node is locked), one new parent
+    # directory, then the move itself: a single-row UPDATE of the nodes
+    writes = [" ".join(w.split()[:3]) for w in counter.writes()]
+    assert writes == [
+        "UPDATE polystore_tree_version SET",
+        "INSERT INTO polystore_nodes",  # the "moved" directory
+        "UPDATE polystore_nodes SET",
+    ]
+    assert counter.rows_changed == [1, 1]
     assert backend.load("moved/here/3/150.bin") == b"150"
     assert not backend.exists("big")
     assert_refcounts_consistent(backend)
+
+
+def test_batch_into_new_directories_looks_up_no_names(backend: SQLBackend) -> None:
+    """Directories this batch created cannot hold anything to replace: no lookups."""
+    backend.save(b"old", "old/kept.bin")
+    with StatementCounter(backend.engine) as counter:
+        backend.save_batch([b"1", b"2", b"3"], ["new/a/1.bin", "new/a/2.bin", "new/b/3.bin"])
+    lookups = [s for s in counter.statements if "polystore_nodes.name IN" in s]
+    assert lookups == []
+    with StatementCounter(backend.engine) as counter:
+        backend.save_batch([b"4", b"5"], ["old/4.bin", "old/kept.bin"])  # an existing one
+    assert len([s for s in counter.statements if "polystore_nodes.name IN" in s]) == 1
+    assert backend.load_batch(["new/b/3.bin", "old/kept.bin"]) == [b"3", b"5"]
 
 
 def tree_version(backend: SQLBackend) -> int:

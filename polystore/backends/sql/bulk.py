@@ -10,7 +10,9 @@ DBAPI cursor's ``executemany``.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -73,10 +75,18 @@ class BulkStatement:
         sql = f"COPY {self._copy_into} ({names}) FROM STDIN (FORMAT BINARY)"
         # The psycopg connection itself: COPY is not part of the DBAPI.
         psycopg_conn: Any = conn.connection.driver_connection
-        with psycopg_conn.cursor() as cursor, cursor.copy(sql) as copy:
-            copy.set_types([_copy_type(c) for c in self._columns])
-            for row in rows:
-                copy.write_row(row)
+        with psycopg_conn.cursor() as cursor:
+            from psycopg.types.json import set_json_dumps
+
+            set_json_dumps(_memo_dumps, cursor)
+            _json_memo.documents = {}
+            try:
+                with cursor.copy(sql) as copy:
+                    copy.set_types([_copy_type(c) for c in self._columns])
+                    for row in rows:
+                        copy.write_row(row)
+            finally:
+                del _json_memo.documents
 
     def _prepare(self, conn: Connection) -> tuple[str, list[str] | None, list[Any]]:
         name = conn.dialect.name
@@ -161,6 +171,23 @@ class BulkStatement:
             by_key = dict(zip(keys, columns, strict=True))
             params = list(zip(*(by_key[k] for k in order), strict=True))
         conn.exec_driver_sql(sql, params)
+
+
+# Rows share one object per distinct JSON document (a shape, an array's
+# metadata): during a COPY each is serialized once, not once per row. One
+# module-level function (psycopg caches a dumper per function) and a memo per
+# thread, keyed by identity and holding the object so its id stays its own.
+_json_memo = threading.local()
+
+
+def _memo_dumps(obj: Any) -> str:
+    memo: dict[int, tuple[Any, str]] | None = getattr(_json_memo, "documents", None)
+    if memo is None:
+        return json.dumps(obj)
+    hit = memo.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        hit = memo[id(obj)] = (obj, json.dumps(obj))
+    return hit[1]
 
 
 def bound(processors: Mapping[str, Callable[[Any], Any]], key: str, value: Any) -> Any:

@@ -192,17 +192,22 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
         parent_id=parent_id, name=name, kind="dir", created_at=now, modified_at=now
     )
     # A concurrent writer may create the same directory: keep whichever won.
-    inserted = conn.execute(insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]))
-    node_id, kind = conn.execute(
-        sa.select(nodes.c.id, nodes.c.kind).where(
-            nodes.c.parent_id == parent_id, nodes.c.name == name
-        )
-    ).one()
-    if kind != "dir":
-        raise not_a_directory(path)
-    cache.put(path, node_id)
-    if inserted.rowcount == 1:
+    # (RETURNING, not rowcount: PostgreSQL's driver reports -1 for this insert.)
+    created = conn.execute(
+        insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]).returning(nodes.c.id)
+    ).first()
+    if created is not None:
+        node_id = int(created.id)
         cache.created.add(node_id)
+    else:
+        node_id, kind = conn.execute(
+            sa.select(nodes.c.id, nodes.c.kind).where(
+                nodes.c.parent_id == parent_id, nodes.c.name == name
+            )
+        ).one()
+        if kind != "dir":
+            raise not_a_directory(path)
+    cache.put(path, node_id)
     return int(node_id)
 
 
