@@ -3,24 +3,24 @@
 A serializer is chosen by the value's type when saving, and by the name the
 catalog recorded when loading. The built-in ones, tried in this order:
 
-========== ===================================== ===============================
-name       values                                 stored as
-========== ===================================== ===============================
-``ndarray`` numpy arrays and numpy scalars        raw bytes + dtype/shape/order
-``bytes``   ``bytes``, ``bytearray``, ``memoryview`` the bytes
-``str``     ``str``                               UTF-8
-``json``    dict, list, tuple, int, float, bool,  compact JSON (UTF-8)
+=========== ============================================ ==============================
+name        values                                       stored as
+=========== ============================================ ==============================
+``ndarray`` numpy arrays and numpy scalars               raw bytes + dtype/shape/order
+``bytes``   ``bytes``, ``bytearray``, ``memoryview``     the bytes
+``str``     ``str``                                      UTF-8
+``json``    dict, list, tuple, int, float, bool,         compact JSON (UTF-8)
             ``None``
-``pickle``  anything picklable, only when the     pickle protocol 5
-            backend was opened with
-            ``allow_pickle=True``
-========== ===================================== ===============================
+``pickle``  anything picklable, only when the backend    pickle protocol 5
+            was opened with ``allow_pickle=True``
+=========== ============================================ ==============================
 
 Arrays are never written with ``np.save``: the raw buffer is stored as is
 (zero-copy for contiguous arrays) and the dtype, shape and memory order go into
 the catalog, so reading back is one ``np.frombuffer``.
 
-Add your own by subclassing :class:`Serializer` and registering it::
+Add your own by subclassing :class:`Serializer` and registering it (the
+catalog guide has a worked example)::
 
     registry = SerializerRegistry.default()
     registry.register(MySerializer(), first=True)
