@@ -16,6 +16,7 @@ and ``except PolystoreError`` work::
     ├── BackendConfigError            (TypeError)
     ├── BackendUnavailableError       (ConnectionError)
     ├── StorageFullError              (OSError, errno ENOSPC)
+    ├── ConflictError
     ├── DuplicateBackendError
     ├── UnsupportedOperationError     (NotImplementedError)
     ├── IntegrityError
@@ -34,6 +35,7 @@ __all__ = [
     "BackendConfigError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "ConflictError",
     "DuplicateBackendError",
     "IntegrityError",
     "InvalidPathError",
@@ -99,6 +101,15 @@ class BackendUnavailableError(PolystoreError, ConnectionError):
 
 class StorageFullError(PolystoreError, OSError):
     """The disk or database is full; ``errno`` is ``ENOSPC``. Nothing was written."""
+
+
+class ConflictError(PolystoreError):
+    """The database aborted a transaction to resolve a conflict with a concurrent one.
+
+    A deadlock or serialization failure inside :meth:`SQLBackend.transaction`
+    (polystore retries its own single operations itself, a bounded number of
+    times). Nothing of the transaction was written: run it again.
+    """
 
 
 class DuplicateBackendError(PolystoreError):

@@ -29,6 +29,7 @@ catalog guide has a worked example)::
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import sys
@@ -417,7 +418,8 @@ def _guarded(name: str, decode: Callable[[Buffer], Any], data: Buffer) -> Any:
 
 
 def _decode_with(serializer: Serializer, meta: dict[str, Any], data: Buffer) -> Any:
-    return serializer.decode(data, meta)
+    # A decoder serves many loads: each call gets metadata of its own to keep.
+    return serializer.decode(data, copy.deepcopy(meta) if meta else {})
 
 
 def _numpy_if_loaded() -> Any:

@@ -24,7 +24,12 @@ TWINS = {
     errors.BackendUnavailableError: ConnectionError,
     errors.UnsupportedOperationError: NotImplementedError,
 }
-WITHOUT_TWIN = [errors.DuplicateBackendError, errors.IntegrityError, errors.SchemaVersionError]
+WITHOUT_TWIN = [
+    errors.ConflictError,
+    errors.DuplicateBackendError,
+    errors.IntegrityError,
+    errors.SchemaVersionError,
+]
 
 
 @pytest.mark.parametrize(("error", "twin"), TWINS.items(), ids=lambda e: e.__name__)

@@ -14,6 +14,7 @@ EXPECTED = [
     "BackendNotFoundError",
     "BackendRegistry",
     "BackendUnavailableError",
+    "ConflictError",
     "DiskBackend",
     "DuplicateBackendError",
     "FileManager",

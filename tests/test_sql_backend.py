@@ -700,3 +700,68 @@ def test_a_serializer_registered_later_decodes_the_next_load(catalog_url: str) -
         tag, value = b.load("a/x.npy")
         assert tag == "tagged" and value.tolist() == [0, 1, 2]
         assert b.load_batch(["a/x.npy"])[0][0] == "tagged"
+
+
+def test_each_load_gets_metadata_of_its_own(catalog_url: str) -> None:
+    """A serializer may change the metadata it is handed; the next load is unaffected."""
+    from polystore.serializers import Encoded, Serializer, SerializerRegistry
+
+    class Complex(Serializer):
+        name = "complex"
+
+        def accepts(self, value: Any) -> bool:
+            return isinstance(value, complex)
+
+        def encode(self, value: Any) -> Encoded:
+            return Encoded(self.name, self.version, repr(value).encode(), {"parts": [2]})
+
+        def decode(self, data: Any, meta: dict[str, Any]) -> Any:
+            assert meta.pop("parts") == [2]  # mutating what it was given
+            return complex(bytes(data).decode())
+
+    registry = SerializerRegistry.default()
+    registry.register(Complex(), first=True)
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save_batch([1 + 2j, 3 + 4j], ["d/a", "d/b"])
+        assert [b.load("d/a"), b.load("d/b")] == [1 + 2j, 3 + 4j]
+        assert b.load_batch(["d/a", "d/b", "d/a"]) == [1 + 2j, 3 + 4j, 1 + 2j]
+
+
+def test_allow_pickle_turned_off_holds_for_cached_decoders(catalog_url: str) -> None:
+    with SQLBackend(catalog_url, allow_pickle=True) as b:
+        b.save({1, 2}, "p/set.pkl")
+        assert b.load("p/set.pkl") == {1, 2}
+        b.allow_pickle = False
+        with pytest.raises(SerializationError, match="allow_pickle=True"):
+            b.load("p/set.pkl")
+        with pytest.raises(SerializationError, match="allow_pickle=True"):
+            b.load_batch(["p/set.pkl"])
+
+
+def test_in_memory_catalog_from_a_second_thread_during_a_transaction() -> None:
+    """One shared connection: a clear error, never another thread's uncommitted rows."""
+    import threading
+
+    from polystore import UnsupportedOperationError
+
+    with SQLBackend("sqlite://") as b:
+        seen: list[BaseException | bytes] = []
+        with pytest.raises(RuntimeError), b.transaction():
+            b.save(b"uncommitted", "d/x")
+
+            def read() -> None:
+                try:
+                    seen.append(b.load("d/x"))
+                except BaseException as exc:  # noqa: BLE001 -- recorded for the assert
+                    seen.append(exc)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            reader.join(10)
+            raise RuntimeError("roll back")
+        assert len(seen) == 1 and isinstance(seen[0], UnsupportedOperationError)
+        with pytest.raises(NotFoundError):
+            b.load("d/x")
+        b.save(b"other", "e/x")  # may reuse the rolled-back directory's id
+        with pytest.raises(NotFoundError):
+            b.load("d/x")

@@ -98,3 +98,56 @@ def test_threads_share_one_backend(catalog_url: str) -> None:
         assert errors == []
         assert len(backend.list_files("", recursive=True)) == 4 * 40 * 2
         assert_refcounts_consistent(backend)
+
+
+def test_deadlocked_transactions_raise_conflict_error(pg_url: str) -> None:
+    """Two transaction() blocks that lock in opposite orders: one gets ConflictError.
+
+    PostgreSQL aborts one of them to break the deadlock; that one wrote nothing
+    and says to run it again, the other commits.
+    """
+    from polystore import ConflictError
+
+    setup = SQLBackend(pg_url)
+    setup.save_batch([b"0", b"1", b"2"], ["x/f", "y1/f", "y2/f"])
+    first, second = SQLBackend(pg_url), SQLBackend(pg_url)
+    saved, deleted = threading.Event(), threading.Event()
+    outcome: dict[str, str] = {}
+
+    def one() -> None:
+        try:
+            with first.transaction():
+                first.save(b"one", "x/f")  # holds x/f
+                saved.set()
+                deleted.wait(10)
+                first.delete("y1", recursive=True)  # waits for the tree version
+            outcome["one"] = "committed"
+        except ConflictError:
+            outcome["one"] = "conflict"
+
+    def two() -> None:
+        try:
+            with second.transaction():
+                saved.wait(10)
+                second.delete("y2", recursive=True)  # holds the tree version
+                deleted.set()
+                second.save(b"two", "x/f")  # waits for x/f
+            outcome["two"] = "committed"
+        except ConflictError:
+            outcome["two"] = "conflict"
+
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert sorted(outcome.values()) == ["committed", "conflict"], outcome
+        winner = "one" if outcome["one"] == "committed" else "two"
+        assert setup.load("x/f") == winner.encode()
+        assert setup.exists("y1/f") == (winner == "two")  # the loser deleted nothing
+        assert setup.exists("y2/f") == (winner == "one")
+        assert_refcounts_consistent(setup)
+    finally:
+        for b in (setup, first, second):
+            b.close()

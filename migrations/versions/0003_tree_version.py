@@ -16,6 +16,7 @@ Create Date: 2026-12-01
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -35,7 +36,9 @@ def upgrade() -> None:
         sa.CheckConstraint("id = 1", name=op.f("polystore_tree_version_single_row_check")),
         sa.PrimaryKeyConstraint("id", name=op.f("polystore_tree_version_pkey")),
     )
-    op.bulk_insert(table, [{"id": 1, "version": 0}])
+    # Seeded from the clock (microseconds), not 0: a catalog downgraded and
+    # upgraded again must never repeat a version some process still caches.
+    op.bulk_insert(table, [{"id": 1, "version": time.time_ns() // 1000}])
     unreferenced = sa.text("refcount = 0")
     op.create_index(
         "polystore_blobs_unreferenced_idx",

@@ -189,6 +189,7 @@ class SQLBackend(StorageBackend):
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
         self._decoders: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
+        self._decoders_state: tuple[Any, ...] = ()
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -467,6 +468,13 @@ class SQLBackend(StorageBackend):
             meta["dtype"] = row.dtype
         return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
 
+    def _check_decoders(self) -> None:
+        """Drop the cached decoders if the serializers or ``allow_pickle`` changed."""
+        state = (self.serializers, self.serializers.changes, self.allow_pickle)
+        if self._decoders_state != state:
+            self._decoders.clear()
+            self._decoders_state = state
+
     def _decode_fast(self, raw: Sequence[Any], path: str) -> Any:
         """The value of a fast-path row of :data:`~.fast.LOAD_COLUMNS`."""
         kind, size, serializer, dtype, shape, meta, blob_hash, store, data = raw[:9]
@@ -474,9 +482,9 @@ class SQLBackend(StorageBackend):
             raise is_a_directory(path)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
             data = self._placement.content(store, size, blob_hash, data, path)
-        # Files of one dtype and shape share one decoder (JSON still unparsed),
-        # until a serializer is registered.
-        key = (serializer, dtype, shape, meta, self.serializers.changes)
+        # Files of one dtype and shape share one decoder (JSON still unparsed);
+        # load and load_batch drop them all when the serializers change.
+        key = (serializer, dtype, shape, meta)
         decode = self._decoders.get(key)
         if decode is None:
             full = dict(parse_json(meta) or {})
@@ -515,6 +523,7 @@ class SQLBackend(StorageBackend):
         if kwargs:
             reject_kwargs(self, "load", kwargs)
         path = paths.normalize_file(file_path)
+        self._check_decoders()
         if self._tx.get() is None:
             parent, _, name = path.rpartition("/")
             known = self._dirs.get(parent)
@@ -558,6 +567,7 @@ class SQLBackend(StorageBackend):
         if kwargs:
             reject_kwargs(self, "load_batch", kwargs)
         norm = [paths.normalize_file(p) for p in file_paths]
+        self._check_decoders()
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")
@@ -807,7 +817,7 @@ class SQLBackend(StorageBackend):
             if row.kind == "file":
                 released[row.blob_hash] += 1
             else:
-                tree.bump_version(conn)  # before any node row is locked
+                tree.bump_version(conn)  # before this operation locks any node row
                 has_children = conn.execute(
                     sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
                 ).first()
@@ -839,7 +849,7 @@ class SQLBackend(StorageBackend):
         if tree.resolve(conn, dst) is not None:
             raise already_exists(dst)
         if moving and row.kind == "dir":
-            tree.bump_version(conn)  # before any node row is locked
+            tree.bump_version(conn)  # before this operation locks any node row
         parent, name = paths.split(dst)
         return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
 

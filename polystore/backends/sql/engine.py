@@ -26,9 +26,11 @@ from sqlalchemy.engine import URL, Engine, make_url
 from polystore.errors import (
     BackendConfigError,
     BackendUnavailableError,
+    ConflictError,
     PolystoreError,
     ReadOnlyError,
     StorageFullError,
+    UnsupportedOperationError,
 )
 
 __all__ = [
@@ -205,6 +207,17 @@ def translate_errors(url: str) -> Iterator[None]:
         if "file is not a database" in text:
             raise BackendConfigError(
                 f"{_safe(url)} does not point at a SQLite database: {text.strip()}"
+            ) from error
+        if "cannot start a transaction within a transaction" in text:
+            raise UnsupportedOperationError(
+                f"the in-memory catalog {_safe(url)} is one connection: use it from one "
+                "thread at a time (or use a SQLite file)"
+            ) from error
+        if is_retryable(error):
+            # Left after polystore's own retries, or inside the caller's transaction().
+            raise ConflictError(
+                "the catalog aborted this transaction to resolve a conflict with a concurrent "
+                f"one (nothing of it was written; run it again): {text.strip()}"
             ) from error
         raise
 

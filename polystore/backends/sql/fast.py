@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.pool import StaticPool
 
 __all__ = [
     "JOIN_DEPTH",
@@ -221,8 +222,14 @@ class FastReader:
         self._held: list[Any] = []
         self._lock = threading.Lock()
         self._generation = _generation
+        # An in-memory SQLite database is one connection shared by every
+        # thread (a StaticPool): reading on it would see another thread's
+        # uncommitted writes. Such backends read through SQLAlchemy only.
+        self._enabled = not isinstance(engine.pool, StaticPool)
 
     def _connection(self) -> Any | None:
+        if not self._enabled:
+            return None
         held = getattr(self._local, "held", None)
         if held is not None and held[0] == _generation:
             return held[2]

@@ -155,6 +155,7 @@ class DirCache:
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {paths.ROOT: ROOT_ID}
+        self._subdirs: dict[str, set[str]] = {}  # parent path -> names in _ids
         #: Ids of directories this transaction created: their only children are
         #: what this transaction puts there (the directories are in this cache).
         self.created: set[int] = set()
@@ -164,15 +165,12 @@ class DirCache:
 
     def subdirectories(self, path: str) -> set[str]:
         """Names of the directories in this cache directly under ``path``."""
-        prefix = f"{path}/" if path else ""
-        return {
-            p[len(prefix) :]
-            for p in self._ids
-            if p and p.startswith(prefix) and "/" not in p[len(prefix) :]
-        }
+        return self._subdirs.get(path, set())
 
     def put(self, path: str, node_id: int) -> None:
         self._ids[path] = node_id
+        parent, _, name = path.rpartition("/")
+        self._subdirs.setdefault(parent, set()).add(name)
 
 
 def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) -> int:
@@ -214,10 +212,11 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
 def bump_version(conn: Connection) -> None:
     """Raise the tree version: directory ids cached by path are stale from now on.
 
-    Every transaction that moves or deletes a directory calls this before it
-    locks any node row, so on PostgreSQL such transactions queue here in one
-    order and never deadlock with each other or with saves (which take no
-    version lock).
+    polystore's own directory moves and deletes call this before they lock any
+    node row, so on PostgreSQL they queue here in one order. Inside a caller's
+    :meth:`~polystore.SQLBackend.transaction` that already holds node rows,
+    the database may have to break a deadlock: the aborted transaction raises
+    :class:`~polystore.errors.ConflictError`.
     """
     conn.execute(
         tree_version.update()
