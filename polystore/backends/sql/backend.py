@@ -542,7 +542,7 @@ class SQLBackend(StorageBackend):
                 if not rows:
                     raise not_found(path)
                 row = rows[0]
-                if parent:
+                if parent and row[10] is not None:  # (no version row: no cache)
                     self._remember_dir(parent, row[9], row[10])
                 return self._decode_fast(row, path)
         row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))

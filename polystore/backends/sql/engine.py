@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,6 +99,27 @@ def _sqlite_path(url: URL) -> str | None:
     return os.path.abspath(database)
 
 
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out a concurrent opener.
+
+    Switching a fresh file to WAL needs an exclusive lock, and SQLite reports
+    "database is locked" at once (no busy handler) when several processes
+    open a new catalog together: retry, with back-off, for up to the busy
+    timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    delay = 0.002
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.1)
+
+
 def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
     path = _sqlite_path(url)
     memory = path is None
@@ -121,7 +143,7 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
         cursor = dbapi_conn.cursor()
         try:
             if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
             # Batch loads touch node, index and blob pages all over the file: a
             # 64 MiB page cache (allocated only as used) and reads through a
