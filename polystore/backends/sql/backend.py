@@ -124,6 +124,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) -> dict[str, Any]:
+    """What a serializer's decoder is given: its recorded meta, plus shape and dtype."""
+    full = dict(meta or {})
+    if shape is not None:
+        full["shape"] = shape
+    if dtype is not None:
+        full["dtype"] = dtype
+    return full
+
+
 #: What every file of one kind shares: serializer, version, dtype, shape (as the
 #: JSON list) and meta. One tuple per distinct kind in a batch.
 _Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
@@ -386,7 +396,7 @@ class SQLBackend(StorageBackend):
         # any name is looked up (a batch may name "a" and "a/x").
         by_dir: dict[str, dict[str, int]] = defaultdict(dict)
         for path, i in batch.index.items():
-            parent, _, name = path.rpartition("/")
+            parent, name = paths.split(path)
             by_dir[parent][name] = i
         parent_ids = {parent: tree.ensure_dirs(conn, parent, now, cache) for parent in by_dir}
 
@@ -461,11 +471,7 @@ class SQLBackend(StorageBackend):
     def _decode(self, row: Any, path: str) -> Any:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
         data = self._placement.content(row.store, row.size, row.blob_hash, row.data, path)
-        meta = dict(row.meta or {})
-        if row.shape is not None:
-            meta["shape"] = row.shape
-        if row.dtype is not None:
-            meta["dtype"] = row.dtype
+        meta = _decoder_meta(row.meta, row.shape, row.dtype)
         return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
 
     def _check_decoders(self) -> None:
@@ -487,11 +493,7 @@ class SQLBackend(StorageBackend):
         key = (serializer, dtype, shape, meta)
         decode = self._decoders.get(key)
         if decode is None:
-            full = dict(parse_json(meta) or {})
-            if shape is not None:
-                full["shape"] = parse_json(shape)
-            if dtype is not None:
-                full["dtype"] = dtype
+            full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
             decode = self.serializers.decoder(serializer, full, allow_pickle=self.allow_pickle)
             if len(self._decoders) >= _MAX_DECODERS:
                 self._decoders.clear()
@@ -525,7 +527,7 @@ class SQLBackend(StorageBackend):
         path = paths.normalize_file(file_path)
         self._check_decoders()
         if self._tx.get() is None:
-            parent, _, name = path.rpartition("/")
+            parent, name = paths.split(path)
             known = self._dirs.get(parent)
             if known is not None:  # one join, whatever the depth
                 rows = self._fast.fetch_raw(
@@ -570,7 +572,7 @@ class SQLBackend(StorageBackend):
         self._check_decoders()
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
-            parent, _, name = path.rpartition("/")
+            parent, name = paths.split(path)
             by_parent[parent].append(name)
         if self._tx.get() is None:
             values = self._load_many_fast(norm, by_parent)

@@ -150,7 +150,7 @@ class BulkStatement:
         """Run the statement once per row; each row holds values in column order."""
         if not rows:
             return
-        if self._copy_into is not None and conn.dialect.name == "postgresql":
+        if self._copies(conn):
             self._copy(conn, rows)
             return
         sql, order, processors = self._prepare(conn)
@@ -176,7 +176,7 @@ class BulkStatement:
 # Rows share one object per distinct JSON document (a shape, an array's
 # metadata): during a COPY each is serialized once, not once per row. One
 # module-level function (psycopg caches a dumper per function) and a memo per
-# thread, keyed by identity and holding the object so its id stays its own.
+# thread, keyed by identity; it holds each object, so no other takes its id.
 _json_memo = threading.local()
 
 
@@ -185,7 +185,7 @@ def _memo_dumps(obj: Any) -> str:
     if memo is None:
         return json.dumps(obj)
     hit = memo.get(id(obj))
-    if hit is None or hit[0] is not obj:
+    if hit is None:
         hit = memo[id(obj)] = (obj, json.dumps(obj))
     return hit[1]
 

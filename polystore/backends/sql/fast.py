@@ -152,11 +152,7 @@ def cached_load_sql(dialect: str) -> str:
     id may now be at another path). Either way, resolve the whole path.
     """
     p = _placeholder(dialect)
-    return (
-        f"SELECT {LOAD_COLUMNS.format(n='n')} FROM polystore_nodes AS n "
-        "LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash "
-        f"WHERE n.parent_id = {p} AND n.name = {p} AND {_TREE_VERSION} = {p}"
-    )
+    return _child_load_sql(dialect, "", f"= {p} AND {_TREE_VERSION} = {p}")
 
 
 @lru_cache(maxsize=8)
@@ -175,10 +171,15 @@ def children_sql(dialect: str, count: int) -> str:
     any ``count``. Rows are :data:`LOAD_COLUMNS` and then the name.
     """
     names = "= ANY(%s)" if dialect == "postgresql" else f"IN ({', '.join(['?'] * count)})"
+    return _child_load_sql(dialect, ", n.name", names)
+
+
+def _child_load_sql(dialect: str, more: str, name_test: str) -> str:
+    """Load columns (then ``more``) of children of ``[parent, ...]`` whose name passes."""
     return (
-        f"SELECT {LOAD_COLUMNS.format(n='n')}, n.name FROM polystore_nodes AS n "
+        f"SELECT {LOAD_COLUMNS.format(n='n')}{more} FROM polystore_nodes AS n "
         "LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash "
-        f"WHERE n.parent_id = {_placeholder(dialect)} AND n.name {names}"
+        f"WHERE n.parent_id = {_placeholder(dialect)} AND n.name {name_test}"
     )
 
 

@@ -169,7 +169,7 @@ class DirCache:
 
     def put(self, path: str, node_id: int) -> None:
         self._ids[path] = node_id
-        parent, _, name = path.rpartition("/")
+        parent, name = paths.split(path)
         self._subdirs.setdefault(parent, set()).add(name)
 
 
