@@ -113,7 +113,7 @@ class FileManager:
     ) -> None:
         """Save each value at its path; all-or-nothing on transactional backends."""
         data_list = list(data_list)
-        norm = [paths.normalize_file(p) for p in output_paths]
+        norm = paths.normalize_files(output_paths)
         if len(data_list) != len(norm):
             raise ValueError(f"save_batch got {len(data_list)} values but {len(norm)} paths")
         self.get_backend(backend).save_batch(data_list, norm, **kwargs)
@@ -122,7 +122,7 @@ class FileManager:
         self, file_paths: Sequence[PathArg], *, backend: str | None = None, **kwargs: Any
     ) -> list[Any]:
         """Load each path, in order."""
-        norm = [paths.normalize_file(p) for p in file_paths]
+        norm = paths.normalize_files(file_paths)
         return list(self.get_backend(backend).load_batch(norm, **kwargs))
 
     # -- listing and inspection ----------------------------------------------------

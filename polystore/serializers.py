@@ -33,7 +33,7 @@ import copy
 import json
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, ClassVar
@@ -119,6 +119,27 @@ class Serializer:
         """
         return partial(_decode_with, self, meta)
 
+    def batch_decoder(self, meta: dict[str, Any]) -> Callable[[Sequence[Buffer]], list[Any]]:
+        """A function that decodes a list of contents, all recorded with ``meta``.
+
+        ``load_batch`` decodes the files of one kind in a chunk with one call.
+        The default calls :meth:`decoder`'s function on each; override it where
+        a whole list can be decoded at once for less.
+        """
+        return partial(_decode_each, self.decoder(meta))
+
+
+def _decode_each(decode: Callable[[Buffer], Any], datas: Sequence[Buffer]) -> list[Any]:
+    return [decode(data) for data in datas]
+
+
+#: ``load_batch`` gives arrays of at most this many bytes views into a buffer
+#: shared with others of their chunk (one copy for many), and keeps each such
+#: buffer to at most ``SHARED_BUFFER_BYTES``: holding on to one array keeps no
+#: more than that alive.
+SHARED_ARRAY_BYTES = 64 * 1024
+SHARED_BUFFER_BYTES = 1024 * 1024
+
 
 class NDArraySerializer(Serializer):
     name = "ndarray"
@@ -169,15 +190,7 @@ class NDArraySerializer(Serializer):
     def decoder(self, meta: dict[str, Any]) -> Callable[[Buffer], Any]:
         import numpy as np
 
-        descr = meta["descr"]
-        dtype = _dtype_of(descr) if isinstance(descr, str) else _descr_to_dtype(descr)
-        shape = tuple(meta["shape"])
-        count = 1
-        for n in shape:
-            count *= n
-        order = meta.get("order", "C")
-        scalar = bool(meta.get("scalar"))
-
+        dtype, shape, count, order, scalar = _layout(meta)
         flat_shape = shape == (count,)
 
         def decode(data: Buffer) -> Any:
@@ -191,6 +204,62 @@ class NDArraySerializer(Serializer):
             return arr[()] if scalar else arr
 
         return decode
+
+    def batch_decoder(self, meta: dict[str, Any]) -> Callable[[Sequence[Buffer]], list[Any]]:
+        """Small arrays of a list are copied into shared buffers, not one by one.
+
+        Each array is a writeable view of its own bytes in a buffer of up to
+        :data:`SHARED_BUFFER_BYTES` that it shares with the arrays decoded
+        next to it: one copy and one view per array, instead of a copy, a
+        reshape and two Python calls. Scalars, 0-d, empty, Fortran-ordered
+        multi-dimensional and subarray-dtype arrays, arrays over
+        :data:`SHARED_ARRAY_BYTES`, and lists whose contents are not all
+        exactly the recorded size are decoded one by one, by :meth:`decoder`;
+        so is everything when a subclass overrides :meth:`decoder`.
+        """
+        import numpy as np
+
+        decode_each = partial(_decode_each, self.decoder(meta))
+        dtype, shape, count, order, scalar = _layout(meta)
+        nbytes = dtype.itemsize * count
+        if (
+            type(self).decoder is not NDArraySerializer.decoder  # a subclass decodes its way
+            or scalar
+            or not shape
+            or not 0 < nbytes <= SHARED_ARRAY_BYTES
+            or dtype.subdtype is not None
+            or (order != "C" and len(shape) > 1)
+        ):
+            return decode_each
+        per_buffer = max(1, SHARED_BUFFER_BYTES // nbytes)
+        sizes = {nbytes}
+
+        def decode_many(datas: Sequence[Buffer]) -> list[Any]:
+            # len() is the size in bytes of bytes, bytearray and byte views;
+            # the joined buffer's length catches any other kind of view.
+            if set(map(len, datas)) != sizes:
+                return decode_each(datas)
+            out: list[Any] = []
+            for start in range(0, len(datas), per_buffer):
+                part = datas[start : start + per_buffer]
+                buffer = bytearray().join(part)
+                if len(buffer) != nbytes * len(part):
+                    return decode_each(datas)
+                out.extend(np.frombuffer(buffer, dtype).reshape(len(part), *shape))
+            return out
+
+        return decode_many
+
+
+def _layout(meta: dict[str, Any]) -> tuple[Any, tuple[int, ...], int, Any, bool]:
+    """``(dtype, shape, count, order, scalar)`` of an array recorded with ``meta``."""
+    descr = meta["descr"]
+    dtype = _dtype_of(descr) if isinstance(descr, str) else _descr_to_dtype(descr)
+    shape = tuple(meta["shape"])
+    count = 1
+    for n in shape:
+        count *= n
+    return dtype, shape, count, meta.get("order", "C"), bool(meta.get("scalar"))
 
 
 @lru_cache(maxsize=512)
@@ -388,12 +457,7 @@ class SerializerRegistry:
         Every failure, building the decoder or calling it, raises
         :class:`~polystore.errors.SerializationError`.
         """
-        serializer = self.get(name)
-        if serializer.unsafe and not allow_pickle:
-            raise SerializationError(
-                f"this content was stored with {name!r}, which can run code when loaded; "
-                "open the backend with allow_pickle=True to load it"
-            )
+        serializer = self._decoding(name, allow_pickle)
         try:
             decode = serializer.decoder(meta)
         except SerializationError:
@@ -401,6 +465,28 @@ class SerializerRegistry:
         except Exception as exc:
             raise _cannot_decode(name, exc) from exc
         return partial(_guarded, name, decode)
+
+    def batch_decoder(
+        self, name: str, meta: dict[str, Any], *, allow_pickle: bool = False
+    ) -> Callable[[Sequence[Buffer]], list[Any]]:
+        """Like :meth:`decoder`, for a list of contents: one value for each, in order."""
+        serializer = self._decoding(name, allow_pickle)
+        try:
+            decode_many = serializer.batch_decoder(meta)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise _cannot_decode(name, exc) from exc
+        return partial(_guarded_many, name, decode_many)
+
+    def _decoding(self, name: str, allow_pickle: bool) -> Serializer:
+        serializer = self.get(name)
+        if serializer.unsafe and not allow_pickle:
+            raise SerializationError(
+                f"this content was stored with {name!r}, which can run code when loaded; "
+                "open the backend with allow_pickle=True to load it"
+            )
+        return serializer
 
 
 def _cannot_decode(name: str, exc: Exception) -> SerializationError:
@@ -415,6 +501,22 @@ def _guarded(name: str, decode: Callable[[Buffer], Any], data: Buffer) -> Any:
         raise
     except Exception as exc:
         raise _cannot_decode(name, exc) from exc
+
+
+def _guarded_many(
+    name: str, decode_many: Callable[[Sequence[Buffer]], list[Any]], datas: Sequence[Buffer]
+) -> list[Any]:
+    try:
+        values = list(decode_many(datas))
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _cannot_decode(name, exc) from exc
+    if len(values) != len(datas):
+        raise SerializationError(
+            f"serializer {name!r} decoded {len(values)} values from {len(datas)} contents"
+        )
+    return values
 
 
 def _decode_with(serializer: Serializer, meta: dict[str, Any], data: Buffer) -> Any:

@@ -211,3 +211,41 @@ def test_plain_looking_paths_normalize_exactly(raw: str, norm: str) -> None:
 def test_plain_looking_bad_paths_are_refused(raw: str) -> None:
     with pytest.raises(InvalidPathError):
         paths.normalize(raw)
+
+
+def _each_or_error(raw: list[str]) -> list[str] | type[InvalidPathError]:
+    try:
+        return [paths.normalize_file(p) for p in raw]
+    except InvalidPathError:
+        return InvalidPathError
+
+
+@given(st.lists(raw_paths, max_size=6))
+def test_a_batch_normalizes_like_each_path(raw: list[str]) -> None:
+    """``normalize_files`` checks a batch in one match; it must agree path by path."""
+    expected = _each_or_error(raw)
+    if expected is InvalidPathError:
+        with pytest.raises(InvalidPathError):
+            paths.normalize_files(raw)
+    else:
+        assert paths.normalize_files(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        ["x.npy\x00.txt"],  # a NUL must not split one path into two plain ones
+        ["a", "b\x00"],
+        ["a", ".."],
+        ["a", ""],
+        ["a", "b/"],  # normalizes; the batch shortcut must not return it as given
+        ["a", "/b"],
+    ],
+)
+def test_batch_edge_cases_agree_with_each_path(batch: list[str]) -> None:
+    expected = _each_or_error(batch)
+    if expected is InvalidPathError:
+        with pytest.raises(InvalidPathError):
+            paths.normalize_files(batch)
+    else:
+        assert paths.normalize_files(batch) == expected

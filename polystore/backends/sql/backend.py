@@ -199,6 +199,7 @@ class SQLBackend(StorageBackend):
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
         self._decoders: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
+        self._batch_decoders: dict[tuple[Any, ...], Callable[[Any], list[Any]]] = {}
         self._decoders_state: tuple[Any, ...] = ()
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
@@ -354,12 +355,8 @@ class SQLBackend(StorageBackend):
         batch = _Batch()
         index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
         shared: dict[tuple[Any, ...], _Kind] = {}
-        normalize, encode = (
-            paths.normalize_file,
-            self.serializers.encoder(allow_pickle=self.allow_pickle),
-        )
-        for value, output_path in zip(data_list, output_paths, strict=True):
-            path = normalize(output_path)
+        encode = self.serializers.encoder(allow_pickle=self.allow_pickle)
+        for value, path in zip(data_list, paths.normalize_files(output_paths), strict=True):
             at = index.get(path)
             if at is not None and not overwrite:
                 raise already_exists(path)
@@ -479,25 +476,37 @@ class SQLBackend(StorageBackend):
         state = (self.serializers, self.serializers.changes, self.allow_pickle)
         if self._decoders_state != state:
             self._decoders.clear()
+            self._batch_decoders.clear()
             self._decoders_state = state
 
+    def _decoder_for(self, key: tuple[Any, ...], many: bool) -> Callable[[Any], Any]:
+        """The cached decoder (``many``: batch decoder) for fast-path columns ``key``.
+
+        ``key`` is ``(serializer, dtype, shape, meta)``, JSON still unparsed:
+        files of one dtype and shape share one decoder. :meth:`_check_decoders`
+        drops them all when the serializers change.
+        """
+        cache = self._batch_decoders if many else self._decoders
+        decode = cache.get(key)
+        if decode is None:
+            serializer, dtype, shape, meta = key
+            full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
+            build = self.serializers.batch_decoder if many else self.serializers.decoder
+            decode = build(serializer, full, allow_pickle=self.allow_pickle)
+            if len(cache) >= _MAX_DECODERS:
+                cache.clear()
+            cache[key] = decode
+        return decode
+
     def _decode_fast(self, raw: Sequence[Any], path: str) -> Any:
-        """The value of a fast-path row of :data:`~.fast.LOAD_COLUMNS`."""
+        """The value of a fast-path row of :func:`~.fast.load_columns`."""
         kind, size, serializer, dtype, shape, meta, blob_hash, store, data = raw[:9]
         if kind != "file":
             raise is_a_directory(path)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
             data = self._placement.content(store, size, blob_hash, data, path)
-        # Files of one dtype and shape share one decoder (JSON still unparsed);
-        # load and load_batch drop them all when the serializers change.
         key = (serializer, dtype, shape, meta)
-        decode = self._decoders.get(key)
-        if decode is None:
-            full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
-            decode = self.serializers.decoder(serializer, full, allow_pickle=self.allow_pickle)
-            if len(self._decoders) >= _MAX_DECODERS:
-                self._decoders.clear()
-            self._decoders[key] = decode
+        decode = self._decoders.get(key) or self._decoder_for(key, many=False)
         return decode(data)
 
     @staticmethod
@@ -568,11 +577,11 @@ class SQLBackend(StorageBackend):
         """Load every path in order, from one consistent snapshot of the catalog."""
         if kwargs:
             reject_kwargs(self, "load_batch", kwargs)
-        norm = [paths.normalize_file(p) for p in file_paths]
+        norm = paths.normalize_files(file_paths)
         self._check_decoders()
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
-            parent, name = paths.split(path)
+            parent, _, name = path.rpartition("/")  # paths.split, inlined
             by_parent[parent].append(name)
         if self._tx.get() is None:
             values = self._load_many_fast(norm, by_parent)
@@ -605,14 +614,13 @@ class SQLBackend(StorageBackend):
                 rows = self._fast.fetch_raw(sql, args)
                 if rows is None:
                     return None
-                for i, row in enumerate(rows):
-                    rows[i] = None
-                    path = prefix + row[9]
-                    if row[7] == INLINE and path not in repeated:
-                        decoded[path] = self._decode_fast(row, path)
-                    else:
-                        later[path] = row
-                    del row
+                self._decode_chunk(rows, prefix, repeated, decoded, later)
+                del rows  # before the next chunk arrives: one chunk's bytes at a time
+        if not later:
+            try:
+                return list(map(decoded.pop, norm))
+            except KeyError as missing:
+                raise not_found(missing.args[0]) from None
         values = []
         for path in norm:
             if path in decoded:
@@ -623,6 +631,48 @@ class SQLBackend(StorageBackend):
                 raise not_found(path)
             values.append(self._decode_fast(row, path))
         return values
+
+    def _decode_chunk(
+        self,
+        rows: list[Any],
+        prefix: str,
+        repeated: set[str],
+        decoded: dict[str, Any],
+        later: dict[str, Any],
+    ) -> None:
+        """Decode one chunk of :func:`~.fast.children_sql` rows into ``decoded``.
+
+        Inline files are grouped by kind (serializer, dtype, shape, meta) and
+        each group decoded with one call of its batch decoder. Rows that need
+        more than their inline bytes (external content, a size mismatch,
+        ``verify_inline``, directories) and paths asked for twice go to
+        ``later``, for :meth:`_decode_fast`.
+        """
+        if self._placement.verify_inline:
+            later.update((prefix + row[9], row) for row in rows)
+            return
+        groups: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
+        for row in rows:
+            path = prefix + row[9]
+            data = row[8]
+            if (
+                row[7] == INLINE
+                and data is not None
+                and len(data) == row[1]
+                and row[0] == "file"
+                and path not in repeated
+            ):
+                key = row[2:6]  # (serializer, dtype, shape, meta)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = ([], [])
+                group[0].append(path)
+                group[1].append(data)
+            else:
+                later[path] = row
+        for key, (names, datas) in groups.items():
+            decode_many = self._batch_decoders.get(key) or self._decoder_for(key, many=True)
+            decoded.update(zip(names, decode_many(datas), strict=True))
 
     def _children_queries(
         self, by_parent: dict[str, list[str]]

@@ -27,9 +27,9 @@ from sqlalchemy.pool import StaticPool
 
 __all__ = [
     "JOIN_DEPTH",
-    "LOAD_COLUMNS",
     "FastReader",
     "cached_load_sql",
+    "load_columns",
     "parse_json",
     "resolve_args",
     "resolve_sql",
@@ -41,10 +41,21 @@ __all__ = [
 MAX_HELD = 8
 
 
-#: What a load reads, and nothing more: every column costs a Python object per
-#: row. ``shape`` and ``meta`` stay unparsed JSON (text on SQLite, bytes on
-#: PostgreSQL), so they can key a cache of decoders.
-LOAD_COLUMNS = "{n}.kind, {n}.size, {n}.serializer, {n}.dtype, {n}.shape, {n}.meta, {n}.blob_hash, b.store, b.data"
+def load_columns(dialect: str, node: str) -> str:
+    """What a load reads of ``node`` and its blob ``b``, and nothing more.
+
+    Every column costs a Python object per row. ``shape`` and ``meta`` come
+    as unparsed JSON text, to key a cache of decoders: on PostgreSQL they are
+    cast to text in SQL, since psycopg's JSONB loader is Python code run for
+    every value (about 5 µs a row of a batch load).
+    """
+    shape, meta = f"{node}.shape", f"{node}.meta"
+    if dialect == "postgresql":
+        shape, meta = f"CAST({shape} AS TEXT)", f"CAST({meta} AS TEXT)"
+    return (
+        f"{node}.kind, {node}.size, {node}.serializer, {node}.dtype, {shape}, {meta}, "
+        f"{node}.blob_hash, b.store, b.data"
+    )
 
 
 def _placeholder(dialect: str) -> str:
@@ -110,15 +121,15 @@ def resolve_sql(dialect: str, depth: int, what: str = "kind") -> str:
     """SQL for the node at a path of ``depth`` names; see :func:`resolve_args`.
 
     ``what`` is ``"kind"`` (``id, kind`` only: ``exists``, ``list_dir`` and
-    friends) or ``"load"`` (:data:`LOAD_COLUMNS`: what a load needs, with the
+    friends) or ``"load"`` (:func:`load_columns`: what a load needs, with the
     blob's placement and inline bytes; then the parent's id and the tree
     version, for :func:`cached_load_sql`).
     """
     with_content = what == "load"
     if depth > JOIN_DEPTH:
-        return walk_sql(dialect, _select(what, "n"), with_content=with_content)
+        return walk_sql(dialect, _select(dialect, what, "n"), with_content=with_content)
     last = f"n{depth - 1}" if depth else "n0"
-    sql = [f"SELECT {_select(what, last)}", "FROM polystore_nodes AS n0"]
+    sql = [f"SELECT {_select(dialect, what, last)}", "FROM polystore_nodes AS n0"]
     for i in range(1, depth):
         sql.append(
             f"JOIN polystore_nodes AS n{i} ON n{i}.parent_id = n{i - 1}.id "
@@ -133,11 +144,11 @@ def resolve_sql(dialect: str, depth: int, what: str = "kind") -> str:
     return "\n".join(sql)
 
 
-def _select(what: str, node: str) -> str:
+def _select(dialect: str, what: str, node: str) -> str:
     if what == "kind":
         return f"{node}.id, {node}.kind"
     # A load also reads where its directory is, for the cache of cached_load_sql.
-    return f"{LOAD_COLUMNS.format(n=node)}, {node}.parent_id, {_TREE_VERSION}"
+    return f"{load_columns(dialect, node)}, {node}.parent_id, {_TREE_VERSION}"
 
 
 _TREE_VERSION = "(SELECT version FROM polystore_tree_version WHERE id = 1)"
@@ -168,7 +179,7 @@ def children_sql(dialect: str, count: int) -> str:
     """SQL for ``count`` children of one directory, to load: ``[parent, *names]``.
 
     On PostgreSQL the names are one array parameter, ``[parent, names]``, for
-    any ``count``. Rows are :data:`LOAD_COLUMNS` and then the name.
+    any ``count``. Rows are :func:`load_columns` and then the name.
     """
     names = "= ANY(%s)" if dialect == "postgresql" else f"IN ({', '.join(['?'] * count)})"
     return _child_load_sql(dialect, ", n.name", names)
@@ -177,26 +188,20 @@ def children_sql(dialect: str, count: int) -> str:
 def _child_load_sql(dialect: str, more: str, name_test: str) -> str:
     """Load columns (then ``more``) of children of ``[parent, ...]`` whose name passes."""
     return (
-        f"SELECT {LOAD_COLUMNS.format(n='n')}{more} FROM polystore_nodes AS n "
+        f"SELECT {load_columns(dialect, 'n')}{more} FROM polystore_nodes AS n "
         "LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash "
         f"WHERE n.parent_id = {_placeholder(dialect)} AND n.name {name_test}"
     )
 
 
 @lru_cache(maxsize=4096)
-def parse_json(text: str | bytes | None) -> Any:
-    """A JSON column as the fast path reads it (text on SQLite, bytes on PostgreSQL).
+def parse_json(text: str | None) -> Any:
+    """A JSON column as the fast path reads it: text, or None.
 
     Shapes and dtype metadata repeat across files, so parsed documents are
     cached: they are shared, and read-only for every caller.
     """
     return None if text is None else json.loads(text)
-
-
-def _load_jsonb(data: Any) -> bytes:
-    # psycopg's loader for JSONB on fast connections: the document unparsed,
-    # like SQLite's text, for parse_json and the decoder cache to key on.
-    return bytes(data)
 
 
 # A forked child must not use (nor close) its parent's connections: closing
@@ -244,10 +249,7 @@ class FastReader:
             fairy = self._engine.raw_connection()
             driver: Any = fairy.driver_connection
             if self._dialect == "postgresql":
-                from psycopg.types.json import set_json_loads
-
                 driver.autocommit = True
-                set_json_loads(_load_jsonb, driver)
             self._held.append(fairy)
         self._local.held = (_generation, fairy, driver)
         return driver

@@ -1,0 +1,200 @@
+"""Batch decoders: ``load_batch`` decodes each kind of file in a chunk with one call.
+
+Small C-ordered arrays come back as views into buffers they share with their
+neighbours (one copy for many); everything else is decoded one by one. Either
+way the values must be exactly what single loads give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from polystore import SerializationError
+from polystore.backends.sql import SQLBackend
+from polystore.serializers import (
+    SHARED_ARRAY_BYTES,
+    SHARED_BUFFER_BYTES,
+    Encoded,
+    NDArraySerializer,
+    Serializer,
+    SerializerRegistry,
+)
+from polystore.testing.samples import assert_values_equal, samples
+
+
+def _arrays() -> dict[str, Any]:
+    values = samples("array")
+    values.update(
+        scalar=np.float32(2.5),
+        datetime=np.array(["2026-12-01", "1970-01-01"], dtype="datetime64[D]"),
+        timedelta=np.array([1, -2], dtype="timedelta64[ms]"),
+        structured=np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "<i4"), ("b", ">f8")]),
+        subarray=np.zeros(3, dtype=np.dtype((np.int16, (2,)))),
+        over_shared_limit=np.arange(SHARED_ARRAY_BYTES // 8 + 1, dtype=np.int64),
+    )
+    return values
+
+
+def _decoder_meta(encoded: Encoded) -> dict[str, Any]:
+    # What a backend hands a decoder: the recorded meta plus dtype and shape.
+    meta = dict(encoded.meta)
+    meta["shape"] = list(encoded.shape or ())
+    meta["dtype"] = encoded.dtype
+    return meta
+
+
+def _encode_many(value: Any, count: int) -> tuple[dict[str, Any], list[bytes]]:
+    registry = SerializerRegistry.default()
+    encoded = [registry.encode(value) for _ in range(count)]
+    return _decoder_meta(encoded[0]), [bytes(e.data) for e in encoded]
+
+
+@pytest.mark.parametrize("name", sorted(_arrays()))
+def test_batch_decoding_gives_what_single_decoding_gives(name: str) -> None:
+    value = _arrays()[name]
+    meta, datas = _encode_many(value, 3)
+    registry = SerializerRegistry.default()
+    many = registry.batch_decoder("ndarray", meta)(datas)
+    one = registry.decoder("ndarray", meta)
+    assert len(many) == 3
+    for got, data in zip(many, datas, strict=True):
+        expected = one(data)
+        assert type(got) is type(expected)
+        if isinstance(value, np.ndarray):
+            assert_values_equal(got, value, name)
+        else:
+            assert got == expected
+
+
+def test_small_arrays_share_bounded_buffers_and_stay_independent() -> None:
+    per_buffer = SHARED_BUFFER_BYTES // 4096
+    arrays = [np.full(1024, i, dtype=np.float32) for i in range(per_buffer + 3)]
+    registry = SerializerRegistry.default()
+    encoded = [registry.encode(a) for a in arrays]
+    decode_many = registry.batch_decoder("ndarray", _decoder_meta(encoded[0]))
+    loaded = decode_many([bytes(e.data) for e in encoded])
+
+    bases = {id(a.base) for a in loaded}
+    assert len(bases) == 2  # one full buffer and the rest: not one copy per array
+    for a in loaded:
+        assert a.base is not None and a.base.nbytes <= SHARED_BUFFER_BYTES
+        assert a.flags.writeable and a.shape == (1024,)
+    loaded[0][:] = -1  # a write reaches its own array only
+    assert loaded[1][0] == 1 and loaded[0][0] == -1
+    for i, a in enumerate(loaded[1:], start=1):
+        assert (a == i).all()
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [
+        pytest.param(lambda good: [good, good + b"\x00" * 4], id="one-longer"),
+        # A view whose len() (items) is the byte size the array needs, but which
+        # holds twice as many bytes: must not shift its neighbours' bytes.
+        pytest.param(
+            lambda good: [memoryview(np.frombuffer(good * 2, np.uint16)), good], id="wide-view"
+        ),
+    ],
+)
+def test_contents_of_unexpected_size_decode_one_by_one(contents: Any) -> None:
+    meta, (good,) = _encode_many(np.arange(1024, dtype=np.float32), 1)
+    datas = contents(good)
+    registry = SerializerRegistry.default()
+    one = registry.decoder("ndarray", meta)
+    many = registry.batch_decoder("ndarray", meta)(datas)
+    for got, data in zip(many, datas, strict=True):
+        np.testing.assert_array_equal(got, one(data))
+
+
+@pytest.mark.parametrize("extra", [0, 4])
+def test_a_short_content_still_raises_serialization_error(extra: int) -> None:
+    """Also when a longer one makes up the total: bytes never shift between arrays."""
+    meta, (good,) = _encode_many(np.arange(1024, dtype=np.float32), 1)
+    decode_many = SerializerRegistry.default().batch_decoder("ndarray", meta)
+    with pytest.raises(SerializationError, match="ndarray"):
+        decode_many([good + b"\x00" * extra, good[:-4]])
+
+
+def test_a_subclass_that_decodes_its_own_way_is_not_bypassed() -> None:
+    class Tagged(NDArraySerializer):
+        def decoder(self, meta: dict[str, Any]) -> Any:
+            plain = super().decoder(meta)
+            return lambda data: ("tagged", plain(data))
+
+    registry = SerializerRegistry.default()
+    registry.register(Tagged())
+    meta, datas = _encode_many(np.arange(4, dtype=np.int32), 2)
+    assert [tag for tag, _ in registry.batch_decoder("ndarray", meta)(datas)] == ["tagged"] * 2
+
+
+class _Upper(Serializer):
+    """A str serializer with a batch decoder of its own (to test the contract)."""
+
+    name = "upper"
+
+    def __init__(self, drop_one: bool = False) -> None:
+        self.drop_one = drop_one
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+    def encode(self, value: Any) -> Encoded:
+        return Encoded(self.name, self.version, value.encode())
+
+    def decode(self, data: Any, meta: dict[str, Any]) -> Any:
+        return bytes(data).decode().upper()
+
+    def batch_decoder(self, meta: dict[str, Any]) -> Any:
+        def decode_many(datas: Any) -> list[str]:
+            out = [bytes(d).decode().upper() for d in datas]
+            return out[1:] if self.drop_one else out
+
+        return decode_many
+
+
+def _upper_registry(drop_one: bool = False) -> SerializerRegistry:
+    registry = SerializerRegistry.default()
+    registry.register(_Upper(drop_one), first=True)
+    return registry
+
+
+def test_load_batch_uses_a_serializers_batch_decoder(catalog_url: str) -> None:
+    with SQLBackend(catalog_url, serializers=_upper_registry()) as b:
+        b.save_batch(["a", "b", "c"], ["t/a.txt", "t/b.txt", "t/c.txt"])
+        assert b.load_batch(["t/c.txt", "t/a.txt", "t/b.txt"]) == ["C", "A", "B"]
+
+
+def test_a_batch_decoder_that_loses_values_raises(catalog_url: str) -> None:
+    with SQLBackend(catalog_url, serializers=_upper_registry(drop_one=True)) as b:
+        b.save_batch(["a", "b"], ["t/a.txt", "t/b.txt"])
+        with pytest.raises(SerializationError, match="decoded 1 values from 2"):
+            b.load_batch(["t/a.txt", "t/b.txt"])
+
+
+def test_load_batch_of_mixed_kinds_over_several_chunks(catalog_url: str) -> None:
+    """Kinds interleave within chunks of 500; every value comes back in request order."""
+    values: list[Any] = []
+    for i in range(1200):
+        values.append(
+            [
+                np.full(16, i, dtype=np.float32),
+                np.full((2, 3), i, dtype=">i8"),
+                {"i": i},
+                f"text {i}",
+                np.asfortranarray(np.full((2, 2), i, dtype=np.int16)),
+            ][i % 5]
+        )
+    names = [f"mixed/{i:05d}.bin" for i in range(len(values))]
+    order = names[::-1] + names[:7]  # reversed, with repeats
+    expected = values[::-1] + values[:7]
+    with SQLBackend(catalog_url) as b:
+        b.save_batch(values, names)
+        loaded = b.load_batch(order)
+    with SQLBackend(catalog_url, verify_inline=True) as b:
+        verified = b.load_batch(order)
+    for got, check, want in zip(loaded, verified, expected, strict=True):
+        assert_values_equal(got, want)
+        assert_values_equal(check, want)
