@@ -443,6 +443,13 @@ class SerializerRegistry:
 
         return encode_one
 
+    def encodes_arrays_first(self, *, allow_pickle: bool = False) -> bool:
+        """Whether :meth:`encode` hands every plain ``numpy.ndarray`` to the built-in
+        :class:`NDArraySerializer` (so a batch may reuse one array's metadata for
+        the next array of the same dtype and shape)."""
+        tried = [s for s in self._by_name.values() if allow_pickle or not s.unsafe]
+        return bool(tried) and type(tried[0]) is NDArraySerializer
+
     def decode(
         self, name: str, data: Buffer, meta: dict[str, Any], *, allow_pickle: bool = False
     ) -> Any:

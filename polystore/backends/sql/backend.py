@@ -9,6 +9,7 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -137,6 +138,25 @@ def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) ->
 #: What every file of one kind shares: serializer, version, dtype, shape (as the
 #: JSON list) and meta. One tuple per distinct kind in a batch.
 _Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
+
+
+def _plain_ndarray(serializers: SerializerRegistry, allow_pickle: bool) -> Any:
+    """``numpy.ndarray`` if the registry encodes plain arrays with the built-in serializer."""
+    np = sys.modules.get("numpy")  # no array without numpy imported
+    if np is None or not serializers.encodes_arrays_first(allow_pickle=allow_pickle):
+        return None
+    return np.ndarray
+
+
+def _bytes_as_is(array: Any, size: int) -> bool:
+    """Whether the built-in serializer stores ``array`` as its own bytes, C order."""
+    if not size or not array.flags.c_contiguous or array.ndim == 0:
+        return False
+    try:
+        memoryview(array).cast("B")  # (datetime64 arrays refuse)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 class _Batch:
@@ -356,18 +376,33 @@ class SQLBackend(StorageBackend):
         index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
         shared: dict[tuple[Any, ...], _Kind] = {}
         encode = self.serializers.encoder(allow_pickle=self.allow_pickle)
+        # A C-ordered ndarray of a (dtype, shape) already encoded in this batch
+        # is encoded here: its bytes, and the kind of the first (what the
+        # built-in serializer would give, for a third of the time).
+        ndarray = _plain_ndarray(self.serializers, self.allow_pickle)
+        array_kinds: dict[tuple[Any, Any], _Kind] = {}
         for value, path in zip(data_list, paths.normalize_files(output_paths), strict=True):
             at = index.get(path)
             if at is not None and not overwrite:
                 raise already_exists(path)
-            encoded = encode(value)
-            data = encoded.data
-            size = data.nbytes if data.__class__ is memoryview else memoryview(data).nbytes
-            shape, meta = encoded.shape, encoded.meta or None
-            key = (encoded.serializer, encoded.version, encoded.dtype, shape)
-            kind = shared.get(key)
-            if kind is None or kind[4] is not meta:
-                kind = shared[key] = (*key[:3], None if shape is None else list(shape), meta)
+            kind = None
+            data: Buffer
+            if value.__class__ is ndarray and value.flags.c_contiguous:
+                kind = array_kinds.get((value.dtype, value.shape))
+                if kind is not None:
+                    data = memoryview(value).cast("B")
+                    size = data.nbytes
+            if kind is None:
+                encoded = encode(value)
+                data = encoded.data
+                size = data.nbytes if data.__class__ is memoryview else memoryview(data).nbytes
+                shape, meta = encoded.shape, encoded.meta or None
+                key = (encoded.serializer, encoded.version, encoded.dtype, shape)
+                kind = shared.get(key)
+                if kind is None or kind[4] is not meta:
+                    kind = shared[key] = (*key[:3], None if shape is None else list(shape), meta)
+                if value.__class__ is ndarray and _bytes_as_is(value, size):
+                    array_kinds[value.dtype, value.shape] = kind
             if at is None:
                 index[path] = len(datas)
                 sizes.append(size)
