@@ -28,7 +28,6 @@ __all__ = [
     "DirCache",
     "bump_version",
     "children",
-    "dialect_insert",
     "ensure_dirs",
     "resolve",
     "subtree_sql",
@@ -63,13 +62,6 @@ CHUNK = 500
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def dialect_insert(conn: Connection, table: sa.Table) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 @lru_cache(maxsize=64)
@@ -173,26 +165,39 @@ class DirCache:
         self._subdirs.setdefault(parent, set()).add(name)
 
 
+@lru_cache(maxsize=2)
+def _insert_dir(dialect: str) -> Any:
+    """INSERT of one directory, if absent, returning its id (built once per dialect)."""
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(nodes)
+    values: dict[str, Any] = {
+        key: sa.bindparam(key) for key in ("parent_id", "name", "created_at", "modified_at")
+    }
+    return (
+        insert.values(kind="dir", **values)
+        .on_conflict_do_nothing(index_elements=["parent_id", "name"])
+        .returning(nodes.c.id)
+    )
+
+
 def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) -> int:
     """The id of directory ``path``, creating it and its missing parents."""
     cached = cache.get(path)
     if cached is not None:
         return cached
-    row = resolve(conn, path)
-    if row is not None:
-        if row.kind != "dir":
-            raise not_a_directory(path)
-        cache.put(path, row.id)
-        return int(row.id)
     parent_path, name = paths.split(path)
+    if cache.get(parent_path) not in cache.created:  # (else there is nothing to find)
+        row = resolve(conn, path)
+        if row is not None:
+            if row.kind != "dir":
+                raise not_a_directory(path)
+            cache.put(path, row.id)
+            return int(row.id)
     parent_id = ensure_dirs(conn, parent_path, now, cache)
-    insert = dialect_insert(conn, nodes).values(
-        parent_id=parent_id, name=name, kind="dir", created_at=now, modified_at=now
-    )
     # A concurrent writer may create the same directory: keep whichever won.
     # (RETURNING, not rowcount: PostgreSQL's driver reports -1 for this insert.)
     created = conn.execute(
-        insert.on_conflict_do_nothing(index_elements=["parent_id", "name"]).returning(nodes.c.id)
+        _insert_dir(conn.dialect.name),
+        {"parent_id": parent_id, "name": name, "created_at": now, "modified_at": now},
     ).first()
     if created is not None:
         node_id = int(created.id)
