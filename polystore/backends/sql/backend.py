@@ -733,7 +733,7 @@ class SQLBackend(StorageBackend):
                 parent_id = found[0][0]
             prefix = f"{parent}/" if parent else ""
             for part in tree.chunks(names):
-                args = [parent_id, list(part)] if self._pg else [parent_id, *part]
+                args = [parent_id, "/".join(part)] if self._pg else [parent_id, *part]
                 queries.append((prefix, children_sql(dialect, len(part)), args))
         return queries
 

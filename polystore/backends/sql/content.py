@@ -165,10 +165,12 @@ def lock_blobs(conn: Connection, hashes: Iterable[str]) -> set[str] | None:
     wanted = sorted(h for h in hashes if h is not None)
     if not wanted:
         return set()
-    # One statement with an array parameter, not chunks of IN lists.
+    # One statement, not chunks of IN lists, and one text parameter, not an
+    # array: psycopg dumps a list of 10,000 strings in Python (~3 µs each).
     rows = conn.exec_driver_sql(
-        "SELECT hash FROM polystore_blobs WHERE hash = ANY(%(hashes)s) ORDER BY hash FOR UPDATE",
-        {"hashes": wanted},
+        "SELECT hash FROM polystore_blobs WHERE hash = ANY(string_to_array(%(hashes)s, ',')) "
+        "ORDER BY hash FOR UPDATE",
+        {"hashes": ",".join(wanted)},
     )
     return {h for (h,) in rows}
 
