@@ -430,11 +430,10 @@ class SerializerRegistry:
         serializer tried is the built-in :class:`NDArraySerializer`, a plain
         ``numpy.ndarray`` goes straight to it (it would accept it anyway).
         """
-        tried = [s for s in self._by_name.values() if allow_pickle or not s.unsafe]
         np = _numpy_if_loaded()
-        if not tried or type(tried[0]) is not NDArraySerializer or np is None:
+        if np is None or not self.encodes_arrays_first(allow_pickle=allow_pickle):
             return partial(self.encode, allow_pickle=allow_pickle)
-        ndarray, encode_array, encode = np.ndarray, tried[0].encode, self.encode
+        ndarray, encode_array, encode = np.ndarray, self._tried(allow_pickle)[0].encode, self.encode
 
         def encode_one(value: Any) -> Encoded:
             if value.__class__ is ndarray:
@@ -447,8 +446,12 @@ class SerializerRegistry:
         """Whether :meth:`encode` hands every plain ``numpy.ndarray`` to the built-in
         :class:`NDArraySerializer` (so a batch may reuse one array's metadata for
         the next array of the same dtype and shape)."""
-        tried = [s for s in self._by_name.values() if allow_pickle or not s.unsafe]
+        tried = self._tried(allow_pickle)
         return bool(tried) and type(tried[0]) is NDArraySerializer
+
+    def _tried(self, allow_pickle: bool) -> list[Serializer]:
+        """The serializers :meth:`encode` tries, in order."""
+        return [s for s in self._by_name.values() if allow_pickle or not s.unsafe]
 
     def decode(
         self, name: str, data: Buffer, meta: dict[str, Any], *, allow_pickle: bool = False
