@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from polystore import SerializationError
 from polystore.backends.sql import SQLBackend
-from polystore.serializers import Encoded, NDArraySerializer, SerializerRegistry
+from polystore.serializers import Encoded, NDArraySerializer, Serializer, SerializerRegistry
 from polystore.testing.samples import assert_values_equal, samples
 
 
@@ -84,3 +85,81 @@ def test_a_serializer_registered_first_sees_every_array(catalog_url: str, first:
         b.save_batch(arrays, [f"t/{i}.npy" for i in range(5)])
         got = {b.stat(f"t/{i}.npy").serializer for i in range(5)}
     assert got == ({"tagging"} if first else {"ndarray"})
+
+
+class _Named(Serializer):
+    """Bytes under a serializer name chosen by the test (quotes, NUL...)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # type: ignore[misc]
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bytes)
+
+    def encode(self, value: Any) -> Encoded:
+        return Encoded(self.name, 1, value, {"note": 'it\'s \\ "quoted"; --'}, "x'y", None)
+
+    def decode(self, data: Any, meta: dict[str, Any]) -> Any:
+        return bytes(data)
+
+
+HOSTILE_ATTRS = {
+    "quote": "it's",
+    "sql": "'); DROP TABLE polystore_nodes; --",
+    "backslash": "a\\'b",
+    "escaped NUL": "\\u0000 is six characters",
+    "unicode": "ünï 🚀",
+}
+
+
+@pytest.mark.parametrize("name", ["o'brien", "plain"])
+def test_batch_values_written_into_sql_come_back_exactly(catalog_url: str, name: str) -> None:
+    """File rows of a batch share their kind's values, which SQLite gets as literals."""
+    registry = SerializerRegistry.default()
+    registry.register(_Named(name), first=True)
+    structured = np.zeros(2, dtype=[("it's", "<i4"), ('say "hi"', "<f8")])
+    other = structured.copy()
+    other["it's"] = 5
+    values: list[Any] = [b"one", b"two", structured, other]
+    paths = [f"q/{i}.bin" for i in range(len(values))]
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save_batch(values, paths, attrs=HOSTILE_ATTRS)
+        for path, value in zip(paths, values, strict=True):
+            st = b.stat(path)
+            assert st.attrs == HOSTILE_ATTRS
+            if isinstance(value, bytes):
+                assert (st.serializer, st.dtype) == (name, "x'y")
+                assert b.load(path) == value
+            else:
+                assert st.dtype == str(structured.dtype)
+                assert_values_equal(b.load(path), value)
+        assert b.count_nodes() == len(values) + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "meta"),
+    [
+        ("nul\x00name", None, {}),
+        ("named", "x\x00y", {}),
+        ("named", None, {"k": ["\x00"]}),
+        ("named", None, {"k": float("nan")}),
+        ("named", None, {"k": object()}),
+    ],
+)
+def test_a_nul_the_catalog_cannot_hold_is_refused(
+    catalog_url: str, name: str, dtype: str | None, meta: dict[str, Any]
+) -> None:
+    """What PostgreSQL cannot hold (NUL, NaN) is a SerializationError on both, nothing written."""
+
+    class Recording(_Named):
+        def encode(self, value: Any) -> Encoded:
+            return Encoded(self.name, 1, value, meta, dtype, None)
+
+    registry = SerializerRegistry.default()
+    registry.register(Recording(name), first=True)
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save("kept", "keep.txt")  # (a str: not this serializer's)
+        before = b.count_nodes()
+        with pytest.raises(SerializationError, match=r"NUL|not plain JSON"):
+            b.save_batch([b"new", b"x"], ["new/a.bin", "new/b.bin"])
+        assert b.count_nodes() == before and not b.exists("new")

@@ -505,6 +505,9 @@ BAD_ATTRS: dict[str, Any] = {
     "circular": _circular(),
     "list": ["x"],
     "str": "x",
+    "NUL in a value": {"x": "a\x00b"},
+    "NUL in a key": {"a\x00": 1},
+    "NUL deep down": {"x": [{"y": ["\x00"]}]},
     "over 64 KiB": {"x": "y" * (64 * 1024)},
     "many keys over 64 KiB": {f"k{i}": i for i in range(10_000)},
 }

@@ -61,7 +61,8 @@ def attrs_json(attrs: Any) -> str:
     """The JSON text of user attributes, checked the same way on every backend.
 
     ``attrs`` must be a ``dict`` with ``str`` keys holding plain JSON (no NaN or
-    infinities, nothing ``json`` cannot encode, not nested too deep), at most
+    infinities, no NUL character in a string, nothing ``json`` cannot encode,
+    not nested too deep), at most
     :data:`MAX_ATTRS_BYTES` once encoded as UTF-8; anything else raises
     :class:`~polystore.errors.SerializationError`.
     """
@@ -73,6 +74,10 @@ def attrs_json(attrs: Any) -> str:
         text = json.dumps(attrs, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
         raise errors.SerializationError(f"attrs must be plain JSON: {exc}") from exc
+    if "\\u0000" in text and holds_nul(attrs):
+        # PostgreSQL's JSON cannot store it; refused everywhere, so a catalog
+        # moves between databases and a memory backend behaves like the rest.
+        raise errors.SerializationError("attrs cannot hold the NUL character (\\x00)")
     size = len(text.encode("utf-8"))
     if size > MAX_ATTRS_BYTES:
         raise errors.SerializationError(
@@ -80,6 +85,17 @@ def attrs_json(attrs: Any) -> str:
             "store large metadata as a file of its own"
         )
     return text
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a JSON value has a NUL character in any string (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(holds_nul(v) for v in value)
+    return False
 
 
 def check_attrs(attrs: Any) -> dict[str, Any] | None:

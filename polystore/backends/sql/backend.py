@@ -9,6 +9,7 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from polystore.backends._common import (
     MAX_ATTRS_BYTES,
     already_exists,
     directory_not_empty,
+    holds_nul,
     is_a_directory,
     not_a_directory,
     not_found,
@@ -62,7 +64,7 @@ from polystore.backends.sql.fast import (
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, UnsupportedOperationError
+from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
 from polystore.serializers import Buffer, SerializerRegistry
 
 if TYPE_CHECKING:
@@ -138,6 +140,27 @@ def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) ->
 #: What every file of one kind shares: serializer, version, dtype, shape (as the
 #: JSON list) and meta. One tuple per distinct kind in a batch.
 _Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
+
+
+def _check_kind(kind: _Kind) -> None:
+    """Refuse what a serializer recorded if a catalog column cannot hold it.
+
+    PostgreSQL's text and JSON cannot hold the NUL character, nor JSON the
+    NaN and infinities; they are refused on SQLite too, so a catalog means the
+    same on both. Checked once per distinct kind of a batch.
+    """
+    serializer, _, dtype, _, meta = kind
+    if "\x00" in serializer or (dtype is not None and "\x00" in dtype) or holds_nul(meta):
+        raise SerializationError(
+            f"serializer {serializer!r} recorded a NUL character (in its name, dtype or "
+            "metadata), which the catalog cannot store"
+        )
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(
+            f"serializer {serializer!r} recorded metadata that is not plain JSON: {exc}"
+        ) from exc
 
 
 def _plain_ndarray(serializers: SerializerRegistry, allow_pickle: bool) -> Any:
@@ -401,6 +424,7 @@ class SQLBackend(StorageBackend):
                 kind = shared.get(key)
                 if kind is None or kind[4] is not meta:
                     kind = shared[key] = (*key[:3], None if shape is None else list(shape), meta)
+                    _check_kind(kind)
                 if value.__class__ is ndarray and _bytes_as_is(value, size):
                     array_kinds[value.dtype, value.shape] = kind
             if at is None:
@@ -441,10 +465,10 @@ class SQLBackend(StorageBackend):
             bound(processors, "modified_at", now),
         )
         bound_attrs = bound(processors, "attrs", attrs)
-        bound_kinds: dict[int, tuple[Any, ...]] = {}  # id(kind) -> its columns, converted
         hashes, sizes, kinds = batch.hashes, batch.sizes, batch.kinds
         released: Counter[str] = Counter()
-        inserts: list[tuple[Any, ...]] = []
+        # id(kind) -> (its constant columns, converted; rows of the other columns)
+        new_files: dict[int, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {}
         updates: list[tuple[Any, ...]] = []
         for parent, entries in by_dir.items():
             parent_id = parent_ids[parent]
@@ -461,26 +485,23 @@ class SQLBackend(StorageBackend):
                 kind = kinds[i]
                 row = existing.get(name) if existing else None
                 if row is None:
-                    converted = bound_kinds.get(id(kind))
-                    if converted is None:
-                        converted = bound_kinds[id(kind)] = (
-                            *kind[:3],
-                            bound(processors, "shape", kind[3]),
-                            bound(processors, "meta", kind[4]),
+                    group = new_files.get(id(kind))
+                    if group is None:
+                        group = new_files[id(kind)] = (
+                            {
+                                "kind": "file",
+                                "serializer": kind[0],
+                                "serializer_version": kind[1],
+                                "dtype": kind[2],
+                                "shape": bound(processors, "shape", kind[3]),
+                                "meta": bound(processors, "meta", kind[4]),
+                                "attrs": bound_attrs,
+                                "created_at": created,
+                                "modified_at": modified,
+                            },
+                            [],
                         )
-                    inserts.append(
-                        (
-                            parent_id,
-                            name,
-                            "file",
-                            sizes[i],
-                            *converted,
-                            bound_attrs,
-                            hashes[i],
-                            created,
-                            modified,
-                        )
-                    )
+                    group[1].append((parent_id, name, sizes[i], hashes[i]))
                     continue
                 path = paths.join(parent, name)
                 if row.kind == "dir":
@@ -494,7 +515,7 @@ class SQLBackend(StorageBackend):
         stored = lock_blobs(conn, set(hashes) | released.keys()) if self._pg else None
         add_blobs(conn, hashes, sizes, batch.datas, now, self._placement.placements(staged), stored)
         self._placement.promote(conn, staged)
-        _INSERT_FILES.execute_processed(conn, inserts)
+        _INSERT_FILES.insert_groups(conn, new_files.values())
         _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
 
