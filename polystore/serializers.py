@@ -139,6 +139,7 @@ def _decode_each(decode: Callable[[Buffer], Any], datas: Sequence[Buffer]) -> li
 #: more than that alive.
 SHARED_ARRAY_BYTES = 64 * 1024
 SHARED_BUFFER_BYTES = 1024 * 1024
+_BYTES_TYPES = {bytes, bytearray}
 
 
 class NDArraySerializer(Serializer):
@@ -235,16 +236,18 @@ class NDArraySerializer(Serializer):
         sizes = {nbytes}
 
         def decode_many(datas: Sequence[Buffer]) -> list[Any]:
-            # len() is the size in bytes of bytes, bytearray and byte views;
-            # the joined buffer's length catches any other kind of view.
-            if set(map(len, datas)) != sizes:
+            # Every content exactly the recorded size, or bytes would shift
+            # between arrays: len() is that size for bytes and bytearray (what
+            # drivers return), a view's nbytes for anything else.
+            if set(map(type, datas)) <= _BYTES_TYPES:
+                if set(map(len, datas)) != sizes:
+                    return decode_each(datas)
+            elif {memoryview(d).nbytes for d in datas} != sizes:
                 return decode_each(datas)
             out: list[Any] = []
             for start in range(0, len(datas), per_buffer):
                 part = datas[start : start + per_buffer]
                 buffer = bytearray().join(part)
-                if len(buffer) != nbytes * len(part):
-                    return decode_each(datas)
                 out.extend(np.frombuffer(buffer, dtype).reshape(len(part), *shape))
             return out
 

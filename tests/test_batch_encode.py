@@ -136,30 +136,59 @@ def test_batch_values_written_into_sql_come_back_exactly(catalog_url: str, name:
         assert b.count_nodes() == len(values) + 1
 
 
+def _circular() -> dict[str, Any]:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    return loop
+
+
+def _deep(leaf: Any, depth: int) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
 @pytest.mark.parametrize(
-    ("name", "dtype", "meta"),
+    ("name", "version", "dtype", "meta"),
     [
-        ("nul\x00name", None, {}),
-        ("named", "x\x00y", {}),
-        ("named", None, {"k": ["\x00"]}),
-        ("named", None, {"k": float("nan")}),
-        ("named", None, {"k": object()}),
+        ("nul\x00name", 1, None, {}),
+        ("named", 1, "x\x00y", {}),
+        ("named", 1, None, {"k": ["\x00"]}),
+        ("named", 1, None, {"k": _deep("\x00", 600)}),
+        ("named", 1, None, {"k": float("nan")}),
+        ("named", 1, None, {"k": object()}),
+        ("named", 1, None, _circular()),
+        ("named", 2**63, None, {}),
+        ("named", 2**31, None, {}),
+        ("named", -1, None, {}),
+        ("named", True, None, {}),
     ],
 )
-def test_a_nul_the_catalog_cannot_hold_is_refused(
-    catalog_url: str, name: str, dtype: str | None, meta: dict[str, Any]
+def test_what_the_catalog_cannot_hold_is_refused(
+    catalog_url: str, name: str, version: Any, dtype: str | None, meta: dict[str, Any]
 ) -> None:
     """What PostgreSQL cannot hold (NUL, NaN) is a SerializationError on both, nothing written."""
 
     class Recording(_Named):
         def encode(self, value: Any) -> Encoded:
-            return Encoded(self.name, 1, value, meta, dtype, None)
+            return Encoded(self.name, version, value, meta, dtype, None)
 
     registry = SerializerRegistry.default()
     registry.register(Recording(name), first=True)
     with SQLBackend(catalog_url, serializers=registry) as b:
         b.save("kept", "keep.txt")  # (a str: not this serializer's)
         before = b.count_nodes()
-        with pytest.raises(SerializationError, match=r"NUL|not plain JSON"):
+        with pytest.raises(SerializationError, match=r"NUL|not plain JSON|version"):
             b.save_batch([b"new", b"x"], ["new/a.bin", "new/b.bin"])
         assert b.count_nodes() == before and not b.exists("new")
+
+
+def test_deep_attrs_are_checked_without_recursion(catalog_url: str) -> None:
+    """JSON nests deeper than Python recurses: the NUL check must walk, not recurse."""
+    with SQLBackend(catalog_url) as b:
+        kept = {"x": _deep("\\u0000 is six characters, not a NUL", 400)}
+        b.save(b"1", "deep.bin", attrs=kept)
+        assert b.stat("deep.bin").attrs == kept
+        with pytest.raises(SerializationError, match="NUL"):
+            b.save(b"2", "nul.bin", attrs={"x": _deep("\x00", 900)})
+        assert not b.exists("nul.bin")

@@ -88,13 +88,22 @@ def attrs_json(attrs: Any) -> str:
 
 
 def holds_nul(value: Any) -> bool:
-    """Whether a JSON value has a NUL character in any string (keys included)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(holds_nul(v) for v in value)
+    """Whether a JSON value has a NUL character in any string (keys included).
+
+    A walk with a stack, not recursion: JSON nests deeper than Python recurses.
+    ``value`` must be free of cycles (``json.dumps`` checks that first).
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
     return False
 
 

@@ -65,7 +65,7 @@ from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
 from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
-from polystore.serializers import Buffer, SerializerRegistry
+from polystore.serializers import SHARED_ARRAY_BYTES, Buffer, SerializerRegistry
 
 if TYPE_CHECKING:
     from polystore.backends.sql.fsck import FsckReport
@@ -146,21 +146,27 @@ def _check_kind(kind: _Kind) -> None:
     """Refuse what a serializer recorded if a catalog column cannot hold it.
 
     PostgreSQL's text and JSON cannot hold the NUL character, nor JSON the
-    NaN and infinities; they are refused on SQLite too, so a catalog means the
-    same on both. Checked once per distinct kind of a batch.
+    NaN and infinities, nor its integer column a version past 2**31 - 1; they
+    are refused on SQLite too, so a catalog means the same on both. Checked
+    once per distinct kind of a batch.
     """
-    serializer, _, dtype, _, meta = kind
+    serializer, version, dtype, _, meta = kind
+    if type(version) is not int or not 0 <= version < 2**31:
+        raise SerializationError(
+            f"serializer {serializer!r} recorded version {version!r}; "
+            "a version is an int from 0 to 2**31 - 1"
+        )
+    try:
+        json.dumps(meta, allow_nan=False)  # (first: holds_nul needs a value without cycles)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(
+            f"serializer {serializer!r} recorded metadata that is not plain JSON: {exc}"
+        ) from exc
     if "\x00" in serializer or (dtype is not None and "\x00" in dtype) or holds_nul(meta):
         raise SerializationError(
             f"serializer {serializer!r} recorded a NUL character (in its name, dtype or "
             "metadata), which the catalog cannot store"
         )
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise SerializationError(
-            f"serializer {serializer!r} recorded metadata that is not plain JSON: {exc}"
-        ) from exc
 
 
 def _plain_ndarray(serializers: SerializerRegistry, allow_pickle: bool) -> Any:
@@ -698,37 +704,52 @@ class SQLBackend(StorageBackend):
     ) -> None:
         """Decode one chunk of :func:`~.fast.children_sql` rows into ``decoded``.
 
-        Inline files are grouped by kind (serializer, dtype, shape, meta) and
-        each group decoded with one call of its batch decoder. Rows that need
-        more than their inline bytes (external content, a size mismatch,
-        ``verify_inline``, directories) and paths asked for twice go to
-        ``later``, for :meth:`_decode_fast`.
+        Rows are taken off ``rows`` one at a time, so each row's bytes are
+        freed once decoded. Small inline files (up to
+        :data:`~polystore.serializers.SHARED_ARRAY_BYTES`) are grouped by kind
+        (serializer, dtype, shape, meta) and each group decoded with one call of
+        its batch decoder: at most one chunk of small files (500 of 64 KiB)
+        waits at a time. Larger files, and every file with ``verify_inline``,
+        are decoded at once. External content, directories and paths asked for
+        twice go to ``later``, for :meth:`_decode_fast` after the snapshot.
         """
-        if self._placement.verify_inline:
-            later.update((prefix + row[9], row) for row in rows)
-            return
+        verify = self._placement.verify_inline
         groups: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
-        for row in rows:
+        rows.reverse()
+        pop = rows.pop
+        while rows:
+            row = pop()
             path = prefix + row[9]
             data = row[8]
             if (
                 row[7] == INLINE
                 and data is not None
-                and len(data) == row[1]
+                and not verify
+                and len(data) == row[1] <= SHARED_ARRAY_BYTES
                 and row[0] == "file"
                 and path not in repeated
-            ):
+            ):  # the common case, first and with the fewest tests
                 key = row[2:6]  # (serializer, dtype, shape, meta)
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = ([], [])
                 group[0].append(path)
                 group[1].append(data)
-            else:
+            elif row[7] != INLINE or data is None or row[0] != "file" or path in repeated:
                 later[path] = row
-        for key, (names, datas) in groups.items():
-            decode_many = self._batch_decoders.get(key) or self._decoder_for(key, many=True)
-            decoded.update(zip(names, decode_many(datas), strict=True))
+            else:  # large, verified, or not its recorded size (IntegrityError)
+                decoded[path] = self._decode_fast(row, path)
+            del row, data
+        for key, group in groups.items():
+            self._decode_group(key, group, decoded)
+
+    def _decode_group(
+        self, key: tuple[Any, ...], group: tuple[list[str], list[Any]], decoded: dict[str, Any]
+    ) -> None:
+        names, datas = group
+        decode_many = self._batch_decoders.get(key) or self._decoder_for(key, many=True)
+        decoded.update(zip(names, decode_many(datas), strict=True))
+        datas.clear()
 
     def _children_queries(
         self, by_parent: dict[str, list[str]]

@@ -244,7 +244,9 @@ def _sql_literal(value: Any) -> str | None:
     if value is None:
         return "NULL"
     if type(value) is int:
-        return str(value)
+        # Out of SQLite's 64-bit range a literal would be read as REAL; bound,
+        # the driver refuses it (OverflowError), as it does everywhere else.
+        return str(value) if -(2**63) <= value < 2**63 else None
     if type(value) is str and "\x00" not in value:
         try:
             value.encode("utf-8")
