@@ -521,7 +521,7 @@ class SQLBackend(StorageBackend):
         stored = lock_blobs(conn, set(hashes) | released.keys()) if self._pg else None
         add_blobs(conn, hashes, sizes, batch.datas, now, self._placement.placements(staged), stored)
         self._placement.promote(conn, staged)
-        _INSERT_FILES.insert_groups(conn, new_files.values())
+        _INSERT_FILES.execute_groups(conn, new_files.values())
         _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
 
