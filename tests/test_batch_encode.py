@@ -192,3 +192,51 @@ def test_deep_attrs_are_checked_without_recursion(catalog_url: str) -> None:
         with pytest.raises(SerializationError, match="NUL"):
             b.save(b"2", "nul.bin", attrs={"x": _deep("\x00", 900)})
         assert not b.exists("nul.bin")
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [
+        (None, "NULL"),
+        (0, "0"),
+        (-(2**63), str(-(2**63))),
+        (2**63 - 1, str(2**63 - 1)),
+        (2**63, None),  # SQLite would read it as REAL
+        (True, None),  # an int subclass: bound, as the driver sends it
+        ("it's", "'it''s'"),
+        ("a\\'b", "'a\\''b'"),
+        ("'); DROP TABLE polystore_nodes; --", "'''); DROP TABLE polystore_nodes; --'"),
+        ("nul\x00", None),
+        ("lone \ud800", None),
+        (1.5, None),
+        (b"bytes", None),
+    ],
+)
+def test_sql_literals(value: Any, literal: str | None) -> None:
+    """The quoting of SQLite batch inserts' shared columns; None means "bind it"."""
+    from polystore.backends.sql.bulk import _sql_literal
+
+    assert _sql_literal(value) == literal
+    if literal is not None:
+        import sqlite3
+
+        assert sqlite3.connect(":memory:").execute(f"SELECT {literal}").fetchone()[0] == value
+
+
+def test_a_shared_value_with_no_literal_is_bound(sqlite_url: str) -> None:
+    """execute_groups falls back to binding; the rows are the same either way."""
+    import sqlalchemy as sa
+
+    from polystore.backends.sql.bulk import BulkStatement, params_for
+
+    table = sa.Table("t", sa.MetaData(), sa.Column("a", sa.Text), sa.Column("b", sa.Integer))
+    statement = BulkStatement(lambda _: table.insert().values(params_for(list(table.c))), table.c)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        table.create(conn)
+        statement.execute_groups(
+            conn, [({"a": "nul\x00"}, [(1,), (2,)]), ({"a": "quote'"}, [(3,)])]
+        )
+        got = conn.execute(sa.select(table.c.a, table.c.b).order_by(table.c.b)).all()
+    engine.dispose()
+    assert [tuple(r) for r in got] == [("nul\x00", 1), ("nul\x00", 2), ("quote'", 3)]
