@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from polystore.errors import SerializationError
 
@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
+_D = TypeVar("_D")  # a decoder, of one content or of a list
 
 
 @dataclass(frozen=True)
@@ -470,36 +471,32 @@ class SerializerRegistry:
         Every failure, building the decoder or calling it, raises
         :class:`~polystore.errors.SerializationError`.
         """
-        serializer = self._decoding(name, allow_pickle)
-        try:
-            decode = serializer.decoder(meta)
-        except SerializationError:
-            raise
-        except Exception as exc:
-            raise _cannot_decode(name, exc) from exc
+        decode = self._build_decoder(name, allow_pickle, lambda s: s.decoder(meta))
         return partial(_guarded, name, decode)
 
     def batch_decoder(
         self, name: str, meta: dict[str, Any], *, allow_pickle: bool = False
     ) -> Callable[[Sequence[Buffer]], list[Any]]:
         """Like :meth:`decoder`, for a list of contents: one value for each, in order."""
-        serializer = self._decoding(name, allow_pickle)
-        try:
-            decode_many = serializer.batch_decoder(meta)
-        except SerializationError:
-            raise
-        except Exception as exc:
-            raise _cannot_decode(name, exc) from exc
+        decode_many = self._build_decoder(name, allow_pickle, lambda s: s.batch_decoder(meta))
         return partial(_guarded_many, name, decode_many)
 
-    def _decoding(self, name: str, allow_pickle: bool) -> Serializer:
+    def _build_decoder(
+        self, name: str, allow_pickle: bool, build: Callable[[Serializer], _D]
+    ) -> _D:
+        """``build(serializer)`` for serializer ``name``; every failure a SerializationError."""
         serializer = self.get(name)
         if serializer.unsafe and not allow_pickle:
             raise SerializationError(
                 f"this content was stored with {name!r}, which can run code when loaded; "
                 "open the backend with allow_pickle=True to load it"
             )
-        return serializer
+        try:
+            return build(serializer)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise _cannot_decode(name, exc) from exc
 
 
 def _cannot_decode(name: str, exc: Exception) -> SerializationError:

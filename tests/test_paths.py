@@ -213,22 +213,20 @@ def test_plain_looking_bad_paths_are_refused(raw: str) -> None:
         paths.normalize(raw)
 
 
-def _each_or_error(raw: list[str]) -> list[str] | type[InvalidPathError]:
+def _assert_batch_agrees_with_each_path(batch: list[str]) -> None:
     try:
-        return [paths.normalize_file(p) for p in raw]
+        expected = [paths.normalize_file(p) for p in batch]
     except InvalidPathError:
-        return InvalidPathError
+        with pytest.raises(InvalidPathError):
+            paths.normalize_files(batch)
+    else:
+        assert paths.normalize_files(batch) == expected
 
 
 @given(st.lists(raw_paths, max_size=6))
 def test_a_batch_normalizes_like_each_path(raw: list[str]) -> None:
     """``normalize_files`` checks a batch in one match; it must agree path by path."""
-    expected = _each_or_error(raw)
-    if expected is InvalidPathError:
-        with pytest.raises(InvalidPathError):
-            paths.normalize_files(raw)
-    else:
-        assert paths.normalize_files(raw) == expected
+    _assert_batch_agrees_with_each_path(raw)
 
 
 @pytest.mark.parametrize(
@@ -243,9 +241,4 @@ def test_a_batch_normalizes_like_each_path(raw: list[str]) -> None:
     ],
 )
 def test_batch_edge_cases_agree_with_each_path(batch: list[str]) -> None:
-    expected = _each_or_error(batch)
-    if expected is InvalidPathError:
-        with pytest.raises(InvalidPathError):
-            paths.normalize_files(batch)
-    else:
-        assert paths.normalize_files(batch) == expected
+    _assert_batch_agrees_with_each_path(batch)

@@ -70,20 +70,31 @@ def attrs_json(attrs: Any) -> str:
         raise errors.SerializationError(
             f"attrs must be a dict with str keys, not {type(attrs).__name__}"
         )
-    try:
-        text = json.dumps(attrs, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
-        raise errors.SerializationError(f"attrs must be plain JSON: {exc}") from exc
-    if "\\u0000" in text and holds_nul(attrs):
-        # PostgreSQL's JSON cannot store it; refused everywhere, so a catalog
-        # moves between databases and a memory backend behaves like the rest.
-        raise errors.SerializationError("attrs cannot hold the NUL character (\\x00)")
+    text = strict_json(attrs, "attrs")
     size = len(text.encode("utf-8"))
     if size > MAX_ATTRS_BYTES:
         raise errors.SerializationError(
             f"attrs are {size} bytes of JSON, more than {MAX_ATTRS_BYTES}; "
             "store large metadata as a file of its own"
         )
+    return text
+
+
+def strict_json(value: Any, what: str) -> str:
+    """The JSON text of ``value``, which a catalog column on any database can hold.
+
+    No NaN or infinities, nothing ``json`` cannot encode, no nesting too deep,
+    and no NUL character in a string: PostgreSQL's JSON cannot store one, and
+    it is refused everywhere so a catalog means the same on every database
+    (and a memory backend behaves like the rest). Anything else raises
+    :class:`~polystore.errors.SerializationError` naming ``what``.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:  # nesting too deep is bad input too
+        raise errors.SerializationError(f"{what}: not plain JSON ({exc})") from exc
+    if "\\u0000" in text and holds_nul(value):
+        raise errors.SerializationError(f"{what}: a NUL character (\\x00) in a string")
     return text
 
 

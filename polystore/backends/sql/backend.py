@@ -9,7 +9,6 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,11 +25,11 @@ from polystore.backends._common import (
     MAX_ATTRS_BYTES,
     already_exists,
     directory_not_empty,
-    holds_nul,
     is_a_directory,
     not_a_directory,
     not_found,
     reject_kwargs,
+    strict_json,
 )
 from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
@@ -156,16 +155,11 @@ def _check_kind(kind: _Kind) -> None:
             f"serializer {serializer!r} recorded version {version!r}; "
             "a version is an int from 0 to 2**31 - 1"
         )
-    try:
-        json.dumps(meta, allow_nan=False)  # (first: holds_nul needs a value without cycles)
-    except (TypeError, ValueError, RecursionError) as exc:
+    strict_json(meta, f"the metadata serializer {serializer!r} recorded")
+    if "\x00" in serializer or (dtype is not None and "\x00" in dtype):
         raise SerializationError(
-            f"serializer {serializer!r} recorded metadata that is not plain JSON: {exc}"
-        ) from exc
-    if "\x00" in serializer or (dtype is not None and "\x00" in dtype) or holds_nul(meta):
-        raise SerializationError(
-            f"serializer {serializer!r} recorded a NUL character (in its name, dtype or "
-            "metadata), which the catalog cannot store"
+            f"serializer {serializer!r} recorded a NUL character in its name or dtype, "
+            "which the catalog cannot store"
         )
 
 
@@ -676,8 +670,7 @@ class SQLBackend(StorageBackend):
                 rows = self._fast.fetch_raw(sql, args)
                 if rows is None:
                     return None
-                self._decode_chunk(rows, prefix, repeated, decoded, later)
-                del rows  # before the next chunk arrives: one chunk's bytes at a time
+                self._decode_chunk(rows, prefix, repeated, decoded, later)  # (empties rows)
         if not later:
             try:
                 return list(map(decoded.pop, norm))
