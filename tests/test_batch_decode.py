@@ -7,12 +7,14 @@ way the values must be exactly what single loads give.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
-from polystore import SerializationError
+from polystore import IntegrityError, SerializationError
 from polystore.backends.sql import SQLBackend
 from polystore.serializers import (
     SHARED_ARRAY_BYTES,
@@ -176,6 +178,25 @@ def _upper_registry(drop_one: bool = False) -> SerializerRegistry:
     return registry
 
 
+class _Interrupting(_Upper):
+    """``_Upper`` that runs ``interrupt`` once, at its first batch decode."""
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        super().__init__()
+        self.interrupt: Callable[[], None] | None = interrupt
+
+    def batch_decoder(self, meta: dict[str, Any]) -> Any:
+        decode_many = super().batch_decoder(meta)
+
+        def interrupted(datas: Any) -> list[str]:
+            if self.interrupt is not None:
+                interrupt, self.interrupt = self.interrupt, None
+                interrupt()
+            return decode_many(datas)  # type: ignore[no-any-return]
+
+        return interrupted
+
+
 def test_load_batch_uses_a_serializers_batch_decoder(catalog_url: str) -> None:
     with SQLBackend(catalog_url, serializers=_upper_registry()) as b:
         b.save_batch(["a", "b", "c"], ["t/a.txt", "t/b.txt", "t/c.txt"])
@@ -236,15 +257,136 @@ def _load_peak(backend: SQLBackend, names: list[str]) -> tuple[int, int]:
         (16 * 1024, True),  # hashed, then decoded one by one
     ],
 )
-def test_load_batch_holds_one_copy_of_the_batch(sqlite_url: str, size: int, verify: bool) -> None:
+def test_load_batch_holds_one_copy_of_the_batch(catalog_url: str, size: int, verify: bool) -> None:
     """The driver's bytes of each row are freed as it is decoded: no second copy builds up."""
     count = (48 * 1024 * 1024) // size
     arrays = [np.full(size // 8, i, dtype=np.float64) for i in range(count)]
     names = [f"m/{i:05d}.npy" for i in range(count)]
-    with SQLBackend(sqlite_url) as b:
+    with SQLBackend(catalog_url) as b:
         b.save_batch(arrays, names)
-    with SQLBackend(sqlite_url, verify_inline=verify) as b:
+    with SQLBackend(catalog_url, verify_inline=verify) as b:
         b.load_batch(names[:1])  # (warm: connections, decoders)
         total, peak = _load_peak(b, names)
     assert total == count * size
     assert peak < 1.25 * total, f"peak {peak / total:.2f}x the batch"
+
+
+def _many_arrays(count: int) -> tuple[list[np.ndarray], list[str]]:
+    return [np.full(64, i, dtype=np.int64) for i in range(count)], [
+        f"s/{i // 700}/{i:05d}.npy" for i in range(count)
+    ]
+
+
+def test_load_batch_without_streamed_results(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a libpq older than 17 results cannot stream: one query per chunk of names."""
+    from polystore.backends.sql import fast
+
+    def no_stream(*_: Any) -> Any:
+        raise AssertionError("stream_raw used without chunked streaming")
+
+    monkeypatch.setattr(fast, "_streams_in_chunks", lambda: False)
+    monkeypatch.setattr(fast.FastReader, "stream_raw", no_stream)
+    arrays, names = _many_arrays(1500)
+    with SQLBackend(pg_url) as b:
+        b.save_batch(arrays, names)
+        for got, want in zip(b.load_batch(names[::-1]), arrays[::-1], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_an_error_mid_batch_leaves_the_backend_usable(catalog_url: str) -> None:
+    """A damaged file deep in a streamed batch raises; the next loads see the catalog."""
+    arrays, names = _many_arrays(1500)
+    with SQLBackend(catalog_url) as b:
+        b.save_batch(arrays, names)
+        with b.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+                {"d": b"short", "h": b.stat(names[1234]).hash},
+            )
+        with pytest.raises(IntegrityError, match="records 512"):
+            b.load_batch(names)
+        sessions = _streaming_sessions(b)
+        kept = names[:1234] + names[1235:]
+        for _ in range(2):
+            got = b.load_batch(kept)
+            assert [int(a[0]) for a in got] == [int(a[0]) for a in arrays if a[0] != 1234]
+        # The stream stopped early was cancelled, and its session is reused.
+        assert _streaming_sessions(b) == sessions
+
+
+def _end_streaming_sessions(b: SQLBackend) -> None:
+    if b.engine.dialect.name == "postgresql":
+        with b.engine.begin() as conn:
+            for pid in _streaming_sessions(b):
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+def _streaming_sessions(b: SQLBackend) -> set[int]:
+    """PostgreSQL sessions whose last query fetched children by name (none on SQLite)."""
+    if b.engine.dialect.name != "postgresql":
+        return set()
+    with b.engine.connect() as conn:
+        return set(
+            conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND query LIKE '%string_to_array(%'"
+                )
+            ).scalars()
+        )
+
+
+def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:
+    """The server ends the fast path's session between chunks: the batch still loads."""
+    values = [f"{i:05d}" + "x" * 16_000 for i in range(2000)]
+    names = [f"t/{i:05d}.txt" for i in range(len(values))]
+    killed: list[int] = []
+
+    def kill_the_stream() -> None:
+        with b.engine.begin() as conn:
+            killed.extend(
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE pid <> pg_backend_pid() AND state = 'active' "
+                        "AND query LIKE '%string_to_array%'"
+                    )
+                ).scalars()
+            )
+
+    registry = SerializerRegistry.default()
+    interrupting = _Interrupting(kill_the_stream)
+    registry.register(interrupting, first=True)
+    with SQLBackend(pg_url, serializers=registry) as b:
+        b.save_batch(values, names)
+        assert b.load_batch(names) == [v.upper() for v in values]
+        assert killed == [True], "the streaming query was not running"
+
+
+def test_a_serializer_may_read_the_catalog_while_a_batch_streams(catalog_url: str) -> None:
+    """A batch decoder that loads from the same backend (same thread) gets its answer."""
+    import threading
+
+    seen: list[Any] = []
+    registry = SerializerRegistry.default()
+    registry.register(
+        _Interrupting(lambda: seen.extend([b.load("n/other.bin"), *b.load_batch(["n/x.bin"])])),
+        first=True,
+    )
+    values = [f"{i:05d}" for i in range(1500)]
+    names = [f"t/{i:05d}.txt" for i in range(len(values))]
+    outcome: list[Any] = []
+    b = SQLBackend(catalog_url, serializers=registry)
+    b.save_batch([*values, b"other", b"x"], [*names, "n/other.bin", "n/x.bin"])
+    # In a thread of its own, so that a read waiting for the stream fails the test.
+    worker = threading.Thread(target=lambda: outcome.append(b.load_batch(names)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        # Not closed: closing would wait for the stuck connection too. The
+        # server's sessions end, so the schema can be dropped.
+        _end_streaming_sessions(b)
+        pytest.fail("load_batch hung on a read from its batch decoder")
+    b.close()
+    assert outcome == [[v.upper() for v in values]]
+    assert seen == [b"other", b"x"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
@@ -52,7 +52,9 @@ from polystore.backends.sql.engine import (
     translate_errors,
 )
 from polystore.backends.sql.fast import (
+    STREAM_ROWS,
     FastReader,
+    Unavailable,
     cached_load_sql,
     children_sql,
     names_sql,
@@ -666,11 +668,14 @@ class SQLBackend(StorageBackend):
             queries = self._children_queries(by_parent)
             if queries is None:
                 return None
-            for prefix, sql, args in queries:
-                rows = self._fast.fetch_raw(sql, args)
-                if rows is None:
+            # Closed before the snapshot ends, even when a file fails to decode:
+            # a stream stopped early is cancelled, and the connection stays usable.
+            with closing(self._fetch_chunks(queries)) as chunks:
+                try:
+                    for prefix, chunk in chunks:
+                        self._decode_chunk(chunk, prefix, repeated, decoded, later)  # (empties it)
+                except Unavailable:
                     return None
-                self._decode_chunk(rows, prefix, repeated, decoded, later)  # (empties rows)
         if not later:
             try:
                 return list(map(decoded.pop, norm))
@@ -744,13 +749,35 @@ class SQLBackend(StorageBackend):
         decoded.update(zip(names, decode_many(datas), strict=True))
         datas.clear()
 
+    def _fetch_chunks(
+        self, queries: list[tuple[str, str, list[Any]]]
+    ) -> Generator[tuple[str, list[Any]], None, None]:
+        """``(prefix, rows)`` of each query, a chunk of rows at a time.
+
+        Streamed where the driver can (:meth:`.FastReader.stream_raw`), else one
+        fetch per query. Raises :class:`~.fast.Unavailable` if the fast path fails.
+        """
+        fast = self._fast
+        for prefix, sql, args in queries:
+            if fast.streams:
+                with closing(fast.stream_raw(sql, args, STREAM_ROWS)) as stream:
+                    for chunk in stream:
+                        yield prefix, chunk
+                continue
+            rows = fast.fetch_raw(sql, args)
+            if rows is None:
+                raise Unavailable
+            yield prefix, rows
+
     def _children_queries(
         self, by_parent: dict[str, list[str]]
     ) -> list[tuple[str, str, list[Any]]] | None:
-        """``(prefix, sql, args)`` fetching the named children of each parent, in chunks.
+        """``(prefix, sql, args)`` fetching the named children of each parent.
 
-        Parents that do not exist or are files get no query (their paths are
-        not found). None if the fast path is unavailable.
+        One query per parent where results stream (PostgreSQL, all its names
+        as one parameter), else one per chunk of names. Parents that do not
+        exist or are files get no query (their paths are not found). None if
+        the fast path is unavailable.
         """
         dialect = self._dialect
         queries = []
@@ -767,6 +794,10 @@ class SQLBackend(StorageBackend):
                     continue
                 parent_id = found[0][0]
             prefix = f"{parent}/" if parent else ""
+            if self._fast.streams:
+                # (a count matters only to SQLite's IN lists)
+                queries.append((prefix, children_sql(dialect, 0), [parent_id, "/".join(names)]))
+                continue
             for part in tree.chunks(names):
                 args = [parent_id, "/".join(part)] if self._pg else [parent_id, *part]
                 queries.append((prefix, children_sql(dialect, len(part)), args))

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import Engine
@@ -27,7 +28,9 @@ from sqlalchemy.pool import StaticPool
 
 __all__ = [
     "JOIN_DEPTH",
+    "STREAM_ROWS",
     "FastReader",
+    "Unavailable",
     "cached_load_sql",
     "load_columns",
     "parse_json",
@@ -39,6 +42,28 @@ __all__ = [
 
 #: Most connections the fast path holds at once; more threads use the pool normally.
 MAX_HELD = 8
+
+#: Rows per chunk of a streamed result (:meth:`FastReader.stream_raw`). Small
+#: chunks keep the server busy while the client decodes: for 10,000 arrays of
+#: 4 KiB, chunks of 50-200 rows measured alike and 500 ~10% slower.
+STREAM_ROWS = 100
+
+
+# Marks this thread's connection as taken by a stream (see FastReader.stream_raw).
+_STREAMING = object()
+
+
+class Unavailable(Exception):
+    """The fast path's connection failed mid-stream (it is dropped): use the slow path."""
+
+
+def _streams_in_chunks() -> bool:
+    """Whether psycopg can stream a result in chunks of rows (libpq 17 and later)."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return psycopg.pq.version() >= 170000
 
 
 def load_columns(dialect: str, node: str) -> str:
@@ -237,6 +262,8 @@ class FastReader:
         # thread (a StaticPool): reading on it would see another thread's
         # uncommitted writes. Such backends read through SQLAlchemy only.
         self._enabled = not isinstance(engine.pool, StaticPool)
+        #: :meth:`stream_raw` is available (PostgreSQL with libpq 17 or later).
+        self.streams = self._dialect == "postgresql" and _streams_in_chunks()
 
     def _connection(self) -> Any | None:
         if not self._enabled:
@@ -244,6 +271,8 @@ class FastReader:
         held = getattr(self._local, "held", None)
         if held is not None and held[0] == _generation:
             return held[2]
+        if held is not None and held[0] is _STREAMING:
+            return None  # a read from within a stream's loop: the slow path
         with self._lock:
             if held is not None or _generation != self._generation:
                 # Inherited across a fork: forget, never close.
@@ -313,6 +342,44 @@ class FastReader:
             # retries through SQLAlchemy, which reports the error properly.
             self._discard()
             return None
+
+    def stream_raw(
+        self, sql: str, params: Sequence[Any], size: int
+    ) -> Generator[list[Any], None, None]:
+        """Result tuples of ``sql`` in lists of up to ``size``, as the server sends them.
+
+        PostgreSQL only (see :attr:`streams`). One query, read in chunks: the
+        server reads and sends the next rows while the caller works on these,
+        and the client never holds more than a chunk (10,000 small arrays load
+        in ~25% less time than by one query per chunk of names). Raises
+        :class:`Unavailable` if the connection fails; stopping early cancels
+        the rest of the query.
+        """
+        conn = self._connection()
+        if conn is None:
+            raise Unavailable
+        # The driver keeps its connection locked until the stream ends: any
+        # other read on this thread meanwhile (a serializer that loads) must
+        # not wait for it, so it takes the slow path.
+        held = self._local.held
+        self._local.held = (_STREAMING, *held[1:])
+        cursor = conn.cursor()
+        rows = cursor.stream(sql, params, binary=True, size=size)
+        try:
+            while True:
+                try:
+                    chunk = list(islice(rows, size))
+                except Exception:  # noqa: BLE001
+                    self._discard()
+                    raise Unavailable from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            rows.close()
+            cursor.close()
+            if self._local.held is not None:  # (None: discarded)
+                self._local.held = held
 
     def close(self) -> None:
         with self._lock:
