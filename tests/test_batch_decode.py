@@ -390,3 +390,54 @@ def test_a_serializer_may_read_the_catalog_while_a_batch_streams(catalog_url: st
     b.close()
     assert outcome == [[v.upper() for v in values]]
     assert seen == [b"other", b"x"]
+
+
+@pytest.mark.parametrize("where", ["in the batch decoder", "from another thread"])
+def test_closing_the_backend_while_a_batch_streams(catalog_url: str, where: str) -> None:
+    """close() does not wait for the stream's connection (locked by its driver) to be free."""
+    import threading
+
+    values = [f"{i:05d}" + "x" * 16_000 for i in range(2000)]
+    names = [f"t/{i:05d}.txt" for i in range(len(values))]
+    closers: list[threading.Thread] = []
+
+    def close() -> None:
+        if where == "in the batch decoder":
+            b.close()
+        else:
+            closers.append(threading.Thread(target=b.close, daemon=True))
+            closers[0].start()
+            closers[0].join(timeout=30)
+
+    registry = SerializerRegistry.default()
+    registry.register(_Interrupting(close), first=True)
+    b = SQLBackend(catalog_url, serializers=registry)
+    b.save_batch(values, names)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(b.load_batch(names)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        _end_streaming_sessions(b)
+        pytest.fail("close() during load_batch hung")
+    assert not any(t.is_alive() for t in closers), "close() waited for the stream"
+    assert outcome == [[v.upper() for v in values]]
+    assert _streaming_sessions(b) == set(), "the stream's connection was not closed"
+    b.close()
+
+
+def test_no_stream_where_a_statement_timeout_applies(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed query is active while the batch decodes: a timeout would cut it short."""
+    from polystore.backends.sql import fast
+
+    def no_stream(*_: Any) -> Any:
+        raise AssertionError("streamed under a statement_timeout")
+
+    monkeypatch.setattr(fast.FastReader, "stream_raw", no_stream)
+    arrays, names = _many_arrays(1200)
+    with SQLBackend(f"{pg_url}%20-cstatement_timeout%3D60000") as b:
+        b.save_batch(arrays, names)
+        for got, want in zip(b.load_batch(names), arrays, strict=True):
+            np.testing.assert_array_equal(got, want)

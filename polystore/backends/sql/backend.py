@@ -665,12 +665,13 @@ class SQLBackend(StorageBackend):
         with self._fast.snapshot() as fast:
             if not fast:
                 return None
-            queries = self._children_queries(by_parent)
+            stream = self._fast.can_stream()
+            queries = self._children_queries(by_parent, stream)
             if queries is None:
                 return None
             # Closed before the snapshot ends, even when a file fails to decode:
             # a stream stopped early is cancelled, and the connection stays usable.
-            with closing(self._fetch_chunks(queries)) as chunks:
+            with closing(self._fetch_chunks(queries, stream)) as chunks:
                 try:
                     for prefix, chunk in chunks:
                         self._decode_chunk(chunk, prefix, repeated, decoded, later)  # (empties it)
@@ -750,18 +751,18 @@ class SQLBackend(StorageBackend):
         datas.clear()
 
     def _fetch_chunks(
-        self, queries: list[tuple[str, str, list[Any]]]
+        self, queries: list[tuple[str, str, list[Any]]], stream: bool
     ) -> Generator[tuple[str, list[Any]], None, None]:
         """``(prefix, rows)`` of each query, a chunk of rows at a time.
 
-        Streamed where the driver can (:meth:`.FastReader.stream_raw`), else one
-        fetch per query. Raises :class:`~.fast.Unavailable` if the fast path fails.
+        Streamed if ``stream`` (:meth:`.FastReader.stream_raw`), else one fetch
+        per query. Raises :class:`~.fast.Unavailable` if the fast path fails.
         """
         fast = self._fast
         for prefix, sql, args in queries:
-            if fast.streams:
-                with closing(fast.stream_raw(sql, args, STREAM_ROWS)) as stream:
-                    for chunk in stream:
+            if stream:
+                with closing(fast.stream_raw(sql, args, STREAM_ROWS)) as chunks:
+                    for chunk in chunks:
                         yield prefix, chunk
                 continue
             rows = fast.fetch_raw(sql, args)
@@ -770,12 +771,12 @@ class SQLBackend(StorageBackend):
             yield prefix, rows
 
     def _children_queries(
-        self, by_parent: dict[str, list[str]]
+        self, by_parent: dict[str, list[str]], stream: bool
     ) -> list[tuple[str, str, list[Any]]] | None:
         """``(prefix, sql, args)`` fetching the named children of each parent.
 
-        One query per parent where results stream (PostgreSQL, all its names
-        as one parameter), else one per chunk of names. Parents that do not
+        One query per parent if its results ``stream`` (PostgreSQL, all its
+        names as one parameter), else one per chunk of names. Parents that do not
         exist or are files get no query (their paths are not found). None if
         the fast path is unavailable.
         """
@@ -794,7 +795,7 @@ class SQLBackend(StorageBackend):
                     continue
                 parent_id = found[0][0]
             prefix = f"{parent}/" if parent else ""
-            if self._fast.streams:
+            if stream:
                 # (a count matters only to SQLite's IN lists)
                 queries.append((prefix, children_sql(dialect, 0), [parent_id, "/".join(names)]))
                 continue

@@ -66,6 +66,14 @@ def _streams_in_chunks() -> bool:
     return psycopg.pq.version() >= 170000
 
 
+def _no_statement_timeout(driver: Any) -> bool:
+    """Whether no ``statement_timeout`` applies to this psycopg connection."""
+    try:
+        return driver.execute("SHOW statement_timeout").fetchone()[0] == "0"  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 -- then do without streaming
+        return False
+
+
 def load_columns(dialect: str, node: str) -> str:
     """What a load reads of ``node`` and its blob ``b``, and nothing more.
 
@@ -264,6 +272,11 @@ class FastReader:
         self._enabled = not isinstance(engine.pool, StaticPool)
         #: :meth:`stream_raw` is available (PostgreSQL with libpq 17 or later).
         self.streams = self._dialect == "postgresql" and _streams_in_chunks()
+        # Connections whose stream is open, and a count of close() calls: a
+        # stream's connection is locked by the driver until the stream ends,
+        # so close() leaves it to the stream, which closes it when it ends.
+        self._streaming: set[Any] = set()
+        self._closes = 0
 
     def _connection(self) -> Any | None:
         if not self._enabled:
@@ -282,11 +295,23 @@ class FastReader:
                 return None
             fairy = self._engine.raw_connection()
             driver: Any = fairy.driver_connection
+            may_stream = False
             if self._dialect == "postgresql":
                 driver.autocommit = True
+                may_stream = self.streams and _no_statement_timeout(driver)
             self._held.append(fairy)
-        self._local.held = (_generation, fairy, driver)
+        self._local.held = (_generation, fairy, driver, may_stream)
         return driver
+
+    def can_stream(self) -> bool:
+        """Whether this thread's connection may use :meth:`stream_raw` now.
+
+        Not where a ``statement_timeout`` applies: a streamed query stays
+        active while the caller decodes, and the timeout would count that
+        time too, cancelling a long batch half way.
+        """
+        held = getattr(self._local, "held", None)
+        return held is not None and held[0] == _generation and held[3]
 
     def _discard(self) -> None:
         held = getattr(self._local, "held", None)
@@ -295,7 +320,8 @@ class FastReader:
             with self._lock:
                 if held[1] in self._held:
                     self._held.remove(held[1])
-            held[1].invalidate()
+            if held[1].is_valid:  # (not if close() closed it meanwhile)
+                held[1].invalidate()
 
     @contextmanager
     def snapshot(self) -> Iterator[bool]:
@@ -358,33 +384,52 @@ class FastReader:
         conn = self._connection()
         if conn is None:
             raise Unavailable
-        # The driver keeps its connection locked until the stream ends: any
-        # other read on this thread meanwhile (a serializer that loads) must
-        # not wait for it, so it takes the slow path.
         held = self._local.held
-        self._local.held = (_STREAMING, *held[1:])
-        cursor = conn.cursor()
-        rows = cursor.stream(sql, params, binary=True, size=size)
+        fairy = held[1]
+        with self._lock:
+            self._streaming.add(fairy)
+            closes = self._closes
         try:
-            while True:
-                try:
-                    chunk = list(islice(rows, size))
-                except Exception:  # noqa: BLE001
-                    self._discard()
-                    raise Unavailable from None
-                if not chunk:
-                    return
-                yield chunk
+            # The driver keeps its connection locked until the stream ends: any
+            # other read on this thread meanwhile (a serializer that loads) must
+            # not wait for it, so it takes the slow path.
+            self._local.held = (_STREAMING, *held[1:])
+            try:
+                cursor = conn.cursor()
+            except Exception:  # noqa: BLE001 -- a closed connection
+                self._discard()
+                raise Unavailable from None
+            rows = cursor.stream(sql, params, binary=True, size=size)
+            try:
+                while True:
+                    try:
+                        chunk = list(islice(rows, size))
+                    except Exception:  # noqa: BLE001
+                        self._discard()
+                        raise Unavailable from None
+                    if not chunk:
+                        return
+                    yield chunk
+            finally:
+                rows.close()
+                cursor.close()
         finally:
-            rows.close()
-            cursor.close()
+            with self._lock:
+                self._streaming.discard(fairy)
+                closed = self._closes != closes
             if self._local.held is not None:  # (None: discarded)
-                self._local.held = held
+                self._local.held = None if closed else held
+                if closed:
+                    fairy.invalidate()  # close() left it to this stream
 
     def close(self) -> None:
         with self._lock:
             held, self._held = self._held, []
+            self._closes += 1
+            streaming = set(self._streaming)
         for fairy in held:
+            if fairy in streaming:
+                continue  # locked by its stream, which closes it when it ends
             try:
                 if self._dialect == "postgresql":
                     fairy.driver_connection.autocommit = False
