@@ -374,7 +374,7 @@ class FastReader:
     ) -> Generator[list[Any], None, None]:
         """Result tuples of ``sql`` in lists of up to ``size``, as the server sends them.
 
-        PostgreSQL only (see :attr:`streams`). One query, read in chunks: the
+        PostgreSQL only (see :meth:`can_stream`). One query, read in chunks: the
         server reads and sends the next rows while the caller works on these,
         and the client never holds more than a chunk (10,000 small arrays load
         in ~25% less time than by one query per chunk of names). Raises
