@@ -28,6 +28,7 @@ import pickle
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1090,25 +1091,104 @@ def test_read_only_filesystem(read_only_mount: tuple[Path, Path]) -> None:
     _count("test_read_only_filesystem", tried + len(writes) + 2)
 
 
-def test_chmod_read_only_catalog(tmp_path: Path) -> None:
-    """chmod 0444 on the file and its directory: meaningful only when it stops this user."""
+# Run in a child process without the capabilities that let root ignore file
+# modes: every write must be refused, the file must still read.
+_READ_ONLY_CHILD = """
+import json, sys
+import numpy as np
+from polystore import ReadOnlyError
+from polystore.backends.sql import SQLBackend
+
+url = sys.argv[1]
+try:
+    b = SQLBackend(url)
+except ReadOnlyError as error:
+    print(json.dumps({"open": str(error)}))
+    raise SystemExit
+def in_transaction():
+    with b.transaction():
+        b.save(b"t", "t.bin")
+writes = {
+    "save": lambda: b.save(b"x", "new.bin"),
+    "save over": lambda: b.save(b"x", "keep/existing.bin"),
+    "save_batch": lambda: b.save_batch([b"1", b"2"], ["n/1.bin", "n/2.bin"]),
+    "delete": lambda: b.delete("keep/existing.bin"),
+    "delete tree": lambda: b.delete("keep", recursive=True),
+    "move": lambda: b.move("keep/existing.bin", "moved.bin"),
+    "copy": lambda: b.copy("keep", "copied"),
+    "ensure_directory": lambda: b.ensure_directory("newdir"),
+    "transaction": in_transaction,
+}
+refused = {}
+for name, call in writes.items():
+    try:
+        call()
+        refused[name] = "written"
+    except ReadOnlyError:
+        refused[name] = "ReadOnlyError"
+    except Exception as error:
+        refused[name] = type(error).__name__
+loaded = [b.load("keep/existing.bin").decode(), b.load("keep/array.npy").tolist()]
+print(json.dumps({"refused": refused, "loaded": loaded}))
+"""
+
+_NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("read_only", ["file", "file and directory"])
+def test_chmod_read_only_catalog(tmp_path: Path, read_only: str) -> None:
+    """chmod 0444 (and 0555 on the directory), for a user the modes stop.
+
+    Run as root, the check runs in a child without ``CAP_DAC_OVERRIDE``, which
+    is what lets root write through modes. A read-only file opens read-only:
+    reads work, every write is ReadOnlyError. In a read-only directory SQLite
+    cannot create the ``-wal`` and ``-shm`` files a WAL catalog needs even to
+    read: ReadOnlyError at open, naming the ``immutable=1`` URL, which reads.
+    """
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if (
+            shutil.which("setpriv") is None
+            or subprocess.run([*_NO_DAC, "true"], check=False, capture_output=True).returncode
+        ):
+            pytest.skip("root, and cannot drop CAP_DAC_OVERRIDE here (setpriv)")
+        prefix = _NO_DAC
     db = tmp_path / "ro" / "catalog.db"
     db.parent.mkdir()
     with SQLBackend(f"sqlite:///{db}") as rw:
         rw.save(b"existing", "keep/existing.bin")
-        rw.save(np.arange(40.0), "keep/array.npy")
+        rw.save(np.arange(4.0), "keep/array.npy")
+        before = snapshot(Subject("sqlite", rw, tmp_path))
+
+    def child(url: str) -> dict[str, Any]:
+        run = subprocess.run(
+            [*prefix, sys.executable, "-c", _READ_ONLY_CHILD, url],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return json.loads(run.stdout)  # type: ignore[no-any-return]
+
     db.chmod(0o444)
-    db.parent.chmod(0o555)
+    if read_only == "file and directory":
+        db.parent.chmod(0o555)
     try:
-        if os.access(db, os.W_OK):
-            pytest.skip(
-                "this user (root) writes through chmod 0444; see the mode=ro and mount tests"
-            )
-        with SQLBackend(f"sqlite:///{db}") as ro:
-            _assert_read_only(ro)
+        answer = child(f"sqlite:///{db}")
+        if read_only == "file and directory":
+            assert "directory is read-only" in answer["open"], answer
+            immutable = f"sqlite:///file:{db}?immutable=1&uri=true"
+            assert immutable in answer["open"], answer
+            answer = child(immutable)
+        assert answer["refused"] == dict.fromkeys(answer["refused"], "ReadOnlyError"), answer
+        assert len(answer["refused"]) == 9
+        assert answer["loaded"] == ["existing", [0.0, 1.0, 2.0, 3.0]]
     finally:
         db.parent.chmod(0o755)
-        db.chmod(0o644)
+        for path in db.parent.iterdir():  # (SQLite gives -wal and -shm the file's mode)
+            path.chmod(0o644)
+    with SQLBackend(f"sqlite:///{db}") as rw:
+        assert snapshot(Subject("sqlite", rw, tmp_path)) == before
 
 
 # -- an unreachable PostgreSQL ---------------------------------------------------------------------
