@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import sqlalchemy as sa
 
+from polystore import StorageBackend
 from polystore.backends.sql import SQLBackend
 
 
@@ -26,3 +30,23 @@ def assert_refcounts_consistent(backend: SQLBackend) -> None:
     """Every blob's reference count equals the number of files that use it."""
     stored, referenced = refcounts(backend)
     assert stored == referenced
+
+
+def write_calls(b: StorageBackend) -> dict[str, Callable[[], Any]]:
+    """One call of each kind of write, by name, on a backend holding ``keep/existing.bin``."""
+
+    def in_transaction() -> None:
+        with b.transaction():
+            b.save(b"t", "t.bin")
+
+    return {
+        "save": lambda: b.save(b"x", "new.bin"),
+        "save over": lambda: b.save(b"x", "keep/existing.bin"),
+        "save_batch": lambda: b.save_batch([b"1", b"2"], ["n/1.bin", "n/2.bin"]),
+        "delete": lambda: b.delete("keep/existing.bin"),
+        "delete tree": lambda: b.delete("keep", recursive=True),
+        "move": lambda: b.move("keep/existing.bin", "moved.bin"),
+        "copy": lambda: b.copy("keep", "copied"),
+        "ensure_directory": lambda: b.ensure_directory("newdir"),
+        "transaction": in_transaction,
+    }

@@ -316,19 +316,21 @@ def test_an_error_mid_batch_leaves_the_backend_usable(catalog_url: str) -> None:
         assert _sessions(b) == sessions
 
 
-def _sessions(b: SQLBackend) -> set[int]:
-    """Every other PostgreSQL session on this database (none on SQLite)."""
+def _sessions(b: SQLBackend, which: str = "") -> set[int]:
+    """Every other PostgreSQL session on this database, or ``which`` (none on SQLite)."""
     if b.engine.dialect.name != "postgresql":
         return set()
+    sql = (
+        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+        "AND datname = current_database() AND backend_type = 'client backend'"
+    )
     with b.engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                    "AND datname = current_database() AND backend_type = 'client backend'"
-                )
-            ).scalars()
-        )
+        return set(conn.execute(sa.text(f"{sql} {which}")).scalars())
+
+
+def _streaming_sessions(b: SQLBackend) -> set[int]:
+    """Sessions whose last query fetched children by name."""
+    return _sessions(b, "AND query LIKE '%string_to_array(%'")
 
 
 def _end_streaming_sessions(b: SQLBackend) -> None:
@@ -336,21 +338,6 @@ def _end_streaming_sessions(b: SQLBackend) -> None:
         with b.engine.begin() as conn:
             for pid in _streaming_sessions(b):
                 conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-
-def _streaming_sessions(b: SQLBackend) -> set[int]:
-    """PostgreSQL sessions whose last query fetched children by name (none on SQLite)."""
-    if b.engine.dialect.name != "postgresql":
-        return set()
-    with b.engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                    "AND query LIKE '%string_to_array(%'"
-                )
-            ).scalars()
-        )
 
 
 def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import refcounts
+from catalog_checks import refcounts, write_calls
 
 from polystore import (
     AlreadyExistsError,
@@ -966,27 +966,9 @@ def test_damaged_inline_blob(sql_subject: Subject) -> None:
 # -- a read-only database ---------------------------------------------------------------------------
 
 
-def _writes(b: StorageBackend) -> dict[str, Callable[[], Any]]:
-    def in_transaction() -> None:
-        with b.transaction():
-            b.save(b"t", "t.bin")
-
-    return {
-        "save": lambda: b.save(b"x", "new.bin"),
-        "save over": lambda: b.save(b"x", "keep/existing.bin"),
-        "save_batch": lambda: b.save_batch([b"1", b"2"], ["n/1.bin", "n/2.bin"]),
-        "delete": lambda: b.delete("keep/existing.bin"),
-        "delete tree": lambda: b.delete("keep", recursive=True),
-        "move": lambda: b.move("keep/existing.bin", "moved.bin"),
-        "copy": lambda: b.copy("keep", "copied"),
-        "ensure_directory": lambda: b.ensure_directory("newdir"),
-        "transaction": in_transaction,
-    }
-
-
 def _assert_read_only(b: SQLBackend) -> int:
     failures = Failures()
-    for name, call in _writes(b).items():
+    for name, call in write_calls(b).items():
         failures.expect(ReadOnlyError, call, name)
     failures.check()
     assert b.load("keep/existing.bin") == b"existing"
@@ -1072,7 +1054,7 @@ def test_read_only_filesystem(read_only_mount: tuple[Path, Path]) -> None:
         tried = _assert_read_only(ro)
     disk = DiskBackend(view / "disk")
     assert disk.load("keep/existing.bin") == b"existing"
-    writes = {name: call for name, call in _writes(disk).items() if name != "transaction"}
+    writes = {name: call for name, call in write_calls(disk).items() if name != "transaction"}
     writes |= {
         "save in a new directory": lambda: disk.save(np.arange(3), "new/dir/a.npy"),
         "copy a file": lambda: disk.copy("keep/existing.bin", "new/copy.bin"),
@@ -1095,32 +1077,20 @@ def test_read_only_filesystem(read_only_mount: tuple[Path, Path]) -> None:
 # modes: every write must be refused, the file must still read.
 _READ_ONLY_CHILD = """
 import json, sys
-import numpy as np
 from polystore import ReadOnlyError
 from polystore.backends.sql import SQLBackend
 
-url = sys.argv[1]
+url, tests = sys.argv[1:]
+sys.path.insert(0, tests)
+from catalog_checks import write_calls
+
 try:
     b = SQLBackend(url)
 except ReadOnlyError as error:
     print(json.dumps({"open": str(error)}))
     raise SystemExit
-def in_transaction():
-    with b.transaction():
-        b.save(b"t", "t.bin")
-writes = {
-    "save": lambda: b.save(b"x", "new.bin"),
-    "save over": lambda: b.save(b"x", "keep/existing.bin"),
-    "save_batch": lambda: b.save_batch([b"1", b"2"], ["n/1.bin", "n/2.bin"]),
-    "delete": lambda: b.delete("keep/existing.bin"),
-    "delete tree": lambda: b.delete("keep", recursive=True),
-    "move": lambda: b.move("keep/existing.bin", "moved.bin"),
-    "copy": lambda: b.copy("keep", "copied"),
-    "ensure_directory": lambda: b.ensure_directory("newdir"),
-    "transaction": in_transaction,
-}
 refused = {}
-for name, call in writes.items():
+for name, call in write_calls(b).items():
     try:
         call()
         refused[name] = "written"
@@ -1162,7 +1132,7 @@ def test_chmod_read_only_catalog(tmp_path: Path, read_only: str) -> None:
 
     def child(url: str) -> dict[str, Any]:
         run = subprocess.run(
-            [*prefix, sys.executable, "-c", _READ_ONLY_CHILD, url],
+            [*prefix, sys.executable, "-c", _READ_ONLY_CHILD, url, str(Path(__file__).parent)],
             check=True,
             capture_output=True,
             text=True,
