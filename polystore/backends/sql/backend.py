@@ -707,8 +707,8 @@ class SQLBackend(StorageBackend):
         freed once decoded. Small inline files (up to
         :data:`~polystore.serializers.SHARED_ARRAY_BYTES`) are grouped by kind
         (serializer, dtype, shape, meta) and each group decoded with one call of
-        its batch decoder: at most one chunk of small files (500 of 64 KiB)
-        waits at a time. Larger files, and every file with ``verify_inline``,
+        its batch decoder: at most one chunk of small files (500 of 64 KiB,
+        or 100 where results stream) waits at a time. Larger files, and every file with ``verify_inline``,
         are decoded at once. External content, directories and paths asked for
         twice go to ``later``, for :meth:`_decode_fast` after the snapshot.
         """
