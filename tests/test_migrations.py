@@ -32,6 +32,8 @@ from alembic.script import ScriptDirectory
 from polystore import migrate
 from polystore.backends.sql import SQLBackend, schema
 from polystore.backends.sql.engine import create_catalog_engine
+from polystore.backends.sql.kinds import kind_key
+from polystore.backends.sql.models import kinds_table, nodes_table
 from polystore.errors import BackendConfigError, BackendUnavailableError, SchemaVersionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -567,8 +569,40 @@ def _write_at_0001(url: str) -> None:
 
 
 def _catalog_rows(url: str) -> dict[str, Any]:
+    """Node and blob rows, without the nodes' kind ids (derived, since 0004)."""
     full = snapshot(url)
-    return {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
+    rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
+    names = [name for name, _ in full["polystore_nodes"]["columns"]]
+    if "kind_id" in names:
+        at = names.index("kind_id")
+        rows["polystore_nodes"] = sorted(
+            (row[:at] + row[at + 1 :] for row in rows["polystore_nodes"]), key=repr
+        )
+    return rows
+
+
+def _assert_kinds_derived(url: str) -> int:
+    """Every file's kind id is the id of its columns, with a row in polystore_kinds."""
+    with engine_for(url) as engine, engine.connect() as conn:
+        files = conn.execute(
+            sa.select(
+                nodes_table.c.kind_id,
+                nodes_table.c.serializer,
+                nodes_table.c.serializer_version,
+                nodes_table.c.dtype,
+                nodes_table.c.shape,
+                nodes_table.c.meta,
+            ).where(nodes_table.c.kind == "file")
+        ).all()
+        kinds = {row.id: row for row in conn.execute(kinds_table.select())}
+    for kind_id, *columns in files:
+        assert kind_id == kind_key(tuple(columns))[0]  # type: ignore[arg-type]
+        row = kinds[kind_id]
+        assert row.key == kind_key(tuple(columns))[1]  # type: ignore[arg-type]
+        assert (row.serializer, row.serializer_version, row.dtype, row.shape) == tuple(columns[:4])
+        assert row.meta == (columns[4] or None)
+    assert len(kinds) == len({kind_id for kind_id, *_ in files})
+    return len(files)
 
 
 def _assert_all_loadable(url: str) -> None:
@@ -604,7 +638,8 @@ def test_data_survives_upgrade_downgrade_upgrade(catalog_url: str) -> None:
 
     migrate.upgrade(catalog_url)
     assert migrate.check(catalog_url) == []
-    assert _catalog_rows(catalog_url) == rows_at_0001  # upgrading changed no row
+    assert _catalog_rows(catalog_url) == rows_at_0001  # upgrading changed no row...
+    assert _assert_kinds_derived(catalog_url) == len(VALUES) + 1  # ...but gave kind ids
     _assert_all_loadable(catalog_url)
 
     migrate.downgrade(catalog_url, "0001")

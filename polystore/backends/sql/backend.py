@@ -62,6 +62,7 @@ from polystore.backends.sql.fast import (
     resolve_args,
     resolve_sql,
 )
+from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key, kinds_args, kinds_sql
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
@@ -97,15 +98,17 @@ _FILE_VALUES = [
     nodes.c.attrs,
     nodes.c.blob_hash,
     nodes.c.modified_at,
+    nodes.c.kind_id,
 ]
 # In the table's order, which is the order the compiled INSERT binds them.
 _INSERT_COLUMNS = [
     nodes.c.parent_id,
     nodes.c.name,
     nodes.c.kind,
-    *_FILE_VALUES[:-1],
+    *_FILE_VALUES[:-2],
     nodes.c.created_at,
     nodes.c.modified_at,
+    nodes.c.kind_id,
 ]
 # New file rows cannot conflict (their names were just checked under lock;
 # a concurrent insert of the same name fails the transaction, which is retried).
@@ -138,12 +141,7 @@ def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) ->
     return full
 
 
-#: What every file of one kind shares: serializer, version, dtype, shape (as the
-#: JSON list) and meta. One tuple per distinct kind in a batch.
-_Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
-
-
-def _check_kind(kind: _Kind) -> None:
+def _check_kind(kind: Kind) -> None:
     """Refuse what a serializer recorded if a catalog column cannot hold it.
 
     PostgreSQL's text and JSON cannot hold the NUL character, nor JSON the
@@ -192,20 +190,43 @@ class _Batch:
     replaces its entry (the last value wins).
     """
 
-    __slots__ = ("datas", "hashes", "index", "kinds", "sizes")
+    __slots__ = ("datas", "hashes", "index", "kind_ids", "kinds", "sizes", "wanted")
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}  # path -> entry
         self.hashes: list[str] = []
         self.sizes: list[int] = []
         self.datas: list[Buffer] = []
-        self.kinds: list[_Kind] = []
+        self.kinds: list[Kind] = []  # one shared tuple per distinct kind
+        self.kind_ids: dict[int, int] = {}  # id() of a kind tuple -> its kind id
+        self.wanted: dict[int, tuple[str, Kind]] = {}  # kind id -> (key, kind)
+
+    def add_kind(self, kind: Kind) -> None:
+        """Check a new kind tuple and give it its kind id."""
+        _check_kind(kind)
+        kind_id, key = kind_key(kind)
+        self.kind_ids[id(kind)] = kind_id
+        self.wanted[kind_id] = (key, kind)
 
     def contents(self, over: int) -> Iterator[Content]:
         """The contents of more than ``over`` bytes."""
         for h, size, data in zip(self.hashes, self.sizes, self.datas, strict=True):
             if size > over:
                 yield Content(h, data, size)
+
+
+class _Loading:
+    """What one fast-path ``load_batch`` has decoded so far, and what waits."""
+
+    __slots__ = ("decoded", "later", "repeated", "stream", "waiting")
+
+    def __init__(self, repeated: set[str]) -> None:
+        self.repeated = repeated  # paths asked for more than once
+        self.stream = False  # results are streaming: no other query meanwhile
+        self.decoded: dict[str, Any] = {}  # path -> value
+        self.later: dict[str, Any] = {}  # path -> row, for _decode_fast after the snapshot
+        # kind id -> (paths, contents) of small files of a kind not known yet
+        self.waiting: dict[int, tuple[list[str], list[Any]]] = {}
 
 
 class SQLBackend(StorageBackend):
@@ -243,9 +264,13 @@ class SQLBackend(StorageBackend):
             raise ValueError(f"inline_limit must be an int >= 0, not {inline_limit!r}")
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
-        self._decoders: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
-        self._batch_decoders: dict[tuple[Any, ...], Callable[[Any], list[Any]]] = {}
+        # Decoders by kind id, and what each kind id means (serializer, dtype,
+        # and shape and meta as JSON text): ids are derived from their kinds,
+        # so these stay true in any catalog (see polystore.backends.sql.kinds).
+        self._decoders: dict[int, Callable[[Any], Any]] = {}
+        self._batch_decoders: dict[int, Callable[[Any], list[Any]]] = {}
         self._decoders_state: tuple[Any, ...] = ()
+        self._kind_defs: dict[int, tuple[str, str | None, str | None, str | None]] = {}
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -399,13 +424,13 @@ class SQLBackend(StorageBackend):
         """Normalize, serialize and hash every value (the database is not touched)."""
         batch = _Batch()
         index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
-        shared: dict[tuple[Any, ...], _Kind] = {}
+        shared: dict[tuple[Any, ...], Kind] = {}
         encode = self.serializers.encoder(allow_pickle=self.allow_pickle)
         # A C-ordered ndarray of a (dtype, shape) already encoded in this batch
         # is encoded here: its bytes, and the kind of the first (what the
         # built-in serializer would give, for a third of the time).
         ndarray = _plain_ndarray(self.serializers, self.allow_pickle)
-        array_kinds: dict[tuple[Any, Any], _Kind] = {}
+        array_kinds: dict[tuple[Any, Any], Kind] = {}
         for value, path in zip(data_list, paths.normalize_files(output_paths), strict=True):
             at = index.get(path)
             if at is not None and not overwrite:
@@ -426,7 +451,7 @@ class SQLBackend(StorageBackend):
                 kind = shared.get(key)
                 if kind is None or kind[4] is not meta:
                     kind = shared[key] = (*key[:3], None if shape is None else list(shape), meta)
-                    _check_kind(kind)
+                    batch.add_kind(kind)
                 if value.__class__ is ndarray and _bytes_as_is(value, size):
                     array_kinds[value.dtype, value.shape] = kind
             if at is None:
@@ -467,7 +492,7 @@ class SQLBackend(StorageBackend):
             bound(processors, "modified_at", now),
         )
         bound_attrs = bound(processors, "attrs", attrs)
-        hashes, sizes, kinds = batch.hashes, batch.sizes, batch.kinds
+        hashes, sizes, kinds, kind_ids = batch.hashes, batch.sizes, batch.kinds, batch.kind_ids
         released: Counter[str] = Counter()
         # id(kind) -> (its constant columns, converted; rows of the other columns)
         new_files: dict[int, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {}
@@ -500,6 +525,7 @@ class SQLBackend(StorageBackend):
                                 "attrs": bound_attrs,
                                 "created_at": created,
                                 "modified_at": modified,
+                                "kind_id": kind_ids[id(kind)],
                             },
                             [],
                         )
@@ -510,12 +536,13 @@ class SQLBackend(StorageBackend):
                     raise is_a_directory(path)
                 if not overwrite:
                     raise already_exists(path)
-                updates.append((sizes[i], *kind, attrs, hashes[i], now, row.id))
+                updates.append((sizes[i], *kind, attrs, hashes[i], now, kind_ids[id(kind)], row.id))
                 released[row.blob_hash] += 1
         # Node rows are locked above; blob rows are locked next, in hash order, so
         # writers sharing content queue instead of deadlocking.
         stored = lock_blobs(conn, set(hashes) | released.keys()) if self._pg else None
         add_blobs(conn, hashes, sizes, batch.datas, now, self._placement.placements(staged), stored)
+        ensure_kinds(conn, batch.wanted)
         self._placement.promote(conn, staged)
         _INSERT_FILES.execute_groups(conn, new_files.values())
         _UPDATE_FILES.execute(conn, updates)
@@ -537,34 +564,82 @@ class SQLBackend(StorageBackend):
             self._batch_decoders.clear()
             self._decoders_state = state
 
-    def _decoder_for(self, key: tuple[Any, ...], many: bool) -> Callable[[Any], Any]:
-        """The cached decoder (``many``: batch decoder) for fast-path columns ``key``.
+    def _decoder_for(self, kind_id: int | None, many: bool) -> Callable[[Any], Any]:
+        """The decoder (``many``: batch decoder) for files of kind ``kind_id``.
 
-        ``key`` is ``(serializer, dtype, shape, meta)``, JSON still unparsed:
-        files of one dtype and shape share one decoder. :meth:`_check_decoders`
-        drops them all when the serializers change.
+        A kind not known here yet is read from ``polystore_kinds`` on this
+        thread's fast-path connection. Raises :class:`~.fast.Unavailable` if it
+        cannot be read: the caller takes the slow path, which decodes from the
+        node's own columns (a file without a kind id was written by something
+        other than polystore).
+        """
+        decode = self._known_decoder(kind_id, many)
+        if decode is None:
+            if kind_id is None:
+                raise Unavailable
+            self._learn_kinds([kind_id])
+            decode = self._known_decoder(kind_id, many)
+            if decode is None:
+                raise Unavailable
+        return decode
+
+    def _known_decoder(self, kind_id: int | None, many: bool) -> Callable[[Any], Any] | None:
+        """The decoder for kind ``kind_id`` if this backend knows the kind (no query).
+
+        Decoders are cached by kind id; :meth:`_check_decoders` drops them all
+        when the serializers change.
         """
         cache = self._batch_decoders if many else self._decoders
-        decode = cache.get(key)
+        decode = cache.get(kind_id)  # type: ignore[arg-type]
         if decode is None:
-            serializer, dtype, shape, meta = key
+            found = self._kind_defs.get(kind_id)  # type: ignore[arg-type]
+            if found is None:
+                return None
+            serializer, dtype, shape, meta = found
             full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
             build = self.serializers.batch_decoder if many else self.serializers.decoder
             decode = build(serializer, full, allow_pickle=self.allow_pickle)
             if len(cache) >= _MAX_DECODERS:
                 cache.clear()
-            cache[key] = decode
+            cache[kind_id] = decode  # type: ignore[index]
         return decode
 
+    def _learn_kinds(self, ids: Sequence[int] | None) -> dict[int, Any]:
+        """Read kinds ``ids`` (None: up to as many as are cached) into the cache of kinds.
+
+        Raises :class:`~.fast.Unavailable` if the fast path cannot read them.
+        """
+        defs = self._kind_defs
+        dialect = self._dialect
+        queries: list[tuple[str, list[Any]]]
+        if ids is None:
+            queries = [(f"{kinds_sql(dialect, None)} LIMIT {_MAX_DECODERS}", [])]
+        else:
+            queries = [
+                (kinds_sql(dialect, len(part)), kinds_args(dialect, part))
+                for part in tree.chunks([i for i in ids if i not in defs])
+            ]
+        for sql, args in queries:
+            rows = self._fast.fetch_raw(sql, args)
+            if rows is None:
+                raise Unavailable
+            if len(defs) + len(rows) > _MAX_DECODERS:
+                defs.clear()
+            for row in rows:
+                defs[row[0]] = tuple(row[1:])
+        return defs
+
     def _decode_fast(self, raw: Sequence[Any], path: str) -> Any:
-        """The value of a fast-path row of :func:`~.fast.load_columns`."""
-        kind, size, serializer, dtype, shape, meta, blob_hash, store, data = raw[:9]
+        """The value of a fast-path row of :func:`~.fast.load_columns`.
+
+        Raises :class:`~.fast.Unavailable` if the file's kind cannot be read.
+        """
+        kind, kind_id, size, blob_hash, store, data = raw[:6]
         if kind != "file":
             raise is_a_directory(path)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
             data = self._placement.content(store, size, blob_hash, data, path)
-        key = (serializer, dtype, shape, meta)
-        decode = self._decoders.get(key) or self._decoder_for(key, many=False)
+        decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         return decode(data)
 
     @staticmethod
@@ -594,29 +669,34 @@ class SQLBackend(StorageBackend):
         path = paths.normalize_file(file_path)
         self._check_decoders()
         if self._tx.get() is None:
-            parent, name = paths.split(path)
-            known = self._dirs.get(parent)
-            if known is not None:  # one join, whatever the depth
-                rows = self._fast.fetch_raw(
-                    cached_load_sql(self._dialect), [known[0], name, known[1]]
-                )
-                if rows:
-                    return self._decode_fast(rows[0], path)
-            parts = path.split("/")
-            rows = self._fast.fetch_raw(
-                resolve_sql(self._dialect, len(parts), "load"),
-                resolve_args(self._dialect, parts),
-            )
-            if rows is not None:
-                if not rows:
-                    raise not_found(path)
-                row = rows[0]
-                if parent and row[10] is not None:  # (no version row: no cache)
-                    self._remember_dir(parent, row[9], row[10])
-                return self._decode_fast(row, path)
+            try:
+                return self._load_fast(path)
+            except Unavailable:
+                pass
         row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
         self._check_file(row, path)
         return self._decode(row, path)
+
+    def _load_fast(self, path: str) -> Any:
+        """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""
+        parent, name = paths.split(path)
+        known = self._dirs.get(parent)
+        if known is not None:  # one join, whatever the depth
+            rows = self._fast.fetch_raw(cached_load_sql(self._dialect), [known[0], name, known[1]])
+            if rows:
+                return self._decode_fast(rows[0], path)
+        parts = path.split("/")
+        rows = self._fast.fetch_raw(
+            resolve_sql(self._dialect, len(parts), "load"), resolve_args(self._dialect, parts)
+        )
+        if rows is None:
+            raise Unavailable
+        if not rows:
+            raise not_found(path)
+        row = rows[0]
+        if parent and row[7] is not None:  # (no version row: no cache)
+            self._remember_dir(parent, row[6], row[7])
+        return self._decode_fast(row, path)
 
     def _remember_dir(self, path: str, dir_id: int, version: int) -> None:
         """Cache directory ``path``'s id as read at tree version ``version``.
@@ -660,23 +740,35 @@ class SQLBackend(StorageBackend):
         repeated: set[str] = set()
         if sum(map(len, by_parent.values())) != len(norm):
             repeated = {p for p, n in Counter(norm).items() if n > 1}
-        decoded: dict[str, Any] = {}
-        later: dict[str, Any] = {}  # external content, and paths asked for twice
-        with self._fast.snapshot() as fast:
-            if not fast:
-                return None
-            stream = self._fast.can_stream()
-            queries = self._children_queries(by_parent, stream)
-            if queries is None:
-                return None
-            # Closed before the snapshot ends, even when a file fails to decode:
-            # a stream stopped early is cancelled, and the connection stays usable.
-            with closing(self._fetch_chunks(queries, stream)) as chunks:
-                try:
-                    for prefix, chunk in chunks:
-                        self._decode_chunk(chunk, prefix, repeated, decoded, later)  # (empties it)
-                except Unavailable:
+        loading = _Loading(repeated)
+        try:
+            with self._fast.snapshot() as fast:
+                if not fast:
                     return None
+                stream = loading.stream = self._fast.can_stream()
+                if stream and not self._kind_defs:
+                    # The connection is busy while results stream: learn the
+                    # catalog's kinds first, so the files of kinds met only
+                    # now need not wait for the stream's end (see _decode_chunk).
+                    self._learn_kinds(None)
+                queries = self._children_queries(by_parent, stream)
+                if queries is None:
+                    return None
+                # Closed before the snapshot ends, even when a file fails to decode:
+                # a stream stopped early is cancelled, and the connection stays usable.
+                with closing(self._fetch_chunks(queries, stream)) as chunks:
+                    for prefix, chunk in chunks:
+                        self._decode_chunk(chunk, prefix, loading)  # (empties it)
+                loading.stream = False
+                for kind_id, group in loading.waiting.items():
+                    self._decode_group(kind_id, group, loading)
+            return self._collect(norm, loading)
+        except Unavailable:
+            return None
+
+    def _collect(self, norm: list[str], loading: _Loading) -> list[Any]:
+        """The values of ``norm``, in order, from what the snapshot decoded or left for later."""
+        decoded, later = loading.decoded, loading.later
         if not later:
             try:
                 return list(map(decoded.pop, norm))
@@ -693,61 +785,73 @@ class SQLBackend(StorageBackend):
             values.append(self._decode_fast(row, path))
         return values
 
-    def _decode_chunk(
-        self,
-        rows: list[Any],
-        prefix: str,
-        repeated: set[str],
-        decoded: dict[str, Any],
-        later: dict[str, Any],
-    ) -> None:
-        """Decode one chunk of :func:`~.fast.children_sql` rows into ``decoded``.
+    def _decode_chunk(self, rows: list[Any], prefix: str, loading: _Loading) -> None:
+        """Decode one chunk of :func:`~.fast.children_sql` rows into ``loading.decoded``.
 
         Rows are taken off ``rows`` one at a time, so each row's bytes are
         freed once decoded. Small inline files (up to
         :data:`~polystore.serializers.SHARED_ARRAY_BYTES`) are grouped by kind
-        (serializer, dtype, shape, meta) and each group decoded with one call of
-        its batch decoder: at most one chunk of small files (500 of 64 KiB,
-        or 100 where results stream) waits at a time. Larger files, and every file with ``verify_inline``,
+        and each group decoded with one call of its batch decoder: at most one
+        chunk of small files (500 of 64 KiB, or 100 where results stream)
+        waits at a time. Larger files, and every file with ``verify_inline``,
         are decoded at once. External content, directories and paths asked for
-        twice go to ``later``, for :meth:`_decode_fast` after the snapshot.
+        twice go to ``later``, for :meth:`_decode_fast` after the snapshot;
+        so do files of a kind this backend has yet to read while results
+        stream (the connection is busy), small ones to ``waiting``.
         """
         verify = self._placement.verify_inline
-        groups: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
+        repeated, decoded, later = loading.repeated, loading.decoded, loading.later
+        groups: dict[int, tuple[list[str], list[Any]]] = {}
         rows.reverse()
         pop = rows.pop
         while rows:
             row = pop()
-            path = prefix + row[9]
-            data = row[8]
+            path = prefix + row[6]
+            data = row[5]
             if (
-                row[7] == INLINE
+                row[4] == INLINE
                 and data is not None
                 and not verify
-                and len(data) == row[1] <= SHARED_ARRAY_BYTES
+                and len(data) == row[2] <= SHARED_ARRAY_BYTES
                 and row[0] == "file"
                 and path not in repeated
             ):  # the common case, first and with the fewest tests
-                key = row[2:6]  # (serializer, dtype, shape, meta)
-                group = groups.get(key)
+                group = groups.get(row[1])
                 if group is None:
-                    group = groups[key] = ([], [])
+                    group = groups[row[1]] = ([], [])
                 group[0].append(path)
                 group[1].append(data)
-            elif row[7] != INLINE or data is None or row[0] != "file" or path in repeated:
+            elif (
+                row[4] != INLINE
+                or data is None
+                or row[0] != "file"
+                or path in repeated
+                or (loading.stream and self._known_decoder(row[1], many=False) is None)
+            ):
                 later[path] = row
             else:  # large, verified, or not its recorded size (IntegrityError)
                 decoded[path] = self._decode_fast(row, path)
             del row, data
-        for key, group in groups.items():
-            self._decode_group(key, group, decoded)
+        for kind_id, group in groups.items():
+            self._decode_group(kind_id, group, loading)
 
     def _decode_group(
-        self, key: tuple[Any, ...], group: tuple[list[str], list[Any]], decoded: dict[str, Any]
+        self, kind_id: int, group: tuple[list[str], list[Any]], loading: _Loading
     ) -> None:
         names, datas = group
-        decode_many = self._batch_decoders.get(key) or self._decoder_for(key, many=True)
-        decoded.update(zip(names, decode_many(datas), strict=True))
+        decode_many = self._batch_decoders.get(kind_id)
+        if decode_many is None:
+            if loading.stream:
+                decode_many = self._known_decoder(kind_id, many=True)
+                if decode_many is None:  # decoded when the stream ends
+                    waiting = loading.waiting.setdefault(kind_id, ([], []))
+                    waiting[0].extend(names)
+                    waiting[1].extend(datas)
+                    datas.clear()
+                    return
+            else:
+                decode_many = self._decoder_for(kind_id, many=True)
+        loading.decoded.update(zip(names, decode_many(datas), strict=True))
         datas.clear()
 
     def _fetch_chunks(

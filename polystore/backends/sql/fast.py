@@ -74,21 +74,15 @@ def _no_statement_timeout(driver: Any) -> bool:
         return False
 
 
-def load_columns(dialect: str, node: str) -> str:
+def load_columns(node: str) -> str:
     """What a load reads of ``node`` and its blob ``b``, and nothing more.
 
-    Every column costs a Python object per row. ``shape`` and ``meta`` come
-    as unparsed JSON text, to key a cache of decoders: on PostgreSQL they are
-    cast to text in SQL, since psycopg's JSONB loader is Python code run for
-    every value (about 5 µs a row of a batch load).
+    Every column costs a Python object per row, so the serializer, dtype,
+    shape and meta are read as one integer, the file's ``kind_id``, which
+    keys a cache of decoders (:mod:`~polystore.backends.sql.kinds`). Rows are
+    ``kind, kind_id, size, blob_hash, store, data``.
     """
-    shape, meta = f"{node}.shape", f"{node}.meta"
-    if dialect == "postgresql":
-        shape, meta = f"CAST({shape} AS TEXT)", f"CAST({meta} AS TEXT)"
-    return (
-        f"{node}.kind, {node}.size, {node}.serializer, {node}.dtype, {shape}, {meta}, "
-        f"{node}.blob_hash, b.store, b.data"
-    )
+    return f"{node}.kind, {node}.kind_id, {node}.size, {node}.blob_hash, b.store, b.data"
 
 
 def _placeholder(dialect: str) -> str:
@@ -181,7 +175,7 @@ def _select(dialect: str, what: str, node: str) -> str:
     if what == "kind":
         return f"{node}.id, {node}.kind"
     # A load also reads where its directory is, for the cache of cached_load_sql.
-    return f"{load_columns(dialect, node)}, {node}.parent_id, {_TREE_VERSION}"
+    return f"{load_columns(node)}, {node}.parent_id, {_TREE_VERSION}"
 
 
 _TREE_VERSION = "(SELECT version FROM polystore_tree_version WHERE id = 1)"
@@ -226,7 +220,7 @@ def children_sql(dialect: str, count: int) -> str:
 def _child_load_sql(dialect: str, more: str, name_test: str) -> str:
     """Load columns (then ``more``) of children of ``[parent, ...]`` whose name passes."""
     return (
-        f"SELECT {load_columns(dialect, 'n')}{more} FROM polystore_nodes AS n "
+        f"SELECT {load_columns('n')}{more} FROM polystore_nodes AS n "
         "LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash "
         f"WHERE n.parent_id = {_placeholder(dialect)} AND n.name {name_test}"
     )

@@ -5,6 +5,9 @@ Catalog -> content: every blob a file refers to exists, with the recorded size
 external store; every reference count equals the number of files pointing at
 its blob.
 
+Every file's kind id is the id of its serializer columns, with a row in
+``polystore_kinds`` (:mod:`~polystore.backends.sql.kinds`).
+
 Content -> catalog: every object in the external store belongs to a blob row
 (or to an upload in flight). This is the one place polystore lists the store.
 
@@ -24,8 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore.backends.sql.content import INLINE
+from polystore.backends.sql.kinds import kind_key
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
+from polystore.backends.sql.models import kinds_table as kinds
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.placement import Placement
 from polystore.blobs.base import StoredObject
@@ -46,11 +51,15 @@ class FsckReport:
     * ``unreferenced``: keys of objects in the external store that no blob row
       and no upload in flight accounts for (strays included).
     * ``refcount_mismatch``: ``hash -> (recorded, actual)`` reference counts.
+    * ``kind_mismatch``: ``kind id -> number of files`` whose kind id is not
+      the id of their serializer columns, or has no row in ``polystore_kinds``
+      (a batch load would decode them as another kind).
 
     For information only: ``blobs_checked``, ``objects_checked``, ``verified``;
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
     ``pending_uploads`` (upload intents: in flight, or abandoned and awaiting
-    ``gc()``); ``other_stores`` (store name -> blobs kept in a store this
+    ``gc()``); ``without_kind`` (files with no kind id, written by something
+    other than polystore: they load from their own columns, by the slower path); ``other_stores`` (store name -> blobs kept in a store this
     backend was not opened with, which it cannot check).
     """
 
@@ -62,7 +71,9 @@ class FsckReport:
     hash_mismatch: list[str] = field(default_factory=list)
     unreferenced: list[str] = field(default_factory=list)
     refcount_mismatch: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kind_mismatch: dict[int, int] = field(default_factory=dict)
     garbage: int = 0
+    without_kind: int = 0
     pending_uploads: int = 0
     other_stores: dict[str, int] = field(default_factory=dict)
 
@@ -75,6 +86,7 @@ class FsckReport:
             or self.hash_mismatch
             or self.unreferenced
             or self.refcount_mismatch
+            or self.kind_mismatch
         )
 
     def problems(self) -> list[str]:
@@ -87,6 +99,10 @@ class FsckReport:
             f"reference count of {h} is {recorded}, {actual} files refer to it"
             for h, (recorded, actual) in self.refcount_mismatch.items()
         ]
+        lines += [
+            f"kind id {kind_id} of {count} files does not match their serializer columns"
+            for kind_id, count in self.kind_mismatch.items()
+        ]
         return lines
 
     def __str__(self) -> str:
@@ -98,6 +114,8 @@ class FsckReport:
         notes = [head, *self.problems()]
         if self.garbage:
             notes.append(f"{self.garbage} unreferenced blobs await gc()")
+        if self.without_kind:
+            notes.append(f"{self.without_kind} files have no kind id (they load more slowly)")
         if self.pending_uploads:
             notes.append(f"{self.pending_uploads} uploads in flight or awaiting gc()")
         notes += [
@@ -168,6 +186,7 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
             else:
                 others[row.store] += 1
         report.other_stores = dict(others)
+        _check_kinds(conn, report)
 
     if store is not None:
         in_flight = {h for _, h, s in pending if s == store.name}
@@ -187,6 +206,40 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
         getattr(report, name).sort()
     report.refcount_mismatch = dict(sorted(report.refcount_mismatch.items()))
     return report
+
+
+def _check_kinds(conn: Connection, report: FsckReport) -> None:
+    """Every file's kind id against its columns: one pass, grouped by kind in SQL."""
+    groups = conn.execute(
+        sa.select(
+            nodes.c.kind_id,
+            nodes.c.serializer,
+            nodes.c.serializer_version,
+            nodes.c.dtype,
+            nodes.c.shape,
+            nodes.c.meta,
+            sa.func.count(),
+        )
+        .where(nodes.c.kind == "file")
+        .group_by(*(nodes.c[name] for name in _KIND_COLUMNS))
+    ).all()
+    # (every kind: there are at most as many as groups)
+    recorded: dict[int, str] = {}
+    recorded.update(
+        (kind_id, key) for kind_id, key in conn.execute(sa.select(kinds.c.id, kinds.c.key))
+    )
+    mismatch: Counter[int] = Counter()
+    for kind_id, *columns, count in groups:
+        if kind_id is None:
+            report.without_kind += count
+            continue
+        wanted_id, key = kind_key(tuple(columns))
+        if kind_id != wanted_id or recorded.get(kind_id) != key:
+            mismatch[kind_id] += count
+    report.kind_mismatch = dict(sorted(mismatch.items()))
+
+
+_KIND_COLUMNS = ("kind_id", "serializer", "serializer_version", "dtype", "shape", "meta")
 
 
 def _check_object(

@@ -19,6 +19,12 @@ migrations in ``migrations/``; these models are what those migrations must match
 * ``polystore_tree_version`` -- one row, a counter that every directory move
   or delete raises in its own transaction. Readers cache directory ids by path
   and use a cached id only while the counter is unchanged.
+* ``polystore_kinds`` -- one row per distinct kind of file: serializer, its
+  version, dtype, shape and meta, as every file of that kind records them.
+  The id is derived from those values (:mod:`~polystore.backends.sql.kinds`),
+  so it means the same in every catalog; rows are only ever added. A file's
+  ``kind_id`` lets a batch load read one integer per file instead of four
+  columns (revision 0004).
 * ``polystore_catalog`` -- a read-only view with one row per node and its full
   path (defined in the migrations, not here).
 """
@@ -51,11 +57,13 @@ __all__ = [
     "ROOT_ID",
     "Base",
     "Blob",
+    "Kind",
     "Node",
     "TreeVersion",
     "UploadIntent",
     "blobs_table",
     "intents_table",
+    "kinds_table",
     "nodes_table",
     "tree_version_table",
 ]
@@ -136,6 +144,10 @@ class Node(Base):
     blob_hash: Mapped[str | None] = mapped_column(String(64), ForeignKey("polystore_blobs.hash"))
     created_at: Mapped[Timestamp]
     modified_at: Mapped[Timestamp]
+    #: The id in ``polystore_kinds`` of the columns above (files only; revision
+    #: 0004). Derived from them, not a foreign key; ``fsck`` checks it. Last,
+    #: as the migration adds it.
+    kind_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
 
     __table_args__ = (
         UniqueConstraint("parent_id", "name"),
@@ -145,6 +157,21 @@ class Node(Base):
         Index(None, "blob_hash"),
         Index(None, "dtype"),
     )
+
+
+class Kind(Base):
+    """What every file of one kind shares (revision 0004); see :mod:`.kinds`."""
+
+    __tablename__ = "polystore_kinds"
+
+    id: Mapped[Id] = mapped_column(primary_key=True, autoincrement=False)
+    #: The canonical JSON text the id is derived from, to tell a collision.
+    key: Mapped[str] = mapped_column(Text)
+    serializer: Mapped[str] = mapped_column(String(64))
+    serializer_version: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str | None] = mapped_column(Text)
+    shape: Mapped[JSONDoc | None]
+    meta: Mapped[JSONDoc | None]
 
 
 class UploadIntent(Base):
@@ -177,4 +204,5 @@ class TreeVersion(Base):
 nodes_table = cast(Table, Node.__table__)
 blobs_table = cast(Table, Blob.__table__)
 intents_table = cast(Table, UploadIntent.__table__)
+kinds_table = cast(Table, Kind.__table__)
 tree_version_table = cast(Table, TreeVersion.__table__)

@@ -53,6 +53,7 @@ NODE_COLUMNS = (
     nodes.c.blob_hash,
     nodes.c.created_at,
     nodes.c.modified_at,
+    nodes.c.kind_id,
 )
 
 #: Rows fetched per ``IN (...)`` list, well under SQLite's bound-parameter limit.

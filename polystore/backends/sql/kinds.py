@@ -1,0 +1,134 @@
+"""Kinds of files: what every file of one serializer, dtype, shape and meta shares.
+
+A batch of 10,000 arrays of one dtype and shape records the same serializer,
+version, dtype, shape and meta 10,000 times. Those columns stay on each node
+(the view, ``query()`` and SQL users read them there), and each file also
+records the id of its row in ``polystore_kinds``. A batch load then reads one
+integer per file instead of four columns, and finds its decoder by that
+integer: about a tenth of the time of a batch load from SQLite.
+
+A kind's id is derived from its values -- the first 63 bits of the SHA-256 of
+their canonical JSON (:func:`kind_key`) -- not drawn from a sequence. So an id
+means the same kind in every catalog and forever: a process may cache what it
+learned of an id without ever checking that the catalog is still the one it
+read (a file deleted and created again, a downgrade and upgrade), and writers
+need no round trip to learn the id of a new kind. The key text is stored too:
+two kinds whose ids collide (about one chance in 10**7 for a catalog of a
+million distinct kinds) are refused, never confused. Kinds are only ever
+added; the format of the key is part of the schema and never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
+
+from polystore.backends.sql.models import kinds_table
+from polystore.errors import SerializationError
+
+__all__ = ["Kind", "ensure_kinds", "kind_key", "kinds_args", "kinds_sql"]
+
+kinds = kinds_table
+
+#: ``(serializer, version, dtype, shape, meta)``: shape as a JSON list, meta a
+#: JSON object or None.
+Kind = tuple[str, int, str | None, list[int] | None, dict[str, Any] | None]
+
+#: Kinds looked up or inserted per statement.
+_CHUNK = 500
+
+
+def kind_key(kind: Kind) -> tuple[int, str]:
+    """``(id, key)`` of ``kind``: its canonical JSON text, and the id derived from it.
+
+    Empty meta and no meta are one kind (a decoder is given ``{}`` for both).
+    """
+    serializer, version, dtype, shape, meta = kind
+    key = json.dumps(
+        [serializer, version, dtype, shape, meta or None],
+        sort_keys=True,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+    digest = hashlib.sha256(key.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1, key
+
+
+def ensure_kinds(conn: Connection, wanted: Mapping[int, tuple[str, Kind]]) -> None:
+    """Make sure ``polystore_kinds`` holds every kind of ``wanted`` (``{id: (key, kind)}``).
+
+    One indexed lookup per 500 kinds when they exist already, as they do for
+    all but a catalog's first files of each kind; missing ones are inserted
+    (``ON CONFLICT DO NOTHING``: a concurrent writer may add the same kind).
+    Raises :class:`~polystore.errors.SerializationError` if an id is taken by
+    another kind.
+    """
+    # In id order, so writers adding the same new kinds queue instead of deadlocking.
+    ids = sorted(wanted)
+    missing = _check(conn, wanted, ids)
+    if not missing:
+        return
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(kinds)
+    rows = []
+    for kind_id in missing:
+        key, (serializer, version, dtype, shape, meta) = wanted[kind_id]
+        rows.append(
+            {
+                "id": kind_id,
+                "key": key,
+                "serializer": serializer,
+                "serializer_version": version,
+                "dtype": dtype,
+                "shape": shape,
+                "meta": meta or None,
+            }
+        )
+    conn.execute(insert.on_conflict_do_nothing(), rows)
+    left = _check(conn, wanted, missing)  # (inserted, or by another writer)
+    if left:  # pragma: no cover -- the insert above guarantees a row
+        raise AssertionError(f"kinds {left} were neither found nor inserted")
+
+
+def _check(conn: Connection, wanted: Mapping[int, tuple[str, Kind]], ids: list[int]) -> list[int]:
+    """Refuse collisions among ``ids``; return those with no row yet."""
+    found: dict[int, str] = {}
+    for start in range(0, len(ids), _CHUNK):
+        part = ids[start : start + _CHUNK]
+        rows = conn.execute(sa.select(kinds.c.id, kinds.c.key).where(kinds.c.id.in_(part)))
+        found.update((kind_id, key) for kind_id, key in rows)
+    for kind_id, key in found.items():
+        if key != wanted[kind_id][0]:
+            raise SerializationError(
+                f"the kind {wanted[kind_id][0]} has the id {kind_id} of another kind, {key}; "
+                "this catalog cannot store it"
+            )
+    return [kind_id for kind_id in ids if kind_id not in found]
+
+
+@lru_cache(maxsize=8)
+def kinds_sql(dialect: str, count: int | None) -> str:
+    """SQL for the kinds with ``count`` ids (None: every kind), as the fast path reads them.
+
+    Rows are ``id, serializer, dtype, shape, meta``, with shape and meta as
+    JSON text (on PostgreSQL cast in SQL: psycopg's JSONB loader is Python
+    code), as the decoder cache parses each once.
+    """
+    if dialect == "postgresql":
+        select = "SELECT id, serializer, dtype, CAST(shape AS TEXT), CAST(meta AS TEXT)"
+        where = " WHERE id = ANY(%s)"
+    else:
+        select = "SELECT id, serializer, dtype, shape, meta"
+        where = f" WHERE id IN ({', '.join(['?'] * (count or 0))})"
+    return f"{select} FROM polystore_kinds{where if count is not None else ''}"
+
+
+def kinds_args(dialect: str, ids: Sequence[int]) -> list[Any]:
+    """Parameters of :func:`kinds_sql` for ``ids``."""
+    return [list(ids)] if dialect == "postgresql" else list(ids)

@@ -1,0 +1,161 @@
+"""The table of kinds (revision 0004): each file's kind id, and what reads it.
+
+A batch load decodes by the kind id alone, so these check that every writer
+records the right id, that a reader learns kinds it has not met (also while a
+PostgreSQL result streams), and that a file without one still loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from polystore import SerializationError
+from polystore.backends.sql import SQLBackend
+from polystore.backends.sql.kinds import kind_key
+from polystore.backends.sql.models import kinds_table, nodes_table
+from polystore.serializers import SHARED_ARRAY_BYTES
+
+FLOATS = ("ndarray", 1, "float32", [1024], {"descr": "<f4", "order": "C"})
+
+
+def test_a_kind_id_is_derived_from_the_kind_and_never_changes() -> None:
+    # The key's format is part of the schema: ids written by one release must
+    # mean the same kind to every later one.
+    assert kind_key(FLOATS) == (
+        8095589110924961688,
+        '["ndarray",1,"float32",[1024],{"descr":"<f4","order":"C"}]',
+    )
+    assert kind_key(("str", 1, None, None, {})) == kind_key(("str", 1, None, None, None))
+    assert kind_key(("ndarray", 1, "float32", [1024], {"order": "C", "descr": "<f4"}))[0] == (
+        kind_key(FLOATS)[0]
+    )
+    assert kind_key(("ndarray", 1, "float32", [1025], FLOATS[4]))[0] != kind_key(FLOATS)[0]
+    assert 0 < kind_key(FLOATS)[0] < 2**63
+
+
+def _kind_rows(url: str) -> tuple[list[Any], list[Any]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            files = conn.execute(
+                sa.select(
+                    nodes_table.c.kind_id,
+                    nodes_table.c.serializer,
+                    nodes_table.c.serializer_version,
+                    nodes_table.c.dtype,
+                    nodes_table.c.shape,
+                    nodes_table.c.meta,
+                ).where(nodes_table.c.kind == "file")
+            ).all()
+            kinds = conn.execute(sa.select(kinds_table.c.id, kinds_table.c.key)).all()
+    finally:
+        engine.dispose()
+    return files, kinds
+
+
+def _execute(url: str, sql: str, **params: Any) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(sql), params)
+    finally:
+        engine.dispose()
+
+
+def test_every_writer_records_the_kind_of_its_columns(catalog_url: str) -> None:
+    with SQLBackend(catalog_url) as b:
+        b.save_batch([np.zeros(3, np.int8), np.ones(3, np.int8), "text"], ["a/x", "a/y", "a/t"])
+        b.save(np.arange(4.0), "a/y")  # an overwrite of another kind
+        b.save({"json": [1, 2]}, "b/j")
+        b.copy("a", "c")
+        b.save_batch([np.zeros(3, np.int8)] * 3, ["d/1", "d/2", "d/3"])  # a kind seen before
+        files, kinds = _kind_rows(catalog_url)
+        assert len(files) == 10
+        for kind_id, *columns in files:
+            assert kind_id == kind_key(tuple(columns))[0]  # type: ignore[arg-type]
+        # One row per distinct kind, whatever was saved again.
+        assert sorted(kinds) == sorted({kind_key(tuple(c)) for _, *c in files})  # type: ignore[arg-type]
+        assert len(kinds) == 4
+        report = b.fsck()
+        assert report.ok, str(report)
+        assert report.without_kind == 0
+        np.testing.assert_array_equal(b.load_batch(["c/y", "d/2"])[0], np.arange(4.0))
+
+
+def test_a_file_without_a_kind_id_loads_from_its_own_columns(catalog_url: str) -> None:
+    with SQLBackend(catalog_url) as b:
+        b.save_batch([np.arange(5), np.arange(6), "s"], ["f/a", "f/b", "f/s"])
+        _execute(catalog_url, "UPDATE polystore_nodes SET kind_id = NULL WHERE name = 'b'")
+    with SQLBackend(catalog_url) as fresh:
+        np.testing.assert_array_equal(fresh.load("f/b"), np.arange(6))
+        a, b_, s = fresh.load_batch(["f/a", "f/b", "f/s"])
+        np.testing.assert_array_equal(a, np.arange(5))
+        np.testing.assert_array_equal(b_, np.arange(6))
+        assert s == "s"
+        report = fresh.fsck()
+        assert report.ok and report.without_kind == 1, str(report)
+        assert "1 files have no kind id" in str(report)
+
+
+def test_fsck_reports_a_kind_id_that_does_not_match(catalog_url: str) -> None:
+    with SQLBackend(catalog_url) as b:
+        b.save_batch([np.arange(5), "s", "t"], ["f/a", "f/s", "f/t"])
+        wrong = kind_key(("str", 1, None, None, None))[0]
+        _execute(catalog_url, "UPDATE polystore_nodes SET kind_id = :k WHERE name = 'a'", k=wrong)
+        _execute(catalog_url, "UPDATE polystore_nodes SET kind_id = 12345 WHERE name = 't'")
+        report = b.fsck()
+        assert not report.ok
+        assert report.kind_mismatch == {12345: 1, wrong: 1}
+        assert f"kind id {wrong} of 1 files does not match" in str(report)
+
+
+def test_an_id_taken_by_another_kind_is_refused_and_nothing_is_written(catalog_url: str) -> None:
+    kind_id, _ = kind_key(("str", 1, None, None, None))
+    with SQLBackend(catalog_url) as b:
+        b.save(np.arange(3), "kept")
+        _execute(
+            catalog_url,
+            "INSERT INTO polystore_kinds (id, key, serializer, serializer_version) "
+            "VALUES (:id, '[\"other\"]', 'other', 1)",
+            id=kind_id,
+        )
+        before = _kind_rows(catalog_url)
+        with pytest.raises(SerializationError, match="has the id"):
+            b.save_batch([np.arange(2), "a string"], ["x/new", "x/s"])
+        assert _kind_rows(catalog_url) == before
+        assert not b.exists("x")
+        np.testing.assert_array_equal(b.load("kept"), np.arange(3))
+
+
+@pytest.mark.parametrize("size", [64, SHARED_ARRAY_BYTES * 2], ids=["small", "large"])
+def test_a_reader_learns_kinds_written_after_it_started(catalog_url: str, size: int) -> None:
+    # The reader knows the catalog's kinds from its first batch; another writer
+    # then adds a kind. On PostgreSQL the new kind's files arrive while the
+    # connection streams, so they wait (or are decoded later) until it ends.
+    count = 250  # several chunks of a streamed result
+    old = [np.full(4, i, np.int16) for i in range(count)]
+    new = [np.full(size // 8, i, np.float64) for i in range(count)]
+    with SQLBackend(catalog_url) as writer, SQLBackend(catalog_url) as reader:
+        writer.save_batch(old, [f"d/old{i:03}" for i in range(count)])
+        reader.load_batch(["d/old000"])
+        writer.save_batch(new, [f"d/new{i:03}" for i in range(count)])
+        names = [f"d/{kind}{i:03}" for i in range(count) for kind in ("new", "old")]
+        loaded = reader.load_batch(names)
+        for i in range(count):
+            np.testing.assert_array_equal(loaded[2 * i], new[i])
+            np.testing.assert_array_equal(loaded[2 * i + 1], old[i])
+        np.testing.assert_array_equal(reader.load(f"d/new{count - 1:03}"), new[-1])
+
+
+def test_a_fresh_reader_loads_a_batch_of_many_kinds(catalog_url: str) -> None:
+    values = [np.zeros(i + 1, np.uint8) for i in range(600)]  # 600 shapes: 600 kinds
+    with SQLBackend(catalog_url) as b:
+        b.save_batch(values, [f"k/{i}" for i in range(600)])
+        assert len(_kind_rows(catalog_url)[1]) == 600
+    with SQLBackend(catalog_url) as fresh:
+        for value, loaded in zip(values, fresh.load_batch([f"k/{i}" for i in range(600)])):
+            np.testing.assert_array_equal(loaded, value)
