@@ -188,7 +188,7 @@ def _bulk_fill(db: Path, first_dir: int, last_dir: int, per_dir: int) -> int:
         ).fetchone()
         copy_columns = (
             "kind, size, serializer, serializer_version, dtype, shape, meta, attrs, blob_hash, "
-            "created_at, modified_at"
+            "created_at, modified_at, kind_id"
         )
         add_file = (
             f"INSERT INTO polystore_nodes (parent_id, name, {copy_columns}) "
