@@ -218,7 +218,7 @@ class _Batch:
 class _Loading:
     """What one fast-path ``load_batch`` has decoded so far, and what waits."""
 
-    __slots__ = ("decoded", "later", "repeated", "stream", "waiting")
+    __slots__ = ("closer", "decoded", "later", "repeated", "stream", "waiting")
 
     def __init__(self, repeated: set[str]) -> None:
         self.repeated = repeated  # paths asked for more than once
@@ -227,6 +227,8 @@ class _Loading:
         self.later: dict[str, Any] = {}  # path -> row, for _decode_fast after the snapshot
         # kind id -> (paths, contents) of small files of a kind not known yet
         self.waiting: dict[int, tuple[list[str], list[Any]]] = {}
+        # prefix -> names whose lean rows need a closer look (read again in full)
+        self.closer: dict[str, list[str]] = {}
 
 
 class SQLBackend(StorageBackend):
@@ -751,14 +753,18 @@ class SQLBackend(StorageBackend):
                     # catalog's kinds first, so the files of kinds met only
                     # now need not wait for the stream's end (see _decode_chunk).
                     self._learn_kinds(None)
-                queries = self._children_queries(by_parent, stream)
-                if queries is None:
+                targets = self._children(by_parent)
+                if targets is None:
                     return None
-                # Closed before the snapshot ends, even when a file fails to decode:
-                # a stream stopped early is cancelled, and the connection stays usable.
-                with closing(self._fetch_chunks(queries, stream)) as chunks:
-                    for prefix, chunk in chunks:
-                        self._decode_chunk(chunk, prefix, loading)  # (empties it)
+                # Lean rows first (the kind id, size, bytes and name of each
+                # file), then full rows of the files that need a closer look.
+                # With verify_inline every file needs its hash: full rows only.
+                lean = not self._placement.verify_inline
+                self._fetch_and_decode(targets, loading, lean=lean)
+                if loading.closer:
+                    closer = loading.closer
+                    again = [(p, i, closer[p]) for p, i, _ in targets if p in closer]
+                    self._fetch_and_decode(again, loading, lean=False)
                 loading.stream = False
                 for kind_id, group in loading.waiting.items():
                     self._decode_group(kind_id, group, loading)
@@ -784,6 +790,63 @@ class SQLBackend(StorageBackend):
                 raise not_found(path)
             values.append(self._decode_fast(row, path))
         return values
+
+    def _fetch_and_decode(
+        self, targets: list[tuple[str, int, list[str]]], loading: _Loading, *, lean: bool
+    ) -> None:
+        """Fetch the rows of ``targets`` (:meth:`_children`) and decode them into ``loading``."""
+        queries = self._children_queries(targets, loading.stream, lean)
+        decode_chunk = self._decode_lean_chunk if lean else self._decode_chunk
+        # Closed before the snapshot ends, even when a file fails to decode:
+        # a stream stopped early is cancelled, and the connection stays usable.
+        with closing(self._fetch_chunks(queries, loading.stream)) as chunks:
+            for prefix, chunk in chunks:
+                decode_chunk(chunk, prefix, loading)  # (empties it)
+
+    def _decode_lean_chunk(self, rows: list[Any], prefix: str, loading: _Loading) -> None:
+        """Decode one chunk of lean rows (:data:`~.fast.LEAN_COLUMNS`) into ``loading.decoded``.
+
+        Like :meth:`_decode_chunk`, for the files with inline content of their
+        recorded size and a kind id, asked for once. The names of the others
+        go to ``loading.closer``, to be read again in full.
+        """
+        repeated, decoded = loading.repeated, loading.decoded
+        groups: dict[int, tuple[list[str], list[Any]]] = {}
+        closer: list[str] = []
+        rows.reverse()
+        pop = rows.pop
+        while rows:
+            kind_id, size, data, name = pop()
+            path = prefix + name
+            if (
+                kind_id is not None
+                and data is not None
+                and len(data) == size <= SHARED_ARRAY_BYTES
+                and path not in repeated
+            ):  # the common case, first and with the fewest tests
+                group = groups.get(kind_id)
+                if group is None:
+                    group = groups[kind_id] = ([], [])
+                group[0].append(path)
+                group[1].append(data)
+            elif kind_id is None or data is None or len(data) != size or path in repeated:
+                closer.append(name)
+            else:  # large
+                decode = self._decoders.get(kind_id)
+                if decode is None:
+                    if loading.stream:
+                        decode = self._known_decoder(kind_id, many=False)
+                    else:
+                        decode = self._decoder_for(kind_id, many=False)
+                if decode is None:
+                    closer.append(name)  # (a kind to read when the connection is free)
+                else:
+                    decoded[path] = decode(data)
+            del data
+        for kind_id, group in groups.items():
+            self._decode_group(kind_id, group, loading)
+        if closer:
+            loading.closer.setdefault(prefix, []).extend(closer)
 
     def _decode_chunk(self, rows: list[Any], prefix: str, loading: _Loading) -> None:
         """Decode one chunk of :func:`~.fast.children_sql` rows into ``loading.decoded``.
@@ -874,18 +937,14 @@ class SQLBackend(StorageBackend):
                 raise Unavailable
             yield prefix, rows
 
-    def _children_queries(
-        self, by_parent: dict[str, list[str]], stream: bool
-    ) -> list[tuple[str, str, list[Any]]] | None:
-        """``(prefix, sql, args)`` fetching the named children of each parent.
+    def _children(self, by_parent: dict[str, list[str]]) -> list[tuple[str, int, list[str]]] | None:
+        """``(prefix, id, names)`` of each parent in ``by_parent`` that is a directory.
 
-        One query per parent if its results ``stream`` (PostgreSQL, all its
-        names as one parameter), else one per chunk of names. Parents that do not
-        exist or are files get no query (their paths are not found). None if
-        the fast path is unavailable.
+        Parents that do not exist or are files are left out (their paths are
+        not found). None if the fast path is unavailable.
         """
         dialect = self._dialect
-        queries = []
+        targets = []
         for parent, names in by_parent.items():
             parent_id = ROOT_ID
             if parent:
@@ -898,14 +957,28 @@ class SQLBackend(StorageBackend):
                 if not found or found[0][1] != "dir":
                     continue
                 parent_id = found[0][0]
-            prefix = f"{parent}/" if parent else ""
+            targets.append((f"{parent}/" if parent else "", parent_id, names))
+        return targets
+
+    def _children_queries(
+        self, targets: list[tuple[str, int, list[str]]], stream: bool, lean: bool
+    ) -> list[tuple[str, str, list[Any]]]:
+        """``(prefix, sql, args)`` fetching the named children of each of ``targets``.
+
+        One query per directory if its results ``stream`` (PostgreSQL, all its
+        names as one parameter), else one per chunk of names.
+        """
+        dialect = self._dialect
+        queries = []
+        for prefix, parent_id, names in targets:
             if stream:
                 # (a count matters only to SQLite's IN lists)
-                queries.append((prefix, children_sql(dialect, 0), [parent_id, "/".join(names)]))
+                sql = children_sql(dialect, 0, lean=lean)
+                queries.append((prefix, sql, [parent_id, "/".join(names)]))
                 continue
             for part in tree.chunks(names):
                 args = [parent_id, "/".join(part)] if self._pg else [parent_id, *part]
-                queries.append((prefix, children_sql(dialect, len(part)), args))
+                queries.append((prefix, children_sql(dialect, len(part), lean=lean), args))
         return queries
 
     def _fetch_many(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
