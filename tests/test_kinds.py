@@ -159,3 +159,55 @@ def test_a_fresh_reader_loads_a_batch_of_many_kinds(catalog_url: str) -> None:
     with SQLBackend(catalog_url) as fresh:
         for value, loaded in zip(values, fresh.load_batch([f"k/{i}" for i in range(600)])):
             np.testing.assert_array_equal(loaded, value)
+
+
+def _count_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL of every fast-path fetch and stream, as issued."""
+    from polystore.backends.sql import fast
+
+    issued: list[str] = []
+    fetch, stream = fast.FastReader.fetch_raw, fast.FastReader.stream_raw
+
+    def counting_fetch(self: Any, sql: str, params: Any) -> Any:
+        issued.append(sql)
+        return fetch(self, sql, params)
+
+    def counting_stream(self: Any, sql: str, params: Any, size: int) -> Any:
+        issued.append(sql)
+        return stream(self, sql, params, size)
+
+    monkeypatch.setattr(fast.FastReader, "fetch_raw", counting_fetch)
+    monkeypatch.setattr(fast.FastReader, "stream_raw", counting_stream)
+    return issued
+
+
+def test_a_batch_reads_lean_rows_and_only_the_odd_files_in_full(
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polystore.backends.sql.fast import LEAN_COLUMNS
+
+    arrays = [np.full(8, i, np.int32) for i in range(1200)]
+    names = [f"p/{i:04}" for i in range(1200)]
+    with SQLBackend(catalog_url) as b:
+        b.save_batch([*arrays, b"x" * (SHARED_ARRAY_BYTES + 1)], [*names, "p/large"])
+        b.ensure_directory("p/sub")
+        b.load_batch(names[:1])  # (warm: connections, kinds)
+        issued = _count_queries(monkeypatch)
+        for value, loaded in zip(arrays, b.load_batch(names)):
+            np.testing.assert_array_equal(loaded, value)
+        lean = [sql for sql in issued if LEAN_COLUMNS in sql]
+        chunks = 1 if b.engine.dialect.name == "postgresql" and b._fast.streams else 3
+        assert (len(issued), len(lean)) == (1 + chunks, chunks)  # (and p's id)
+
+        issued.clear()
+        values = b.load_batch(["p/0001", "p/large", "p/0001"])
+        assert values[2] is not values[0]  # a path asked for twice: two arrays
+        np.testing.assert_array_equal(values[2], arrays[1])
+        assert values[1] == b"x" * (SHARED_ARRAY_BYTES + 1)
+        full = [sql for sql in issued if LEAN_COLUMNS not in sql and "n.name" in sql]
+        assert len(full) == 1  # the repeated path, read once more in full
+
+        issued.clear()
+        with pytest.raises(IsADirectoryError):
+            b.load_batch(["p/0002", "p/sub"])
+        assert len([sql for sql in issued if LEAN_COLUMNS not in sql and "n.name" in sql]) == 1
