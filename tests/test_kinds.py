@@ -30,8 +30,9 @@ def test_a_kind_id_is_derived_from_the_kind_and_never_changes() -> None:
         '["ndarray",1,"float32",[1024],{"descr":"<f4","order":"C"}]',
     )
     assert kind_key(("str", 1, None, None, {})) == kind_key(("str", 1, None, None, None))
-    assert kind_key(("ndarray", 1, "float32", [1024], {"order": "C", "descr": "<f4"}))[0] == (
-        kind_key(FLOATS)[0]
+    assert (
+        kind_key(("ndarray", 1, "float32", [1024], {"order": "C", "descr": "<f4"}))[0]
+        == (kind_key(FLOATS)[0])
     )
     assert kind_key(("ndarray", 1, "float32", [1025], FLOATS[4]))[0] != kind_key(FLOATS)[0]
     assert 0 < kind_key(FLOATS)[0] < 2**63
@@ -157,7 +158,9 @@ def test_a_fresh_reader_loads_a_batch_of_many_kinds(catalog_url: str) -> None:
         b.save_batch(values, [f"k/{i}" for i in range(600)])
         assert len(_kind_rows(catalog_url)[1]) == 600
     with SQLBackend(catalog_url) as fresh:
-        for value, loaded in zip(values, fresh.load_batch([f"k/{i}" for i in range(600)])):
+        for value, loaded in zip(
+            values, fresh.load_batch([f"k/{i}" for i in range(600)]), strict=True
+        ):
             np.testing.assert_array_equal(loaded, value)
 
 
@@ -193,7 +196,7 @@ def test_a_batch_reads_lean_rows_and_only_the_odd_files_in_full(
         b.ensure_directory("p/sub")
         b.load_batch(names[:1])  # (warm: connections, kinds)
         issued = _count_queries(monkeypatch)
-        for value, loaded in zip(arrays, b.load_batch(names)):
+        for value, loaded in zip(arrays, b.load_batch(names), strict=True):
             np.testing.assert_array_equal(loaded, value)
         lean = [sql for sql in issued if LEAN_COLUMNS in sql]
         chunks = 1 if b.engine.dialect.name == "postgresql" and b._fast.streams else 3

@@ -34,9 +34,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONDoc = sa.JSON(none_as_null=True).with_variant(
-    postgresql.JSONB(none_as_null=True), "postgresql"
-)
+JSONDoc = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 #: Node rows read per page of the backfill.
 PAGE = 10_000
@@ -127,7 +125,8 @@ def _backfill() -> None:
             seen = known.get(kind_id)
             if seen is None:
                 known[kind_id] = key
-                new.append(dict(zip(kinds.c.keys(), (kind_id, key, *kind[:4], kind[4] or None))))
+                values = (kind_id, key, *kind[:4], kind[4] or None)
+                new.append(dict(zip(kinds.c.keys(), values, strict=True)))
             elif seen != key:
                 raise RuntimeError(f"kinds {seen} and {key} have the same id {kind_id}")
             by_kind[kind_id].append(row.id)
