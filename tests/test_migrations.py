@@ -663,3 +663,30 @@ def test_tree_version_never_repeats_across_downgrade_and_upgrade(catalog_url: st
         writer.move("c", "elsewhere")  # a counter restarted at 0 would now match the cache
         writer.save(b"new", "c/f")
         assert reader.load("c/f") == b"new"
+
+
+def test_upgrade_to_0004_gives_files_of_several_pages_their_kinds(catalog_url: str) -> None:
+    # More files than one page of the backfill (10,000), of three kinds, in
+    # more than one directory, and files without a serializer keep no kind id.
+    count = 21_000
+    values: list[Any] = [np.arange(i % 3 + 1, dtype=np.int16) for i in range(count)]
+    with SQLBackend(catalog_url) as backend:
+        backend.save_batch(values, [f"d{i % 2}/f{i}" for i in range(count)])
+    migrate.downgrade(catalog_url, "0003")
+    with engine_for(catalog_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("UPDATE polystore_nodes SET serializer = NULL WHERE name = 'f7'"))
+    migrate.upgrade(catalog_url)
+    with engine_for(catalog_url) as engine, engine.begin() as conn:
+        unset = conn.execute(
+            sa.text("SELECT name FROM polystore_nodes WHERE kind = 'file' AND kind_id IS NULL")
+        ).all()
+        assert [name for (name,) in unset] == ["f7"]
+        conn.execute(sa.text("UPDATE polystore_nodes SET serializer = 'ndarray' WHERE name = 'f7'"))
+    with SQLBackend(catalog_url) as backend:
+        report = backend.fsck()
+        assert report.ok and report.without_kind == 1, str(report)
+        for i, loaded in enumerate(backend.load_batch([f"d{i % 2}/f{i}" for i in range(count)])):
+            assert_same(values[i], loaded)
+    with engine_for(catalog_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM polystore_nodes WHERE name = 'f7'"))  # (no kind id)
+    assert _assert_kinds_derived(catalog_url) == count - 1
