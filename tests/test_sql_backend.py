@@ -765,3 +765,27 @@ def test_in_memory_catalog_from_a_second_thread_during_a_transaction() -> None:
         b.save(b"other", "e/x")  # may reuse the rolled-back directory's id
         with pytest.raises(NotFoundError):
             b.load("d/x")
+
+
+def test_bulk_json_documents_round_trip_exactly(catalog_url: str) -> None:
+    """JSON columns of bulk inserts (COPY's jsonb input on PostgreSQL) keep every value."""
+    attrs = {"é": "ü\u2603", "mixed": [1, True, None, 1.5, "1"], "nested": {"deep": {"0": []}}}
+    structured = np.zeros(3, dtype=[("a", "<i4"), ("b", ">f8", (2,))])
+    values = [np.arange(4, dtype=np.int64), structured, np.ones((2, 3), order="F"), True, 1]
+    names = [f"docs/{i}" for i in range(len(values))]
+    with SQLBackend(catalog_url) as b:
+        b.save_batch(values, names, attrs=attrs)
+        for name, value in zip(names, values, strict=True):
+            assert b.stat(name).attrs == attrs
+            loaded = b.load(name)
+            assert type(loaded) is type(value)
+            if isinstance(value, np.ndarray):
+                assert loaded.dtype == value.dtype and loaded.shape == value.shape
+                assert loaded.flags.f_contiguous == value.flags.f_contiguous
+                np.testing.assert_array_equal(loaded, value)
+            else:
+                assert loaded == value
+        assert [type(v) for v in b.load_batch(names[3:])] == [bool, int]
+        shapes = {found.path: found.shape for found in b.query(under="docs")}
+        assert shapes["docs/1"] == (3,) and shapes["docs/2"] == (2, 3)
+        assert len(b.query(attrs={"é": "ü\u2603"}, kind="file")) == len(values)
