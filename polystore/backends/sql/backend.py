@@ -843,8 +843,7 @@ class SQLBackend(StorageBackend):
                 else:
                     decoded[path] = decode(data)
             del data
-        for kind_id, group in groups.items():
-            self._decode_group(kind_id, group, loading)
+        self._decode_groups(groups, loading)
         if closer:
             loading.closer.setdefault(prefix, []).extend(closer)
 
@@ -895,6 +894,17 @@ class SQLBackend(StorageBackend):
             else:  # large, verified, or not its recorded size (IntegrityError)
                 decoded[path] = self._decode_fast(row, path)
             del row, data
+        self._decode_groups(groups, loading)
+
+    def _decode_groups(
+        self, groups: dict[int, tuple[list[str], list[Any]]], loading: _Loading
+    ) -> None:
+        """Decode each group of one chunk, learning its new kinds in one query first."""
+        if not loading.stream:
+            defs, decoders = self._kind_defs, self._batch_decoders
+            new = [k for k in groups if k not in decoders and k is not None and k not in defs]
+            if new:
+                self._learn_kinds(new)
         for kind_id, group in groups.items():
             self._decode_group(kind_id, group, loading)
 
