@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
+from polystore.backends.sql.bulk import driver_fetch
 from polystore.backends.sql.models import kinds_table
 from polystore.errors import SerializationError
 
@@ -98,11 +98,12 @@ def ensure_kinds(conn: Connection, wanted: Mapping[int, tuple[str, Kind]]) -> No
 
 def _check(conn: Connection, wanted: Mapping[int, tuple[str, Kind]], ids: list[int]) -> list[int]:
     """Refuse collisions among ``ids``; return those with no row yet."""
+    dialect = conn.dialect.name
     found: dict[int, str] = {}
     for start in range(0, len(ids), _CHUNK):
         part = ids[start : start + _CHUNK]
-        rows = conn.execute(sa.select(kinds.c.id, kinds.c.key).where(kinds.c.id.in_(part)))
-        found.update((kind_id, key) for kind_id, key in rows)
+        # On the driver's own cursor: this runs in every save, even of one file.
+        found.update(driver_fetch(conn, _keys_sql(dialect, len(part)), kinds_args(dialect, part)))
     for kind_id, key in found.items():
         if key != wanted[kind_id][0]:
             raise SerializationError(
@@ -110,6 +111,13 @@ def _check(conn: Connection, wanted: Mapping[int, tuple[str, Kind]], ids: list[i
                 "this catalog cannot store it"
             )
     return [kind_id for kind_id in ids if kind_id not in found]
+
+
+@lru_cache(maxsize=64)
+def _keys_sql(dialect: str, count: int) -> str:
+    if dialect == "postgresql":
+        return "SELECT id, key FROM polystore_kinds WHERE id = ANY(%s)"
+    return f"SELECT id, key FROM polystore_kinds WHERE id IN ({', '.join(['?'] * count)})"
 
 
 @lru_cache(maxsize=8)
