@@ -218,3 +218,34 @@ def test_a_batch_reads_lean_rows_and_only_the_odd_files_in_full(
         with pytest.raises(IsADirectoryError):
             b.load_batch(["p/0002", "p/sub"])
         assert len([sql for sql in issued if LEAN_COLUMNS not in sql and "n.name" in sql]) == 1
+
+
+def test_writers_adding_the_same_new_kind_at_once_both_succeed(catalog_url: str) -> None:
+    # The first holds its new kind row uncommitted while the second adds the
+    # same kind: the second waits (PostgreSQL's ON CONFLICT, SQLite's write
+    # lock), then finds the row and goes on.
+    import threading
+
+    first_value, second_value = np.arange(7, dtype=np.uint16), np.arange(7, 14, dtype=np.uint16)
+    with SQLBackend(catalog_url) as first, SQLBackend(catalog_url) as second:
+        errors: list[BaseException] = []
+
+        def save_second() -> None:
+            try:
+                second.save(second_value, "two/x")
+            except BaseException as error:  # noqa: BLE001 -- reported below
+                errors.append(error)
+
+        with first.transaction():
+            first.save(first_value, "one/x")
+            writer = threading.Thread(target=save_second)
+            writer.start()
+            writer.join(0.5)
+            blocked = writer.is_alive()
+        writer.join(30)
+        assert not writer.is_alive() and not errors, errors
+        assert blocked  # it could not go on before the first committed
+        np.testing.assert_array_equal(first.load_batch(["two/x"])[0], second_value)
+        np.testing.assert_array_equal(second.load_batch(["one/x"])[0], first_value)
+        assert len(_kind_rows(catalog_url)[1]) == 1
+        assert first.fsck().ok
