@@ -271,6 +271,23 @@ def test_load_batch_holds_one_copy_of_the_batch(catalog_url: str, size: int, ver
     assert peak < 1.25 * total, f"peak {peak / total:.2f}x the batch"
 
 
+@pytest.mark.parametrize("size", [256 * 1024, 16 * 1024], ids=["large", "small"])
+def test_a_kind_added_after_the_reader_started_holds_no_second_copy(
+    catalog_url: str, size: int
+) -> None:
+    """The reader learns the new kind before it streams, so no file waits with its bytes."""
+    count = (48 * 1024 * 1024) // size
+    arrays = [np.full(size // 8, i, dtype=np.float64) for i in range(count)]
+    names = [f"m/{i:05d}.npy" for i in range(count)]
+    with SQLBackend(catalog_url) as writer, SQLBackend(catalog_url) as reader:
+        writer.save(np.arange(3), "other/kind")
+        reader.load_batch(["other/kind"])  # (warm: connections, the one kind there is)
+        writer.save_batch(arrays, names)
+        total, peak = _load_peak(reader, names)
+    assert total == count * size
+    assert peak < 1.25 * total, f"peak {peak / total:.2f}x the batch"
+
+
 def _many_arrays(count: int) -> tuple[list[np.ndarray], list[str]]:
     return [np.full(64, i, dtype=np.int64) for i in range(count)], [
         f"s/{i // 700}/{i:05d}.npy" for i in range(count)

@@ -7,6 +7,7 @@ PostgreSQL result streams), and that a file without one still loads.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,9 @@ import sqlalchemy as sa
 
 from polystore import SerializationError
 from polystore.backends.sql import SQLBackend
-from polystore.backends.sql.kinds import kind_key
+from polystore.backends.sql.kinds import kind_key, same_json
 from polystore.backends.sql.models import kinds_table, nodes_table
-from polystore.serializers import SHARED_ARRAY_BYTES
+from polystore.serializers import SHARED_ARRAY_BYTES, Encoded, Serializer, SerializerRegistry
 
 FLOATS = ("ndarray", 1, "float32", [1024], {"descr": "<f4", "order": "C"})
 
@@ -203,8 +204,9 @@ def test_a_batch_reads_lean_rows_and_only_the_odd_files_in_full(
         for value, loaded in zip(arrays, b.load_batch(names), strict=True):
             np.testing.assert_array_equal(loaded, value)
         lean = [sql for sql in issued if LEAN_COLUMNS in sql]
+        other = [sql for sql in issued if "polystore_kinds" not in sql]  # (a stream counts kinds)
         chunks = 1 if b.engine.dialect.name == "postgresql" and b._fast.streams else 3
-        assert (len(issued), len(lean)) == (1 + chunks, chunks)  # (and p's id)
+        assert (len(other), len(lean)) == (1 + chunks, chunks)  # (and p's id)
 
         issued.clear()
         values = b.load_batch(["p/0001", "p/large", "p/0001"])
@@ -249,3 +251,79 @@ def test_writers_adding_the_same_new_kind_at_once_both_succeed(catalog_url: str)
         np.testing.assert_array_equal(second.load_batch(["one/x"])[0], first_value)
         assert len(_kind_rows(catalog_url)[1]) == 1
         assert first.fsck().ok
+
+
+@pytest.mark.parametrize("kinds", [300, 4_100], ids=["read-whole", "too-many-to-read-whole"])
+def test_kinds_added_meanwhile_are_read_in_few_queries(
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch, kinds: int
+) -> None:
+    # Up to 4,096 kinds, a reader about to stream reads them whole first;
+    # past that, the kinds met while streaming are read after it, in chunks.
+    values = [np.zeros(i + 1, np.uint8) for i in range(kinds)]
+    names = [f"k/{i}" for i in range(kinds)]
+    with SQLBackend(catalog_url) as writer, SQLBackend(catalog_url) as reader:
+        writer.save(np.arange(3), "first")
+        reader.load_batch(["first"])
+        writer.save_batch(values, names)
+        issued = _count_queries(monkeypatch)
+        for value, got in zip(values, reader.load_batch(names), strict=True):
+            np.testing.assert_array_equal(got, value)
+    learned = [sql for sql in issued if "FROM polystore_kinds" in sql]
+    assert 1 <= len(learned) <= 2 + kinds // 500, learned
+
+
+class _MetaEcho(Serializer):
+    """Bytes, with whatever metadata the value brings: ``("M", meta, data)``."""
+
+    name = "metaecho"
+    version = 1
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, tuple) and len(value) == 3 and value[0] == "M"
+
+    def encode(self, value: Any) -> Encoded:
+        return Encoded(self.name, self.version, value[2], meta=value[1])
+
+    def decode(self, data: Any, meta: dict[str, Any]) -> Any:
+        return ("M", dict(meta), bytes(data))
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"big": 1e16}, {"neg": -0.0}, {1: "a", "b": 2}, {"flag": True, "one": 1, "t": (1, 2)}],
+    ids=["float-as-int", "negative-zero", "int-key", "bool-and-tuple"],
+)
+def test_metadata_as_the_database_gives_it_back_is_one_kind(catalog_url: str, meta: Any) -> None:
+    # PostgreSQL's jsonb gives 1e16 back as an integer and -0.0 as 0; JSON
+    # turns int keys into strings and tuples into lists. Each is still one
+    # kind that fsck finds consistent, and loads give what the column holds.
+    registry = SerializerRegistry.default()
+    registry.register(_MetaEcho(), first=True)
+    stored = json.loads(json.dumps(meta))
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save_batch([("M", meta, b"abc"), ("M", meta, b"def")], ["x", "y"])
+        report = b.fsck()
+        assert report.ok and not report.kind_mismatch, str(report)
+        assert len(_kind_rows(catalog_url)[1]) == 1
+        for loaded in (b.load("x"), *b.load_batch(["x", "y"])):
+            assert loaded[0] == "M"
+            assert same_json(loaded[1], stored) and loaded[1].keys() == stored.keys()
+
+
+def test_fsck_reports_a_kind_row_that_does_not_match_its_key(catalog_url: str) -> None:
+    with SQLBackend(catalog_url) as b:
+        b.save_batch([np.arange(4), np.arange(4) + 1], ["t/a", "t/b"])
+        assert b.fsck().ok
+        _execute(catalog_url, "UPDATE polystore_kinds SET dtype = 'float32'")
+        report = b.fsck()
+        assert not report.ok
+        assert report.kind_mismatch == {
+            kind_key(("ndarray", 1, "int64", [4], {"descr": "<i8", "order": "C"}))[0]: 2
+        }
+
+
+def test_same_json_tells_bools_from_numbers() -> None:
+    assert same_json({"a": [1, 2.0, {"b": None}]}, {"a": [1.0, 2, {"b": None}]})
+    assert not same_json([True], [1]) and not same_json([0], [False])
+    assert not same_json({"a": 1}, {"a": 1, "b": 2}) and not same_json([1], [1, 1])
+    assert not same_json("1", 1) and same_json(-0.0, 0)

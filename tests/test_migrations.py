@@ -690,3 +690,41 @@ def test_upgrade_to_0004_gives_files_of_several_pages_their_kinds(catalog_url: s
     with engine_for(catalog_url) as engine, engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM polystore_nodes WHERE name = 'f7'"))  # (no kind id)
     assert _assert_kinds_derived(catalog_url) == count - 1
+
+
+def test_revision_0004_makes_kind_ids_as_polystore_does() -> None:
+    # The revision has its own copy of the key (a revision never imports
+    # today's code); both must give every kind the same id and key.
+    revision = ScriptDirectory(str(ROOT / "migrations")).get_revision("0004")
+    assert revision is not None
+    kinds = [
+        ("ndarray", 1, "float32", [1024], {"descr": "<f4", "order": "C"}),
+        ("json", 1, None, None, None),
+        ("str", 2, None, None, {}),
+        ("custom", 7, "x", [0, 3], {1: "int key", "é": [1.5, True, None, {"z": -0.0}]}),
+    ]
+    for kind in kinds:
+        assert revision.module._kind_key(kind) == kind_key(kind)  # type: ignore[arg-type]
+    assert revision.module._kind_key(("bad", 1, None, None, {"x": float("nan")})) is None
+
+
+def test_upgrade_to_0004_leaves_files_with_bad_json_without_a_kind(sqlite_url: str) -> None:
+    # Rows another program wrote: the upgrade must go through, and give them no kind id.
+    with SQLBackend(sqlite_url) as backend:
+        backend.save_batch([np.arange(3), np.arange(4), np.arange(5)], ["a", "b", "c"])
+    migrate.downgrade(sqlite_url, "0003")
+    with engine_for(sqlite_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("""UPDATE polystore_nodes SET meta = '{"x": NaN}' WHERE name = 'a'"""))
+        conn.execute(sa.text("UPDATE polystore_nodes SET shape = 'not json' WHERE name = 'b'"))
+    migrate.upgrade(sqlite_url)
+    with engine_for(sqlite_url) as engine, engine.connect() as conn:
+        kinds = dict(
+            conn.execute(
+                sa.text("SELECT name, kind_id FROM polystore_nodes WHERE kind = 'file'")
+            ).all()
+        )
+    assert kinds["a"] is None and kinds["b"] is None and kinds["c"] is not None
+    with SQLBackend(sqlite_url) as backend:
+        report = backend.fsck()  # (reads the bad rows without failing)
+        assert report.without_kind == 2, str(report)
+        np.testing.assert_array_equal(backend.load_batch(["c"])[0], np.arange(5))

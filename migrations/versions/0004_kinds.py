@@ -7,9 +7,12 @@ file at its row. The node keeps its own serializer columns, which the view and
 SQL users read; a batch load reads the one integer instead of four columns.
 
 Existing files are given their kind ids here, a page of node ids at a time:
-one ``UPDATE`` per kind and 500 nodes. Files whose serializer or version is
-missing (written by something other than polystore) keep no kind id and load
-from their own columns.
+one ``UPDATE`` per kind and 500 nodes, so every file row is rewritten. Files
+whose serializer, version or JSON columns are missing or not plain JSON
+(written by something other than polystore) keep no kind id and load from
+their own columns. Stop every process running an older polystore before
+upgrading: one opened before the upgrade would go on overwriting files
+without their kind ids.
 
 Revision ID: 0004
 Revises: 0003
@@ -18,6 +21,8 @@ Create Date: 2026-12-01
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +30,6 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
-
-from polystore.backends.sql.kinds import kind_key
 
 revision: str = "0004"
 down_revision: str | Sequence[str] | None = "0003"
@@ -60,6 +63,27 @@ def upgrade() -> None:
     # the table. ``polystore fsck`` checks every kind id.
     op.add_column("polystore_nodes", sa.Column("kind_id", Id, nullable=True))
     _backfill()
+
+
+def _kind_key(kind: tuple[Any, ...]) -> tuple[int, str] | None:
+    """``(id, key)`` of a kind, as ``polystore.backends.sql.kinds.kind_key`` makes them.
+
+    Written out here, not imported: a revision must never change with today's
+    code (the format is part of the schema, and a test holds the two to it).
+    None if the kind is not plain JSON.
+    """
+    serializer, version, dtype, shape, meta = kind
+    try:
+        stored = json.loads(json.dumps([serializer, version, dtype, shape, meta or None]))
+        key = json.dumps(stored, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return int.from_bytes(hashlib.sha256(key.encode("ascii")).digest()[:8], "big") >> 1, key
+
+
+def _json(text: str | None) -> Any:
+    """A JSON column's text parsed; raises ValueError if it is not JSON."""
+    return None if text is None else json.loads(text)
 
 
 def _backfill() -> None:
@@ -102,8 +126,9 @@ def _backfill() -> None:
                 nodes.c.serializer,
                 nodes.c.serializer_version,
                 nodes.c.dtype,
-                nodes.c.shape,
-                nodes.c.meta,
+                # As text, parsed here: another program's bad JSON must not stop the upgrade.
+                sa.cast(nodes.c.shape, sa.Text()).label("shape"),
+                sa.cast(nodes.c.meta, sa.Text()).label("meta"),
             )
             .where(
                 nodes.c.id > after,
@@ -120,8 +145,15 @@ def _backfill() -> None:
         by_kind: dict[int, list[int]] = defaultdict(list)
         new: list[dict[str, Any]] = []
         for row in page:
-            kind = (row.serializer, row.serializer_version, row.dtype, row.shape, row.meta)
-            kind_id, key = kind_key(kind)
+            try:
+                shape, meta = _json(row.shape), _json(row.meta)
+            except ValueError:
+                continue
+            kind = (row.serializer, row.serializer_version, row.dtype, shape, meta)
+            found = _kind_key(kind)
+            if found is None:
+                continue
+            kind_id, key = found
             seen = known.get(kind_id)
             if seen is None:
                 known[kind_id] = key
@@ -138,5 +170,5 @@ def _backfill() -> None:
 
 
 def downgrade() -> None:
-    op.drop_column("polystore_nodes", "kind_id")  # (on SQLite 3.35 and later)
+    op.drop_column("polystore_nodes", "kind_id")  # (SQLite: 3.35 or later)
     op.drop_table("polystore_kinds")

@@ -84,6 +84,8 @@ nodes = nodes_table
 DEFAULT_INLINE_LIMIT = 1 << 20
 #: Decoders each backend keeps (one per distinct serializer, dtype, shape, meta).
 _MAX_DECODERS = 4096
+#: Kinds each backend knows (what an id means: a few short strings each).
+_MAX_KINDS = 1 << 16
 #: Directory ids each backend keeps for single loads.
 _MAX_DIRS = 4096
 
@@ -273,6 +275,7 @@ class SQLBackend(StorageBackend):
         self._batch_decoders: dict[int, Callable[[Any], list[Any]]] = {}
         self._decoders_state: tuple[Any, ...] = ()
         self._kind_defs: dict[int, tuple[str, str | None, str | None, str | None]] = {}
+        self._kinds_counted = -1  # rows of polystore_kinds when last read whole
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -606,6 +609,40 @@ class SQLBackend(StorageBackend):
             cache[kind_id] = decode  # type: ignore[index]
         return decode
 
+    def _decode_waiting(self, loading: _Loading) -> None:
+        """After a stream: read the kinds met meanwhile, 500 a query, and decode what waited."""
+        waiting = loading.waiting
+        met = {row[1] for row in loading.later.values() if row[0] == "file"}
+        met.update(waiting)
+        met.difference_update(self._kind_defs)
+        met.discard(None)
+        for part in tree.chunks(list(met)):
+            self._learn_kinds(part)
+            for kind_id in part:
+                group = waiting.pop(kind_id, None)
+                if group is not None:
+                    self._decode_group(kind_id, group, loading)
+        for kind_id, group in waiting.items():
+            self._decode_group(kind_id, group, loading)
+
+    def _refresh_kinds(self) -> None:
+        """Before a stream: read the catalog's kinds if it has some this backend has not.
+
+        The connection is busy while results stream, so the files of a kind
+        met only then wait for the stream's end, holding their bytes. One
+        count of ``polystore_kinds`` (in the snapshot the stream reads, so it
+        covers every file the stream can return) tells whether kinds were
+        added since they were last read; catalogs of up to 4,096 kinds are
+        then read whole.
+        """
+        rows = self._fast.fetch_raw("SELECT count(*) FROM polystore_kinds", [])
+        if rows is None:
+            raise Unavailable
+        count = rows[0][0]
+        if count != self._kinds_counted and count <= _MAX_DECODERS:
+            self._learn_kinds(None)
+            self._kinds_counted = count
+
     def _learn_kinds(self, ids: Sequence[int] | None) -> dict[int, Any]:
         """Read kinds ``ids`` (None: up to as many as are cached) into the cache of kinds.
 
@@ -625,7 +662,7 @@ class SQLBackend(StorageBackend):
             rows = self._fast.fetch_raw(sql, args)
             if rows is None:
                 raise Unavailable
-            if len(defs) + len(rows) > _MAX_DECODERS:
+            if len(defs) + len(rows) > _MAX_KINDS:
                 defs.clear()
             for row in rows:
                 defs[row[0]] = tuple(row[1:])
@@ -748,11 +785,8 @@ class SQLBackend(StorageBackend):
                 if not fast:
                     return None
                 stream = loading.stream = self._fast.can_stream()
-                if stream and not self._kind_defs:
-                    # The connection is busy while results stream: learn the
-                    # catalog's kinds first, so the files of kinds met only
-                    # now need not wait for the stream's end (see _decode_chunk).
-                    self._learn_kinds(None)
+                if stream:
+                    self._refresh_kinds()
                 targets = self._children(by_parent)
                 if targets is None:
                     return None
@@ -766,8 +800,7 @@ class SQLBackend(StorageBackend):
                     again = [(p, i, closer[p]) for p, i, _ in targets if p in closer]
                     self._fetch_and_decode(again, loading, lean=False)
                 loading.stream = False
-                for kind_id, group in loading.waiting.items():
-                    self._decode_group(kind_id, group, loading)
+                self._decode_waiting(loading)
             return self._collect(norm, loading)
         except Unavailable:
             return None

@@ -19,6 +19,7 @@ reported as damage. The report is exact when nothing else writes meanwhile.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore.backends.sql.content import INLINE
-from polystore.backends.sql.kinds import kind_key
+from polystore.backends.sql.kinds import key_id, same_json
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import kinds_table as kinds
@@ -209,37 +210,70 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
 
 
 def _check_kinds(conn: Connection, report: FsckReport) -> None:
-    """Every file's kind id against its columns: one pass, grouped by kind in SQL."""
+    """Every file's kind id against its columns, and every kind against its key.
+
+    One pass over the files, grouped by kind in SQL. JSON is read as text and
+    compared by value (:func:`~.kinds.same_json`): the database may give back
+    a number in another form than it was written.
+    """
+    text = sa.Text()
     groups = conn.execute(
         sa.select(
             nodes.c.kind_id,
             nodes.c.serializer,
             nodes.c.serializer_version,
             nodes.c.dtype,
-            nodes.c.shape,
-            nodes.c.meta,
+            sa.cast(nodes.c.shape, text),
+            sa.cast(nodes.c.meta, text),
             sa.func.count(),
         )
         .where(nodes.c.kind == "file")
         .group_by(*(nodes.c[name] for name in _KIND_COLUMNS))
     ).all()
-    # (every kind: there are at most as many as groups)
-    recorded: dict[int, str] = {}
-    recorded.update(
-        (kind_id, key) for kind_id, key in conn.execute(sa.select(kinds.c.id, kinds.c.key))
-    )
+    kinds_found: dict[int, list[Any] | None] = {}  # id -> its columns, None if not its key's
+    for kind_id, key, *columns in conn.execute(
+        sa.select(
+            kinds.c.id,
+            kinds.c.key,
+            kinds.c.serializer,
+            kinds.c.serializer_version,
+            kinds.c.dtype,
+            sa.cast(kinds.c.shape, text),
+            sa.cast(kinds.c.meta, text),
+        )
+    ):
+        parsed = _parsed(columns)
+        try:
+            from_key = json.loads(key)
+        except ValueError:
+            from_key = _INVALID
+        matches = parsed is not None and key_id(key) == kind_id and same_json(from_key, parsed)
+        kinds_found[kind_id] = parsed if matches else None
     mismatch: Counter[int] = Counter()
     for kind_id, *columns, count in groups:
         if kind_id is None:
             report.without_kind += count
             continue
-        wanted_id, key = kind_key(tuple(columns))
-        if kind_id != wanted_id or recorded.get(kind_id) != key:
+        recorded = kinds_found.get(kind_id)
+        parsed = _parsed(columns)
+        if recorded is None or parsed is None or not same_json(parsed, recorded):
             mismatch[kind_id] += count
     report.kind_mismatch = dict(sorted(mismatch.items()))
 
 
 _KIND_COLUMNS = ("kind_id", "serializer", "serializer_version", "dtype", "shape", "meta")
+_INVALID = object()
+
+
+def _parsed(columns: list[Any]) -> list[Any] | None:
+    """``[serializer, version, dtype, shape, meta]`` with the JSON parsed; None if it is not JSON."""
+    serializer, version, dtype, shape, meta = columns
+    try:
+        shape = None if shape is None else json.loads(shape)
+        meta = None if meta is None else json.loads(meta)
+    except ValueError:
+        return None
+    return [serializer, version, dtype, shape, meta or None]
 
 
 def _check_object(
