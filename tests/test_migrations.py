@@ -711,11 +711,15 @@ def test_revision_0004_makes_kind_ids_as_polystore_does() -> None:
 def test_upgrade_to_0004_leaves_files_with_bad_json_without_a_kind(sqlite_url: str) -> None:
     # Rows another program wrote: the upgrade must go through, and give them no kind id.
     with SQLBackend(sqlite_url) as backend:
-        backend.save_batch([np.arange(3), np.arange(4), np.arange(5)], ["a", "b", "c"])
+        backend.save_batch([np.arange(n) for n in (3, 4, 5, 6)], ["a", "b", "c", "d"])
     migrate.downgrade(sqlite_url, "0003")
     with engine_for(sqlite_url) as engine, engine.begin() as conn:
         conn.execute(sa.text("""UPDATE polystore_nodes SET meta = '{"x": NaN}' WHERE name = 'a'"""))
         conn.execute(sa.text("UPDATE polystore_nodes SET shape = 'not json' WHERE name = 'b'"))
+        deep = "[" * 5000 + "]" * 5000  # JSON, nested deeper than Python parses
+        conn.execute(
+            sa.text("UPDATE polystore_nodes SET shape = :deep WHERE name = 'c'"), {"deep": deep}
+        )
     migrate.upgrade(sqlite_url)
     with engine_for(sqlite_url) as engine, engine.connect() as conn:
         kinds = dict(
@@ -723,8 +727,9 @@ def test_upgrade_to_0004_leaves_files_with_bad_json_without_a_kind(sqlite_url: s
                 sa.text("SELECT name, kind_id FROM polystore_nodes WHERE kind = 'file'")
             ).all()
         )
-    assert kinds["a"] is None and kinds["b"] is None and kinds["c"] is not None
+    assert kinds["a"] is None and kinds["b"] is None and kinds["c"] is None
+    assert kinds["d"] is not None
     with SQLBackend(sqlite_url) as backend:
         report = backend.fsck()  # (reads the bad rows without failing)
-        assert report.without_kind == 2, str(report)
-        np.testing.assert_array_equal(backend.load_batch(["c"])[0], np.arange(5))
+        assert report.without_kind == 3, str(report)
+        np.testing.assert_array_equal(backend.load_batch(["d"])[0], np.arange(6))

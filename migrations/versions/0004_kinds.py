@@ -82,7 +82,7 @@ def _kind_key(kind: tuple[Any, ...]) -> tuple[int, str] | None:
 
 
 def _json(text: str | None) -> Any:
-    """A JSON column's text parsed; raises ValueError if it is not JSON."""
+    """A JSON column's text parsed; raises ValueError (or RecursionError) if it is not JSON."""
     return None if text is None else json.loads(text)
 
 
@@ -147,7 +147,7 @@ def _backfill() -> None:
         for row in page:
             try:
                 shape, meta = _json(row.shape), _json(row.meta)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             kind = (row.serializer, row.serializer_version, row.dtype, shape, meta)
             found = _kind_key(kind)

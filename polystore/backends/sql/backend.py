@@ -84,6 +84,10 @@ nodes = nodes_table
 DEFAULT_INLINE_LIMIT = 1 << 20
 #: Decoders each backend keeps (one per distinct serializer, dtype, shape, meta).
 _MAX_DECODERS = 4096
+# How many kinds there are (up to one more than are read whole), and the largest id.
+_COUNT_KINDS = (
+    f"SELECT count(*), max(id) FROM (SELECT id FROM polystore_kinds LIMIT {_MAX_DECODERS + 1}) AS k"
+)
 #: Kinds each backend knows (what an id means: a few short strings each).
 _MAX_KINDS = 1 << 16
 #: Directory ids each backend keeps for single loads.
@@ -275,7 +279,8 @@ class SQLBackend(StorageBackend):
         self._batch_decoders: dict[int, Callable[[Any], list[Any]]] = {}
         self._decoders_state: tuple[Any, ...] = ()
         self._kind_defs: dict[int, tuple[str, str | None, str | None, str | None]] = {}
-        self._kinds_counted = -1  # rows of polystore_kinds when last read whole
+        # (rows, largest id) of polystore_kinds when last read whole
+        self._kinds_counted: tuple[Any, ...] = ()
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -629,19 +634,20 @@ class SQLBackend(StorageBackend):
         """Before a stream: read the catalog's kinds if it has some this backend has not.
 
         The connection is busy while results stream, so the files of a kind
-        met only then wait for the stream's end, holding their bytes. One
-        count of ``polystore_kinds`` (in the snapshot the stream reads, so it
-        covers every file the stream can return) tells whether kinds were
-        added since they were last read; catalogs of up to 4,096 kinds are
-        then read whole.
+        met only then wait for the stream's end, holding their bytes. The
+        count and largest id of ``polystore_kinds`` (in the snapshot the
+        stream reads, so they cover every file it can return; counted up to
+        4,097 rows, so the count costs alike in a catalog of millions) tell
+        whether kinds were added since they were last read; catalogs of up to
+        4,096 kinds are then read whole.
         """
-        rows = self._fast.fetch_raw("SELECT count(*) FROM polystore_kinds", [])
+        rows = self._fast.fetch_raw(_COUNT_KINDS, [])
         if rows is None:
             raise Unavailable
-        count = rows[0][0]
-        if count != self._kinds_counted and count <= _MAX_DECODERS:
+        seen = tuple(rows[0])
+        if seen != self._kinds_counted and seen[0] <= _MAX_DECODERS:
             self._learn_kinds(None)
-            self._kinds_counted = count
+            self._kinds_counted = seen
 
     def _learn_kinds(self, ids: Sequence[int] | None) -> dict[int, Any]:
         """Read kinds ``ids`` (None: up to as many as are cached) into the cache of kinds.

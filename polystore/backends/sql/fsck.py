@@ -5,8 +5,9 @@ Catalog -> content: every blob a file refers to exists, with the recorded size
 external store; every reference count equals the number of files pointing at
 its blob.
 
-Every file's kind id is the id of its serializer columns, with a row in
-``polystore_kinds`` (:mod:`~polystore.backends.sql.kinds`).
+Every file's serializer columns are those of its kind's row in
+``polystore_kinds``, and every kind row is its key's
+(:mod:`~polystore.backends.sql.kinds`).
 
 Content -> catalog: every object in the external store belongs to a blob row
 (or to an upload in flight). This is the one place polystore lists the store.
@@ -52,9 +53,11 @@ class FsckReport:
     * ``unreferenced``: keys of objects in the external store that no blob row
       and no upload in flight accounts for (strays included).
     * ``refcount_mismatch``: ``hash -> (recorded, actual)`` reference counts.
-    * ``kind_mismatch``: ``kind id -> number of files`` whose kind id is not
-      the id of their serializer columns, or has no row in ``polystore_kinds``
-      (a batch load would decode them as another kind).
+    * ``kind_mismatch``: ``kind id -> number of files`` whose serializer
+      columns are not those of their kind's row, or whose kind has no row
+      (loads would decode them as another kind).
+    * ``bad_kinds``: ids of ``polystore_kinds`` rows whose id or columns are
+      not their key's, used by files or not.
 
     For information only: ``blobs_checked``, ``objects_checked``, ``verified``;
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
@@ -73,6 +76,7 @@ class FsckReport:
     unreferenced: list[str] = field(default_factory=list)
     refcount_mismatch: dict[str, tuple[int, int]] = field(default_factory=dict)
     kind_mismatch: dict[int, int] = field(default_factory=dict)
+    bad_kinds: list[int] = field(default_factory=list)
     garbage: int = 0
     without_kind: int = 0
     pending_uploads: int = 0
@@ -88,6 +92,7 @@ class FsckReport:
             or self.unreferenced
             or self.refcount_mismatch
             or self.kind_mismatch
+            or self.bad_kinds
         )
 
     def problems(self) -> list[str]:
@@ -104,6 +109,7 @@ class FsckReport:
             f"kind id {kind_id} of {count} files does not match their serializer columns"
             for kind_id, count in self.kind_mismatch.items()
         ]
+        lines += [f"kind row {kind_id} does not match its key" for kind_id in self.bad_kinds]
         return lines
 
     def __str__(self) -> str:
@@ -210,28 +216,50 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
 
 
 def _check_kinds(conn: Connection, report: FsckReport) -> None:
-    """Every file's kind id against its columns, and every kind against its key.
+    """Every file's columns against its kind row, and every kind row against its key.
 
-    One pass over the files, grouped by kind in SQL. JSON is read as text and
-    compared by value (:func:`~.kinds.same_json`): the database may give back
-    a number in another form than it was written.
+    A file against its row: in SQL, one pass grouped by kind id, the JSON
+    columns compared as the database gives them back as text (both were
+    written from the same values, so they read back alike; a file whose meta
+    changed from ``1.0`` to ``1`` without its kind id is told apart). A row
+    against its key (which Python wrote): the key's id, and its values by
+    :func:`~.kinds.same_json`, numbers loosely on PostgreSQL (jsonb gives
+    ``1e23`` back as an integer).
     """
     text = sa.Text()
+
+    def as_text(column: Any) -> Any:
+        return sa.func.coalesce(sa.cast(column, text), "")
+
+    def json_text(column: Any) -> Any:  # (no meta and empty meta alike)
+        return sa.func.coalesce(sa.cast(column, text), "{}")
+
+    same = sa.and_(
+        kinds.c.id.is_not(None),
+        nodes.c.serializer == kinds.c.serializer,
+        nodes.c.serializer_version == kinds.c.serializer_version,
+        as_text(nodes.c.dtype) == as_text(kinds.c.dtype),
+        as_text(nodes.c.shape) == as_text(kinds.c.shape),
+        json_text(nodes.c.meta) == json_text(kinds.c.meta),
+    )
     groups = conn.execute(
         sa.select(
             nodes.c.kind_id,
-            nodes.c.serializer,
-            nodes.c.serializer_version,
-            nodes.c.dtype,
-            sa.cast(nodes.c.shape, text),
-            sa.cast(nodes.c.meta, text),
             sa.func.count(),
+            sa.func.sum(sa.case((same, 0), else_=1)),
         )
+        .select_from(nodes.outerjoin(kinds, kinds.c.id == nodes.c.kind_id))
         .where(nodes.c.kind == "file")
-        .group_by(*(nodes.c[name] for name in _KIND_COLUMNS))
+        .group_by(nodes.c.kind_id)
     ).all()
-    kinds_found: dict[int, list[Any] | None] = {}  # id -> its columns, None if not its key's
-    for kind_id, key, *columns in conn.execute(
+    mismatch: Counter[int] = Counter()
+    for kind_id, count, wrong in groups:
+        if kind_id is None:
+            report.without_kind += count
+        elif wrong:
+            mismatch[kind_id] += wrong
+    loose = conn.dialect.name == "postgresql"
+    rows = conn.execute(
         sa.select(
             kinds.c.id,
             kinds.c.key,
@@ -241,39 +269,24 @@ def _check_kinds(conn: Connection, report: FsckReport) -> None:
             sa.cast(kinds.c.shape, text),
             sa.cast(kinds.c.meta, text),
         )
-    ):
-        parsed = _parsed(columns)
-        try:
-            from_key = json.loads(key)
-        except ValueError:
-            from_key = _INVALID
-        matches = parsed is not None and key_id(key) == kind_id and same_json(from_key, parsed)
-        kinds_found[kind_id] = parsed if matches else None
-    mismatch: Counter[int] = Counter()
-    for kind_id, *columns, count in groups:
-        if kind_id is None:
-            report.without_kind += count
-            continue
-        recorded = kinds_found.get(kind_id)
-        parsed = _parsed(columns)
-        if recorded is None or parsed is None or not same_json(parsed, recorded):
-            mismatch[kind_id] += count
+    )
+    bad = [kind_id for kind_id, *columns in rows if not _row_matches_key(kind_id, columns, loose)]
+    report.bad_kinds = sorted(bad)
     report.kind_mismatch = dict(sorted(mismatch.items()))
 
 
-_KIND_COLUMNS = ("kind_id", "serializer", "serializer_version", "dtype", "shape", "meta")
-_INVALID = object()
-
-
-def _parsed(columns: list[Any]) -> list[Any] | None:
-    """``[serializer, version, dtype, shape, meta]`` with the JSON parsed; None if it is not JSON."""
-    serializer, version, dtype, shape, meta = columns
+def _row_matches_key(kind_id: int, columns: list[Any], loose: bool) -> bool:
+    key, serializer, version, dtype, shape, meta = columns
     try:
+        if key_id(key) != kind_id:
+            return False
+        from_key = json.loads(key)
         shape = None if shape is None else json.loads(shape)
         meta = None if meta is None else json.loads(meta)
-    except ValueError:
-        return None
-    return [serializer, version, dtype, shape, meta or None]
+    except (TypeError, ValueError, RecursionError):  # (not ASCII, or not JSON)
+        return False
+    values = [serializer, version, dtype, shape, meta or None]
+    return same_json(from_key, values, loose_numbers=loose)
 
 
 def _check_object(

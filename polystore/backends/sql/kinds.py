@@ -67,21 +67,35 @@ def key_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("ascii")).digest()[:8], "big") >> 1
 
 
-def same_json(a: Any, b: Any) -> bool:
-    """Whether two JSON values are the same, as a database may give them back.
+def same_json(a: Any, b: Any, *, loose_numbers: bool = False) -> bool:
+    """Whether two parsed JSON values are the same, types included (a bool is never a number).
 
-    Numbers compare by value (PostgreSQL's jsonb gives ``1e16`` back as an
-    integer and ``-0.0`` as ``0``), but a bool is never a number.
+    With ``loose_numbers`` an integer also equals a float of the same value,
+    as PostgreSQL's jsonb gives ``1e23`` back as an integer. A walk with a
+    stack, not recursion: JSON nests deeper than Python recurses.
     """
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(same_json, a, b))
-    return type(a) is type(b) and a == b
+    stack = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if type(x) is not type(y):
+            if not (loose_numbers and {type(x), type(y)} == {int, float}):
+                return False
+            try:
+                if float(x) != float(y):
+                    return False
+            except OverflowError:
+                return False
+        elif isinstance(x, dict):
+            if x.keys() != y.keys():
+                return False
+            stack.extend((x[k], y[k]) for k in x)
+        elif isinstance(x, list):
+            if len(x) != len(y):
+                return False
+            stack.extend(zip(x, y, strict=True))
+        elif x != y:
+            return False
+    return True
 
 
 def ensure_kinds(conn: Connection, wanted: Mapping[int, tuple[str, Kind]]) -> None:
