@@ -650,7 +650,7 @@ class SQLBackend(StorageBackend):
             self._kinds_counted = seen
 
     def _learn_kinds(self, ids: Sequence[int] | None) -> dict[int, Any]:
-        """Read kinds ``ids`` (None: up to as many as are cached) into the cache of kinds.
+        """Read kinds ``ids`` (None: every kind, up to 4,096) into the cache of kinds.
 
         Raises :class:`~.fast.Unavailable` if the fast path cannot read them.
         """
@@ -682,9 +682,10 @@ class SQLBackend(StorageBackend):
         kind, kind_id, size, blob_hash, store, data = raw[:6]
         if kind != "file":
             raise is_a_directory(path)
+        # (the decoder first: no content is read for a file the slow path must load)
+        decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
             data = self._placement.content(store, size, blob_hash, data, path)
-        decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         return decode(data)
 
     @staticmethod
