@@ -6,7 +6,7 @@ external store; every reference count equals the number of files pointing at
 its blob.
 
 Every file's serializer columns are those of its kind's row in
-``polystore_kinds``, and every kind row is its key's
+``polystore_kinds``, and every kind row holds what its key says
 (:mod:`~polystore.backends.sql.kinds`).
 
 Content -> catalog: every object in the external store belongs to a blob row
@@ -63,8 +63,9 @@ class FsckReport:
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
     ``pending_uploads`` (upload intents: in flight, or abandoned and awaiting
     ``gc()``); ``without_kind`` (files with no kind id, written by something
-    other than polystore: they load from their own columns, by the slower path); ``other_stores`` (store name -> blobs kept in a store this
-    backend was not opened with, which it cannot check).
+    other than polystore: they load from their own columns, by the slower
+    path); ``other_stores`` (store name -> blobs kept in a store this backend
+    was not opened with, which it cannot check).
     """
 
     blobs_checked: int = 0

@@ -48,8 +48,8 @@ _CHUNK = 500
 def kind_key(kind: Kind) -> tuple[int, str]:
     """``(id, key)`` of ``kind``: its canonical JSON text, and the id derived from it.
 
-    The key is the kind as its JSON columns store it (object keys as strings,
-    tuples as lists), with sorted keys, no spaces and ASCII escapes; empty meta
+    The key is the kind as JSON encodes it (object keys as strings, tuples
+    as lists), with sorted keys, no spaces and ASCII escapes; empty meta
     and no meta are one kind (a decoder is given ``{}`` for both). Raises
     :class:`~polystore.errors.SerializationError` for what JSON cannot hold.
     """
@@ -157,7 +157,7 @@ def _keys_sql(dialect: str, count: int) -> str:
     return f"SELECT id, key FROM polystore_kinds WHERE id IN ({', '.join(['?'] * count)})"
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
 def kinds_sql(dialect: str, count: int | None) -> str:
     """SQL for the kinds with ``count`` ids (None: every kind), as the fast path reads them.
 
