@@ -391,3 +391,22 @@ def test_a_stream_reads_the_kinds_again_only_when_some_were_added(
         issued.clear()
         assert b.load_batch(["s/new kind"])[0].dtype == np.float64
         assert whole_reads(issued) == 2  # the count, then every kind
+
+
+def test_large_files_of_a_kind_met_during_a_stream_in_a_catalog_of_many_kinds(
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past 4,096 kinds a reader does not read them all before it streams: the
+    # large files of a kind it meets then are read again in full and decoded
+    # once the snapshot ends, their kind read in the same query as the rest.
+    many = [np.zeros(i + 1, np.uint8) for i in range(4_100)]
+    large = [np.full(SHARED_ARRAY_BYTES // 4, i, np.float64) for i in range(20)]
+    with SQLBackend(catalog_url) as writer, SQLBackend(catalog_url) as reader:
+        writer.save_batch(many, [f"many/{i}" for i in range(len(many))])
+        reader.load_batch(["many/0"])
+        writer.save_batch(large, [f"large/{i}" for i in range(len(large))])
+        issued = _count_queries(monkeypatch)
+        loaded = reader.load_batch([f"large/{i}" for i in range(len(large))])
+        for value, got in zip(large, loaded, strict=True):
+            np.testing.assert_array_equal(got, value)
+    assert len([sql for sql in issued if "FROM polystore_kinds WHERE" in sql]) == 1

@@ -769,7 +769,12 @@ def test_in_memory_catalog_from_a_second_thread_during_a_transaction() -> None:
 
 def test_bulk_json_documents_round_trip_exactly(catalog_url: str) -> None:
     """JSON columns of bulk inserts (COPY's jsonb input on PostgreSQL) keep every value."""
-    attrs = {"é": "ü\u2603", "mixed": [1, True, None, 1.5, "1"], "nested": {"deep": {"0": []}}}
+    attrs = {
+        "é": "ü\u2603",
+        "emoji and separators": "\U0001f9ea \u2028 \u2029 \\ \" '",
+        "mixed": [1, True, None, 1.5, "1", 2**70, 1e-300, -0.5],
+        "nested": {"deep": {"0": []}},
+    }
     structured = np.zeros(3, dtype=[("a", "<i4"), ("b", ">f8", (2,))])
     values = [np.arange(4, dtype=np.int64), structured, np.ones((2, 3), order="F"), True, 1]
     names = [f"docs/{i}" for i in range(len(values))]
