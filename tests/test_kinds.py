@@ -136,8 +136,8 @@ def test_an_id_taken_by_another_kind_is_refused_and_nothing_is_written(catalog_u
 @pytest.mark.parametrize("size", [64, SHARED_ARRAY_BYTES * 2], ids=["small", "large"])
 def test_a_reader_learns_kinds_written_after_it_started(catalog_url: str, size: int) -> None:
     # The reader knows the catalog's kinds from its first batch; another writer
-    # then adds a kind. On PostgreSQL the new kind's files arrive while the
-    # connection streams, so they wait (or are decoded later) until it ends.
+    # then adds a kind, which the reader reads when it meets it (on SQLite)
+    # or before it streams, having seen the kinds change (on PostgreSQL).
     count = 250  # several chunks of a streamed result
     old = [np.full(4, i, np.int16) for i in range(count)]
     new = [np.full(size // 8, i, np.float64) for i in range(count)]
