@@ -9,6 +9,15 @@ import sqlalchemy as sa
 
 from polystore import StorageBackend
 from polystore.backends.sql import SQLBackend
+from polystore.backends.sql.models import nodes_table
+
+
+def file_kinds(conn: sa.Connection) -> list[Any]:
+    """``(kind_id, serializer, serializer_version, dtype, shape, meta)`` of every file."""
+    nodes = nodes_table
+    columns = ("kind_id", "serializer", "serializer_version", "dtype", "shape", "meta")
+    query = sa.select(*(nodes.c[name] for name in columns)).where(nodes.c.kind == "file")
+    return list(conn.execute(query).all())
 
 
 def refcounts(backend: SQLBackend) -> tuple[dict[str, int], dict[str, int]]:

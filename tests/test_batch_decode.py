@@ -357,6 +357,22 @@ def _end_streaming_sessions(b: SQLBackend) -> None:
                 conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
 
 
+def _load_in_a_thread(b: SQLBackend, names: list[str], hung: str) -> list[Any]:
+    """``b.load_batch(names)`` in a thread of its own: a load that hangs fails the test."""
+    import threading
+
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(b.load_batch(names)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        # Not closed: closing would wait for the stuck connection too. The
+        # server's sessions end, so the schema can be dropped.
+        _end_streaming_sessions(b)
+        pytest.fail(hung)
+    return outcome
+
+
 def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:
     """The server ends the fast path's session between chunks: the batch still loads."""
     values = [f"{i:05d}" + "x" * 16_000 for i in range(2000)]
@@ -386,7 +402,6 @@ def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:
 
 def test_a_serializer_may_read_the_catalog_while_a_batch_streams(catalog_url: str) -> None:
     """A batch decoder that loads from the same backend (same thread) gets its answer."""
-    import threading
 
     seen: list[Any] = []
     registry = SerializerRegistry.default()
@@ -396,18 +411,10 @@ def test_a_serializer_may_read_the_catalog_while_a_batch_streams(catalog_url: st
     )
     values = [f"{i:05d}" for i in range(1500)]
     names = [f"t/{i:05d}.txt" for i in range(len(values))]
-    outcome: list[Any] = []
     b = SQLBackend(catalog_url, serializers=registry)
     b.save_batch([*values, b"other", b"x"], [*names, "n/other.bin", "n/x.bin"])
     # In a thread of its own, so that a read waiting for the stream fails the test.
-    worker = threading.Thread(target=lambda: outcome.append(b.load_batch(names)), daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    if worker.is_alive():
-        # Not closed: closing would wait for the stuck connection too. The
-        # server's sessions end, so the schema can be dropped.
-        _end_streaming_sessions(b)
-        pytest.fail("load_batch hung on a read from its batch decoder")
+    outcome = _load_in_a_thread(b, names, "load_batch hung on a read from its batch decoder")
     b.close()
     assert outcome == [[v.upper() for v in values]]
     assert seen == [b"other", b"x"]
@@ -434,13 +441,7 @@ def test_closing_the_backend_while_a_batch_streams(catalog_url: str, where: str)
     registry.register(_Interrupting(close), first=True)
     b = SQLBackend(catalog_url, serializers=registry)
     b.save_batch(values, names)
-    outcome: list[Any] = []
-    worker = threading.Thread(target=lambda: outcome.append(b.load_batch(names)), daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    if worker.is_alive():
-        _end_streaming_sessions(b)
-        pytest.fail("close() during load_batch hung")
+    outcome = _load_in_a_thread(b, names, "close() during load_batch hung")
     assert not any(t.is_alive() for t in closers), "close() waited for the stream"
     assert outcome == [[v.upper() for v in values]]
     assert _streaming_sessions(b) == set(), "the stream's connection was not closed"

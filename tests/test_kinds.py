@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import file_kinds
 
 from polystore import SerializationError
 from polystore.backends.sql import SQLBackend
 from polystore.backends.sql.kinds import kind_key, same_json
-from polystore.backends.sql.models import kinds_table, nodes_table
+from polystore.backends.sql.models import kinds_table
 from polystore.serializers import SHARED_ARRAY_BYTES, Encoded, Serializer, SerializerRegistry
 
 FLOATS = ("ndarray", 1, "float32", [1024], {"descr": "<f4", "order": "C"})
@@ -43,16 +44,7 @@ def _kind_rows(url: str) -> tuple[list[Any], list[Any]]:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            files = conn.execute(
-                sa.select(
-                    nodes_table.c.kind_id,
-                    nodes_table.c.serializer,
-                    nodes_table.c.serializer_version,
-                    nodes_table.c.dtype,
-                    nodes_table.c.shape,
-                    nodes_table.c.meta,
-                ).where(nodes_table.c.kind == "file")
-            ).all()
+            files = file_kinds(conn)
             kinds = conn.execute(sa.select(kinds_table.c.id, kinds_table.c.key)).all()
     finally:
         engine.dispose()

@@ -28,12 +28,13 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from catalog_checks import file_kinds
 
 from polystore import migrate
 from polystore.backends.sql import SQLBackend, schema
 from polystore.backends.sql.engine import create_catalog_engine
 from polystore.backends.sql.kinds import kind_key
-from polystore.backends.sql.models import kinds_table, nodes_table
+from polystore.backends.sql.models import kinds_table
 from polystore.errors import BackendConfigError, BackendUnavailableError, SchemaVersionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -584,16 +585,7 @@ def _catalog_rows(url: str) -> dict[str, Any]:
 def _assert_kinds_derived(url: str) -> int:
     """Every file's kind id is the id of its columns, with a row in polystore_kinds."""
     with engine_for(url) as engine, engine.connect() as conn:
-        files = conn.execute(
-            sa.select(
-                nodes_table.c.kind_id,
-                nodes_table.c.serializer,
-                nodes_table.c.serializer_version,
-                nodes_table.c.dtype,
-                nodes_table.c.shape,
-                nodes_table.c.meta,
-            ).where(nodes_table.c.kind == "file")
-        ).all()
+        files = file_kinds(conn)
         kinds = {row.id: row for row in conn.execute(kinds_table.select())}
     for kind_id, *columns in files:
         assert kind_id == kind_key(tuple(columns))[0]  # type: ignore[arg-type]
