@@ -140,7 +140,8 @@ def _check(conn: Connection, wanted: Mapping[int, tuple[str, Kind]], ids: list[i
     for start in range(0, len(ids), _CHUNK):
         part = ids[start : start + _CHUNK]
         # On the driver's own cursor: this runs in every save, even of one file.
-        found.update(driver_fetch(conn, _keys_sql(dialect, len(part)), kinds_args(dialect, part)))
+        sql = _select_kinds(dialect, "id, key", len(part))
+        found.update(driver_fetch(conn, sql, kinds_args(dialect, part)))
     for kind_id, key in found.items():
         if key != wanted[kind_id][0]:
             raise SerializationError(
@@ -148,13 +149,6 @@ def _check(conn: Connection, wanted: Mapping[int, tuple[str, Kind]], ids: list[i
                 "this catalog cannot store it"
             )
     return [kind_id for kind_id in ids if kind_id not in found]
-
-
-@lru_cache(maxsize=64)
-def _keys_sql(dialect: str, count: int) -> str:
-    if dialect == "postgresql":
-        return "SELECT id, key FROM polystore_kinds WHERE id = ANY(%s)"
-    return f"SELECT id, key FROM polystore_kinds WHERE id IN ({', '.join(['?'] * count)})"
 
 
 @lru_cache(maxsize=64)
@@ -166,12 +160,21 @@ def kinds_sql(dialect: str, count: int | None) -> str:
     code), as the decoder cache parses each once.
     """
     if dialect == "postgresql":
-        select = "SELECT id, serializer, dtype, CAST(shape AS TEXT), CAST(meta AS TEXT)"
-        where = " WHERE id = ANY(%s)"
+        columns = "id, serializer, dtype, CAST(shape AS TEXT), CAST(meta AS TEXT)"
     else:
-        select = "SELECT id, serializer, dtype, shape, meta"
-        where = f" WHERE id IN ({', '.join(['?'] * (count or 0))})"
-    return f"{select} FROM polystore_kinds{where if count is not None else ''}"
+        columns = "id, serializer, dtype, shape, meta"
+    return _select_kinds(dialect, columns, count)
+
+
+@lru_cache(maxsize=128)
+def _select_kinds(dialect: str, columns: str, count: int | None) -> str:
+    """``columns`` of the kinds with ``count`` ids (:func:`kinds_args`), or of every kind."""
+    sql = f"SELECT {columns} FROM polystore_kinds"
+    if count is None:
+        return sql
+    if dialect == "postgresql":
+        return f"{sql} WHERE id = ANY(%s)"
+    return f"{sql} WHERE id IN ({', '.join(['?'] * count)})"
 
 
 def kinds_args(dialect: str, ids: Sequence[int]) -> list[Any]:
