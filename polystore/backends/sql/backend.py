@@ -46,6 +46,7 @@ from polystore.backends.sql.content import (
 )
 from polystore.backends.sql.engine import (
     WRITE,
+    CatalogChanged,
     create_catalog_engine,
     default_url,
     retrying,
@@ -492,6 +493,7 @@ class SQLBackend(StorageBackend):
             parent, name = paths.split(path)
             by_dir[parent][name] = i
         parent_ids = {parent: tree.ensure_dirs(conn, parent, now, cache) for parent in by_dir}
+        tree.hold_dirs(conn, {i for i in parent_ids.values() if i not in cache.created})
 
         # New rows get their values as the driver takes them, each distinct value
         # (the timestamp, a kind's JSON documents) converted once: a row then holds
@@ -1194,26 +1196,47 @@ class SQLBackend(StorageBackend):
             row = tree.resolve(conn, norm)
             if row is None:
                 raise not_found(norm)
-            released: Counter[str] = Counter()
             if row.kind == "file":
-                released[row.blob_hash] += 1
-            else:
-                tree.bump_version(conn)  # before this operation locks any node row
-                has_children = conn.execute(
+                # The hash the deleted row held, not the one resolved: a
+                # concurrent overwrite may have replaced it since.
+                released = (
+                    conn.execute(
+                        nodes.delete()
+                        .where(
+                            nodes.c.id == row.id,
+                            nodes.c.parent_id == row.parent_id,
+                            nodes.c.name == row.name,
+                        )
+                        .returning(nodes.c.blob_hash)
+                    )
+                    .scalars()
+                    .all()
+                )
+                if not released:
+                    raise CatalogChanged(f"{norm!r} was moved or deleted meanwhile")
+                release_blobs(conn, Counter(released))
+                return
+            # Directory moves and deletes queue here, before they lock any node
+            # row; then the directory is looked up again, as it is now.
+            tree.bump_version(conn)
+            row = tree.resolve(conn, norm)
+            if row is None:
+                raise not_found(norm)
+            if row.kind != "dir":
+                raise CatalogChanged(f"{norm!r} became a file meanwhile")
+            dirs = tree.lock_subtree(conn, row) if recursive else [row.id]
+            if (
+                not recursive
+                and conn.execute(
                     sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
                 ).first()
-                if has_children and not recursive:
-                    raise directory_not_empty(norm)
-                sql = tree.subtree_sql(
-                    conn.dialect.name,
-                    select="n.blob_hash, COUNT(*)",
-                    where="WHERE sub.kind = 'file' GROUP BY n.blob_hash",
-                )
-                for blob_hash, count in conn.execute(sa.text(sql), {"root": row.id}):
-                    released[blob_hash] += count
-            # ON DELETE CASCADE removes the whole subtree with its root row.
+            ):
+                raise directory_not_empty(norm)
+            released = tree.delete_files_in(conn, dirs)
+            # The subtree holds directories only now (none can be added while
+            # they are locked): ON DELETE CASCADE removes them with their root.
             conn.execute(nodes.delete().where(nodes.c.id == row.id))
-            release_blobs(conn, released)
+            release_blobs(conn, Counter(released))
 
         self._write(work)
 
@@ -1223,14 +1246,20 @@ class SQLBackend(StorageBackend):
         row = tree.resolve(conn, src)
         if row is None:
             raise not_found(src)
+        if moving and row.kind == "dir":
+            # Directory moves and deletes queue here, before they lock any node
+            # row; then the source is looked up again, as it is now (a move
+            # that checked a stale tree could put a directory inside itself).
+            tree.bump_version(conn)
+            row = tree.resolve(conn, src)
+            if row is None:
+                raise not_found(src)
         if src == dst:
             raise already_exists(dst)
         if row.kind == "dir" and dst.startswith(src + "/"):
             raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
         if tree.resolve(conn, dst) is not None:
             raise already_exists(dst)
-        if moving and row.kind == "dir":
-            tree.bump_version(conn)  # before this operation locks any node row
         parent, name = paths.split(dst)
         return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
 
@@ -1241,11 +1270,17 @@ class SQLBackend(StorageBackend):
         def work(conn: Connection) -> None:
             now = _now()
             row, parent_id, name = self._prepare_target(conn, src, dst, now, moving=True)
-            conn.execute(
+            moved = conn.execute(
                 nodes.update()
-                .where(nodes.c.id == row.id)
+                .where(
+                    nodes.c.id == row.id,
+                    nodes.c.parent_id == row.parent_id,
+                    nodes.c.name == row.name,
+                )
                 .values(parent_id=parent_id, name=name, modified_at=now)
-            )
+            ).rowcount
+            if not moved:
+                raise CatalogChanged(f"{src!r} was moved or deleted meanwhile")
 
         self._write(work)
 
@@ -1268,14 +1303,20 @@ class SQLBackend(StorageBackend):
                 "modified_at": now,
             }
 
+        if row.kind == "dir" and parent_id in tree.lock_subtree(conn, row):
+            # Nothing enters the source tree while it is copied -- but a
+            # concurrent move put the destination inside it before the lock.
+            raise CatalogChanged(f"{dst!r} was moved inside {src!r} meanwhile")
         new_root = conn.execute(
             nodes.insert().values(clone(row, parent_id, name)).returning(nodes.c.id)
         ).scalar_one()
+        # Each new row adds a reference to the hash it was given: the counts
+        # are those of the rows inserted, whatever changed since they were read.
         refs: Counter[str] = Counter()
         if row.kind == "file":
             refs[row.blob_hash] += 1
         else:
-            # Copy level by level so every parent exists (and has its new id)
+            # Level by level, so every parent exists (and has its new id)
             # before its children are inserted.
             id_map = {row.id: new_root}
             level = [row.id]

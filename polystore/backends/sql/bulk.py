@@ -81,17 +81,26 @@ class BulkStatement:
         jsonb = _JsonbMemo()
         for i in documents:
             types[i] = "bytea"
-        # The psycopg connection itself: COPY is not part of the DBAPI.
+        # The psycopg connection itself: COPY is not part of the DBAPI. Its
+        # errors (a concurrent writer's row taking the same key, a lock
+        # timeout) are raised as SQLAlchemy raises the driver's, so retries and
+        # error translation see no difference from any other statement.
         psycopg_conn: Any = conn.connection.driver_connection
-        with psycopg_conn.cursor() as cursor, cursor.copy(sql) as copy:
-            copy.set_types(types)
-            for row in rows:
-                if documents:
-                    row = list(row)
-                    for i in documents:
-                        if row[i] is not None:
-                            row[i] = jsonb.encode(row[i])
-                copy.write_row(row)
+        error_class = conn.dialect.loaded_dbapi.Error
+        try:
+            with psycopg_conn.cursor() as cursor, cursor.copy(sql) as copy:
+                copy.set_types(types)
+                for row in rows:
+                    if documents:
+                        row = list(row)
+                        for i in documents:
+                            if row[i] is not None:
+                                row[i] = jsonb.encode(row[i])
+                    copy.write_row(row)
+        except error_class as error:
+            raise sa.exc.DBAPIError.instance(
+                sql, None, error, error_class, dialect=conn.dialect, ismulti=True
+            ) from error
 
     def _prepare(self, conn: Connection) -> tuple[str, list[str] | None, list[Any]]:
         name = conn.dialect.name

@@ -37,6 +37,7 @@ from polystore.errors import (
 __all__ = [
     "DEFAULT_URL",
     "WRITE",
+    "CatalogChanged",
     "create_catalog_engine",
     "default_url",
     "is_retryable",
@@ -164,14 +165,33 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
 
 # -- errors --------------------------------------------------------------------
 
+
+class CatalogChanged(Exception):
+    """A row this transaction read changed before the transaction could act on it.
+
+    Under PostgreSQL's READ COMMITTED each statement sees the catalog as of its
+    own start: a file resolved by one statement may be moved, overwritten or
+    deleted by another writer before the next statement updates it. The
+    statement that finds so (it changed no row, or another row than expected)
+    raises this, and :func:`retrying` runs the whole transaction again, which
+    resolves everything afresh. Inside a caller's
+    :meth:`~polystore.SQLBackend.transaction` it becomes
+    :class:`~polystore.errors.ConflictError`.
+    """
+
+
 _SQLITE_BUSY = ("database is locked", "database table is locked", "database schema has changed")
 # serialization_failure, deadlock_detected, unique_violation (a concurrent insert
-# of the same new path or blob), lock_not_available
-_PG_RETRY_SQLSTATES = {"40001", "40P01", "23505", "55P03"}
+# of the same new path or blob), foreign_key_violation (a directory or blob row
+# deleted by a concurrent transaction after this one looked it up),
+# lock_not_available
+_PG_RETRY_SQLSTATES = {"40001", "40P01", "23505", "23503", "55P03"}
 
 
 def is_retryable(error: BaseException) -> bool:
     """Whether a failed write transaction may simply be run again."""
+    if isinstance(error, CatalogChanged):
+        return True
     if not isinstance(error, exc.DBAPIError):
         return False
     orig = error.orig
@@ -209,6 +229,11 @@ def translate_errors(url: str) -> Iterator[None]:
         yield
     except PolystoreError:
         raise
+    except CatalogChanged as error:
+        raise ConflictError(
+            "the catalog changed under this transaction (a concurrent writer moved, "
+            f"replaced or deleted what it read); nothing of it was written, run it again: {error}"
+        ) from error
     except exc.DBAPIError as error:
         read_only = _read_only_sqlite_directory(url, error)
         if read_only is not None:
@@ -290,17 +315,25 @@ def _safe(url: str) -> str:
         return "<invalid URL>"
 
 
-def retrying(operation: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.01) -> T:
+def retrying(
+    operation: Callable[[], T],
+    *,
+    attempts: int = 12,
+    base_delay: float = 0.005,
+    max_delay: float = 0.25,
+) -> T:
     """Run a whole write transaction, again on lock or serialization conflicts.
 
-    Bounded: after ``attempts`` tries the last error propagates.
+    Bounded: after ``attempts`` tries (about two seconds of back-off in all)
+    the last error propagates. Each wait is drawn at random up to an
+    exponentially growing cap ("full jitter"), so writers that collided do
+    not collide again in step.
     """
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except exc.DBAPIError as error:
+        except (exc.DBAPIError, CatalogChanged) as error:
             if attempt == attempts or not is_retryable(error):
                 raise
-            # Jittered exponential back-off keeps competing writers from retrying in step.
-            time.sleep(base_delay * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            time.sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover

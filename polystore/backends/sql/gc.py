@@ -4,10 +4,19 @@
 tables: blob rows whose reference count fell to zero (external blobs are kept
 at zero until gc, inline ones are deleted at once), and upload intents older
 than the grace period (uploads whose writer died or whose transaction rolled
-back). Each object is deleted inside a transaction that holds its hash's lock
-and has just checked that no blob row and no intent needs it, so a writer
-running at the same time either protected the object first or uploads it again
-afterwards; see :mod:`polystore.backends.sql.placement`.
+back).
+
+A blob row is deleted in a transaction that re-checks, in the same statement,
+that its count is zero *and* that no file refers to it, and that locks it
+(PostgreSQL, ``SKIP LOCKED``: a writer adding a reference holds the row, and
+gc leaves it alone). That transaction leaves an upload intent in the row's
+place. Only after it commits does the object go, through the upload
+protocol's release (:meth:`~polystore.backends.sql.placement.Placement.release`):
+under the hash's lock, and only if no blob row and no other intent needs the
+object by then, so a writer running at the same time either protected the
+object first or uploads it again afterwards. A row whose hash is not a hex
+SHA-256 (written by another program) is skipped and counted, never a reason
+to stop; docs/reliability.rst has the whole protocol.
 
 ``rebalance()`` moves blobs between inline and external placement to match an
 inline limit, one blob per transaction, so an interruption leaves every blob
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +39,8 @@ from sqlalchemy import Connection
 from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
-from polystore.backends.sql.placement import Placement, Staged, lock_hashes
+from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.placement import LOCK_BATCH, Placement, Staged
 from polystore.backends.sql.tree import chunks
 from polystore.errors import IntegrityError
 
@@ -60,6 +71,9 @@ class GCReport:
     intents_expired: int = 0
     #: Objects deleted from the external store (unreferenced blobs and abandoned uploads).
     objects_deleted: int = 0
+    #: Unreferenced blob rows left alone because their hash is not a hex
+    #: SHA-256 (written by another program; ``fsck()`` names them).
+    rows_skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,7 @@ def collect_garbage(
     """Remove unreferenced blobs and abandoned uploads; see :meth:`SQLBackend.gc`."""
     cutoff = dt.datetime.now(dt.UTC) - _as_timedelta(grace)
     blobs_deleted, bytes_freed = placement.transact(_drop_inline_garbage)
-    objects = intents_expired = 0
+    objects = intents_expired = skipped = 0
     store = placement.store
     if store is not None:
         # Abandoned uploads first: an expired intent may be all that keeps an
@@ -118,12 +132,28 @@ def collect_garbage(
                 ).scalars()
             ),
         )
-        for part in chunks(candidates, GC_BATCH):
-            n, size = placement.transact(partial(_drop_external, placement=placement, hashes=part))
-            blobs_deleted += n
+        valid = [h for h in candidates if _HEX_SHA256.fullmatch(h)]
+        skipped += len(candidates) - len(valid)  # (fsck names them)
+        for part in chunks(valid, GC_BATCH):
+            dropped, size = placement.transact(
+                partial(_drop_external, store_name=store.name, hashes=part)
+            )
+            blobs_deleted += len(dropped)
             bytes_freed += size
-            objects += n
-    return GCReport(blobs_deleted, bytes_freed, intents_expired, objects)
+            # The rows are gone and committed; each object goes now, in a
+            # transaction of its own that holds the hash's lock and checks that
+            # no writer came to need the object meanwhile (Placement.release).
+            # If this process dies first, the intents expire and a later gc()
+            # deletes the objects.
+            for some in chunks(sorted(dropped.values()), LOCK_BATCH):
+                objects += placement.transact(partial(placement.release, intent_ids=some))[1]
+    return GCReport(blobs_deleted, bytes_freed, intents_expired, objects, skipped)
+
+
+#: No file refers to the blob row ``polystore_blobs`` (a check that does not
+#: trust ``refcount``: a row a file still uses is never deleted).
+_UNUSED = ~sa.exists().where(nodes.c.blob_hash == blobs.c.hash)
+_HEX_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 def _drop_inline_garbage(conn: Connection) -> tuple[int, int]:
@@ -131,7 +161,9 @@ def _drop_inline_garbage(conn: Connection) -> tuple[int, int]:
     # any left by older versions or by hand edits.
     sizes = (
         conn.execute(
-            blobs.delete().where(UNREFERENCED, blobs.c.store == INLINE).returning(blobs.c.size)
+            blobs.delete()
+            .where(UNREFERENCED, blobs.c.store == INLINE, _UNUSED)
+            .returning(blobs.c.size)
         )
         .scalars()
         .all()
@@ -140,17 +172,22 @@ def _drop_inline_garbage(conn: Connection) -> tuple[int, int]:
 
 
 def _drop_external(
-    conn: Connection, placement: Placement, hashes: Sequence[str]
-) -> tuple[int, int]:
-    store = placement.store
-    assert store is not None
-    lock_hashes(conn, hashes)
+    conn: Connection, store_name: str, hashes: Sequence[str]
+) -> tuple[dict[str, int], int]:
+    """Delete the unused blob rows among ``hashes``; ``({hash: intent id}, bytes)``.
+
+    A row is deleted only if its count is zero, no file refers to it, no
+    upload intent names its hash and no writer holds it. Each deleted row
+    leaves an intent (owner ``gc``) in its place, committed with the delete:
+    the object goes afterwards, under the upload protocol's lock, through
+    :meth:`Placement.release` -- never before the rows' deletion commits.
+    """
     stmt = sa.select(blobs.c.hash, blobs.c.size).where(
-        blobs.c.hash.in_(list(hashes)), blobs.c.refcount == 0, blobs.c.store == store.name
+        blobs.c.hash.in_(list(hashes)), UNREFERENCED, blobs.c.store == store_name, _UNUSED
     )
     if conn.dialect.name == "postgresql":
         # A writer adding a reference holds the row: leave it to that writer.
-        stmt = stmt.with_for_update(skip_locked=True)
+        stmt = stmt.with_for_update(of=blobs, skip_locked=True)
     rows = {h: int(size) for h, size in conn.execute(stmt)}
     busy = set(
         conn.execute(
@@ -159,12 +196,29 @@ def _drop_external(
     )
     doomed = sorted(set(rows) - busy)
     if not doomed:
-        return 0, 0
-    # The objects go first, inside this transaction: if deleting one fails the
-    # rows stay (with nothing referring to them) and the next gc tries again.
-    store.delete(doomed)
-    conn.execute(blobs.delete().where(blobs.c.hash.in_(doomed), blobs.c.refcount == 0))
-    return len(doomed), int(sum(rows[h] for h in doomed))
+        return {}, 0
+    deleted = sorted(
+        conn.execute(
+            blobs.delete()
+            .where(blobs.c.hash.in_(doomed), UNREFERENCED, _UNUSED)
+            .returning(blobs.c.hash)
+        ).scalars()
+    )
+    if not deleted:
+        return {}, 0
+    now = dt.datetime.now(dt.UTC)
+    ids = (
+        conn.execute(
+            intents.insert().returning(intents.c.id, sort_by_parameter_order=True),
+            [
+                {"hash": h, "store": store_name, "size": rows[h], "created_at": now, "owner": "gc"}
+                for h in deleted
+            ],
+        )
+        .scalars()
+        .all()
+    )
+    return dict(zip(deleted, map(int, ids), strict=True)), sum(rows[h] for h in deleted)
 
 
 # -- rebalance --------------------------------------------------------------------

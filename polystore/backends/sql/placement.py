@@ -49,6 +49,7 @@ import hashlib
 import os
 import socket
 import sqlite3
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,7 +65,7 @@ from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.tree import chunks
 from polystore.blobs.base import CHUNK_SIZE, BlobStore, from_url
-from polystore.errors import IntegrityError, NotFoundError, PolystoreError, SerializationError
+from polystore.errors import ConflictError, IntegrityError, NotFoundError, SerializationError
 
 __all__ = [
     "BLOB_STORE_ENV",
@@ -100,7 +101,10 @@ def _owner() -> str:
 
 
 def _lock_key(content_hash: str) -> int:
-    key = int(content_hash[:8], 16)
+    try:
+        key = int(content_hash[:8], 16)
+    except ValueError:  # a row written by another program: any stable key will do
+        key = zlib.crc32(content_hash.encode("utf-8", "surrogatepass"))
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
@@ -166,8 +170,13 @@ def resolve_blob_store(blob_store: Any, url: sa.URL) -> BlobStore | None:
 # -- staging uploads ------------------------------------------------------------
 
 
-class IntentLostError(PolystoreError):
-    """An upload intent vanished before its transaction committed (gc took it)."""
+class IntentLostError(ConflictError):
+    """An upload intent vanished before its transaction committed (gc took it).
+
+    ``gc()`` with a grace period shorter than a save in progress takes that
+    save's upload. The save is staged again (three times in all) before this
+    reaches the caller; nothing of it was written.
+    """
 
 
 @dataclass
@@ -336,14 +345,19 @@ class Placement:
         ids = sorted(staged.intents.values())
         if not ids:
             return False
+
+        def count(conn: Connection) -> int:
+            # Under the hashes' locks (shared): a gc() taking an intent holds
+            # them until it commits, and the count waits to see its outcome.
+            for part in chunks(sorted(staged.intents), LOCK_BATCH):
+                lock_hashes(conn, part, shared=True)
+            return sum(
+                conn.execute(sa.select(sa.func.count()).where(intents.c.id.in_(part))).scalar_one()
+                for part in chunks(ids)
+            )
+
         try:
-            with self.engine.connect() as conn:
-                alive = sum(
-                    conn.execute(
-                        sa.select(sa.func.count()).where(intents.c.id.in_(part))
-                    ).scalar_one()
-                    for part in chunks(ids)
-                )
+            alive = self.transact(count)
         except Exception:  # noqa: BLE001 -- the original error is the one to report
             return False
         return bool(alive < len(ids))

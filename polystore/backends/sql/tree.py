@@ -10,7 +10,7 @@ round trips.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
 from polystore.backends._common import not_a_directory
+from polystore.backends.sql.engine import CatalogChanged
 from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
 
@@ -28,7 +29,12 @@ __all__ = [
     "DirCache",
     "bump_version",
     "children",
+    "chunks",
+    "delete_files_in",
     "ensure_dirs",
+    "hold_dirs",
+    "iter_names",
+    "lock_subtree",
     "resolve",
     "subtree_sql",
 ]
@@ -204,11 +210,14 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
         node_id = int(created.id)
         cache.created.add(node_id)
     else:
-        node_id, kind = conn.execute(
+        found = conn.execute(
             sa.select(nodes.c.id, nodes.c.kind).where(
                 nodes.c.parent_id == parent_id, nodes.c.name == name
             )
-        ).one()
+        ).first()
+        if found is None:  # the row the insert ran into was moved or deleted since
+            raise CatalogChanged(f"{path!r} changed while it was being created")
+        node_id, kind = found
         if kind != "dir":
             raise not_a_directory(path)
     cache.put(path, node_id)
@@ -229,6 +238,97 @@ def bump_version(conn: Connection) -> None:
         .where(tree_version.c.id == 1)
         .values(version=tree_version.c.version + 1)
     )
+
+
+def _lock_dirs(conn: Connection, ids: Sequence[int]) -> list[int]:
+    """Lock directory rows ``ids`` against new children, in id order; the ids still there.
+
+    PostgreSQL: ``FOR UPDATE``. Inserting a row, or moving one, into a
+    directory checks the foreign key with a ``FOR KEY SHARE`` lock on the
+    directory's row, which waits for ``FOR UPDATE``: while the lock is held no
+    file or directory enters the directory. SQLite: the write transaction
+    already excludes every other writer.
+    """
+    if conn.dialect.name != "postgresql":
+        return list(ids)
+    locked: list[int] = []
+    for part in chunks(sorted(ids)):
+        stmt = sa.select(nodes.c.id).where(nodes.c.id.in_(part)).order_by(nodes.c.id)
+        locked += conn.execute(stmt.with_for_update()).scalars()
+    return locked
+
+
+def hold_dirs(conn: Connection, ids: Collection[int]) -> None:
+    """Keep directories ``ids`` from being deleted until this transaction ends.
+
+    PostgreSQL: ``FOR KEY SHARE``, the lock that inserting a child takes
+    anyway to check its foreign key -- taken here, in id order, before the
+    writer locks any file row, so a recursive delete (which locks the
+    directory ``FOR UPDATE`` and then deletes its files) and a writer wait
+    for each other in one order instead of deadlocking. Raises
+    :class:`~.engine.CatalogChanged` if one of them is gone. SQLite: the
+    write transaction already excludes every other writer.
+    """
+    if conn.dialect.name != "postgresql" or not ids:
+        return
+    held = 0
+    for part in chunks(sorted(ids)):
+        stmt = sa.select(nodes.c.id).where(nodes.c.id.in_(part)).order_by(nodes.c.id)
+        held += len(conn.execute(stmt.with_for_update(key_share=True)).all())
+    if held != len(ids):
+        raise CatalogChanged("a directory was deleted meanwhile")
+
+
+def lock_subtree(conn: Connection, root: sa.Row[Any]) -> list[int]:
+    """Pin the directory ``root`` (a :func:`resolve` row) and every directory under it.
+
+    Level by level: a level's rows are locked (:func:`_lock_dirs`) before
+    their children are read, and under READ COMMITTED that read sees every
+    transaction committed before it -- among them every one that put a child
+    there, since the lock waited for it. So the directories returned are the
+    whole subtree, and nothing enters it until this transaction ends: files
+    in it can still be overwritten, moved out or deleted, not added.
+
+    Raises :class:`~.engine.CatalogChanged` if ``root`` is no longer where it
+    was resolved. Returns the directory ids, ``root`` first, parents before
+    children.
+    """
+    still = sa.select(nodes.c.id).where(
+        nodes.c.id == root.id, nodes.c.parent_id == root.parent_id, nodes.c.name == root.name
+    )
+    if conn.dialect.name == "postgresql":
+        still = still.with_for_update()  # (a row moved meanwhile fails the re-check)
+    if conn.execute(still).first() is None:
+        raise CatalogChanged(f"directory {root.name!r} was moved or deleted meanwhile")
+    found = [int(root.id)]
+    level = found
+    while level:
+        below: list[int] = []
+        for part in chunks(level):
+            below += conn.execute(
+                sa.select(nodes.c.id).where(nodes.c.parent_id.in_(part), nodes.c.kind == "dir")
+            ).scalars()
+        level = _lock_dirs(conn, below)
+        found += level
+    return found
+
+
+def delete_files_in(conn: Connection, dir_ids: Sequence[int]) -> list[str]:
+    """Delete the files directly in these directories; the blob hash of each deleted row.
+
+    The hashes come back from the rows the statement deleted (``RETURNING``),
+    not from an earlier read: a file overwritten meanwhile releases the
+    content it held when deleted, one moved out meanwhile is not deleted and
+    releases nothing.
+    """
+    released: list[str] = []
+    for part in chunks(sorted(dir_ids)):
+        released += conn.execute(
+            nodes.delete()
+            .where(nodes.c.parent_id.in_(part), nodes.c.kind == "file")
+            .returning(nodes.c.blob_hash)
+        ).scalars()
+    return released
 
 
 def subtree_sql(dialect: str, *, where: str = "", select: str = "sub.path, sub.kind") -> str:
