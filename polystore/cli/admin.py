@@ -78,6 +78,7 @@ def gc(state: State, grace: float | None, as_json: bool) -> None:
             ["bytes freed", human_size(report.bytes_freed)],
             ["abandoned uploads", report.intents_expired],
             ["objects deleted from the store", report.objects_deleted],
+            *([["rows skipped (see fsck)", report.rows_skipped]] if report.rows_skipped else []),
         ],
         right=[""],
     )
