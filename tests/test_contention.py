@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 from catalog_checks import refcounts
 
-from polystore import AlreadyExistsError, NotFoundError
+from polystore import AlreadyExistsError, IsADirectoryError, NotFoundError
 from polystore.backends.sql import SQLBackend
 
 SECONDS = float(os.environ.get("POLYSTORE_CONTENTION_SECONDS", "").strip() or 6)
@@ -76,7 +76,7 @@ class Worker:
     ALLOWED: dict[str, tuple[type[BaseException], ...]] = {
         "mover": (NotFoundError,),
         "copier": (NotFoundError,),
-        "deleter": (NotFoundError,),
+        "deleter": (NotFoundError, IsADirectoryError),  # (a directory not empty)
     }
 
     def __init__(self, backend: SQLBackend, role: str, number: int, pool_only: bool) -> None:
@@ -164,8 +164,12 @@ class Worker:
 
     def step_deleter(self) -> Any:
         time.sleep(self.random.uniform(0, 0.02))  # let the savers fill X again
-        if self.random.random() < 0.6:
+        r = self.random.random()
+        if r < 0.6:
             return self.counted("delete -r", lambda: self.backend.delete("X", recursive=True))
+        if r < 0.8:  # a batch directory, only if it is empty (it seldom is)
+            d = f"X/b{self.random.randrange(4)}"
+            return self.counted("delete dir", lambda: self.backend.delete(d))
         return self.counted("delete", lambda: self.backend.delete(self.slot()))
 
     def step_gc(self) -> Any:

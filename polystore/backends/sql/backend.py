@@ -1224,14 +1224,15 @@ class SQLBackend(StorageBackend):
                 raise not_found(norm)
             if row.kind != "dir":
                 raise CatalogChanged(f"{norm!r} became a file meanwhile")
-            dirs = tree.lock_subtree(conn, row) if recursive else [row.id]
-            if (
-                not recursive
-                and conn.execute(
+            if recursive:
+                dirs = tree.lock_subtree(conn, row)
+            else:
+                tree.lock_dir(conn, row)
+                if conn.execute(
                     sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
-                ).first()
-            ):
-                raise directory_not_empty(norm)
+                ).first():
+                    raise directory_not_empty(norm)
+                dirs = []
             released = tree.delete_files_in(conn, dirs)
             # The subtree holds directories only now (none can be added while
             # they are locked): ON DELETE CASCADE removes them with their root.

@@ -34,6 +34,7 @@ __all__ = [
     "ensure_dirs",
     "hold_dirs",
     "iter_names",
+    "lock_dir",
     "lock_subtree",
     "resolve",
     "subtree_sql",
@@ -279,6 +280,21 @@ def hold_dirs(conn: Connection, ids: Collection[int]) -> None:
         raise CatalogChanged("a directory was deleted meanwhile")
 
 
+def lock_dir(conn: Connection, row: sa.Row[Any]) -> None:
+    """Lock directory ``row`` (a :func:`resolve` row) against new children.
+
+    Raises :class:`~.engine.CatalogChanged` if it is no longer where it was
+    resolved (on PostgreSQL a row moved meanwhile fails the lock's re-check).
+    """
+    still = sa.select(nodes.c.id).where(
+        nodes.c.id == row.id, nodes.c.parent_id == row.parent_id, nodes.c.name == row.name
+    )
+    if conn.dialect.name == "postgresql":
+        still = still.with_for_update()
+    if conn.execute(still).first() is None:
+        raise CatalogChanged(f"directory {row.name!r} was moved or deleted meanwhile")
+
+
 def lock_subtree(conn: Connection, root: sa.Row[Any]) -> list[int]:
     """Pin the directory ``root`` (a :func:`resolve` row) and every directory under it.
 
@@ -293,13 +309,7 @@ def lock_subtree(conn: Connection, root: sa.Row[Any]) -> list[int]:
     was resolved. Returns the directory ids, ``root`` first, parents before
     children.
     """
-    still = sa.select(nodes.c.id).where(
-        nodes.c.id == root.id, nodes.c.parent_id == root.parent_id, nodes.c.name == root.name
-    )
-    if conn.dialect.name == "postgresql":
-        still = still.with_for_update()  # (a row moved meanwhile fails the re-check)
-    if conn.execute(still).first() is None:
-        raise CatalogChanged(f"directory {root.name!r} was moved or deleted meanwhile")
+    lock_dir(conn, root)
     found = [int(root.id)]
     level = found
     while level:
