@@ -35,6 +35,7 @@ from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
+from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import (
     INLINE,
     Content,
@@ -44,14 +45,7 @@ from polystore.backends.sql.content import (
     lock_blobs,
     release_blobs,
 )
-from polystore.backends.sql.engine import (
-    WRITE,
-    CatalogChanged,
-    create_catalog_engine,
-    default_url,
-    retrying,
-    translate_errors,
-)
+from polystore.backends.sql.engine import CatalogChanged, default_url
 from polystore.backends.sql.fast import (
     STREAM_ROWS,
     FastReader,
@@ -285,26 +279,25 @@ class SQLBackend(StorageBackend):
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
-        self._tx: ContextVar[Connection | None] = ContextVar(
-            f"polystore_tx_{id(self)}", default=None
-        )
         # Uploads made inside the current transaction(), settled when it ends.
         self._staged: ContextVar[list[Staged] | None] = ContextVar(
             f"polystore_staged_{id(self)}", default=None
         )
-        with translate_errors(self.url):
-            self.engine = create_catalog_engine(self.url, **(engine_options or {}))
-            self._fast = FastReader(self.engine)
-            self._dialect = self.engine.dialect.name
-            self._pg = self._dialect == "postgresql"
+        self._catalog = Catalog(self.url, engine_options)
+        #: The SQLAlchemy engine of the catalog database.
+        self.engine = self._catalog.engine
+        self._fast = FastReader(self.engine)
+        self._dialect = self._catalog.dialect
+        self._pg = self._catalog.postgresql
+        with self._catalog.errors():
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
                 #: Where content over ``inline_limit`` goes (None: everything inline).
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
             except BaseException:
-                self.engine.dispose()
+                self._catalog.close()
                 raise
-            self._placement = Placement(self.engine, self.blob_store, verify_inline=verify_inline)
+            self._placement = Placement(self._catalog, self.blob_store, verify_inline=verify_inline)
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -312,7 +305,7 @@ class SQLBackend(StorageBackend):
     def close(self) -> None:
         # docstring inherited
         self._fast.close()
-        self.engine.dispose()
+        self._catalog.close()
         if self.blob_store is not None:
             self.blob_store.close()
 
@@ -322,38 +315,7 @@ class SQLBackend(StorageBackend):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- running statements ------------------------------------------------------
-
-    def _read(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
-        """Run ``work`` in the caller's transaction, or a read transaction of its own.
-
-        ``snapshot`` asks for one snapshot across statements, which PostgreSQL's
-        default READ COMMITTED does not give.
-        """
-        with translate_errors(self.url):
-            conn = self._tx.get()
-            if conn is not None:
-                return work(conn)
-            options = {"isolation_level": "REPEATABLE READ"} if snapshot and self._pg else {}
-            with self.engine.connect().execution_options(**options) as conn:
-                return work(conn)
-
-    def _write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` atomically: its own transaction, or a savepoint in the caller's."""
-        with translate_errors(self.url):
-            conn = self._tx.get()
-            if conn is not None:
-                with conn.begin_nested():
-                    return work(conn)
-
-            def attempt() -> T:
-                with (
-                    self.engine.connect().execution_options(**{WRITE: True}) as conn,
-                    conn.begin(),
-                ):
-                    return work(conn)
-
-            return retrying(attempt)
+    # -- transactions ----------------------------------------------------------------
 
     @contextmanager
     def transaction(self) -> Iterator[SQLBackend]:
@@ -362,25 +324,18 @@ class SQLBackend(StorageBackend):
         Nested calls use savepoints: an exception inside the inner block rolls
         back only that block if the outer block catches it.
         """
-        conn = self._tx.get()
-        if conn is not None:
-            with translate_errors(self.url), conn.begin_nested():
+        if self._catalog.in_transaction:
+            with self._catalog.transaction():
                 yield self
             return
         staged: list[Staged] = []
         try:
-            with (
-                translate_errors(self.url),
-                self.engine.connect().execution_options(**{WRITE: True}) as conn,
-            ):
-                token = self._tx.set(conn)
-                staged_token = self._staged.set(staged)
+            with self._catalog.transaction():
+                token = self._staged.set(staged)
                 try:
-                    with conn.begin():
-                        yield self
+                    yield self
                 finally:
-                    self._tx.reset(token)
-                    self._staged.reset(staged_token)
+                    self._staged.reset(token)
         finally:
             # Committed or rolled back, and the connection (with SQLite's write
             # lock) given back: drop the uploads the catalog did not keep.
@@ -422,10 +377,10 @@ class SQLBackend(StorageBackend):
         external = self._placement.external(batch.contents(self.inline_limit), self.inline_limit)
         self._placement.run(
             external,
-            lambda staged: self._write(
+            lambda staged: self._catalog.write(
                 lambda conn: self._put(conn, batch, overwrite, attrs, staged)
             ),
-            conn=self._tx.get(),
+            conn=self._catalog.connection,
             pending=self._staged.get(),
         )
 
@@ -699,7 +654,7 @@ class SQLBackend(StorageBackend):
 
     def _lookup_kind(self, path: str) -> tuple[int, str] | None:
         """``(id, kind)`` of the node at normal ``path``, or None."""
-        if self._tx.get() is None:
+        if not self._catalog.in_transaction:
             parts = paths.split_parts(path)
             rows = self._fast.fetch_raw(
                 resolve_sql(self._dialect, len(parts), "kind"),
@@ -707,7 +662,7 @@ class SQLBackend(StorageBackend):
             )
             if rows is not None:
                 return (rows[0][0], rows[0][1]) if rows else None
-        row = self._read(lambda conn: tree.resolve(conn, path))
+        row = self._catalog.read(lambda conn: tree.resolve(conn, path))
         return None if row is None else (int(row.id), str(row.kind))
 
     def load(self, file_path: str, **kwargs: Any) -> Any:
@@ -716,12 +671,12 @@ class SQLBackend(StorageBackend):
             reject_kwargs(self, "load", kwargs)
         path = paths.normalize_file(file_path)
         self._check_decoders()
-        if self._tx.get() is None:
+        if not self._catalog.in_transaction:
             try:
                 return self._load_fast(path)
             except Unavailable:
                 pass
-        row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
+        row = self._catalog.read(lambda conn: tree.resolve(conn, path, with_content=True))
         self._check_file(row, path)
         return self._decode(row, path)
 
@@ -769,11 +724,11 @@ class SQLBackend(StorageBackend):
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")  # paths.split, inlined
             by_parent[parent].append(name)
-        if self._tx.get() is None:
+        if not self._catalog.in_transaction:
             values = self._load_many_fast(norm, by_parent)
             if values is not None:
                 return values
-        rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        rows = self._catalog.read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
         for path in norm:
             self._check_file(rows.get(path), path)
         return [self._decode(rows[p], p) for p in norm]
@@ -1079,7 +1034,7 @@ class SQLBackend(StorageBackend):
     def list_dir(self, path: str) -> list[str]:
         # docstring inherited
         norm = paths.normalize(path)
-        if self._tx.get() is None:
+        if not self._catalog.in_transaction:
             with self._fast.snapshot() as fast:
                 if fast:
                     found = self._lookup_kind(norm)
@@ -1096,7 +1051,7 @@ class SQLBackend(StorageBackend):
             stmt = sa.select(nodes.c.name).where(nodes.c.parent_id == dir_id)
             return list(conn.execute(stmt.order_by(nodes.c.name)).scalars())
 
-        return self._read(work)
+        return self._catalog.read(work)
 
     def iter_dir(self, path: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Yield the names in directory ``path`` in code-point order, a page at a time.
@@ -1105,10 +1060,10 @@ class SQLBackend(StorageBackend):
         memory stays flat for directories of millions of entries.
         """
         norm = paths.normalize(path)
-        dir_id = self._read(lambda conn: self._dir_id(conn, norm))
+        dir_id = self._catalog.read(lambda conn: self._dir_id(conn, norm))
         after: str | None = None
         while True:
-            page = self._read(
+            page = self._catalog.read(
                 partial(tree.iter_names, parent_id=dir_id, after=after, limit=page_size)
             )
             yield from page
@@ -1143,7 +1098,7 @@ class SQLBackend(StorageBackend):
             return rel
 
         # Resolving the directory and listing it must see one state of the catalog.
-        found = self._read(work, snapshot=True)
+        found = self._catalog.read(work, snapshot=True)
         return sorted(
             paths.join(norm, rel)
             for rel in found
@@ -1153,12 +1108,12 @@ class SQLBackend(StorageBackend):
     def stat(self, path: str) -> StatResult:
         # docstring inherited
         norm = paths.normalize(path)
-        row = self._read(lambda conn: tree.resolve(conn, norm, with_content=False))
+        row = self._catalog.read(lambda conn: tree.resolve(conn, norm, with_content=False))
         if row is None:
             raise not_found(norm)
         store = None
         if row.blob_hash is not None:
-            store = self._read(
+            store = self._catalog.read(
                 lambda conn: conn.execute(
                     sa.select(tree.blobs.c.store).where(tree.blobs.c.hash == row.blob_hash)
                 ).scalar()
@@ -1186,7 +1141,7 @@ class SQLBackend(StorageBackend):
     def ensure_directory(self, path: str) -> None:
         # docstring inherited
         norm = paths.normalize(path)
-        self._write(lambda conn: tree.ensure_dirs(conn, norm, _now(), tree.DirCache()))
+        self._catalog.write(lambda conn: tree.ensure_dirs(conn, norm, _now(), tree.DirCache()))
 
     def delete(self, path: str, recursive: bool = False) -> None:
         # docstring inherited
@@ -1239,7 +1194,7 @@ class SQLBackend(StorageBackend):
             conn.execute(nodes.delete().where(nodes.c.id == row.id))
             release_blobs(conn, Counter(released))
 
-        self._write(work)
+        self._catalog.write(work)
 
     def _prepare_target(
         self, conn: Connection, src: str, dst: str, now: dt.datetime, *, moving: bool = False
@@ -1283,12 +1238,12 @@ class SQLBackend(StorageBackend):
             if not moved:
                 raise CatalogChanged(f"{src!r} was moved or deleted meanwhile")
 
-        self._write(work)
+        self._catalog.write(work)
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file or directory tree: catalog rows only, the blobs are shared."""
         src, dst = paths.normalize_file(src), paths.normalize_file(dst)
-        self._write(lambda conn: self._copy(conn, src, dst))
+        self._catalog.write(lambda conn: self._copy(conn, src, dst))
 
     def _copy(self, conn: Connection, src: str, dst: str) -> None:
         now = _now()
@@ -1366,7 +1321,7 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.query import run_query
 
         norm = paths.normalize(under)
-        rows = self._read(
+        rows = self._catalog.read(
             lambda conn: run_query(
                 conn,
                 self._dir_id(conn, norm),
@@ -1384,7 +1339,7 @@ class SQLBackend(StorageBackend):
     def _outside_transaction(self, operation: str) -> None:
         # Maintenance commits its own transactions, one per batch; inside the
         # caller's (on SQLite, holding the only write lock) it could not.
-        if self._tx.get() is not None:
+        if self._catalog.in_transaction:
             raise UnsupportedOperationError(f"{operation}() cannot run inside transaction()")
 
     def gc(self, *, grace: dt.timedelta | float | None = None) -> GCReport:
@@ -1402,7 +1357,7 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.gc import DEFAULT_GRACE, collect_garbage
 
         self._outside_transaction("gc")
-        with translate_errors(self.url):
+        with self._catalog.errors():
             return collect_garbage(self._placement, grace=DEFAULT_GRACE if grace is None else grace)
 
     def fsck(self, *, verify: bool = False) -> FsckReport:
@@ -1415,7 +1370,7 @@ class SQLBackend(StorageBackend):
         """
         from polystore.backends.sql.fsck import check
 
-        with translate_errors(self.url):
+        with self._catalog.errors():
             return check(self._placement, verify=verify)
 
     def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
@@ -1430,7 +1385,7 @@ class SQLBackend(StorageBackend):
 
         self._outside_transaction("rebalance")
         limit = self.inline_limit if inline_limit is None else inline_limit
-        with translate_errors(self.url):
+        with self._catalog.errors():
             return rebalance(self._placement, limit)
 
     # -- for tests and tools -----------------------------------------------------------
@@ -1438,7 +1393,7 @@ class SQLBackend(StorageBackend):
     def count_nodes(self) -> int:
         """Files and directories in the catalog, the root excluded."""
         return int(
-            self._read(
+            self._catalog.read(
                 lambda conn: conn.execute(
                     sa.select(sa.func.count()).select_from(nodes).where(nodes.c.id != ROOT_ID)
                 ).scalar_one()

@@ -57,10 +57,10 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import sqlalchemy as sa
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 
+from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE, Content
-from polystore.backends.sql.engine import WRITE, retrying
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.tree import chunks
@@ -202,9 +202,10 @@ class Placement:
     """The catalog's side of external content: staging, promoting, reading, cleaning."""
 
     def __init__(
-        self, engine: Engine, store: BlobStore | None, *, verify_inline: bool = False
+        self, catalog: Catalog, store: BlobStore | None, *, verify_inline: bool = False
     ) -> None:
-        self.engine = engine
+        self.catalog = catalog
+        self.engine = catalog.engine
         self.store = store
         #: Hash inline content on every read too (external content always is).
         self.verify_inline = verify_inline
@@ -460,12 +461,7 @@ class Placement:
 
     def transact(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a write transaction of its own, again on lock conflicts."""
-
-        def attempt() -> T:
-            with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-                return work(conn)
-
-        return retrying(attempt)
+        return self.catalog.transact(work)
 
     def release(
         self, conn: Connection, intent_ids: Collection[int], hashes: Collection[str] = ()

@@ -1,0 +1,122 @@
+"""The catalog's database: its engine, the caller's transaction, and the only ways in.
+
+Every statement polystore runs against a catalog goes through one of three
+entry points here, and nowhere else are driver errors turned into polystore's
+(:func:`~.engine.translate_errors`) or transactions retried
+(:func:`~.engine.retrying`):
+
+* :meth:`Catalog.read` -- in the caller's :meth:`Catalog.transaction` if one
+  is open on this thread (reads must see its writes), else in a read
+  transaction of its own;
+* :meth:`Catalog.write` -- atomically: a savepoint of the caller's
+  transaction, or a write transaction of its own, run again from the start
+  when it loses a race to a concurrent writer;
+* :meth:`Catalog.transact` -- always a write transaction of its own, never
+  the caller's: for the upload protocol's intents, which must commit before
+  an upload starts, and for maintenance (gc, rebalance), which commits batch
+  by batch.
+
+The caller's transaction is held in a :class:`~contextvars.ContextVar`, so
+each thread (and each asyncio task) has its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+
+from polystore.backends.sql.engine import WRITE, create_catalog_engine, retrying, translate_errors
+
+__all__ = ["Catalog"]
+
+T = TypeVar("T")
+
+
+class Catalog:
+    """One catalog database, as SQLAlchemy reaches it, and the current transaction."""
+
+    def __init__(self, url: str, engine_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        with translate_errors(url):
+            self.engine = create_catalog_engine(url, **(engine_options or {}))
+        #: ``"sqlite"`` or ``"postgresql"``.
+        self.dialect: str = self.engine.dialect.name
+        self.postgresql = self.dialect == "postgresql"
+        self._tx: ContextVar[Connection | None] = ContextVar(
+            f"polystore_tx_{id(self)}", default=None
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def errors(self) -> Any:
+        """A context in which driver errors become polystore errors (for this catalog)."""
+        return translate_errors(self.url)
+
+    @property
+    def connection(self) -> Connection | None:
+        """The connection of the caller's open :meth:`transaction` on this thread, or None."""
+        return self._tx.get()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._tx.get() is not None
+
+    def read(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+        """Run ``work`` in the caller's transaction, or a read transaction of its own.
+
+        ``snapshot`` asks for one snapshot across statements, which PostgreSQL's
+        default READ COMMITTED does not give.
+        """
+        with translate_errors(self.url):
+            conn = self._tx.get()
+            if conn is not None:
+                return work(conn)
+            options = {"isolation_level": "REPEATABLE READ"} if snapshot and self.postgresql else {}
+            with self.engine.connect().execution_options(**options) as conn:
+                return work(conn)
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` atomically: its own transaction (retried), or a savepoint in the caller's."""
+        with translate_errors(self.url):
+            conn = self._tx.get()
+            if conn is not None:
+                with conn.begin_nested():
+                    return work(conn)
+            return retrying(lambda: self._run_write(work))
+
+    def transact(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction of its own (retried), whatever the caller holds."""
+        with translate_errors(self.url):
+            return retrying(lambda: self._run_write(work))
+
+    def _run_write(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+            return work(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """The caller's transaction: a savepoint if one is open on this thread.
+
+        Commits when the block ends, rolls back if it raises; while it is open,
+        :meth:`read` and :meth:`write` on this thread run inside it.
+        """
+        conn = self._tx.get()
+        if conn is not None:
+            with translate_errors(self.url), conn.begin_nested():
+                yield conn
+            return
+        with (
+            translate_errors(self.url),
+            self.engine.connect().execution_options(**{WRITE: True}) as conn,
+        ):
+            token = self._tx.set(conn)
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                self._tx.reset(token)
