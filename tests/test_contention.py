@@ -416,3 +416,35 @@ def test_moved_file_keeps_its_content_through_gc(catalog_url: str, tmp_path: Pat
         assert tag_of(b.load("Y/a.bin")) == "a"
         with pytest.raises(AlreadyExistsError):
             b.copy("Y/a.bin", "Y/a.bin")
+
+
+def test_rebalance_skips_a_blob_collected_while_it_runs(catalog_url: str, tmp_path: Path) -> None:
+    """rebalance() lists the blobs to move first: one collected since is skipped, not damage.
+
+    The soak found it: a file deleted and its blob collected by another
+    process between rebalance's list and its read of the object.
+    """
+    from polystore.blobs.local import LocalBlobStore
+
+    class CollectedOnFirstRead(LocalBlobStore):
+        """Another process deletes ``a.bin`` and collects its blob as rebalance first reads."""
+
+        other: SQLBackend | None = None
+
+        def open(self, content_hash: str) -> Any:
+            if self.other is not None:
+                other, self.other = self.other, None
+                other.delete("a.bin")
+                other.gc()
+            return super().open(content_hash)
+
+    store = CollectedOnFirstRead(tmp_path / "blobs")
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
+        backend.save_batch([content("a"), content("b")], ["a.bin", "b.bin"])
+        with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
+            store.other = other
+            report = backend.rebalance(inline_limit=1 << 20)
+        assert report.to_inline == 1  # b moved in; a was gone
+        assert tag_of(backend.load("b.bin")) == "b"
+        assert not backend.exists("a.bin")
+        assert backend.fsck(verify=True).ok

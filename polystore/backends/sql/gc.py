@@ -292,10 +292,35 @@ def _move_out(placement: Placement, content_hash: str, size: int) -> bool:
     return placement.run([Content(content_hash, data, size)], switch, force=True)
 
 
+def _in_use(placement: Placement, content_hash: str, store_name: str) -> bool:
+    """Whether blob ``content_hash`` is in ``store_name`` with references."""
+    return bool(
+        _read(
+            placement,
+            lambda conn: conn.execute(
+                sa.select(blobs.c.hash).where(
+                    blobs.c.hash == content_hash,
+                    blobs.c.store == store_name,
+                    blobs.c.refcount > 0,
+                )
+            ).first(),
+        )
+    )
+
+
 def _move_in(placement: Placement, content_hash: str, size: int) -> bool:
     store = placement.store
     assert store is not None
-    data = placement.read(content_hash, size, f"blob {content_hash}")
+    try:
+        data = placement.read(content_hash, size, f"blob {content_hash}")
+    except IntegrityError:
+        # The list of blobs to move was read earlier: gc() may have collected
+        # this one since (its last file deleted meanwhile). Only a blob still
+        # in use without its object is damage -- read once more first, in case
+        # a writer has just stored the same content again.
+        if not _in_use(placement, content_hash, store.name):
+            return False
+        data = placement.read(content_hash, size, f"blob {content_hash}")
 
     def work(conn: Connection) -> int | None:
         moved = conn.execute(
