@@ -7,8 +7,10 @@ the tests start, reached through the same obstore client users run).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,9 +24,23 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from polystore import FileManager, IntegrityError, NotFoundError, SerializationError
+from polystore import (
+    FileManager,
+    IntegrityError,
+    NotFoundError,
+    ReadOnlyError,
+    SerializationError,
+)
 from polystore.backends.sql import SQLBackend
-from polystore.blobs import BlobStore, LocalBlobStore, S3BlobStore, from_url, hash_key
+from polystore.blobs import (
+    OWNER_KEY,
+    BlobStore,
+    LocalBlobStore,
+    S3BlobStore,
+    StoreOwner,
+    from_url,
+    hash_key,
+)
 from polystore.errors import BackendConfigError, UnsupportedOperationError
 
 LIMIT = 64  # bytes: small enough that most test values go external
@@ -214,6 +230,71 @@ def test_from_url(tmp_path: Path) -> None:
             from_url(bad)
     with pytest.raises(BackendConfigError, match="unknown S3 blob store options"):
         from_url("s3://bucket?colour=blue")
+
+
+def test_store_keeps_its_first_owner(blob_store: BlobStore) -> None:
+    assert blob_store.records_owner and blob_store.owner() is None
+    first = blob_store.claim(StoreOwner("first", "the first catalog"))
+    assert first is not None and (first.id, first.description) == ("first", "the first catalog")
+    assert first.claimed_at  # stamped by the claim
+    assert blob_store.claim(StoreOwner("second", "a latecomer")) == first
+    assert blob_store.claim(StoreOwner("first", "described anew")) == first  # written once
+    assert blob_store.owner() == first
+    # The marker is not an object: never listed, never reached by a hash.
+    assert list(blob_store.scan()) == []
+    data = payload(5)
+    blob_store.put(sha(data), [data], len(data))
+    assert objects(blob_store) == {hash_key(sha(data))}
+    blob_store.delete([sha(data)])
+    assert list(blob_store.scan()) == [] and blob_store.owner() == first
+
+
+def test_local_marker_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(source: Any, target: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")  # (FAT, some network mounts)
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = LocalBlobStore(tmp_path / "blobs")
+    first = store.claim(StoreOwner("first"))
+    assert first is not None and first.id == "first"
+    assert store.claim(StoreOwner("second")) == first
+    assert [p.name for p in store.root.iterdir()] == [OWNER_KEY]  # no temporary file left
+
+
+def test_a_damaged_marker_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("polystore.blobs.base._MARKER_PATIENCE", 0.1)
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.root.mkdir()
+    for junk in (b"", b"{not json", b'{"owner": "someone"}', json.dumps([1]).encode()):
+        (store.root / OWNER_KEY).write_bytes(junk)
+        with pytest.raises(BackendConfigError, match=r"owner marker .* is damaged"):
+            store.claim(StoreOwner("me"))
+    assert (store.root / OWNER_KEY).read_bytes() == b"[1]"  # not overwritten
+
+
+class _ReadOnlyStore(LocalBlobStore):
+    """A store this process may read but not write (a read-only mount, a bucket policy)."""
+
+    def create_marker(self, data: bytes) -> bool:
+        raise ReadOnlyError(errno.EROFS, "Read-only file system", str(self.root))
+
+
+class _NoOwnerStore(LocalBlobStore):
+    """A store that keeps no owner marker, as a custom store need not."""
+
+    records_owner = False
+
+
+def test_stores_that_cannot_record_an_owner(tmp_path: Path) -> None:
+    read_only = _ReadOnlyStore(tmp_path / "ro")
+    assert read_only.claim(StoreOwner("me")) is None  # unclaimed, and readable
+    no_owner = _NoOwnerStore(tmp_path / "plain")
+    assert no_owner.claim(StoreOwner("me")) is None and no_owner.owner() is None
+    assert not (tmp_path / "plain").exists()
+    with pytest.raises(UnsupportedOperationError):
+        BlobStore.read_marker(no_owner)
 
 
 def test_importing_polystore_does_not_import_obstore() -> None:
