@@ -239,7 +239,8 @@ def test_constraints_and_indexes_follow_the_naming_convention(catalog_url: str) 
     migrate.upgrade(catalog_url)
     with engine_for(catalog_url) as engine, engine.connect() as conn:
         inspector = sa.inspect(conn)
-        for table in ("polystore_nodes", "polystore_blobs", "polystore_upload_intents"):
+        tables = ("polystore_nodes", "polystore_blobs", "polystore_upload_intents")
+        for table in (*tables, "polystore_tree_version", "polystore_identity"):
             names = [inspector.get_pk_constraint(table)["name"]]
             names += [i["name"] for i in inspector.get_indexes(table)]
             names += [u["name"] for u in inspector.get_unique_constraints(table)]
@@ -570,15 +571,20 @@ def _write_at_0001(url: str) -> None:
 
 
 def _catalog_rows(url: str) -> dict[str, Any]:
-    """Node and blob rows, without the nodes' kind ids (derived, since 0004)."""
+    """Node and blob rows, without the nodes' kind ids (derived, since 0004) and
+    the catalog identity a downgrade below 0005 keeps in the root's ``meta``."""
     full = snapshot(url)
     rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
     names = [name for name, _ in full["polystore_nodes"]["columns"]]
+    meta = names.index("meta")
+    nodes = [
+        (*row[:meta], None, *row[meta + 1 :]) if row[0] == 0 else row
+        for row in rows["polystore_nodes"]
+    ]
     if "kind_id" in names:
         at = names.index("kind_id")
-        rows["polystore_nodes"] = sorted(
-            (row[:at] + row[at + 1 :] for row in rows["polystore_nodes"]), key=repr
-        )
+        nodes = [row[:at] + row[at + 1 :] for row in nodes]
+    rows["polystore_nodes"] = sorted(nodes, key=repr)
     return rows
 
 
