@@ -616,6 +616,20 @@ def test_a_read_only_catalog_checks_its_store_but_claims_nothing(
         SQLBackend(read_only, blob_store=store)
 
 
+def test_an_in_memory_catalog_checks_its_store_but_claims_nothing(tmp_path: Path) -> None:
+    # It ends with its process: a claim would outlive it, and lock the store.
+    store = LocalBlobStore(tmp_path / "blobs")
+    for _ in range(2):
+        with SQLBackend("sqlite://", blob_store=store, inline_limit=LIMIT) as scratch:
+            scratch.save(payload(74), "f.bin")
+            assert scratch.load("f.bin") == payload(74)
+    assert store.owner() is None
+    with SQLBackend(f"sqlite:///{tmp_path}/kept.db", blob_store=store):
+        pass  # a catalog on file claims it
+    with pytest.raises(BackendConfigError, match=r"belongs to another catalog.*sqlite:// on"):
+        SQLBackend("sqlite://", blob_store=store)
+
+
 # -- failures, rollbacks and gc --------------------------------------------------------
 
 

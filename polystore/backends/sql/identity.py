@@ -18,8 +18,10 @@ claims its store:
   before anything is read or written.
 
 A store that cannot be written (a read-only directory or bucket) is read
-without being claimed, and a catalog opened read-only (SQLite ``mode=ro`` or
-``immutable=1``) only checks the marker, writing none. A store that keeps no
+without being claimed. A catalog opened read-only (SQLite ``mode=ro`` or
+``immutable=1``) only checks the marker, writing none, and so does an
+in-memory SQLite catalog: it ends with its process, and would leave the store
+claimed by a catalog that no longer exists. A store that keeps no
 marker (``records_owner`` false: a custom store that does not implement one)
 is not checked at all.
 
@@ -40,7 +42,7 @@ from polystore.backends.sql.models import identity_table
 from polystore.blobs.base import OWNER_KEY, BlobStore, StoreOwner
 from polystore.errors import BackendConfigError
 
-__all__ = ["catalog_id", "claim_store", "describe", "opened_read_only"]
+__all__ = ["catalog_id", "claim_store", "describe", "only_checks"]
 
 
 # Plain text for the driver: a statement compiled by SQLAlchemy would be
@@ -64,7 +66,8 @@ def catalog_id(conn: Connection) -> str:
 
 def describe(url: sa.URL) -> str:
     """The catalog at ``url`` for people: its URL (no password, SQLite paths absolute) and host."""
-    if url.get_backend_name() == "sqlite" and url.database:
+    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    if url.get_backend_name() == "sqlite" and url.database and not in_memory:
         database = url.database
         if database.startswith("file:"):  # a URI filename (?uri=true)
             database = database[len("file:") :].partition("?")[0]
@@ -74,10 +77,18 @@ def describe(url: sa.URL) -> str:
     return f"{where} on {socket.gethostname()}"
 
 
-def opened_read_only(url: sa.URL) -> bool:
-    """Whether the URL opens a SQLite catalog read-only (``mode=ro``, ``immutable=1``)."""
-    return url.get_backend_name() == "sqlite" and (
-        url.query.get("mode") == "ro" or url.query.get("immutable") in ("1", "true")
+def only_checks(url: sa.URL) -> bool:
+    """Whether a catalog at ``url`` checks its store's owner without claiming the store.
+
+    True for SQLite opened read-only (``mode=ro``, ``immutable=1``) and for
+    in-memory SQLite.
+    """
+    if url.get_backend_name() != "sqlite":
+        return False
+    return (
+        url.database in (None, "", ":memory:")
+        or url.query.get("mode") in ("ro", "memory")
+        or url.query.get("immutable") in ("1", "true")
     )
 
 
@@ -87,7 +98,7 @@ def claim_store(store: BlobStore, engine: Engine) -> None:
         return
     with engine.connect() as conn:
         me = StoreOwner(catalog_id(conn), describe(engine.url))
-    found = store.owner() if opened_read_only(engine.url) else store.claim(me)
+    found = store.owner() if only_checks(engine.url) else store.claim(me)
     if found is None or found.id == me.id:
         return
     since = f", since {found.claimed_at}" if found.claimed_at else ""
