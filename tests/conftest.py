@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -51,9 +53,9 @@ def _require_pg() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh, empty schema."""
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh, empty schema, dropped afterwards."""
     _require_pg()
     import psycopg
 
@@ -69,6 +71,13 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh, empty schema."""
+    with pg_schema() as url:
+        yield url
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     """A URL for a fresh SQLite file."""
     return f"sqlite:///{tmp_path}/catalog.db"
@@ -80,6 +89,23 @@ def catalog_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def more_catalogs(catalog_url: str, tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """``more_catalogs()`` is the URL of one more fresh catalog, beside ``catalog_url``'s.
+
+    Another SQLite file, or another PostgreSQL schema: an independent catalog
+    on the same kind of database.
+    """
+    with ExitStack() as stack:
+
+        def more() -> str:
+            if catalog_url.startswith("sqlite"):
+                return f"sqlite:///{tmp_path}/catalog-{uuid.uuid4().hex[:8]}.db"
+            return stack.enter_context(pg_schema())
+
+        yield more
 
 
 _SERVICE_FIXTURES = {"pg_url", "catalog_url", "s3_store", "s3_url", "s3_server"}

@@ -7,14 +7,17 @@ the tests start, reached through the same obstore client users run).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,23 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from polystore import FileManager, IntegrityError, NotFoundError, SerializationError
+from polystore import (
+    FileManager,
+    IntegrityError,
+    NotFoundError,
+    ReadOnlyError,
+    SerializationError,
+)
 from polystore.backends.sql import SQLBackend
-from polystore.blobs import BlobStore, LocalBlobStore, S3BlobStore, from_url, hash_key
+from polystore.blobs import (
+    OWNER_KEY,
+    BlobStore,
+    LocalBlobStore,
+    S3BlobStore,
+    StoreOwner,
+    from_url,
+    hash_key,
+)
 from polystore.errors import BackendConfigError, UnsupportedOperationError
 
 LIMIT = 64  # bytes: small enough that most test values go external
@@ -216,6 +233,71 @@ def test_from_url(tmp_path: Path) -> None:
         from_url("s3://bucket?colour=blue")
 
 
+def test_store_keeps_its_first_owner(blob_store: BlobStore) -> None:
+    assert blob_store.records_owner and blob_store.owner() is None
+    first = blob_store.claim(StoreOwner("first", "the first catalog"))
+    assert first is not None and (first.id, first.description) == ("first", "the first catalog")
+    assert first.claimed_at  # stamped by the claim
+    assert blob_store.claim(StoreOwner("second", "a latecomer")) == first
+    assert blob_store.claim(StoreOwner("first", "described anew")) == first  # written once
+    assert blob_store.owner() == first
+    # The marker is not an object: never listed, never reached by a hash.
+    assert list(blob_store.scan()) == []
+    data = payload(5)
+    blob_store.put(sha(data), [data], len(data))
+    assert objects(blob_store) == {hash_key(sha(data))}
+    blob_store.delete([sha(data)])
+    assert list(blob_store.scan()) == [] and blob_store.owner() == first
+
+
+def test_local_marker_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(source: Any, target: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")  # (FAT, some network mounts)
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = LocalBlobStore(tmp_path / "blobs")
+    first = store.claim(StoreOwner("first"))
+    assert first is not None and first.id == "first"
+    assert store.claim(StoreOwner("second")) == first
+    assert [p.name for p in store.root.iterdir()] == [OWNER_KEY]  # no temporary file left
+
+
+def test_a_damaged_marker_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("polystore.blobs.base._MARKER_PATIENCE", 0.1)
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.root.mkdir()
+    for junk in (b"", b"{not json", b'{"owner": "someone"}', json.dumps([1]).encode()):
+        (store.root / OWNER_KEY).write_bytes(junk)
+        with pytest.raises(BackendConfigError, match=r"owner marker .* is damaged"):
+            store.claim(StoreOwner("me"))
+    assert (store.root / OWNER_KEY).read_bytes() == b"[1]"  # not overwritten
+
+
+class _ReadOnlyStore(LocalBlobStore):
+    """A store this process may read but not write (a read-only mount, a bucket policy)."""
+
+    def create_marker(self, data: bytes) -> bool:
+        raise ReadOnlyError(errno.EROFS, "Read-only file system", str(self.root))
+
+
+class _NoOwnerStore(LocalBlobStore):
+    """A store that keeps no owner marker, as a custom store need not."""
+
+    records_owner = False
+
+
+def test_stores_that_cannot_record_an_owner(tmp_path: Path) -> None:
+    read_only = _ReadOnlyStore(tmp_path / "ro")
+    assert read_only.claim(StoreOwner("me")) is None  # unclaimed, and readable
+    no_owner = _NoOwnerStore(tmp_path / "plain")
+    assert no_owner.claim(StoreOwner("me")) is None and no_owner.owner() is None
+    assert not (tmp_path / "plain").exists()
+    with pytest.raises(UnsupportedOperationError):
+        BlobStore.read_marker(no_owner)
+
+
 def test_importing_polystore_does_not_import_obstore() -> None:
     code = (
         "import sys, polystore, polystore.blobs; polystore.SQLBackend; "
@@ -331,9 +413,10 @@ def test_default_store_next_to_sqlite_file(tmp_path: Path, monkeypatch: pytest.M
         assert isinstance(b.blob_store, LocalBlobStore)
         assert b.blob_store.root == tmp_path / "cat.db.blobs"
         b.save(b"small", "s.bin")
-        assert not (tmp_path / "cat.db.blobs").exists()  # created on the first external write
+        # Opening claimed it: the directory holds the owner marker, and no object.
+        assert [p.name for p in (tmp_path / "cat.db.blobs").iterdir()] == [OWNER_KEY]
         b.save(payload(8), "big.bin")
-        assert (tmp_path / "cat.db.blobs").is_dir()
+        assert objects(b.blob_store) == {hash_key(sha(payload(8)))}
     # A FileManager given the URL opens the same catalog with the same default store.
     fm = FileManager(url)
     assert fm.load("big.bin") == payload(8)
@@ -382,6 +465,169 @@ def test_large_batches_register_and_settle_in_chunks(catalog_url: str, tmp_path:
         assert len(objects(store)) == 600
         assert b.load_batch(names[::50]) == [str(i).encode() for i in range(0, 600, 50)]
         assert_clean(b)
+
+
+# -- one store, one catalog ------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh blob store: a local directory, or an S3 prefix."""
+    if request.param == "local":
+        return f"file://{tmp_path}/shared-blobs"
+    return str(request.getfixturevalue("s3_url"))
+
+
+def identity(catalog: str | sa.Engine) -> str:
+    """The catalog's identity, read with plain SQL."""
+    engine = sa.create_engine(catalog) if isinstance(catalog, str) else catalog
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(sa.text("SELECT catalog_id FROM polystore_identity")).scalar())
+    finally:
+        if isinstance(catalog, str):
+            engine.dispose()
+
+
+def test_a_second_catalog_on_a_store_is_refused_and_nothing_is_lost(
+    catalog_url: str,
+    more_catalogs: Callable[[], str],
+    store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The report: POLYSTORE_BLOB_STORE set for two catalogs; the same array
+    # saved in both, deleted in one, gc(grace=0) there -- and the other had lost it.
+    monkeypatch.setenv("POLYSTORE_BLOB_STORE", store_url)
+    array = np.arange(1000.0)
+    second = more_catalogs()
+    with SQLBackend(catalog_url, inline_limit=LIMIT) as a:
+        a.save(array, "x.npy")
+        shared = a.blob_store
+        assert shared is not None
+        before = (objects(shared), shared.owner())
+        with pytest.raises(BackendConfigError) as refused:
+            SQLBackend(second, inline_limit=LIMIT)
+        message = str(refused.value)
+        assert identity(catalog_url) != identity(second)
+        assert identity(catalog_url) in message and identity(second) in message
+        assert shared.where() in message and "give this catalog a store of its own" in message
+        assert (objects(shared), shared.owner()) == before  # the refused open wrote nothing
+
+        # The second catalog with a store of its own (another directory, or
+        # another prefix of the bucket): the same steps lose nothing.
+        own = from_url(store_url.replace("shared-blobs", "own-blobs").replace("/t-", "/own-"))
+        with SQLBackend(second, blob_store=own, inline_limit=LIMIT) as b:
+            b.save(array, "x.npy")
+            a.delete("x.npy")
+            assert a.gc(grace=0).objects_deleted == 1
+            np.testing.assert_array_equal(b.load("x.npy"), array)
+            assert_clean(b)
+        assert_clean(a)
+        assert shared.owner() == before[1]  # gc() left the marker alone
+
+
+def test_the_owner_reopens_its_store(catalog_url: str, blob_store: BlobStore) -> None:
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=LIMIT) as b:
+        b.save(payload(70), "f.bin")
+    owner = blob_store.owner()
+    assert owner is not None and owner.id == identity(catalog_url)
+    assert catalog_url.partition("?")[0] in owner.description  # for people: where it is
+    # Again, with the same store object and with one built anew from its URL.
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=LIMIT) as b:
+        assert b.load("f.bin") == payload(70)
+    where = blob_store.where()
+    again = from_url(where) if isinstance(blob_store, LocalBlobStore) else blob_store
+    with SQLBackend(catalog_url, blob_store=again, inline_limit=LIMIT) as b:
+        assert b.load("f.bin") == payload(70)
+        assert_clean(b)
+    assert blob_store.owner() == owner  # claimed once, never rewritten
+
+
+def test_the_owner_marker_is_no_object_to_fsck_or_gc(backend: SQLBackend) -> None:
+    store = backend.blob_store
+    assert store is not None
+    owner = store.owner()
+    assert owner is not None and owner.id == identity(backend.engine)
+    backend.save_batch([payload(71), payload(72)], ["a.bin", "b.bin"])
+    backend.delete("a.bin")
+    backend.delete("b.bin")
+    assert backend.gc(grace=0).objects_deleted == 2
+    assert objects(store) == set() and store.owner() == owner
+    report = backend.fsck(verify=True)
+    assert report.ok and report.unreferenced == [] and report.objects_checked == 0, str(report)
+
+
+def _open_on_shared_store(url: str, store: str, barrier: Any, results: Any, index: int) -> None:
+    try:
+        barrier.wait(timeout=60)
+        with SQLBackend(url, blob_store=store, inline_limit=LIMIT) as b:
+            b.save(payload(100 + index), "mine.bin")
+        results.put((index, None))
+    except BackendConfigError:
+        results.put((index, "refused"))
+    except Exception as error:  # noqa: BLE001 -- any failure goes back to the parent
+        results.put((index, repr(error)))
+
+
+@pytest.mark.slow
+def test_concurrent_first_claims_exactly_one_catalog_wins(
+    more_catalogs: Callable[[], str], store_url: str
+) -> None:
+    workers = 4
+    urls = [more_catalogs() for _ in range(workers)]
+    for url in urls:  # migrated beforehand: the processes race for the store alone
+        SQLBackend(url).close()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_open_on_shared_store, args=(url, store_url, barrier, results, i))
+        for i, url in enumerate(urls)
+    ]
+    for proc in procs:
+        proc.start()
+    outcome = dict(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    winners = [i for i, error in outcome.items() if error is None]
+    assert len(winners) == 1, outcome
+    assert sorted(outcome.values(), key=str) == [None] + ["refused"] * (workers - 1), outcome
+    (winner,) = winners
+    owner = from_url(store_url).owner()
+    assert owner is not None and owner.id == identity(urls[winner])
+    with SQLBackend(urls[winner], blob_store=store_url, inline_limit=LIMIT) as b:
+        assert b.load("mine.bin") == payload(100 + winner)
+        assert_clean(b)
+
+
+def test_a_read_only_catalog_checks_its_store_but_claims_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    with SQLBackend(sqlite_url, blob_store=store, inline_limit=LIMIT) as rw:
+        rw.save(payload(73), "f.bin")
+    (store.root / OWNER_KEY).unlink()  # a store from before stores recorded owners
+    read_only = sqlite_url.replace("sqlite:///", "sqlite:///file:") + "?mode=ro&uri=true"
+    with SQLBackend(read_only, blob_store=store) as ro:
+        assert ro.load("f.bin") == payload(73)
+    assert store.owner() is None  # a read-only open writes nothing
+    assert store.claim(StoreOwner("another catalog")) is not None
+    with pytest.raises(BackendConfigError, match="belongs to another catalog"):
+        SQLBackend(read_only, blob_store=store)
+
+
+def test_an_in_memory_catalog_checks_its_store_but_claims_nothing(tmp_path: Path) -> None:
+    # It ends with its process: a claim would outlive it, and lock the store.
+    store = LocalBlobStore(tmp_path / "blobs")
+    for _ in range(2):
+        with SQLBackend("sqlite://", blob_store=store, inline_limit=LIMIT) as scratch:
+            scratch.save(payload(74), "f.bin")
+            assert scratch.load("f.bin") == payload(74)
+    assert store.owner() is None
+    with SQLBackend(f"sqlite:///{tmp_path}/kept.db", blob_store=store):
+        pass  # a catalog on file claims it
+    with pytest.raises(BackendConfigError, match=r"belongs to another catalog.*sqlite:// on"):
+        SQLBackend("sqlite://", blob_store=store)
 
 
 # -- failures, rollbacks and gc --------------------------------------------------------

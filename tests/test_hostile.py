@@ -42,6 +42,7 @@ from catalog_checks import refcounts, write_calls
 
 from polystore import (
     AlreadyExistsError,
+    BackendConfigError,
     BackendUnavailableError,
     DiskBackend,
     IntegrityError,
@@ -55,6 +56,7 @@ from polystore import (
     UnsupportedOperationError,
 )
 from polystore.backends.sql import SQLBackend
+from polystore.blobs import OWNER_KEY, LocalBlobStore, StoreOwner
 
 # -- subjects: a backend, plus what is needed to see everything it touched ----------------
 
@@ -1071,6 +1073,25 @@ def test_read_only_filesystem(read_only_mount: tuple[Path, Path]) -> None:
     assert disk.load("keep/existing.bin") == b"existing"
     assert _tree(source) == listing
     _count("test_read_only_filesystem", tried + len(writes) + 2)
+
+
+def test_read_only_blob_store(catalog_url: str, read_only_mount: tuple[Path, Path]) -> None:
+    """A blob store on read-only media (EROFS even for root), from before stores
+    recorded their owners: the catalog opens and reads it, unclaimed. A marker
+    naming another catalog is still refused."""
+    source, view = read_only_mount
+    array = np.arange(40.0)
+    with SQLBackend(catalog_url, blob_store=f"file://{source}/blobs", inline_limit=0) as rw:
+        rw.save(array, "keep/array.npy")
+    (source / "blobs" / OWNER_KEY).unlink()
+    listing = _tree(source)
+    with SQLBackend(catalog_url, blob_store=f"file://{view}/blobs", inline_limit=0) as ro:
+        np.testing.assert_array_equal(ro.load("keep/array.npy"), array)
+        assert ro.fsck(verify=True).ok
+    assert _tree(source) == listing  # nothing written, no marker
+    LocalBlobStore(source / "blobs").claim(StoreOwner("another catalog"))
+    with pytest.raises(BackendConfigError, match="belongs to another catalog"):
+        SQLBackend(catalog_url, blob_store=f"file://{view}/blobs")
 
 
 # Run in a child process without the capabilities that let root ignore file

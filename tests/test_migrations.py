@@ -17,7 +17,8 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from polystore.backends.sql import SQLBackend, schema
 from polystore.backends.sql.engine import create_catalog_engine
 from polystore.backends.sql.kinds import kind_key
 from polystore.backends.sql.models import kinds_table
+from polystore.blobs import OWNER_KEY, LocalBlobStore
 from polystore.errors import BackendConfigError, BackendUnavailableError, SchemaVersionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +241,8 @@ def test_constraints_and_indexes_follow_the_naming_convention(catalog_url: str) 
     migrate.upgrade(catalog_url)
     with engine_for(catalog_url) as engine, engine.connect() as conn:
         inspector = sa.inspect(conn)
-        for table in ("polystore_nodes", "polystore_blobs", "polystore_upload_intents"):
+        tables = ("polystore_nodes", "polystore_blobs", "polystore_upload_intents")
+        for table in (*tables, "polystore_tree_version", "polystore_identity"):
             names = [inspector.get_pk_constraint(table)["name"]]
             names += [i["name"] for i in inspector.get_indexes(table)]
             names += [u["name"] for u in inspector.get_unique_constraints(table)]
@@ -570,15 +573,20 @@ def _write_at_0001(url: str) -> None:
 
 
 def _catalog_rows(url: str) -> dict[str, Any]:
-    """Node and blob rows, without the nodes' kind ids (derived, since 0004)."""
+    """Node and blob rows, without the nodes' kind ids (derived, since 0004) and
+    the catalog identity a downgrade below 0005 keeps in the root's ``meta``."""
     full = snapshot(url)
     rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
     names = [name for name, _ in full["polystore_nodes"]["columns"]]
+    meta = names.index("meta")
+    nodes = [
+        (*row[:meta], None, *row[meta + 1 :]) if row[0] == 0 else row
+        for row in rows["polystore_nodes"]
+    ]
     if "kind_id" in names:
         at = names.index("kind_id")
-        rows["polystore_nodes"] = sorted(
-            (row[:at] + row[at + 1 :] for row in rows["polystore_nodes"]), key=repr
-        )
+        nodes = [row[:at] + row[at + 1 :] for row in nodes]
+    rows["polystore_nodes"] = sorted(nodes, key=repr)
     return rows
 
 
@@ -639,6 +647,83 @@ def test_data_survives_upgrade_downgrade_upgrade(catalog_url: str) -> None:
     migrate.upgrade(catalog_url)
     assert _catalog_rows(catalog_url) == rows_at_0001
     _assert_all_loadable(catalog_url)
+
+
+def _identity(url: str) -> str | None:
+    with engine_for(url) as engine, engine.connect() as conn:
+        if not sa.inspect(conn).has_table("polystore_identity"):
+            return None
+        return str(conn.execute(sa.text("SELECT catalog_id FROM polystore_identity")).scalar_one())
+
+
+def _root_meta(url: str) -> Any:
+    with engine_for(url) as engine, engine.connect() as conn:
+        meta = conn.execute(sa.text("SELECT meta FROM polystore_nodes WHERE id = 0")).scalar()
+    return json.loads(meta) if isinstance(meta, str) else meta
+
+
+def _to_0004_without_identity(url: str) -> None:
+    """Take the catalog to 0004 as if it had never been at 0005 (no identity kept)."""
+    migrate.downgrade(url, "0004")
+    with engine_for(url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("UPDATE polystore_nodes SET meta = NULL WHERE id = 0"))
+
+
+def test_an_older_catalog_gets_an_identity_and_claims_its_store(
+    catalog_url: str, more_catalogs: Callable[[], str], tmp_path: Path
+) -> None:
+    # Two catalogs from before 0005, sharing one store (nothing stopped that
+    # then), with their data and a store holding no owner marker.
+    store = LocalBlobStore(tmp_path / "blobs")
+    other = more_catalogs()
+    for url, value in ((catalog_url, VALUES), (other, {"raw/other.bin": bytes(300)})):
+        with SQLBackend(url, blob_store=store, inline_limit=0) as backend:
+            for path, item in value.items():
+                backend.save(item, path)
+        _to_0004_without_identity(url)
+        (store.root / OWNER_KEY).unlink()
+        assert _identity(url) is None
+    rows_at_0004 = _catalog_rows(catalog_url)
+
+    for url in (catalog_url, other):
+        migrate.upgrade(url)
+        assert migrate.check(url) == []
+    assert _catalog_rows(catalog_url) == rows_at_0004
+    assert uuid.UUID(_identity(catalog_url) or "") != uuid.UUID(_identity(other) or "")
+    assert store.owner() is None  # upgrading touches no store
+
+    # The first catalog to open claims the store, and reads all it had there.
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
+        for path, value in VALUES.items():
+            assert_same(value, backend.load(path))
+    owner = store.owner()
+    assert owner is not None and owner.id == _identity(catalog_url)
+    with pytest.raises(BackendConfigError, match="belongs to another catalog"):
+        SQLBackend(other, blob_store=store)
+
+
+def test_identity_survives_downgrade_and_upgrade(catalog_url: str, tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
+        backend.save(b"kept", "f.bin")
+    first = _identity(catalog_url)
+    assert first is not None and store.owner() is not None
+    for target in ("0004", "0001"):
+        migrate.downgrade(catalog_url, target)
+        assert _identity(catalog_url) is None
+        assert _root_meta(catalog_url) == {"polystore_catalog_id": first}
+        migrate.upgrade(catalog_url)
+        assert _identity(catalog_url) == first
+        assert _root_meta(catalog_url) is None  # taken back
+        assert migrate.check(catalog_url) == []
+    with SQLBackend(catalog_url, blob_store=store) as backend:  # its store still knows it
+        assert backend.load("f.bin") == b"kept"
+    # Down to base is the end of that catalog: a new one is another catalog.
+    migrate.downgrade(catalog_url, "base")
+    migrate.upgrade(catalog_url)
+    assert _identity(catalog_url) not in (None, first)
+    with pytest.raises(BackendConfigError, match="belongs to another catalog"):
+        SQLBackend(catalog_url, blob_store=store)
 
 
 def test_tree_version_never_repeats_across_downgrade_and_upgrade(catalog_url: str) -> None:

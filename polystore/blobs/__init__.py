@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from polystore.blobs.base import (
+    OWNER_KEY,
     BlobReader,
     BlobStore,
     BytesReader,
     StoredObject,
+    StoreOwner,
     from_url,
     hash_key,
 )
@@ -23,11 +25,13 @@ if TYPE_CHECKING:
     from polystore.blobs.s3 import S3BlobStore
 
 __all__ = [
+    "OWNER_KEY",
     "BlobReader",
     "BlobStore",
     "BytesReader",
     "LocalBlobStore",
     "S3BlobStore",
+    "StoreOwner",
     "StoredObject",
     "from_url",
     "hash_key",

@@ -19,26 +19,38 @@ URL                              store
 
 Write your own by subclassing :class:`BlobStore` and passing an instance as
 ``SQLBackend(url, blob_store=MyStore(...))``.
+
+A store can also record who it belongs to: one small object beside the blobs,
+the *owner marker* (:data:`OWNER_KEY`), written once, create-if-absent. The
+store neither knows nor cares what an owner is; it keeps the first one it is
+given (:meth:`BlobStore.claim`) and reports it. The SQL catalog uses it so
+that two catalogs never share one store (their ``gc()`` would delete each
+other's content).
 """
 
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import io
+import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from polystore.errors import BackendConfigError
+from polystore.errors import BackendConfigError, UnsupportedOperationError
 
 __all__ = [
     "CHUNK_SIZE",
+    "OWNER_KEY",
     "BlobReader",
     "BlobStore",
     "BytesReader",
+    "StoreOwner",
     "StoredObject",
     "check_hash",
     "from_url",
@@ -51,6 +63,18 @@ Buffer = bytes | bytearray | memoryview
 CHUNK_SIZE = 8 << 20
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+
+#: The key of a store's owner marker (see :meth:`BlobStore.claim`), at the top
+#: of the store beside the shard directories. Never a hash key, so ``gc()``
+#: (which deletes by hash) cannot reach it, and :meth:`BlobStore.scan` leaves
+#: it out, so ``fsck()`` never reports it.
+OWNER_KEY = "polystore-owner.json"
+# What a marker says it is, so a stray file of that name is not taken for one.
+_MARKER_KIND = "polystore blob store owner"
+# How long to wait for a marker whose writer is still writing it (only stores
+# that cannot create an object whole, such as a local directory on a file
+# system without hard links, ever show one half-written).
+_MARKER_PATIENCE = 2.0
 
 
 def check_hash(content_hash: str) -> str:
@@ -91,6 +115,46 @@ class StoredObject:
     token: str | None = None
 
 
+@dataclass(frozen=True)
+class StoreOwner:
+    """Who a blob store belongs to, as its owner marker records it.
+
+    ``id`` is what is compared: two owners are the same owner when their ids
+    are equal (polystore gives each catalog a UUID). ``description`` tells
+    people which owner it is (polystore: the catalog's URL and host);
+    ``claimed_at`` is when the marker was written (ISO 8601, UTC), filled in
+    by :meth:`BlobStore.claim`.
+    """
+
+    id: str
+    description: str = ""
+    claimed_at: str = ""
+
+    def to_bytes(self) -> bytes:
+        """The marker's content: a small JSON object."""
+        record = {
+            "kind": _MARKER_KIND,
+            "owner": self.id,
+            "description": self.description,
+            "claimed_at": self.claimed_at,
+        }
+        return (json.dumps(record, indent=1) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StoreOwner:
+        """The owner a marker records; ValueError if ``data`` is not a marker."""
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"not an owner marker: {exc}") from None
+        if not isinstance(record, dict) or record.get("kind") != _MARKER_KIND:
+            raise ValueError("not an owner marker: no 'kind' of polystore's")
+        owner = record.get("owner")
+        if not isinstance(owner, str) or not owner:
+            raise ValueError("not an owner marker: no 'owner'")
+        return cls(owner, str(record.get("description", "")), str(record.get("claimed_at", "")))
+
+
 class BlobReader(io.RawIOBase):
     """A readable, unbuffered stream over one stored object; ``size`` is its length."""
 
@@ -129,6 +193,11 @@ class BlobStore(abc.ABC):
     #: here (at most 64 characters). Two stores with the same name are assumed
     #: to hold the same objects.
     name: str
+
+    #: Whether the store keeps an owner marker: it implements
+    #: :meth:`read_marker` and :meth:`create_marker`. A store that does not
+    #: cannot tell two catalogs sharing it apart; give each its own.
+    records_owner: ClassVar[bool] = False
 
     @abc.abstractmethod
     def put(
@@ -198,6 +267,76 @@ class BlobStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 -- optional hook
         """Release connections or handles; the default has none."""
+
+    # -- the owner marker ------------------------------------------------------------
+
+    def read_marker(self) -> bytes | None:
+        """The bytes of the owner marker (:data:`OWNER_KEY`), or ``None`` when there is none.
+
+        Stores with :attr:`records_owner` implement it; the default raises
+        :class:`~polystore.errors.UnsupportedOperationError`.
+        """
+        raise UnsupportedOperationError(f"{type(self).__name__} keeps no owner marker")
+
+    def create_marker(self, data: bytes) -> bool:
+        """Write the owner marker as ``data`` unless there is one: whether this call wrote it.
+
+        Atomic create-if-absent: of several writers racing on a store without a
+        marker exactly one gets ``True``, and a reader never sees part of a
+        marker. A store that cannot be written raises ``PermissionError``
+        (:class:`~polystore.errors.ReadOnlyError` is one). Stores with
+        :attr:`records_owner` implement it; the default raises
+        :class:`~polystore.errors.UnsupportedOperationError`.
+        """
+        raise UnsupportedOperationError(f"{type(self).__name__} keeps no owner marker")
+
+    def where(self) -> str:
+        """Where the store is, for messages (a directory, a bucket and prefix)."""
+        return repr(self)
+
+    def owner(self) -> StoreOwner | None:
+        """The owner the store records, or ``None`` (no marker, or :attr:`records_owner` false).
+
+        A marker that is not one polystore wrote raises
+        :class:`~polystore.errors.BackendConfigError`.
+        """
+        if not self.records_owner:
+            return None
+        deadline = time.monotonic() + _MARKER_PATIENCE
+        while True:
+            data = self.read_marker()
+            if data is None:
+                return None
+            try:
+                return StoreOwner.from_bytes(data)
+            except ValueError as exc:
+                if time.monotonic() > deadline:
+                    raise BackendConfigError(
+                        f"the owner marker {OWNER_KEY} of blob store {self.name!r} "
+                        f"({self.where()}) is damaged ({exc}); if no catalog but yours uses "
+                        "this store, delete the marker and open the catalog again"
+                    ) from None
+                time.sleep(0.05)  # a writer without atomic creation, half-way through
+
+    def claim(self, owner: StoreOwner) -> StoreOwner | None:
+        """Record ``owner`` as the store's owner unless it has one; the owner it has now.
+
+        The result is the owner recorded in the store: ``owner`` (with
+        ``claimed_at`` set) when this call claimed it, whoever claimed it
+        first otherwise -- compare the ids. ``None`` when the store records no
+        owner (:attr:`records_owner` false) or has none and cannot be written
+        (a read-only directory or bucket: reading it needs no marker).
+        """
+        found = self.owner()
+        if found is not None or not self.records_owner:
+            return found
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        mine = StoreOwner(owner.id, owner.description, stamp)
+        try:
+            created = self.create_marker(mine.to_bytes())
+        except PermissionError:
+            return None
+        return mine if created else self.owner()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -15,6 +15,10 @@ created), so an object is on disk before the catalog row that refers to it
 commits -- a power cut can lose an upload, never leave a committed row pointing
 at a truncated object. ``fsync=False`` skips the syncs: faster for scratch data
 that a power cut may take with it.
+
+The owner marker is ``<root>/polystore-owner.json``, created whole or not at
+all: written to a temporary file, then hard-linked to its name, which fails if
+the name exists (on a file system without hard links, ``O_EXCL`` creation).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from polystore.blobs.base import (
+    OWNER_KEY,
     BlobReader,
     BlobStore,
     Buffer,
@@ -35,7 +40,7 @@ from polystore.blobs.base import (
     check_hash,
     hash_key,
 )
-from polystore.errors import NotFoundError, StorageFullError
+from polystore.errors import NotFoundError, ReadOnlyError, StorageFullError
 
 __all__ = ["LocalBlobStore"]
 
@@ -73,7 +78,9 @@ class _FileReader(BlobReader):
 
 
 class LocalBlobStore(BlobStore):
-    """Objects under ``root`` (created on the first write, not before)."""
+    """Objects under ``root`` (created by the first write or :meth:`claim`, not before)."""
+
+    records_owner = True
 
     def __init__(
         self, root: str | os.PathLike[str], *, name: str = "local", fsync: bool = True
@@ -86,6 +93,10 @@ class LocalBlobStore(BlobStore):
 
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r}, name={self.name!r}, fsync={self.fsync})"
+
+    def where(self) -> str:
+        # docstring inherited
+        return str(self.root)
 
     def path(self, content_hash: str) -> Path:
         """Where the object for ``content_hash`` lives (whether or not it exists)."""
@@ -175,6 +186,65 @@ class LocalBlobStore(BlobStore):
         # docstring inherited
         self._temp_path(content_hash, token).unlink(missing_ok=True)
 
+    def read_marker(self) -> bytes | None:
+        # docstring inherited
+        try:
+            return (self.root / OWNER_KEY).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def create_marker(self, data: bytes) -> bool:
+        # docstring inherited
+        final = self.root / OWNER_KEY
+        try:
+            new_root = not self.root.is_dir()
+            self.root.mkdir(parents=True, exist_ok=True)
+            temp = self.root / f"{OWNER_KEY}.tmp-{uuid.uuid4().hex}"
+            try:
+                self._write_new(temp, data)
+                try:
+                    os.link(temp, final)
+                    created = True
+                except FileExistsError:
+                    created = False
+                except OSError:  # no hard links on this file system
+                    created = self._create_exclusive(final, data)
+            finally:
+                temp.unlink(missing_ok=True)
+            if created and self.fsync:
+                _fsync_dir(self.root)
+                if new_root:
+                    _fsync_dir(self.root.parent)
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise ReadOnlyError(
+                    errno.EROFS, f"blob store {self.name!r} is read-only: {exc}", str(final)
+                ) from exc
+            raise
+        return created
+
+    def _create_exclusive(self, path: Path, data: bytes) -> bool:
+        try:
+            self._write_new(path, data)
+        except FileExistsError:
+            return False
+        return True
+
+    def _write_new(self, path: Path, data: bytes) -> None:
+        """Create ``path`` holding ``data`` (FileExistsError if it exists); no part left on failure."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view.nbytes:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
     def scan(self) -> Iterator[StoredObject]:
         # docstring inherited
         if not self.root.is_dir():
@@ -183,6 +253,8 @@ class LocalBlobStore(BlobStore):
             for file_name in files:
                 full = Path(directory, file_name)
                 key = full.relative_to(self.root).as_posix()
+                if key == OWNER_KEY:
+                    continue  # the owner marker, not an object
                 try:
                     size = full.stat().st_size
                 except FileNotFoundError:  # deleted while we walked

@@ -20,6 +20,13 @@ PUT for small objects, a multipart upload (parts of :data:`CHUNK_SIZE`) for
 large ones. A writer killed during a multipart upload leaves invisible parts
 behind that only the bucket's ``AbortIncompleteMultipartUpload`` lifecycle rule
 removes; configure one (see ``docs/blob-stores.rst``).
+
+The owner marker is ``<prefix>/polystore-owner.json``, created with a
+conditional PUT (``If-None-Match: *``, obstore's ``mode="create"``), which AWS
+S3, MinIO, R2 and moto honour: of two clients claiming a fresh prefix at once,
+the server lets exactly one write it. The marker is read back after the PUT,
+so a server that ignored the condition is caught unless its two writers also
+read back before either overwrote the other.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from polystore.blobs.base import (
     CHUNK_SIZE,
+    OWNER_KEY,
     BlobReader,
     BlobStore,
     Buffer,
@@ -121,6 +129,8 @@ class S3BlobStore(BlobStore):
     they are. The bucket must exist.
     """
 
+    records_owner = True
+
     def __init__(
         self,
         bucket: str,
@@ -170,6 +180,10 @@ class S3BlobStore(BlobStore):
 
     def __repr__(self) -> str:
         return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r}, name={self.name!r})"
+
+    def where(self) -> str:
+        # docstring inherited
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
     def put(
         self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None
@@ -250,6 +264,38 @@ class S3BlobStore(BlobStore):
             with _translate("deleting from", self.name):
                 obstore.delete(self._store, keys[start : start + 1000])
 
+    def read_marker(self) -> bytes | None:
+        # docstring inherited
+        import obstore
+
+        try:
+            with _translate("reading from", self.name):
+                return bytes(obstore.get(self._store, OWNER_KEY).bytes())
+        except FileNotFoundError:
+            return None
+
+    def create_marker(self, data: bytes) -> bool:
+        # docstring inherited
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PermissionDeniedError
+
+        try:
+            with _translate("writing to", self.name):
+                try:
+                    obstore.put(self._store, OWNER_KEY, data, mode="create", use_multipart=False)
+                except AlreadyExistsError:
+                    return False
+                except PermissionDeniedError as exc:
+                    raise PermissionError(
+                        f"blob store {self.name} cannot be written: {str(exc).splitlines()[0]}"
+                    ) from exc
+        except FileNotFoundError as exc:
+            raise BackendUnavailableError(
+                f"cannot write to blob store {self.name}: {str(exc).splitlines()[0]} "
+                "(does the bucket exist?)"
+            ) from exc
+        return self.read_marker() == data
+
     def scan(self) -> Iterator[StoredObject]:
         # docstring inherited
         import obstore
@@ -258,6 +304,8 @@ class S3BlobStore(BlobStore):
             for batch in obstore.list(self._store, chunk_size=1000):
                 for meta in batch:
                     key = str(meta["path"])
+                    if key == OWNER_KEY:
+                        continue  # the owner marker, not an object
                     name = key.rpartition("/")[2]
                     content_hash: str | None
                     try:

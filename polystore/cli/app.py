@@ -254,7 +254,8 @@ class PolystoreGroup(click.Group):
     "--blob-store",
     envvar="POLYSTORE_BLOB_STORE",
     metavar="STORE",
-    help="Blob store for content over the inline limit: a directory or s3://bucket/prefix "
+    help="Blob store for content over the inline limit, one per catalog: a directory or "
+    "s3://bucket/prefix "
     "[env: POLYSTORE_BLOB_STORE; default: next to a SQLite catalog, none for PostgreSQL]",
 )
 @click.option("--debug", is_flag=True, help="Show the full traceback when a command fails.")

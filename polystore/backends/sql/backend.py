@@ -57,6 +57,7 @@ from polystore.backends.sql.fast import (
     resolve_args,
     resolve_sql,
 )
+from polystore.backends.sql.identity import claim_store
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key, kinds_args, kinds_sql
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
@@ -294,6 +295,8 @@ class SQLBackend(StorageBackend):
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
                 #: Where content over ``inline_limit`` goes (None: everything inline).
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
+                if self.blob_store is not None:  # refused if another catalog owns it
+                    claim_store(self.blob_store, self.engine)
             except BaseException:
                 self._catalog.close()
                 raise

@@ -25,6 +25,10 @@ migrations in ``migrations/``; these models are what those migrations must match
   so it means the same in every catalog; rows are only ever added. A file's
   ``kind_id`` lets a batch load read one integer per file instead of four
   columns (revision 0004).
+* ``polystore_identity`` -- one row, the catalog's identity: a UUID drawn
+  once, when the row is created, and never changed (revision 0005). An
+  external blob store records the identity of the catalog it belongs to
+  (:mod:`~polystore.backends.sql.identity`).
 * ``polystore_catalog`` -- a read-only view with one row per node and its full
   path (defined in the migrations, not here).
 """
@@ -57,11 +61,13 @@ __all__ = [
     "ROOT_ID",
     "Base",
     "Blob",
+    "Identity",
     "Kind",
     "Node",
     "TreeVersion",
     "UploadIntent",
     "blobs_table",
+    "identity_table",
     "intents_table",
     "kinds_table",
     "nodes_table",
@@ -199,6 +205,20 @@ class TreeVersion(Base):
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
 
+class Identity(Base):
+    """One row: the catalog's identity (revision 0005)."""
+
+    __tablename__ = "polystore_identity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: A UUID (its 36-character text form), drawn once and never changed.
+    catalog_id: Mapped[str] = mapped_column(String(36))
+    #: When the catalog was given it: created, or upgraded to revision 0005.
+    created_at: Mapped[Timestamp]
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+
 # Core handles on the tables, typed as tables (``__table__`` is typed as a
 # plain FromClause) for the hot paths that bypass the ORM.
 nodes_table = cast(Table, Node.__table__)
@@ -206,3 +226,4 @@ blobs_table = cast(Table, Blob.__table__)
 intents_table = cast(Table, UploadIntent.__table__)
 kinds_table = cast(Table, Kind.__table__)
 tree_version_table = cast(Table, TreeVersion.__table__)
+identity_table = cast(Table, Identity.__table__)
