@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -59,3 +60,30 @@ def write_calls(b: StorageBackend) -> dict[str, Callable[[], Any]]:
         "ensure_directory": lambda: b.ensure_directory("newdir"),
         "transaction": in_transaction,
     }
+
+
+def damage_sqlite_table(db: Path, table: str) -> None:
+    """Flip the bits of the page-type byte of ``table``'s root page in SQLite file ``db``.
+
+    Everything is checkpointed into the file first (no connection may be open).
+    A root page whose type byte is not one of SQLite's four b-tree page types
+    makes every statement that reads the table fail with "database disk image
+    is malformed", whatever the rest of the page holds; other tables stay
+    readable.
+    """
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+    finally:
+        conn.close()
+    offset = (root[0] - 1) * page_size + (100 if root[0] == 1 else 0)  # (page 1: file header)
+    with db.open("r+b") as fh:
+        fh.seek(offset)
+        page_type = fh.read(1)[0]
+        assert page_type in (0x02, 0x05, 0x0A, 0x0D), page_type
+        fh.seek(offset)
+        fh.write(bytes([page_type ^ 0xFF]))

@@ -537,6 +537,42 @@ def test_outdated_schema(invoke: Invoke, catalog_url: str) -> None:
     invoke("--url", catalog_url, "ls")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ls"],
+        ["ls", "-l", "p1"],
+        ["tree"],
+        ["cat", "raw.bin"],
+        ["stat", "raw.bin"],
+        ["du"],
+        ["get", "raw.bin", "{tmp}/raw.bin"],
+        ["fsck"],
+        ["query", "SELECT * FROM polystore_catalog"],
+        ["put", "{tmp}/local.txt", "new.txt"],
+        ["rm", "raw.bin"],
+    ],
+    ids=" ".join,
+)
+def test_damaged_sqlite_catalog(invoke: Invoke, tmp_path: Path, command: list[str]) -> None:
+    """Flipped bits in the catalog file: one line that says so and what to do, no change."""
+    from catalog_checks import damage_sqlite_table
+
+    db = tmp_path / "catalog.db"
+    with SQLBackend(f"sqlite:///{db}") as backend:
+        backend.save(b"\x00\xff", "raw.bin")
+        backend.save("hello\n", "p1/readme.txt")
+    damage_sqlite_table(db, "polystore_nodes")
+    (tmp_path / "local.txt").write_text("local")
+    before = db.read_bytes()
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    line = one_error_line(invoke("--url", f"sqlite:///{db}", *args, code=1))
+    assert f"the SQLite catalog file {db} is damaged" in line, line
+    assert "backup" in line and ".recover" in line, line
+    assert db.read_bytes() == before
+    assert not (tmp_path / "raw.bin").exists()
+
+
 def test_read_only_catalog(
     invoke: Invoke, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,11 +38,12 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import refcounts, write_calls
+from catalog_checks import damage_sqlite_table, refcounts, write_calls
 
 from polystore import (
     AlreadyExistsError,
     BackendUnavailableError,
+    CatalogDamagedError,
     DiskBackend,
     IntegrityError,
     InvalidPathError,
@@ -961,6 +962,54 @@ def test_damaged_inline_blob(sql_subject: Subject) -> None:
         with pytest.raises(IntegrityError, match="does not match its hash"):
             verifying.load_batch(["keep/existing.bin", "i.bin"])
         assert verifying.load("keep/existing.bin") == b"existing"
+
+
+# -- a damaged catalog file -----------------------------------------------------------------------
+
+
+def _sqlite_state(db: Path, blobs: Path) -> Any:
+    """The catalog file's bytes and the blob store's tree: what "nothing written" compares."""
+    return db.read_bytes(), _tree(blobs)
+
+
+@pytest.mark.parametrize("table", ["polystore_nodes", "polystore_blobs"])
+def test_damaged_sqlite_catalog_file(tmp_path: Path, table: str) -> None:
+    """Flipped bits in a catalog file: CatalogDamagedError saying so, never a driver error."""
+    db, blobs = tmp_path / "catalog.db", tmp_path / "blobs"
+    url = f"sqlite:///{db}"
+    with SQLBackend(url, blob_store=f"file://{blobs}", inline_limit=64) as b:
+        b.save(b"existing", "keep/existing.bin")
+        b.save(np.arange(40, dtype=np.float64), "keep/array.npy")
+    damage_sqlite_table(db, table)
+    before = _sqlite_state(db, blobs)
+    failures = Failures()
+    with SQLBackend(url, blob_store=f"file://{blobs}", inline_limit=64) as b:
+        calls: dict[str, Callable[[], Any]] = {
+            "load": lambda: b.load("keep/existing.bin"),
+            "load array": lambda: b.load("keep/array.npy"),
+            "load_batch": lambda: b.load_batch(["keep/existing.bin", "keep/array.npy"]),
+            "fsck": b.fsck,
+            "save": lambda: b.save(b"new", "keep/new.bin"),
+            "save over": lambda: b.save(b"new", "keep/existing.bin"),
+        }
+        if table == "polystore_nodes":
+            calls |= {
+                "list_files": lambda: b.list_files("", recursive=True),
+                "list_dir": lambda: b.list_dir("keep"),
+                "stat": lambda: b.stat("keep/existing.bin"),
+                "exists": lambda: b.exists("keep/existing.bin"),
+                "query": b.query,
+                "delete": lambda: b.delete("keep/existing.bin"),
+            }
+        for name, call in calls.items():
+            failures.expect(CatalogDamagedError, call, name)
+        with pytest.raises(CatalogDamagedError, match="damaged") as caught:
+            b.load("keep/existing.bin")
+        message = str(caught.value)
+        assert str(db) in message and "backup" in message and ".recover" in message, message
+    failures.check()
+    assert _sqlite_state(db, blobs) == before
+    _count("test_damaged_sqlite_catalog_file", failures.tried)
 
 
 # -- a read-only database ---------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def run_readonly(url: str, sql: str) -> QueryResult:
             )
         if not os.path.exists(path):
             raise NotFoundError(f"there is no catalog at {url} ({path} does not exist)")
-        return _run_sqlite(path, sql)
+        return _run_sqlite(url, path, sql)
     return _run_postgresql(url, sql)
 
 
@@ -98,7 +98,9 @@ def _pragma_allowed(name: str | None, argument: str | None) -> bool:
     return name in _INFO_PRAGMAS or (name in _VALUE_PRAGMAS and argument is None)
 
 
-def _run_sqlite(path: str, sql: str) -> QueryResult:
+def _run_sqlite(url: str, path: str, sql: str) -> QueryResult:
+    from polystore.backends.sql.engine import damaged_catalog
+
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=30)
@@ -134,6 +136,9 @@ def _run_sqlite(path: str, sql: str) -> QueryResult:
         except (sqlite3.Error, sqlite3.Warning) as exc:
             if denied:
                 raise _refused(denied[0]) from exc
+            damaged = damaged_catalog(url, exc)
+            if damaged is not None:
+                raise damaged from exc
             if any(text in str(exc) for text in ("readonly", "query_only", "may not be modified")):
                 raise _refused("write") from exc
             raise click.ClickException(f"SQL error: {exc}") from exc
@@ -150,7 +155,11 @@ def _run_postgresql(url: str, sql: str) -> QueryResult:
     import psycopg
     import sqlalchemy as sa
 
-    from polystore.backends.sql.engine import create_catalog_engine, translate_errors
+    from polystore.backends.sql.engine import (
+        create_catalog_engine,
+        damaged_catalog,
+        translate_errors,
+    )
 
     with translate_errors(url):
         engine = create_catalog_engine(url, poolclass=sa.pool.NullPool)
@@ -169,6 +178,9 @@ def _run_postgresql(url: str, sql: str) -> QueryResult:
                     message = (exc.diag.message_primary or str(exc)).strip()
                     if exc.sqlstate == "25006":  # read_only_sql_transaction
                         raise _refused(f"write ({message})") from exc
+                    damaged = damaged_catalog(url, exc)
+                    if damaged is not None:
+                        raise damaged from exc
                     if "multiple commands" in message:
                         raise click.ClickException("query runs one statement at a time") from exc
                     raise click.ClickException(f"SQL error: {message}") from exc

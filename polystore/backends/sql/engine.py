@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from polystore.errors import (
     BackendConfigError,
     BackendUnavailableError,
+    CatalogDamagedError,
     ConflictError,
     PolystoreError,
     ReadOnlyError,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_URL",
     "WRITE",
     "create_catalog_engine",
+    "damaged_catalog",
     "default_url",
     "is_retryable",
     "retrying",
@@ -213,6 +215,9 @@ def translate_errors(url: str) -> Iterator[None]:
         read_only = _read_only_sqlite_directory(url, error)
         if read_only is not None:
             raise read_only from error
+        damaged = damaged_catalog(url, error.orig)
+        if damaged is not None:
+            raise damaged from error
         if _is_unavailable(error):
             raise BackendUnavailableError(
                 f"cannot reach the catalog at {_safe(url)}: {str(error.orig).strip()}"
@@ -242,6 +247,46 @@ def translate_errors(url: str) -> Iterator[None]:
                 f"one (nothing of it was written; run it again): {text.strip()}"
             ) from error
         raise
+
+
+# SQLITE_CORRUPT; its extended codes (SQLITE_CORRUPT_INDEX, ...) keep it in the low byte.
+_SQLITE_CORRUPT = 11
+# data_corrupted, index_corrupted
+_PG_CORRUPT_SQLSTATES = {"XX001", "XX002"}
+
+
+def damaged_catalog(url: str, orig: BaseException | None) -> CatalogDamagedError | None:
+    """The error for a driver error ``orig`` that says the catalog's database is damaged.
+
+    None for any other error. SQLite reports damaged pages of its file as
+    ``SQLITE_CORRUPT`` ("database disk image is malformed"), PostgreSQL as
+    ``XX001`` or ``XX002``. The message says what to do: no retry helps.
+    """
+    text = str(orig).strip()
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_CORRUPT:
+        try:
+            path = _sqlite_path(parse_url(url))
+        except PolystoreError:
+            path = None
+        if path is None:
+            return CatalogDamagedError(
+                f"the SQLite catalog {_safe(url)} is damaged (SQLite: {text}); nothing was changed"
+            )
+        return CatalogDamagedError(
+            f"the SQLite catalog file {path} is damaged (SQLite: {text}); nothing was "
+            "changed. Restore it from a backup, or salvage what SQLite can still read with "
+            f"`sqlite3 {path} .recover` (see 'A damaged catalog' in polystore's reliability "
+            "docs), then check the result with `polystore fsck`"
+        )
+    if getattr(orig, "sqlstate", None) in _PG_CORRUPT_SQLSTATES:
+        return CatalogDamagedError(
+            f"the PostgreSQL catalog at {_safe(url)} is damaged (PostgreSQL: {text}); "
+            "nothing was changed. A damaged index is rebuilt with REINDEX; damaged "
+            "table data must be restored from a backup. Then check the catalog with "
+            "`polystore fsck`"
+        )
+    return None
 
 
 def _read_only_sqlite_directory(url: str, error: exc.DBAPIError) -> ReadOnlyError | None:
