@@ -484,6 +484,42 @@ def test_query_attrs_key_with_a_double_quote(sql_subject: Subject) -> None:
         assert sql.query(attrs={key: value + 10}) == [], key
 
 
+#: Attribute filters no stored file can match: the values ``save(attrs=...)`` refuses.
+UNMATCHABLE_FILTERS: dict[str, Any] = {
+    "nan": {"k": math.nan},
+    "inf": {"k": math.inf},
+    "-inf": {"k": -math.inf},
+    "NUL in a value": {"k": "a\x00b"},
+    "NUL in a key": {"k\x00": 1},
+    "lone surrogate in a value": {"k": "\ud800"},
+    "lone surrogate in a key": {"\udcff": 1},
+    "int key": {1: "x"},
+    "list value": {"k": [1]},
+    "dict value": {"k": {"a": 1}},
+}
+
+
+def test_query_attrs_that_no_file_can_hold(sql_subject: Subject) -> None:
+    """Filters that cannot be JSON in a catalog: SerializationError, as for save, on both
+    databases (not the driver's "malformed JSON", DataError or UnicodeEncodeError)."""
+    sql = sql_subject.sql
+    sql.save(b".", "q/plain.bin", attrs={"k": 1, "other": "x"})
+    before = snapshot(sql_subject)
+    failures = Failures()
+    for label, attrs in UNMATCHABLE_FILTERS.items():
+        failures.expect(SerializationError, lambda a=attrs: sql.query(attrs=a), label)
+        failures.expect(
+            SerializationError,
+            lambda a=attrs: sql.query(under="q", attrs={"other": "x", **a}),
+            f"{label}, after a good filter",
+        )
+    failures.check()
+    assert snapshot(sql_subject) == before
+    assert [r.path for r in sql.query(attrs={"k": 1})] == ["q/plain.bin"]
+    assert sql.query(attrs={"k": "\U0001f600"}) == []  # (a character past the BMP is fine)
+    _count("test_query_attrs_that_no_file_can_hold", failures.tried)
+
+
 # -- attributes and values that cannot be stored --------------------------------------------
 
 
@@ -510,6 +546,9 @@ BAD_ATTRS: dict[str, Any] = {
     "NUL in a value": {"x": "a\x00b"},
     "NUL in a key": {"a\x00": 1},
     "NUL deep down": {"x": [{"y": ["\x00"]}]},
+    "lone surrogate in a value": {"x": "bad\ud800"},
+    "lone surrogate in a key": {"\udcff": 1},
+    "lone surrogate deep down": {"x": [{"y": ["\udfff"]}]},
     "over 64 KiB": {"x": "y" * (64 * 1024)},
     "many keys over 64 KiB": {f"k{i}": i for i in range(10_000)},
 }
@@ -610,6 +649,10 @@ def _unstorable(kind: str) -> dict[str, Any]:
             "list holding an object": [1, object()],
             "str with a lone surrogate": "bad\udcff",
         }
+    if kind in ("sqlite", "postgresql"):
+        # The catalog's JSON is UTF-8, which cannot encode a lone surrogate (the
+        # disk backend writes ASCII JSON, whose escapes can).
+        values["JSON with a lone surrogate"] = {"k": ["bad\ud800"]}
     return values
 
 

@@ -1319,7 +1319,10 @@ class SQLBackend(StorageBackend):
         """Nodes under ``under`` matching every filter given, ordered by path.
 
         ``attrs`` matches files whose attributes hold each given key with exactly
-        that value (str, int, float, bool or None).
+        that value (str, int, float, bool or None). A filter no file can hold
+        (another type, or what ``save(attrs=...)`` refuses: NaN, infinities,
+        NUL characters, lone surrogates) raises
+        :class:`~polystore.errors.SerializationError`.
         """
         from polystore.backends.sql.query import run_query
 

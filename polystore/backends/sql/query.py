@@ -8,7 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends._common import strict_json
 from polystore.backends.sql.tree import subtree_sql
+from polystore.errors import SerializationError
 
 __all__ = ["run_query"]
 
@@ -41,10 +43,12 @@ def run_query(
         params["dtype"] = str(dtype)
     for i, (key, value) in enumerate((attrs or {}).items()):
         if not isinstance(key, str) or not isinstance(value, _SCALARS):
-            raise TypeError(
+            raise SerializationError(
                 f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
             )
-        doc = json.dumps({key: value})
+        # What save(attrs=...) refuses (NaN, infinities, NUL, lone surrogates)
+        # no file holds, and neither database's JSON can even parse.
+        doc = strict_json({key: value}, f"attrs filter {key!r}")
         if conn.dialect.name == "postgresql":
             # Containment compares JSON types exactly: 1, 1.0, true and "1" differ.
             clauses.append(f"n.attrs @> CAST(:attr{i} AS JSONB)")
