@@ -721,6 +721,36 @@ def test_damaged_sqlite_catalog(invoke: Invoke, tmp_path: Path, command: list[st
     assert not (tmp_path / "raw.bin").exists()
 
 
+def test_rows_written_by_another_program(invoke: Invoke, catalog_url: str) -> None:
+    """A hash that is no SHA-256, attrs that are not a JSON object: fsck names the rows
+    (exit status 1), commands that need them print one line naming the file."""
+    from catalog_checks import catalog_rows, damage_columns, plant_files
+
+    with SQLBackend(catalog_url, inline_limit=64) as backend:
+        backend.save(b"x", "a/attrs.bin", attrs={"k": 1})
+        plant_files(backend, [("external.bin", "z" * 64, "local")])
+        not_json = "{not json" if backend.engine.dialect.name == "sqlite" else "[1]"
+        damage_columns(backend, "attrs.bin", attrs=not_json)
+        before = catalog_rows(backend)
+    fsck = invoke("--url", catalog_url, "fsck", code=1)
+    assert "Traceback" not in fsck.output
+    assert "problem: damaged row of 'a/attrs.bin': its attrs is not " in fsck.stdout
+    assert "problem: damaged row of 'planted/external.bin': its blob hash" in fsck.stdout
+    assert f"problem: damaged blob row '{'z' * 64}'" in fsck.stdout
+    report = json.loads(invoke("--url", catalog_url, "fsck", "--json", code=1).stdout)
+    assert sorted(report["damaged_nodes"]) == ["a/attrs.bin", "planted/external.bin"]
+    for command, path in (
+        (["cat", "planted/external.bin"], "planted/external.bin"),
+        (["stat", "a/attrs.bin"], "a/attrs.bin"),
+        (["ls", "-l", "a"], "a/attrs.bin"),
+        (["du"], "a/attrs.bin"),
+    ):
+        line = one_error_line(invoke("--url", catalog_url, *command, code=1))
+        assert f"the catalog's record of {path!r} is damaged" in line, (command, line)
+    with SQLBackend(catalog_url) as backend:
+        assert catalog_rows(backend) == before
+
+
 def test_read_only_catalog(
     invoke: Invoke, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,7 +38,14 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import damage_sqlite_table, refcounts, write_calls
+from catalog_checks import (
+    catalog_rows,
+    damage_columns,
+    damage_sqlite_table,
+    plant_files,
+    refcounts,
+    write_calls,
+)
 
 from polystore import (
     AlreadyExistsError,
@@ -837,6 +844,100 @@ def test_disk_never_unpickles_npy(tmp_path: Path) -> None:
     with pytest.raises(SerializationError):
         disk.load_batch(["evil.npy"])
     assert not marker.exists()
+
+
+# -- rows written by another program -------------------------------------------------------------
+
+
+def test_blob_hash_that_is_not_hex(sql_subject: Subject) -> None:
+    """Rows another program wrote with a hash that is no SHA-256: loads that need the
+    hash raise CatalogDamagedError naming the file; fsck names every such row and
+    checks the rest."""
+    sql = sql_subject.sql
+    not_hex, not_hex_external = "not-hex", "z" * 64
+    plant_files(
+        sql, [("inline.bin", not_hex, "inline"), ("external.bin", not_hex_external, "local")]
+    )
+    before = catalog_rows(sql), _tree(sql_subject.tmp / "blobs")
+    failures = Failures()
+    for name, call in {
+        "load": lambda: sql.load("planted/external.bin"),
+        "load_batch": lambda: sql.load_batch(["keep/existing.bin", "planted/external.bin"]),
+    }.items():
+        failures.expect(CatalogDamagedError, call, name)
+    failures.check()
+    with pytest.raises(CatalogDamagedError, match=r"planted/external\.bin"):
+        sql.load("planted/external.bin")
+    assert sql.load("planted/inline.bin") == b"y"  # the bytes are there; only fsck can tell
+    for verify in (False, True):
+        report = sql.fsck(verify=verify)
+        assert not report.ok
+        assert report.damaged_blobs == sorted([not_hex, not_hex_external]), str(report)
+        assert sorted(report.damaged_nodes) == ["planted/external.bin", "planted/inline.bin"]
+        assert not (report.missing or report.size_mismatch or report.hash_mismatch), str(report)
+        assert not (report.unreferenced or report.refcount_mismatch), str(report)
+        assert "planted/external.bin" in str(report) and not_hex in str(report)
+    assert (catalog_rows(sql), _tree(sql_subject.tmp / "blobs")) == before
+    _count("test_blob_hash_that_is_not_hex", failures.tried + 2)
+
+
+def test_json_columns_polystore_never_writes(sql_subject: Subject) -> None:
+    """shape, meta or attrs that are not JSON (SQLite stores JSON as text) or not the
+    JSON polystore writes: CatalogDamagedError naming the file; fsck lists them."""
+    sql = sql_subject.sql
+    sql.save(np.arange(3), "bad/meta.npy")
+    sql.save(b"a", "bad/attrs.bin", attrs={"k": 1})
+    sql.save(np.arange(3), "bad/shape.npy")
+    sql.save(b"b", "bad/attrs-list.bin", attrs={"k": 1})
+    sql.save(np.arange(3), "bad/shape-text.npy")
+    # A row written by another program has no kind id: loads read its own columns.
+    if sql_subject.kind == "sqlite":
+        damage_columns(sql, "meta.npy", meta="{not json", without_kind=True)
+        damage_columns(sql, "attrs.bin", attrs='{"k": 1')
+        damage_columns(sql, "shape.npy", shape="[3", without_kind=True)
+    else:  # jsonb holds only JSON: other types of it, then
+        damage_columns(sql, "meta.npy", meta="[1, 2]", without_kind=True)
+        damage_columns(sql, "attrs.bin", attrs='"text"')
+        damage_columns(sql, "shape.npy", shape='{"a": 3}', without_kind=True)
+    damage_columns(sql, "attrs-list.bin", attrs="[1, 2]")
+    damage_columns(sql, "shape-text.npy", shape='"ab"', without_kind=True)
+    damaged = ["bad/attrs-list.bin", "bad/attrs.bin", "bad/meta.npy", "bad/shape-text.npy",
+               "bad/shape.npy"]  # fmt: skip
+    before = catalog_rows(sql), _tree(sql_subject.tmp / "blobs")
+
+    def in_transaction(path: str) -> Any:
+        with sql.transaction():
+            return sql.load(path)
+
+    failures = Failures()
+    for path in damaged:
+        calls: dict[str, Callable[[], Any]] = {"stat": lambda p=path: sql.stat(p)}
+        if "attrs" not in path:  # (a load needs the serializer's columns, not attrs)
+            calls |= {
+                "load": lambda p=path: sql.load(p),
+                "load_batch": lambda p=path: sql.load_batch(["keep/existing.bin", p]),
+                "load in a transaction": lambda p=path: in_transaction(p),
+            }
+        for name, call in calls.items():
+            try:
+                call()
+            except CatalogDamagedError as exc:
+                if repr(path) not in str(exc):
+                    failures.lines.append(f"{name}({path}): does not name it: {exc}")
+            except Exception as exc:  # noqa: BLE001 -- reported with its input
+                failures.lines.append(f"{name}({path}): raised {type(exc).__name__}: {exc}")
+            else:
+                failures.lines.append(f"{name}({path}): returned")
+            failures.tried += 1
+    failures.expect(CatalogDamagedError, lambda: sql.query(under="bad"), "query")
+    failures.check()
+    assert sql.load("bad/attrs.bin") == b"a"
+    report = sql.fsck()
+    assert not report.ok
+    assert sorted(report.damaged_nodes) == damaged, str(report)
+    assert "bad/meta.npy" in str(report)
+    assert (catalog_rows(sql), _tree(sql_subject.tmp / "blobs")) == before
+    _count("test_json_columns_polystore_never_writes", failures.tried)
 
 
 # -- damaged external blobs --------------------------------------------------------------------

@@ -9,6 +9,7 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -46,8 +47,10 @@ from polystore.backends.sql.content import (
 )
 from polystore.backends.sql.engine import (
     WRITE,
+    JSONColumnError,
     create_catalog_engine,
     default_url,
+    load_json_column,
     retrying,
     translate_errors,
 )
@@ -66,7 +69,13 @@ from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key, kinds_arg
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
+from polystore.blobs.base import is_content_hash
+from polystore.errors import (
+    CatalogDamagedError,
+    InvalidPathError,
+    SerializationError,
+    UnsupportedOperationError,
+)
 from polystore.serializers import SHARED_ARRAY_BYTES, Buffer, SerializerRegistry
 
 if TYPE_CHECKING:
@@ -145,6 +154,46 @@ def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) ->
     if dtype is not None:
         full["dtype"] = dtype
     return full
+
+
+def _damaged_record(path: str, what: str) -> CatalogDamagedError:
+    """The error for the row of ``path`` holding ``what`` polystore never writes."""
+    return CatalogDamagedError(
+        f"the catalog's record of {path!r} is damaged: {what} (written by another "
+        "program?); `fsck()` lists every such row, to repair or remove with SQL"
+    )
+
+
+#: The JSON type each JSON column of a node holds when it is not null.
+_JSON_COLUMNS = {"shape": (list, "a JSON array"), "meta": (dict, "a JSON object"),
+                 "attrs": (dict, "a JSON object")}  # fmt: skip
+
+
+def _json_column(path: str, row: Any, column: str, *, text: bool = False) -> Any:
+    """Column ``column`` of ``path``'s ``row``, checked: what polystore writes, or damage.
+
+    ``text``: the row holds the column as JSON text (:func:`~.query.run_query`),
+    parsed here so that damage names its path.
+    """
+    value = getattr(row, column)
+    if text and value is not None:
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise _damaged_record(path, f"its {column} is not JSON") from exc
+    kind, name = _JSON_COLUMNS[column]
+    if value is not None and not isinstance(value, kind):
+        raise _damaged_record(path, f"its {column} is not {name}")
+    return value
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Name ``path`` in the error for a JSON column of its row that does not parse."""
+    try:
+        yield
+    except JSONColumnError as exc:
+        raise _damaged_record(path, "its shape, meta or attrs is not JSON") from exc
 
 
 def _check_kind(kind: Kind) -> None:
@@ -292,7 +341,9 @@ class SQLBackend(StorageBackend):
             f"polystore_staged_{id(self)}", default=None
         )
         with translate_errors(self.url):
-            self.engine = create_catalog_engine(self.url, **(engine_options or {}))
+            # Text another program left in a JSON column raises CatalogDamagedError.
+            options = {"json_deserializer": load_json_column, **(engine_options or {})}
+            self.engine = create_catalog_engine(self.url, **options)
             self._fast = FastReader(self.engine)
             self._dialect = self.engine.dialect.name
             self._pg = self._dialect == "postgresql"
@@ -562,9 +613,20 @@ class SQLBackend(StorageBackend):
 
     def _decode(self, row: Any, path: str) -> Any:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
-        data = self._placement.content(row.store, row.size, row.blob_hash, row.data, path)
-        meta = _decoder_meta(row.meta, row.shape, row.dtype)
-        return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
+        shape, meta = _json_column(path, row, "shape"), _json_column(path, row, "meta")
+        data = self._content(row.store, row.size, row.blob_hash, row.data, path)
+        full = _decoder_meta(meta, shape, row.dtype)
+        return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
+
+    def _content(self, store: str | None, size: int, blob_hash: str, data: Any, path: str) -> Any:
+        """The verified content of file ``path`` (see :meth:`.Placement.content`).
+
+        A blob store names its objects by hash: a hash polystore never writes
+        (another program's row) is damage, not a key to look up.
+        """
+        if store is not None and store != INLINE and not is_content_hash(blob_hash):
+            raise _damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
+        return self._placement.content(store, size, blob_hash, data, path)
 
     def _check_decoders(self) -> None:
         """Drop the cached decoders if the serializers or ``allow_pickle`` changed."""
@@ -606,7 +668,13 @@ class SQLBackend(StorageBackend):
             if found is None:
                 return None
             serializer, dtype, shape, meta = found
-            full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
+            try:
+                full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise CatalogDamagedError(
+                    f"row {kind_id} of polystore_kinds is damaged: its shape or meta is not "
+                    "the JSON polystore writes; `fsck()` lists it among the bad kinds"
+                ) from exc
             build = self.serializers.batch_decoder if many else self.serializers.decoder
             decode = build(serializer, full, allow_pickle=self.allow_pickle)
             if len(cache) >= _MAX_DECODERS:
@@ -685,7 +753,7 @@ class SQLBackend(StorageBackend):
         # (the decoder first: no content is read for a file the slow path must load)
         decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
-            data = self._placement.content(store, size, blob_hash, data, path)
+            data = self._content(store, size, blob_hash, data, path)
         return decode(data)
 
     @staticmethod
@@ -719,7 +787,8 @@ class SQLBackend(StorageBackend):
                 return self._load_fast(path)
             except Unavailable:
                 pass
-        row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
+        with _reading(path):
+            row = self._read(lambda conn: tree.resolve(conn, path, with_content=True))
         self._check_file(row, path)
         return self._decode(row, path)
 
@@ -771,7 +840,14 @@ class SQLBackend(StorageBackend):
             values = self._load_many_fast(norm, by_parent)
             if values is not None:
                 return values
-        rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        try:
+            rows = self._read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        except JSONColumnError:
+            # Which row does not parse: the first path whose own row fails.
+            for path in dict.fromkeys(norm):
+                with _reading(path):
+                    self._read(partial(tree.resolve, path=path))
+            raise
         for path in norm:
             self._check_file(rows.get(path), path)
         return [self._decode(rows[p], p) for p in norm]
@@ -1151,7 +1227,8 @@ class SQLBackend(StorageBackend):
     def stat(self, path: str) -> StatResult:
         # docstring inherited
         norm = paths.normalize(path)
-        row = self._read(lambda conn: tree.resolve(conn, norm, with_content=False))
+        with _reading(norm):
+            row = self._read(lambda conn: tree.resolve(conn, norm, with_content=False))
         if row is None:
             raise not_found(norm)
         store = None
@@ -1164,7 +1241,11 @@ class SQLBackend(StorageBackend):
         return self._stat_result(norm, row, store)
 
     @staticmethod
-    def _stat_result(path: str, row: Any, store: str | None) -> StatResult:
+    def _stat_result(path: str, row: Any, store: str | None, *, text: bool = False) -> StatResult:
+        """``path``'s StatResult from its ``row`` (JSON columns as ``text``, or parsed)."""
+        _json_column(path, row, "meta", text=text)  # (a damaged row is damaged for stat too)
+        shape = _json_column(path, row, "shape", text=text)
+        attrs = _json_column(path, row, "attrs", text=text)
         return StatResult(
             path=path,
             kind=row.kind,
@@ -1173,8 +1254,8 @@ class SQLBackend(StorageBackend):
             modified_at=tree.as_utc(row.modified_at),
             serializer=row.serializer,
             dtype=row.dtype,
-            shape=tuple(row.shape) if row.shape is not None else None,
-            attrs=dict(row.attrs or {}),
+            shape=tuple(shape) if shape is not None else None,
+            attrs=dict(attrs or {}),
             hash=row.blob_hash,
             store=store,
         )
@@ -1338,7 +1419,9 @@ class SQLBackend(StorageBackend):
                 limit=limit,
             )
         )
-        return [self._stat_result(paths.join(norm, row.path), row, row.store) for row in rows]
+        return [
+            self._stat_result(paths.join(norm, row.path), row, row.store, text=True) for row in rows
+        ]
 
     # -- content maintenance ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ writers rely on upserts, row locks and savepoints.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import sqlite3
@@ -38,10 +39,12 @@ from polystore.errors import (
 __all__ = [
     "DEFAULT_URL",
     "WRITE",
+    "JSONColumnError",
     "create_catalog_engine",
     "damaged_catalog",
     "default_url",
     "is_retryable",
+    "load_json_column",
     "retrying",
     "translate_errors",
 ]
@@ -287,6 +290,31 @@ def damaged_catalog(url: str, orig: BaseException | None) -> CatalogDamagedError
             "`polystore fsck`"
         )
     return None
+
+
+class JSONColumnError(CatalogDamagedError):
+    """A JSON column of a catalog row holds text that is not JSON (SQLite keeps JSON as text).
+
+    Raised while SQLAlchemy reads the row, where its path is not known: code
+    that knows it raises a :class:`~polystore.errors.CatalogDamagedError`
+    naming it instead.
+    """
+
+
+def load_json_column(text: str | bytes) -> Any:
+    """``json.loads`` for the catalog's JSON columns: the engine's ``json_deserializer``.
+
+    Text that another program wrote and that is not JSON raises
+    :class:`JSONColumnError`, not ``json.JSONDecodeError``.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # (RecursionError: nested too deep)
+        raise JSONColumnError(
+            "a row of the catalog holds text that is not JSON in its shape, meta or attrs "
+            f"column ({error}); polystore never writes that: `fsck()` lists the damaged rows, "
+            "to repair or remove with SQL"
+        ) from error
 
 
 def _read_only_sqlite_directory(url: str, error: exc.DBAPIError) -> ReadOnlyError | None:

@@ -27,7 +27,10 @@ def run_query(
     attrs: dict[str, Any] | None,
     limit: int | None,
 ) -> list[sa.Row[Any]]:
-    """Rows (``path`` relative to the root, node columns, ``store``) under ``root_id``."""
+    """Rows (``path`` relative to the root, node columns, ``store``) under ``root_id``.
+
+    ``shape``, ``meta`` and ``attrs`` are JSON text (or None).
+    """
     clauses: list[str] = []
     params: dict[str, Any] = {"root": root_id}
     if kind is not None:
@@ -69,17 +72,20 @@ def run_query(
     if limit is not None:
         where += " LIMIT :limit"
         params["limit"] = int(limit)
+    # The JSON columns come as text, parsed by the caller, which knows each
+    # row's full path: a row another program damaged is then named.
     select = (
         "sub.path AS path, n.id, n.parent_id, n.name, n.kind, n.size, n.serializer, "
-        "n.serializer_version, n.dtype, n.shape, n.meta, n.attrs, n.blob_hash, "
+        "n.serializer_version, n.dtype, CAST(n.shape AS TEXT) AS shape, "
+        "CAST(n.meta AS TEXT) AS meta, CAST(n.attrs AS TEXT) AS attrs, n.blob_hash, "
         "n.created_at, n.modified_at, b.store AS store"
     )
     sql = subtree_sql(conn.dialect.name, select=select, where=where)
     stmt = sa.text(sql).columns(
-        sa.column("path"),
         *[
             sa.column(c)
             for c in (
+                "path",
                 "id",
                 "parent_id",
                 "name",
@@ -88,12 +94,12 @@ def run_query(
                 "serializer",
                 "serializer_version",
                 "dtype",
+                "shape",
+                "meta",
+                "attrs",
+                "blob_hash",
             )
         ],
-        sa.column("shape", sa.JSON()),
-        sa.column("meta", sa.JSON()),
-        sa.column("attrs", sa.JSON()),
-        sa.column("blob_hash"),
         sa.column("created_at", sa.DateTime(timezone=True)),
         sa.column("modified_at", sa.DateTime(timezone=True)),
         sa.column("store"),
