@@ -1108,6 +1108,120 @@ def test_damaged_inline_blob(sql_subject: Subject) -> None:
         assert verifying.load("keep/existing.bin") == b"existing"
 
 
+# -- content over what one database value holds ---------------------------------------------------
+
+
+def _value_limit(url: str, limit: int) -> dict[str, Any]:
+    """``engine_options`` for a SQLite catalog whose connections hold values of ``limit`` bytes.
+
+    SQLITE_LIMIT_LENGTH (the largest string, BLOB or row; 10**9 bytes by
+    default) lowered, so that a test of the limit needs no gigabytes.
+    """
+    import sqlite3
+
+    database = sa.engine.make_url(url).database or ":memory:"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(database, check_same_thread=False, timeout=30)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+        return conn
+
+    return {"creator": connect}
+
+
+def test_inline_limit_is_capped_at_what_sqlite_holds(tmp_path: Path) -> None:
+    """inline_limit above SQLite's value limit: content over that limit goes to the blob
+    store, not into "string or blob too big"; rebalance() does not move it back."""
+    url, store = f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/blobs"
+    options = _value_limit(url, 1 << 20)
+    with SQLBackend(url, blob_store=store, inline_limit=2**31, engine_options=options) as b:
+        cap = b.inline_limit
+        assert cap == (1 << 20) - 1024, cap  # (room for the rest of the row)
+        b.save(b"i" * cap, "inline.bin")
+        b.save_batch([b"e" * (cap + 1), b"s"], ["external.bin", "small.bin"])
+        stores = [b.stat(p).store for p in ("inline.bin", "external.bin", "small.bin")]
+        assert stores == ["inline", "local", "inline"]
+        assert b.load("external.bin") == b"e" * (cap + 1)
+        assert b.load("inline.bin") == b"i" * cap
+        before = catalog_rows(b), _tree(tmp_path / "blobs")
+        report = b.rebalance(inline_limit=2**40)  # (all inline, if the database held it)
+        assert (report.to_inline, report.to_external) == (0, 0)
+        assert (catalog_rows(b), _tree(tmp_path / "blobs")) == before
+        assert_consistent(b)
+
+
+def test_content_over_sqlite_value_limit_without_a_blob_store() -> None:
+    """No blob store (an in-memory catalog has none): SerializationError, nothing written."""
+    options = _value_limit("sqlite://", 1 << 20)
+    with SQLBackend("sqlite://", inline_limit=2**31, engine_options=options) as b:
+        b.save(b"existing", "keep/existing.bin")
+        assert b.inline_limit == (1 << 20) - 1024
+        before = catalog_rows(b)
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save(bytes(1 << 20), "big.bin")
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save_batch([b"ok", bytes(1 << 20)], ["ok.bin", "big.bin"])
+        with pytest.raises(SerializationError, match="no external blob store"), b.transaction():
+            b.save(b"in the transaction", "tx.bin")
+            b.save(bytes(1 << 20), "big.bin")
+        assert catalog_rows(b) == before
+        b.save(bytes(b.inline_limit), "largest.bin")  # (what fits, fits)
+        assert len(b.load("largest.bin")) == b.inline_limit
+
+
+def test_value_limit_read_inside_a_transaction_of_an_in_memory_catalog() -> None:
+    """Content over ``inline_limit`` with no blob store makes the placement check the
+    database's value limit. Read then, inside a transaction of an in-memory catalog, it
+    took the one connection from the pool and gave it back, which rolled the transaction
+    back half way: the first save was lost, the second committed in spite of the error."""
+    with SQLBackend("sqlite://") as b:
+        with pytest.raises(RuntimeError, match="roll back"), b.transaction():
+            b.save(b"a", "a.bin")
+            b.save(bytes(2 << 20), "big.bin")
+            raise RuntimeError("roll back")
+        assert b.list_files("") == []
+        with b.transaction():
+            b.save(b"a", "a.bin")
+            b.save(bytes(2 << 20), "big.bin")
+        assert b.list_files("") == ["a.bin", "big.bin"]
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.slow
+def test_content_over_a_database_value_goes_to_the_blob_store(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    """1.1 GiB, for real, with ``inline_limit=2**31``: into the blob store, not into
+    SQLite's "string or blob too big" or PostgreSQL's "Cannot enlarge string buffer"."""
+    size = GiB + GiB // 10
+    with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs", inline_limit=2**31) as b:
+        b.save(bytes(size), "big.bin")
+        info = b.stat("big.bin")
+        assert (info.store, info.size) == ("local", size)
+        assert b.fsck().ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_content_over_a_database_value_without_a_blob_store(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    """2 GiB, for real, with ``inline_limit=2**31`` and no blob store: SerializationError
+    before anything is written, not OverflowError or PostgreSQL's BadCopyFileFormat."""
+    url = "sqlite://" if database == "sqlite" else str(request.getfixturevalue("pg_url"))
+    with SQLBackend(url, inline_limit=2**31) as b:
+        assert b.blob_store is None
+        b.save(b"existing", "keep/existing.bin")
+        before = catalog_rows(b)
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save(bytes(2 * GiB), "big.bin")
+        assert catalog_rows(b) == before
+
+
 # -- a damaged catalog file -----------------------------------------------------------------------
 
 

@@ -317,8 +317,6 @@ class SQLBackend(StorageBackend):
     ) -> None:
         self.url = url or default_url()
         self.allow_pickle = allow_pickle
-        if not isinstance(inline_limit, int) or inline_limit < 0:
-            raise ValueError(f"inline_limit must be an int >= 0, not {inline_limit!r}")
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
         # Decoders by kind id, and what each kind id means (serializer, dtype,
@@ -351,10 +349,32 @@ class SQLBackend(StorageBackend):
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
                 #: Where content over ``inline_limit`` goes (None: everything inline).
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
+                placement = Placement(self.engine, self.blob_store, verify_inline=verify_inline)
+                # What one value holds, read now, outside any transaction: an
+                # in-memory database is the pool's one connection, and giving
+                # it back to the pool rolls back whatever it was doing.
+                placement.max_inline()
             except BaseException:
                 self.engine.dispose()
                 raise
-            self._placement = Placement(self.engine, self.blob_store, verify_inline=verify_inline)
+            self._placement = placement
+
+    @property
+    def inline_limit(self) -> int:
+        """Content of at most this many bytes is stored in the database itself.
+
+        What was asked, capped at the largest value the database holds in one
+        column (:meth:`.Placement.max_inline`: about 10**9 bytes on SQLite,
+        about 511 MiB on PostgreSQL): larger content goes to the blob store, or,
+        without one, raises :class:`~polystore.errors.SerializationError`.
+        """
+        return min(self._inline_limit, self._placement.max_inline())
+
+    @inline_limit.setter
+    def inline_limit(self, limit: int) -> None:
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"inline_limit must be an int >= 0, not {limit!r}")
+        self._inline_limit = limit
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -1465,7 +1485,8 @@ class SQLBackend(StorageBackend):
     def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
         """Move blobs between inline and external placement to match the inline limit.
 
-        Blobs over the limit (``inline_limit``, default this backend's) move to
+        Blobs over the limit (``inline_limit``, default this backend's; capped,
+        like :attr:`inline_limit`, at what one database value holds) move to
         the external store, the others into the database; each move is its own
         transaction, so an interruption leaves every blob readable in one place.
         Without an external store nothing moves.
@@ -1473,7 +1494,9 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.gc import rebalance
 
         self._outside_transaction("rebalance")
-        limit = self.inline_limit if inline_limit is None else inline_limit
+        limit = self.inline_limit
+        if inline_limit is not None:
+            limit = min(inline_limit, self._placement.max_inline())
         with translate_errors(self.url):
             return rebalance(self._placement, limit)
 
