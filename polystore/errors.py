@@ -20,6 +20,7 @@ and ``except PolystoreError`` work::
     ├── DuplicateBackendError
     ├── UnsupportedOperationError     (NotImplementedError)
     ├── IntegrityError
+    │   └── CatalogDamagedError
     └── SchemaVersionError
 
 ``IsADirectoryError`` and ``NotADirectoryError`` shadow the builtins of the same
@@ -35,6 +36,7 @@ __all__ = [
     "BackendConfigError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "CatalogDamagedError",
     "ConflictError",
     "DuplicateBackendError",
     "IntegrityError",
@@ -121,7 +123,23 @@ class UnsupportedOperationError(PolystoreError, NotImplementedError):
 
 
 class IntegrityError(PolystoreError):
-    """Stored content does not match the hash or size the catalog records."""
+    """Stored content does not match the hash or size the catalog records.
+
+    Or the catalog itself is damaged: see :class:`CatalogDamagedError`.
+    """
+
+
+class CatalogDamagedError(IntegrityError):
+    """The catalog itself is damaged: its database, or a row polystore cannot use.
+
+    A SQLite file with damaged pages ("database disk image is malformed"), a
+    table or index PostgreSQL reports corrupt, or a row that another program
+    wrote with what polystore never writes: a blob hash that is not a SHA-256
+    hex digest, or ``shape``, ``meta`` or ``attrs`` that are not the JSON
+    polystore stores. The message names the file or row where it can, and
+    says what to do; ``fsck()`` lists the damaged rows. Nothing was written by
+    the operation that raised it.
+    """
 
 
 class SchemaVersionError(PolystoreError):

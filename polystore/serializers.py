@@ -339,9 +339,11 @@ class JSONSerializer(Serializer):
     def encode(self, value: Any) -> Encoded:
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            # (a lone surrogate in a string is not text: UnicodeEncodeError, a ValueError)
+            data = text.encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc:  # too deep is bad input too
             raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
-        return Encoded(self.name, self.version, text.encode("utf-8"))
+        return Encoded(self.name, self.version, data)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:
         return json.loads(bytes(data))

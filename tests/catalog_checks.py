@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -59,3 +61,88 @@ def write_calls(b: StorageBackend) -> dict[str, Callable[[], Any]]:
         "ensure_directory": lambda: b.ensure_directory("newdir"),
         "transaction": in_transaction,
     }
+
+
+def damage_sqlite_table(db: Path, table: str) -> None:
+    """Flip the bits of the page-type byte of ``table``'s root page in SQLite file ``db``.
+
+    Everything is checkpointed into the file first (no connection may be open).
+    A root page whose type byte is not one of SQLite's four b-tree page types
+    makes every statement that reads the table fail with "database disk image
+    is malformed", whatever the rest of the page holds; other tables stay
+    readable.
+    """
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+    finally:
+        conn.close()
+    offset = (root[0] - 1) * page_size + (100 if root[0] == 1 else 0)  # (page 1: file header)
+    with db.open("r+b") as fh:
+        fh.seek(offset)
+        page_type = fh.read(1)[0]
+        assert page_type in (0x02, 0x05, 0x0A, 0x0D), page_type
+        fh.seek(offset)
+        fh.write(bytes([page_type ^ 0xFF]))
+
+
+def catalog_rows(backend: SQLBackend) -> dict[str, list[str]]:
+    """Every row of every polystore table, as text: what "nothing written" compares."""
+    tables = ["polystore_nodes", "polystore_blobs", "polystore_kinds", "polystore_upload_intents"]
+    with backend.engine.connect() as conn:
+        return {
+            table: sorted(
+                repr(tuple(row)) for row in conn.execute(sa.text(f"SELECT * FROM {table}"))
+            )
+            for table in tables
+        }
+
+
+def plant_files(backend: SQLBackend, rows: list[tuple[str, str, str]]) -> None:
+    """Insert ``(name, hash, store)`` file rows under ``planted/``, and their blob rows."""
+    now = dt.datetime.now(dt.UTC)
+    with backend.engine.begin() as conn:
+        parent = conn.execute(
+            sa.text(
+                "INSERT INTO polystore_nodes (parent_id, name, kind, created_at, modified_at) "
+                "VALUES (0, 'planted', 'dir', :t, :t) RETURNING id"
+            ),
+            {"t": now},
+        ).scalar_one()
+        for name, digest, store in rows:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO polystore_blobs (hash, size, store, refcount, data, created_at) "
+                    "VALUES (:h, 1, :s, 1, :d, :t)"
+                ),
+                {"h": digest, "s": store, "d": b"y" if store == "inline" else None, "t": now},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO polystore_nodes (parent_id, name, kind, size, serializer, "
+                    "serializer_version, blob_hash, created_at, modified_at) "
+                    "VALUES (:p, :n, 'file', 1, 'bytes', 1, :h, :t, :t)"
+                ),
+                {"p": parent, "n": name, "h": digest, "t": now},
+            )
+
+
+def damage_columns(
+    backend: SQLBackend, name: str, *, without_kind: bool = False, **columns: str
+) -> None:
+    """Overwrite JSON columns of the node named ``name`` with raw text, as another program
+    could (PostgreSQL's ``jsonb`` takes only JSON); ``without_kind`` clears its kind id."""
+    cast = "CAST(:{} AS JSONB)" if backend.engine.dialect.name == "postgresql" else ":{}"
+    sets = [f"{column} = {cast.format(column)}" for column in columns]
+    if without_kind:
+        sets.append("kind_id = NULL")
+    with backend.engine.begin() as conn:
+        changed = conn.execute(
+            sa.text(f"UPDATE polystore_nodes SET {', '.join(sets)} WHERE name = :name"),
+            {"name": name, **columns},
+        ).rowcount
+    assert changed == 1

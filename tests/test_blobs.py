@@ -928,12 +928,14 @@ def test_large_array_streams_with_one_copy_in_memory(sqlite_url: str, tmp_path: 
 
 
 def test_size_limit_without_a_store_is_a_clear_error() -> None:
-    with SQLBackend("sqlite://", inline_limit=0) as b:
-        # In-memory SQLite shares one connection: lower its value limit, as a
-        # database built with a smaller SQLITE_MAX_LENGTH would have it.
-        raw = b.engine.raw_connection()
-        raw.driver_connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 3000)  # type: ignore[union-attr]
-        raw.close()
+    def connect() -> sqlite3.Connection:
+        # A lower value limit, as a SQLite built with a smaller SQLITE_MAX_LENGTH
+        # has it from the start (the backend reads it when it opens).
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 3000)
+        return conn
+
+    with SQLBackend("sqlite://", inline_limit=0, engine_options={"creator": connect}) as b:
         with pytest.raises(SerializationError, match="blob_store="):
             b.save(payload(60, 1977), "too-big.bin")
         assert b.count_nodes() == 0

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -428,6 +429,153 @@ def test_query_refuses_postgresql_escapes(invoke: Invoke, pg_url: str) -> None:
     assert snapshot(pg_url) == before
 
 
+#: A recursive CTE without end: one counting (CPU only), one returning its rows.
+ENDLESS = [
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+]
+
+
+@pytest.mark.parametrize("sql", ENDLESS, ids=["count", "rows"])
+def test_query_stops_at_its_time_limit(catalog_url: str, tmp_path: Path, sql: str) -> None:
+    """An endless statement stops at ``--timeout`` with one line and exit status 1.
+
+    Run as a process with a deadline of its own, so that a query without a
+    limit fails this test instead of hanging the suite.
+    """
+    with SQLBackend(catalog_url) as backend:
+        backend.save(b"x", "keep.bin")
+    before = snapshot(catalog_url)
+    started = time.monotonic()
+    try:
+        result = run(
+            sys.executable, "-m", "polystore", "--url", catalog_url, "query", "--timeout", "1", sql
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("polystore query --timeout 1 was still running after 120 s")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("Error: query stopped: it ran for longer than its limit of 1 s")
+    assert "--timeout" in lines[0]
+    assert snapshot(catalog_url) == before
+
+
+def test_query_time_limit_default_and_off(cli: Invoke, filled: str) -> None:
+    assert "[default: 60.0" in cli("query", "--help").stdout
+    rows = json.loads(cli("query", "--timeout", "0", "--json", "SELECT 1 AS one").stdout)
+    assert rows == [{"one": 1}]
+    cli("query", "--timeout", "-1", "SELECT 1", code=2)  # a usage error
+
+
+#: What a PostgreSQL superuser's read-only transaction does not stop.
+SERVER_SIDE_EFFECTS = [
+    "SELECT pg_reload_conf()",
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+    "SELECT pg_cancel_backend(0)",
+    "SELECT length(pg_read_file('/etc/hostname'))",
+    "select PG_CATALOG.Pg_Read_Binary_File('/etc/hostname')",
+    "SELECT \"pg_ls_dir\"('.')",
+    "SELECT lo_export(0, '/tmp/polystore-query-lo')",
+    "SELECT query_to_xml('SELECT pg_reload_conf()', true, true, '')",
+    "SELECT * FROM ts_stat('SELECT to_tsvector(pg_read_file(''/etc/hostname''))')",
+    "EXPLAIN ANALYZE SELECT pg_reload_conf()",
+    "/* a comment */ SELECT 1 WHERE pg_rotate_logfile ( )",
+    "COPY (SELECT 1) TO PROGRAM 'true'",
+    "COPY (SELECT 1) TO '/tmp/polystore-query-copy'",
+    "DO $$BEGIN PERFORM pg_reload_conf(); END$$",
+    "CALL anything()",
+    "LOAD 'plpgsql'",
+]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sql", SERVER_SIDE_EFFECTS)
+def test_query_refuses_postgresql_server_functions(invoke: Invoke, pg_url: str, sql: str) -> None:
+    with SQLBackend(pg_url) as backend:
+        backend.save("x", "keep.txt")
+    before = snapshot(pg_url)
+    line = one_error_line(invoke("--url", pg_url, "query", sql, code=1))
+    assert line.startswith("Error: refused: `polystore query`"), line
+    assert snapshot(pg_url) == before
+
+
+@pytest.mark.postgres
+def test_query_server_function_names_elsewhere_are_fine(invoke: Invoke, pg_url: str) -> None:
+    SQLBackend(pg_url).close()
+    sql = (
+        "SELECT 'pg_reload_conf()' AS a, $x$ pg_read_file('/') $x$ AS b, 1 AS pg_read_file "
+        "-- pg_terminate_backend(1)\n"
+    )
+    rows = json.loads(invoke("--url", pg_url, "query", "--json", sql).stdout)
+    assert rows == [{"a": "pg_reload_conf()", "b": " pg_read_file('/') ", "pg_read_file": 1}]
+    shown = json.loads(invoke("--url", pg_url, "query", "--json", "SHOW search_path").stdout)
+    assert len(shown) == 1
+
+
+@pytest.mark.postgres
+def test_query_as_the_read_only_role_of_the_docs(invoke: Invoke, pg_url: str) -> None:
+    """The role docs/querying.rst creates reads the catalog and can do nothing else.
+
+    Its SQL is taken from the page and run as written, with this test's
+    database, schema and a role name of its own.
+    """
+    import re
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+    from test_docs import DOCS, code_blocks
+
+    with SQLBackend(pg_url) as backend:
+        backend.save("x", "keep.txt", attrs={"k": 1})
+    before = snapshot(pg_url)
+    [block] = [
+        b
+        for b in code_blocks((DOCS / "querying.rst").read_text("utf-8"))
+        if b.language == "sql" and "CREATE ROLE" in b.code
+    ]
+    url = make_url(pg_url)
+    schema = re.search(r"search_path=(\w+)", str(url.query["options"]))
+    assert schema is not None
+    role, password = f"ps_reader_{uuid.uuid4().hex[:12]}", "choose-a-password"
+    sql = (
+        block.code.replace("catalog_reader", role)
+        .replace("DATABASE screens", f'DATABASE "{url.database}"')
+        .replace("SCHEMA public", f"SCHEMA {schema[1]}")
+    )
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    reader = url.set(username=role, password=password)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql)
+        other_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        try:
+            rows = invoke(
+                "--url", reader.render_as_string(hide_password=False), "query", "--json",
+                "SELECT path, attrs FROM polystore_catalog ORDER BY path",
+            ).stdout  # fmt: skip
+            assert json.loads(rows) == [{"path": "keep.txt", "attrs": {"k": 1}}]
+            reader_dsn = reader.set(drivername="postgresql").render_as_string(hide_password=False)
+            for statement in (
+                "SELECT pg_reload_conf()",
+                f"SELECT pg_terminate_backend({other_pid})",
+                "SELECT pg_read_file('/etc/hostname')",
+                "COPY (SELECT 1) TO PROGRAM 'true'",
+                "SELECT count(*) FROM polystore_nodes",
+                "DELETE FROM polystore_nodes",
+            ):
+                with psycopg.connect(reader_dsn, autocommit=True) as as_reader:
+                    with pytest.raises(psycopg.Error) as refused:
+                        as_reader.execute(statement)
+                    assert refused.value.sqlstate in ("42501", "25006"), (statement, refused)
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # not terminated
+        finally:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+    assert snapshot(pg_url) == before
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
@@ -535,6 +683,72 @@ def test_outdated_schema(invoke: Invoke, catalog_url: str) -> None:
     assert "problem:" in invoke("db", "check", "--url", catalog_url, code=1).stdout
     invoke("db", "upgrade", "--url", catalog_url)
     invoke("--url", catalog_url, "ls")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ls"],
+        ["ls", "-l", "p1"],
+        ["tree"],
+        ["cat", "raw.bin"],
+        ["stat", "raw.bin"],
+        ["du"],
+        ["get", "raw.bin", "{tmp}/raw.bin"],
+        ["fsck"],
+        ["query", "SELECT * FROM polystore_catalog"],
+        ["put", "{tmp}/local.txt", "new.txt"],
+        ["rm", "raw.bin"],
+    ],
+    ids=" ".join,
+)
+def test_damaged_sqlite_catalog(invoke: Invoke, tmp_path: Path, command: list[str]) -> None:
+    """Flipped bits in the catalog file: one line that says so and what to do, no change."""
+    from catalog_checks import damage_sqlite_table
+
+    db = tmp_path / "catalog.db"
+    with SQLBackend(f"sqlite:///{db}") as backend:
+        backend.save(b"\x00\xff", "raw.bin")
+        backend.save("hello\n", "p1/readme.txt")
+    damage_sqlite_table(db, "polystore_nodes")
+    (tmp_path / "local.txt").write_text("local")
+    before = db.read_bytes()
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    line = one_error_line(invoke("--url", f"sqlite:///{db}", *args, code=1))
+    assert f"the SQLite catalog file {db} is damaged" in line, line
+    assert "backup" in line and ".recover" in line, line
+    assert db.read_bytes() == before
+    assert not (tmp_path / "raw.bin").exists()
+
+
+def test_rows_written_by_another_program(invoke: Invoke, catalog_url: str) -> None:
+    """A hash that is no SHA-256, attrs that are not a JSON object: fsck names the rows
+    (exit status 1), commands that need them print one line naming the file."""
+    from catalog_checks import catalog_rows, damage_columns, plant_files
+
+    with SQLBackend(catalog_url, inline_limit=64) as backend:
+        backend.save(b"x", "a/attrs.bin", attrs={"k": 1})
+        plant_files(backend, [("external.bin", "z" * 64, "local")])
+        not_json = "{not json" if backend.engine.dialect.name == "sqlite" else "[1]"
+        damage_columns(backend, "attrs.bin", attrs=not_json)
+        before = catalog_rows(backend)
+    fsck = invoke("--url", catalog_url, "fsck", code=1)
+    assert "Traceback" not in fsck.output
+    assert "problem: damaged row of 'a/attrs.bin': its attrs is not " in fsck.stdout
+    assert "problem: damaged row of 'planted/external.bin': its blob hash" in fsck.stdout
+    assert f"problem: damaged blob row '{'z' * 64}'" in fsck.stdout
+    report = json.loads(invoke("--url", catalog_url, "fsck", "--json", code=1).stdout)
+    assert sorted(report["damaged_nodes"]) == ["a/attrs.bin", "planted/external.bin"]
+    for command, path in (
+        (["cat", "planted/external.bin"], "planted/external.bin"),
+        (["stat", "a/attrs.bin"], "a/attrs.bin"),
+        (["ls", "-l", "a"], "a/attrs.bin"),
+        (["du"], "a/attrs.bin"),
+    ):
+        line = one_error_line(invoke("--url", catalog_url, *command, code=1))
+        assert f"the catalog's record of {path!r} is damaged" in line, (command, line)
+    with SQLBackend(catalog_url) as backend:
+        assert catalog_rows(backend) == before
 
 
 def test_read_only_catalog(

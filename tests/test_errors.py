@@ -30,6 +30,8 @@ WITHOUT_TWIN = [
     errors.IntegrityError,
     errors.SchemaVersionError,
 ]
+#: Refinements of another polystore error (and so of its builtin twin, if any).
+REFINEMENTS = {errors.CatalogDamagedError: errors.IntegrityError}
 
 
 @pytest.mark.parametrize(("error", "twin"), TWINS.items(), ids=lambda e: e.__name__)
@@ -46,9 +48,16 @@ def test_errors_without_twin(error: type[Exception]) -> None:
     assert error.__bases__ == (errors.PolystoreError,)
 
 
+@pytest.mark.parametrize(("error", "parent"), REFINEMENTS.items(), ids=lambda e: e.__name__)
+def test_refinements(error: type[Exception], parent: type[Exception]) -> None:
+    assert error.__bases__ == (parent,)
+    with pytest.raises(parent):
+        raise error("message")
+
+
 def test_every_error_is_covered_and_exported() -> None:
     classes = {getattr(errors, name) for name in errors.__all__} - {errors.PolystoreError}
-    assert classes == set(TWINS) | set(WITHOUT_TWIN)
+    assert classes == set(TWINS) | set(WITHOUT_TWIN) | set(REFINEMENTS)
     for name in errors.__all__:
         assert getattr(polystore, name) is getattr(errors, name)
     assert issubclass(errors.PolystoreError, Exception)

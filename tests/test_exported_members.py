@@ -14,6 +14,7 @@ EXPECTED = [
     "BackendNotFoundError",
     "BackendRegistry",
     "BackendUnavailableError",
+    "CatalogDamagedError",
     "ConflictError",
     "DiskBackend",
     "DuplicateBackendError",

@@ -38,12 +38,20 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import refcounts, write_calls
+from catalog_checks import (
+    catalog_rows,
+    damage_columns,
+    damage_sqlite_table,
+    plant_files,
+    refcounts,
+    write_calls,
+)
 
 from polystore import (
     AlreadyExistsError,
     BackendConfigError,
     BackendUnavailableError,
+    CatalogDamagedError,
     DiskBackend,
     IntegrityError,
     InvalidPathError,
@@ -485,6 +493,42 @@ def test_query_attrs_key_with_a_double_quote(sql_subject: Subject) -> None:
         assert sql.query(attrs={key: value + 10}) == [], key
 
 
+#: Attribute filters no stored file can match: the values ``save(attrs=...)`` refuses.
+UNMATCHABLE_FILTERS: dict[str, Any] = {
+    "nan": {"k": math.nan},
+    "inf": {"k": math.inf},
+    "-inf": {"k": -math.inf},
+    "NUL in a value": {"k": "a\x00b"},
+    "NUL in a key": {"k\x00": 1},
+    "lone surrogate in a value": {"k": "\ud800"},
+    "lone surrogate in a key": {"\udcff": 1},
+    "int key": {1: "x"},
+    "list value": {"k": [1]},
+    "dict value": {"k": {"a": 1}},
+}
+
+
+def test_query_attrs_that_no_file_can_hold(sql_subject: Subject) -> None:
+    """Filters that cannot be JSON in a catalog: SerializationError, as for save, on both
+    databases (not the driver's "malformed JSON", DataError or UnicodeEncodeError)."""
+    sql = sql_subject.sql
+    sql.save(b".", "q/plain.bin", attrs={"k": 1, "other": "x"})
+    before = snapshot(sql_subject)
+    failures = Failures()
+    for label, attrs in UNMATCHABLE_FILTERS.items():
+        failures.expect(SerializationError, lambda a=attrs: sql.query(attrs=a), label)
+        failures.expect(
+            SerializationError,
+            lambda a=attrs: sql.query(under="q", attrs={"other": "x", **a}),
+            f"{label}, after a good filter",
+        )
+    failures.check()
+    assert snapshot(sql_subject) == before
+    assert [r.path for r in sql.query(attrs={"k": 1})] == ["q/plain.bin"]
+    assert sql.query(attrs={"k": "\U0001f600"}) == []  # (a character past the BMP is fine)
+    _count("test_query_attrs_that_no_file_can_hold", failures.tried)
+
+
 # -- attributes and values that cannot be stored --------------------------------------------
 
 
@@ -511,6 +555,9 @@ BAD_ATTRS: dict[str, Any] = {
     "NUL in a value": {"x": "a\x00b"},
     "NUL in a key": {"a\x00": 1},
     "NUL deep down": {"x": [{"y": ["\x00"]}]},
+    "lone surrogate in a value": {"x": "bad\ud800"},
+    "lone surrogate in a key": {"\udcff": 1},
+    "lone surrogate deep down": {"x": [{"y": ["\udfff"]}]},
     "over 64 KiB": {"x": "y" * (64 * 1024)},
     "many keys over 64 KiB": {f"k{i}": i for i in range(10_000)},
 }
@@ -611,6 +658,10 @@ def _unstorable(kind: str) -> dict[str, Any]:
             "list holding an object": [1, object()],
             "str with a lone surrogate": "bad\udcff",
         }
+    if kind in ("sqlite", "postgresql"):
+        # The catalog's JSON is UTF-8, which cannot encode a lone surrogate (the
+        # disk backend writes ASCII JSON, whose escapes can).
+        values["JSON with a lone surrogate"] = {"k": ["bad\ud800"]}
     return values
 
 
@@ -797,6 +848,100 @@ def test_disk_never_unpickles_npy(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+# -- rows written by another program -------------------------------------------------------------
+
+
+def test_blob_hash_that_is_not_hex(sql_subject: Subject) -> None:
+    """Rows another program wrote with a hash that is no SHA-256: loads that need the
+    hash raise CatalogDamagedError naming the file; fsck names every such row and
+    checks the rest."""
+    sql = sql_subject.sql
+    not_hex, not_hex_external = "not-hex", "z" * 64
+    plant_files(
+        sql, [("inline.bin", not_hex, "inline"), ("external.bin", not_hex_external, "local")]
+    )
+    before = catalog_rows(sql), _tree(sql_subject.tmp / "blobs")
+    failures = Failures()
+    for name, call in {
+        "load": lambda: sql.load("planted/external.bin"),
+        "load_batch": lambda: sql.load_batch(["keep/existing.bin", "planted/external.bin"]),
+    }.items():
+        failures.expect(CatalogDamagedError, call, name)
+    failures.check()
+    with pytest.raises(CatalogDamagedError, match=r"planted/external\.bin"):
+        sql.load("planted/external.bin")
+    assert sql.load("planted/inline.bin") == b"y"  # the bytes are there; only fsck can tell
+    for verify in (False, True):
+        report = sql.fsck(verify=verify)
+        assert not report.ok
+        assert report.damaged_blobs == sorted([not_hex, not_hex_external]), str(report)
+        assert sorted(report.damaged_nodes) == ["planted/external.bin", "planted/inline.bin"]
+        assert not (report.missing or report.size_mismatch or report.hash_mismatch), str(report)
+        assert not (report.unreferenced or report.refcount_mismatch), str(report)
+        assert "planted/external.bin" in str(report) and not_hex in str(report)
+    assert (catalog_rows(sql), _tree(sql_subject.tmp / "blobs")) == before
+    _count("test_blob_hash_that_is_not_hex", failures.tried + 2)
+
+
+def test_json_columns_polystore_never_writes(sql_subject: Subject) -> None:
+    """shape, meta or attrs that are not JSON (SQLite stores JSON as text) or not the
+    JSON polystore writes: CatalogDamagedError naming the file; fsck lists them."""
+    sql = sql_subject.sql
+    sql.save(np.arange(3), "bad/meta.npy")
+    sql.save(b"a", "bad/attrs.bin", attrs={"k": 1})
+    sql.save(np.arange(3), "bad/shape.npy")
+    sql.save(b"b", "bad/attrs-list.bin", attrs={"k": 1})
+    sql.save(np.arange(3), "bad/shape-text.npy")
+    # A row written by another program has no kind id: loads read its own columns.
+    if sql_subject.kind == "sqlite":
+        damage_columns(sql, "meta.npy", meta="{not json", without_kind=True)
+        damage_columns(sql, "attrs.bin", attrs='{"k": 1')
+        damage_columns(sql, "shape.npy", shape="[3", without_kind=True)
+    else:  # jsonb holds only JSON: other types of it, then
+        damage_columns(sql, "meta.npy", meta="[1, 2]", without_kind=True)
+        damage_columns(sql, "attrs.bin", attrs='"text"')
+        damage_columns(sql, "shape.npy", shape='{"a": 3}', without_kind=True)
+    damage_columns(sql, "attrs-list.bin", attrs="[1, 2]")
+    damage_columns(sql, "shape-text.npy", shape='"ab"', without_kind=True)
+    damaged = ["bad/attrs-list.bin", "bad/attrs.bin", "bad/meta.npy", "bad/shape-text.npy",
+               "bad/shape.npy"]  # fmt: skip
+    before = catalog_rows(sql), _tree(sql_subject.tmp / "blobs")
+
+    def in_transaction(path: str) -> Any:
+        with sql.transaction():
+            return sql.load(path)
+
+    failures = Failures()
+    for path in damaged:
+        calls: dict[str, Callable[[], Any]] = {"stat": lambda p=path: sql.stat(p)}
+        if "attrs" not in path:  # (a load needs the serializer's columns, not attrs)
+            calls |= {
+                "load": lambda p=path: sql.load(p),
+                "load_batch": lambda p=path: sql.load_batch(["keep/existing.bin", p]),
+                "load in a transaction": lambda p=path: in_transaction(p),
+            }
+        for name, call in calls.items():
+            try:
+                call()
+            except CatalogDamagedError as exc:
+                if repr(path) not in str(exc):
+                    failures.lines.append(f"{name}({path}): does not name it: {exc}")
+            except Exception as exc:  # noqa: BLE001 -- reported with its input
+                failures.lines.append(f"{name}({path}): raised {type(exc).__name__}: {exc}")
+            else:
+                failures.lines.append(f"{name}({path}): returned")
+            failures.tried += 1
+    failures.expect(CatalogDamagedError, lambda: sql.query(under="bad"), "query")
+    failures.check()
+    assert sql.load("bad/attrs.bin") == b"a"
+    report = sql.fsck()
+    assert not report.ok
+    assert sorted(report.damaged_nodes) == damaged, str(report)
+    assert "bad/meta.npy" in str(report)
+    assert (catalog_rows(sql), _tree(sql_subject.tmp / "blobs")) == before
+    _count("test_json_columns_polystore_never_writes", failures.tried)
+
+
 # -- damaged external blobs --------------------------------------------------------------------
 
 
@@ -963,6 +1108,168 @@ def test_damaged_inline_blob(sql_subject: Subject) -> None:
         with pytest.raises(IntegrityError, match="does not match its hash"):
             verifying.load_batch(["keep/existing.bin", "i.bin"])
         assert verifying.load("keep/existing.bin") == b"existing"
+
+
+# -- content over what one database value holds ---------------------------------------------------
+
+
+def _value_limit(url: str, limit: int) -> dict[str, Any]:
+    """``engine_options`` for a SQLite catalog whose connections hold values of ``limit`` bytes.
+
+    SQLITE_LIMIT_LENGTH (the largest string, BLOB or row; 10**9 bytes by
+    default) lowered, so that a test of the limit needs no gigabytes.
+    """
+    import sqlite3
+
+    database = sa.engine.make_url(url).database or ":memory:"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(database, check_same_thread=False, timeout=30)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+        return conn
+
+    return {"creator": connect}
+
+
+def test_inline_limit_is_capped_at_what_sqlite_holds(tmp_path: Path) -> None:
+    """inline_limit above SQLite's value limit: content over that limit goes to the blob
+    store, not into "string or blob too big"; rebalance() does not move it back."""
+    url, store = f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/blobs"
+    options = _value_limit(url, 1 << 20)
+    with SQLBackend(url, blob_store=store, inline_limit=2**31, engine_options=options) as b:
+        cap = b.inline_limit
+        assert cap == (1 << 20) - 1024, cap  # (room for the rest of the row)
+        b.save(b"i" * cap, "inline.bin")
+        b.save_batch([b"e" * (cap + 1), b"s"], ["external.bin", "small.bin"])
+        stores = [b.stat(p).store for p in ("inline.bin", "external.bin", "small.bin")]
+        assert stores == ["inline", "local", "inline"]
+        assert b.load("external.bin") == b"e" * (cap + 1)
+        assert b.load("inline.bin") == b"i" * cap
+        before = catalog_rows(b), _tree(tmp_path / "blobs")
+        report = b.rebalance(inline_limit=2**40)  # (all inline, if the database held it)
+        assert (report.to_inline, report.to_external) == (0, 0)
+        assert (catalog_rows(b), _tree(tmp_path / "blobs")) == before
+        assert_consistent(b)
+
+
+def test_content_over_sqlite_value_limit_without_a_blob_store() -> None:
+    """No blob store (an in-memory catalog has none): SerializationError, nothing written."""
+    options = _value_limit("sqlite://", 1 << 20)
+    with SQLBackend("sqlite://", inline_limit=2**31, engine_options=options) as b:
+        b.save(b"existing", "keep/existing.bin")
+        assert b.inline_limit == (1 << 20) - 1024
+        before = catalog_rows(b)
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save(bytes(1 << 20), "big.bin")
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save_batch([b"ok", bytes(1 << 20)], ["ok.bin", "big.bin"])
+        with pytest.raises(SerializationError, match="no external blob store"), b.transaction():
+            b.save(b"in the transaction", "tx.bin")
+            b.save(bytes(1 << 20), "big.bin")
+        assert catalog_rows(b) == before
+        b.save(bytes(b.inline_limit), "largest.bin")  # (what fits, fits)
+        assert len(b.load("largest.bin")) == b.inline_limit
+
+
+def test_value_limit_read_inside_a_transaction_of_an_in_memory_catalog() -> None:
+    """Content over ``inline_limit`` with no blob store makes the placement check the
+    database's value limit. Read then, inside a transaction of an in-memory catalog, it
+    took the one connection from the pool and gave it back, which rolled the transaction
+    back half way: the first save was lost, the second committed in spite of the error."""
+    with SQLBackend("sqlite://") as b:
+        with pytest.raises(RuntimeError, match="roll back"), b.transaction():
+            b.save(b"a", "a.bin")
+            b.save(bytes(2 << 20), "big.bin")
+            raise RuntimeError("roll back")
+        assert b.list_files("") == []
+        with b.transaction():
+            b.save(b"a", "a.bin")
+            b.save(bytes(2 << 20), "big.bin")
+        assert b.list_files("") == ["a.bin", "big.bin"]
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.slow
+def test_content_over_a_database_value_goes_to_the_blob_store(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    """1.1 GiB, for real, with ``inline_limit=2**31``: into the blob store, not into
+    SQLite's "string or blob too big" or PostgreSQL's "Cannot enlarge string buffer"."""
+    size = GiB + GiB // 10
+    with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs", inline_limit=2**31) as b:
+        b.save(bytes(size), "big.bin")
+        info = b.stat("big.bin")
+        assert (info.store, info.size) == ("local", size)
+        assert b.fsck().ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_content_over_a_database_value_without_a_blob_store(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    """2 GiB, for real, with ``inline_limit=2**31`` and no blob store: SerializationError
+    before anything is written, not OverflowError or PostgreSQL's BadCopyFileFormat."""
+    url = "sqlite://" if database == "sqlite" else str(request.getfixturevalue("pg_url"))
+    with SQLBackend(url, inline_limit=2**31) as b:
+        assert b.blob_store is None
+        b.save(b"existing", "keep/existing.bin")
+        before = catalog_rows(b)
+        with pytest.raises(SerializationError, match="no external blob store"):
+            b.save(bytes(2 * GiB), "big.bin")
+        assert catalog_rows(b) == before
+
+
+# -- a damaged catalog file -----------------------------------------------------------------------
+
+
+def _sqlite_state(db: Path, blobs: Path) -> Any:
+    """The catalog file's bytes and the blob store's tree: what "nothing written" compares."""
+    return db.read_bytes(), _tree(blobs)
+
+
+@pytest.mark.parametrize("table", ["polystore_nodes", "polystore_blobs"])
+def test_damaged_sqlite_catalog_file(tmp_path: Path, table: str) -> None:
+    """Flipped bits in a catalog file: CatalogDamagedError saying so, never a driver error."""
+    db, blobs = tmp_path / "catalog.db", tmp_path / "blobs"
+    url = f"sqlite:///{db}"
+    with SQLBackend(url, blob_store=f"file://{blobs}", inline_limit=64) as b:
+        b.save(b"existing", "keep/existing.bin")
+        b.save(np.arange(40, dtype=np.float64), "keep/array.npy")
+    damage_sqlite_table(db, table)
+    before = _sqlite_state(db, blobs)
+    failures = Failures()
+    with SQLBackend(url, blob_store=f"file://{blobs}", inline_limit=64) as b:
+        calls: dict[str, Callable[[], Any]] = {
+            "load": lambda: b.load("keep/existing.bin"),
+            "load array": lambda: b.load("keep/array.npy"),
+            "load_batch": lambda: b.load_batch(["keep/existing.bin", "keep/array.npy"]),
+            "fsck": b.fsck,
+            "save": lambda: b.save(b"new", "keep/new.bin"),
+            "save over": lambda: b.save(b"new", "keep/existing.bin"),
+        }
+        if table == "polystore_nodes":
+            calls |= {
+                "list_files": lambda: b.list_files("", recursive=True),
+                "list_dir": lambda: b.list_dir("keep"),
+                "stat": lambda: b.stat("keep/existing.bin"),
+                "exists": lambda: b.exists("keep/existing.bin"),
+                "query": b.query,
+                "delete": lambda: b.delete("keep/existing.bin"),
+            }
+        for name, call in calls.items():
+            failures.expect(CatalogDamagedError, call, name)
+        with pytest.raises(CatalogDamagedError, match="damaged") as caught:
+            b.load("keep/existing.bin")
+        message = str(caught.value)
+        assert str(db) in message and "backup" in message and ".recover" in message, message
+    failures.check()
+    assert _sqlite_state(db, blobs) == before
+    _count("test_damaged_sqlite_catalog_file", failures.tried)
 
 
 # -- a read-only database ---------------------------------------------------------------------------

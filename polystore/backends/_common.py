@@ -12,6 +12,7 @@ import datetime as dt
 import errno
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from polystore import errors, paths
@@ -84,10 +85,11 @@ def strict_json(value: Any, what: str) -> str:
     """The JSON text of ``value``, which a catalog column on any database can hold.
 
     No NaN or infinities, nothing ``json`` cannot encode, no nesting too deep,
-    and no NUL character in a string: PostgreSQL's JSON cannot store one, and
-    it is refused everywhere so a catalog means the same on every database
-    (and a memory backend behaves like the rest). Anything else raises
-    :class:`~polystore.errors.SerializationError` naming ``what``.
+    no NUL character and no lone surrogate (``"\\ud800"``: not Unicode text,
+    which UTF-8 cannot encode) in a string: PostgreSQL's JSON cannot store
+    either, and both are refused everywhere so a catalog means the same on
+    every database (and a memory backend behaves like the rest). Anything else
+    raises :class:`~polystore.errors.SerializationError` naming ``what``.
     """
     try:
         text = json.dumps(value, allow_nan=False)
@@ -95,11 +97,30 @@ def strict_json(value: Any, what: str) -> str:
         raise errors.SerializationError(f"{what}: not plain JSON ({exc})") from exc
     if "\\u0000" in text and holds_nul(value):
         raise errors.SerializationError(f"{what}: a NUL character (\\x00) in a string")
+    # (json escapes every character past U+FFFF as a surrogate pair, so "\ud"
+    # is only a hint: the walk tells a pair from a lone one)
+    if "\\ud" in text and _any_string(value, _not_text):
+        raise errors.SerializationError(
+            f"{what}: a lone surrogate in a string (not Unicode text, which UTF-8 cannot encode)"
+        )
     return text
 
 
 def holds_nul(value: Any) -> bool:
-    """Whether a JSON value has a NUL character in any string (keys included).
+    """Whether a JSON value has a NUL character in any string (keys included)."""
+    return _any_string(value, lambda text: "\x00" in text)
+
+
+def _not_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _any_string(value: Any, test: Callable[[str], bool]) -> bool:
+    """Whether ``test`` holds for any string in a JSON value (keys included).
 
     A walk with a stack, not recursion: JSON nests deeper than Python recurses.
     ``value`` must be free of cycles (``json.dumps`` checks that first).
@@ -108,7 +129,7 @@ def holds_nul(value: Any) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if "\x00" in item:
+            if test(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item.keys())

@@ -55,6 +55,7 @@ __all__ = [
     "check_hash",
     "from_url",
     "hash_key",
+    "is_content_hash",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -77,12 +78,17 @@ _MARKER_KIND = "polystore blob store owner"
 _MARKER_PATIENCE = 2.0
 
 
+def is_content_hash(value: object) -> bool:
+    """Whether ``value`` is a lowercase hex SHA-256, the only content hash polystore writes."""
+    return isinstance(value, str) and _HASH.fullmatch(value) is not None
+
+
 def check_hash(content_hash: str) -> str:
     """``content_hash`` if it is a lowercase hex SHA-256; otherwise ValueError.
 
     Keys are built from hashes, so a malformed one must never reach a path.
     """
-    if not isinstance(content_hash, str) or not _HASH.fullmatch(content_hash):
+    if not is_content_hash(content_hash):
         raise ValueError(f"not a hex SHA-256 content hash: {content_hash!r}")
     return content_hash
 

@@ -9,23 +9,38 @@ import click
 
 from polystore.cli.app import State, json_option, main, pass_state, url_option
 from polystore.cli.output import echo_json, human_size, info, print_table, spinner
+from polystore.cli.sql import DEFAULT_TIMEOUT
 
 __all__ = ["db", "fsck", "gc", "query"]
 
 
 @main.command()
 @click.argument("sql")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Stop the statement after this many seconds (0: no limit).",
+)
 @json_option
 @url_option
 @pass_state
-def query(state: State, sql: str, as_json: bool) -> None:
+def query(state: State, sql: str, timeout: float, as_json: bool) -> None:
     """Run one read-only SQL statement and print the rows as a table.
 
     The ``polystore_catalog`` view has one row per file or directory, with
     columns path, name, kind, size, serializer, dtype, shape, attrs, hash,
     store, created_at and modified_at. Statements that would write
     (``INSERT``, ``UPDATE``, ``DELETE``, ``DROP``, ``ATTACH``, ...) are refused
-    and the catalog is left untouched. SQL is ``-`` to read it from stdin.
+    and the catalog is left untouched; so, on PostgreSQL, are statements other
+    than reads and calls of server functions such as ``pg_reload_conf()``. A
+    statement that runs longer than ``--timeout`` is stopped. SQL is ``-`` to
+    read it from stdin.
+
+    This guards against accidents, not against someone determined: give
+    untrusted users a database role that may only SELECT.
 
     \b
     Examples:
@@ -37,7 +52,7 @@ def query(state: State, sql: str, as_json: bool) -> None:
     if sql == "-":
         sql = sys.stdin.read()
     state.require_catalog()
-    result = run_readonly(state.url, sql)
+    result = run_readonly(state.url, sql, timeout=timeout)
     if as_json:
         echo_json(result.records())
     elif result.columns:

@@ -1,4 +1,4 @@
-"""Running a user's SQL against a catalog, strictly read-only.
+"""Running a user's SQL against a catalog, strictly read-only and for a limited time.
 
 Two locks on each database, so that one slip is not enough to write:
 
@@ -10,15 +10,30 @@ Two locks on each database, so that one slip is not enough to write:
   rolled back, as a prepared statement, so a string holding two statements
   (``SELECT 1; COMMIT; DELETE ...``) is refused.
 
-This is a guard against accidents, not a security boundary: anyone holding the
-URL can write with other tools. Give untrusted users a database role that may
-only ``SELECT``.
+A read-only transaction does not stop what acts outside the database's data:
+on PostgreSQL a superuser's ``pg_terminate_backend()``, ``pg_reload_conf()``,
+``pg_read_file()``, ``COPY ... TO PROGRAM`` or a ``DO`` block. The statement
+must therefore start with ``SELECT``, ``WITH``, ``VALUES``, ``TABLE``,
+``EXPLAIN``, ``SHOW``, ``SET`` or ``RESET``, and may not call the server
+functions of :data:`_SERVER_FUNCTIONS` by name. That check reads the text, so
+it catches accidents and nothing more: a function defined in the database may
+call any of them.
+
+Every statement runs under a time limit (:data:`DEFAULT_TIMEOUT`): a progress
+handler with a deadline on SQLite, ``SET LOCAL statement_timeout`` on
+PostgreSQL.
+
+None of this is a security boundary: anyone holding the URL can write with
+other tools. Give untrusted users a database role that may only ``SELECT``
+(docs/querying.rst shows one).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +43,10 @@ import click
 from polystore.cli.app import sqlite_file
 from polystore.errors import NotFoundError, ReadOnlyError
 
-__all__ = ["QueryResult", "run_readonly"]
+__all__ = ["DEFAULT_TIMEOUT", "QueryResult", "run_readonly"]
+
+#: Seconds a statement may run before it is stopped (``polystore query --timeout``).
+DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +65,22 @@ def _refused(what: str) -> ReadOnlyError:
     )
 
 
-def run_readonly(url: str, sql: str) -> QueryResult:
-    """Run one statement ``sql`` read-only against the catalog at ``url``."""
+def _timed_out(timeout: float) -> click.ClickException:
+    return click.ClickException(
+        f"query stopped: it ran for longer than its limit of {timeout:g} s (nothing was "
+        "changed); narrow it down, or allow more time with --timeout SECONDS (0: no limit)"
+    )
+
+
+def run_readonly(url: str, sql: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> QueryResult:
+    """Run one statement ``sql`` read-only against the catalog at ``url``.
+
+    ``timeout``: seconds the statement may run (fetching its rows included);
+    None or 0 for no limit.
+    """
     from polystore.backends.sql.engine import parse_url
 
+    timeout = timeout or None
     dialect = parse_url(url).get_backend_name()
     if dialect == "sqlite":
         path = sqlite_file(url)
@@ -60,8 +90,9 @@ def run_readonly(url: str, sql: str) -> QueryResult:
             )
         if not os.path.exists(path):
             raise NotFoundError(f"there is no catalog at {url} ({path} does not exist)")
-        return _run_sqlite(path, sql)
-    return _run_postgresql(url, sql)
+        return _run_sqlite(url, path, sql, timeout)
+    _check_postgresql_statement(sql)
+    return _run_postgresql(url, sql, timeout)
 
 
 # -- SQLite ------------------------------------------------------------------------------
@@ -98,13 +129,29 @@ def _pragma_allowed(name: str | None, argument: str | None) -> bool:
     return name in _INFO_PRAGMAS or (name in _VALUE_PRAGMAS and argument is None)
 
 
-def _run_sqlite(path: str, sql: str) -> QueryResult:
+#: SQLite virtual machine instructions between two looks at the clock (~0.5 ms of work).
+_PROGRESS_STEPS = 10_000
+
+
+def _run_sqlite(url: str, path: str, sql: str, timeout: float | None) -> QueryResult:
+    from polystore.backends.sql.engine import damaged_catalog
+
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    busy = 30.0 if timeout is None else min(30.0, timeout)
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=30)
+        conn = sqlite3.connect(uri, uri=True, timeout=busy)
     except sqlite3.Error as exc:
         raise click.ClickException(f"cannot open {path} read-only: {exc}") from exc
     denied: list[str] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    stopped: list[bool] = []
+
+    def progress() -> int:
+        # A non-zero answer interrupts the statement ("interrupted").
+        if deadline is not None and time.monotonic() > deadline:
+            stopped.append(True)
+            return 1
+        return 0
 
     def authorize(
         action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
@@ -128,12 +175,20 @@ def _run_sqlite(path: str, sql: str) -> QueryResult:
     try:
         conn.execute("PRAGMA query_only = ON")
         conn.set_authorizer(authorize)
+        if deadline is not None:
+            conn.set_progress_handler(progress, _PROGRESS_STEPS)
         try:
             cursor = conn.execute(sql)
             rows = cursor.fetchall()
         except (sqlite3.Error, sqlite3.Warning) as exc:
+            if stopped:
+                assert timeout is not None
+                raise _timed_out(timeout) from exc
             if denied:
                 raise _refused(denied[0]) from exc
+            damaged = damaged_catalog(url, exc)
+            if damaged is not None:
+                raise damaged from exc
             if any(text in str(exc) for text in ("readonly", "query_only", "may not be modified")):
                 raise _refused("write") from exc
             raise click.ClickException(f"SQL error: {exc}") from exc
@@ -146,17 +201,105 @@ def _run_sqlite(path: str, sql: str) -> QueryResult:
 # -- PostgreSQL ----------------------------------------------------------------------------
 
 
-def _run_postgresql(url: str, sql: str) -> QueryResult:
+#: What a statement may start with: reading, and settings that the rollback undoes.
+_STATEMENTS = {"select", "with", "values", "table", "explain", "show", "set", "reset"}
+#: PostgreSQL functions that act outside the transaction's data (on other
+#: sessions, the server's configuration or files, replication), or that run
+#: SQL given as text, past this check. A superuser may call them all, and a
+#: read-only transaction stops none of them.
+_SERVER_FUNCTIONS = frozenset(
+    {
+        "pg_cancel_backend", "pg_terminate_backend", "pg_reload_conf", "pg_rotate_logfile",
+        "pg_log_backend_memory_contexts", "pg_read_file", "pg_read_binary_file", "pg_stat_file",
+        "pg_ls_dir", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir",
+        "pg_ls_logicalsnapdir", "pg_ls_logicalmapdir", "pg_ls_replslotdir", "pg_file_write",
+        "pg_file_rename", "pg_file_unlink", "pg_file_sync", "pg_logdir_ls", "lo_import",
+        "lo_export", "pg_promote", "pg_switch_wal", "pg_create_restore_point",
+        "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup",
+        "pg_wal_replay_pause", "pg_wal_replay_resume", "pg_logical_emit_message",
+        "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
+        "pg_drop_replication_slot", "pg_copy_physical_replication_slot",
+        "pg_copy_logical_replication_slot", "pg_replication_slot_advance",
+        "pg_replication_origin_create", "pg_replication_origin_drop",
+        "pg_replication_origin_advance", "pg_replication_origin_session_setup",
+        "pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters",
+        "pg_stat_reset_single_function_counters", "pg_stat_reset_slru",
+        "pg_stat_reset_replication_slot", "pg_stat_reset_subscription_stats",
+        "dblink", "dblink_exec", "dblink_connect", "dblink_connect_u", "dblink_send_query",
+        "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat",
+    }
+)  # fmt: skip
+# Comments, string literals (standard, E'...', dollar-quoted), quoted identifiers,
+# then words; what is not a word or a quoted identifier is skipped.
+_TOKENS = re.compile(
+    r"""
+    (?P<comment>--[^\n]*|/\*.*?\*/)
+    | (?P<escaped>[eE]'(?:[^'\\]|\\.|'')*')
+    | (?P<string>'(?:[^']|'')*')
+    | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*)?\$.*?\$(?P=tag)\$)
+    | "(?P<quoted>(?:[^"]|"")*)"
+    | (?P<word>[A-Za-z_][A-Za-z_0-9$]*)
+    | (?P<call>\()
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def _check_postgresql_statement(sql: str) -> None:
+    """Refuse statements and function calls a read-only transaction would not stop.
+
+    A convenience against accidents, by the text alone (comments and string
+    literals skipped, quoted names unquoted): anything defined in the database
+    can still call these functions. The boundary is the role that connects.
+    """
+    words: list[str] = []
+    called: list[str] = []
+    for match in _TOKENS.finditer(sql):
+        if match["call"] is not None:
+            if words and words[-1] in _SERVER_FUNCTIONS:
+                called.append(words[-1])
+            words.append("(")
+        elif match["word"] is not None:
+            words.append(match["word"].lower())
+        elif match["quoted"] is not None:
+            words.append(match["quoted"].replace('""', '"'))
+        elif match["comment"] is None:
+            words.append("'")  # a literal: no function name
+    first = next((w for w in words if w != "("), "")
+    if first and first not in _STATEMENTS:
+        raise ReadOnlyError(
+            "refused: `polystore query` is read-only and runs only SELECT, WITH, VALUES, "
+            f"TABLE, EXPLAIN, SHOW, SET and RESET statements, not {first.upper()}; "
+            "the catalog was not changed"
+        )
+    if called:
+        raise ReadOnlyError(
+            f"refused: `polystore query` is read-only and does not call {called[0]}(), "
+            "which acts outside the transaction (a check of the statement's text, not a "
+            "security boundary: connect as a role that may only SELECT); the catalog was "
+            "not changed"
+        )
+
+
+def _run_postgresql(url: str, sql: str, timeout: float | None) -> QueryResult:
     import psycopg
     import sqlalchemy as sa
 
-    from polystore.backends.sql.engine import create_catalog_engine, translate_errors
+    from polystore.backends.sql.engine import (
+        create_catalog_engine,
+        damaged_catalog,
+        translate_errors,
+    )
 
     with translate_errors(url):
         engine = create_catalog_engine(url, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                if timeout is not None:
+                    # LOCAL: for this transaction only, which is rolled back.
+                    milliseconds = max(1, round(timeout * 1000))
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
                 driver = conn.connection.driver_connection
                 assert driver is not None
                 try:
@@ -169,6 +312,12 @@ def _run_postgresql(url: str, sql: str) -> QueryResult:
                     message = (exc.diag.message_primary or str(exc)).strip()
                     if exc.sqlstate == "25006":  # read_only_sql_transaction
                         raise _refused(f"write ({message})") from exc
+                    if exc.sqlstate == "57014" and "statement timeout" in message:
+                        assert timeout is not None
+                        raise _timed_out(timeout) from exc
+                    damaged = damaged_catalog(url, exc)
+                    if damaged is not None:
+                        raise damaged from exc
                     if "multiple commands" in message:
                         raise click.ClickException("query runs one statement at a time") from exc
                     raise click.ClickException(f"SQL error: {message}") from exc

@@ -9,6 +9,7 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -45,7 +46,12 @@ from polystore.backends.sql.content import (
     lock_blobs,
     release_blobs,
 )
-from polystore.backends.sql.engine import CatalogChanged, default_url
+from polystore.backends.sql.engine import (
+    CatalogChanged,
+    JSONColumnError,
+    default_url,
+    load_json_column,
+)
 from polystore.backends.sql.fast import (
     STREAM_ROWS,
     FastReader,
@@ -62,7 +68,13 @@ from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key, kinds_arg
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
-from polystore.errors import InvalidPathError, SerializationError, UnsupportedOperationError
+from polystore.blobs.base import is_content_hash
+from polystore.errors import (
+    CatalogDamagedError,
+    InvalidPathError,
+    SerializationError,
+    UnsupportedOperationError,
+)
 from polystore.serializers import SHARED_ARRAY_BYTES, Buffer, SerializerRegistry
 
 if TYPE_CHECKING:
@@ -141,6 +153,46 @@ def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) ->
     if dtype is not None:
         full["dtype"] = dtype
     return full
+
+
+def _damaged_record(path: str, what: str) -> CatalogDamagedError:
+    """The error for the row of ``path`` holding ``what`` polystore never writes."""
+    return CatalogDamagedError(
+        f"the catalog's record of {path!r} is damaged: {what} (written by another "
+        "program?); `fsck()` lists every such row, to repair or remove with SQL"
+    )
+
+
+#: The JSON type each JSON column of a node holds when it is not null.
+_JSON_COLUMNS = {"shape": (list, "a JSON array"), "meta": (dict, "a JSON object"),
+                 "attrs": (dict, "a JSON object")}  # fmt: skip
+
+
+def _json_column(path: str, row: Any, column: str, *, text: bool = False) -> Any:
+    """Column ``column`` of ``path``'s ``row``, checked: what polystore writes, or damage.
+
+    ``text``: the row holds the column as JSON text (:func:`~.query.run_query`),
+    parsed here so that damage names its path.
+    """
+    value = getattr(row, column)
+    if text and value is not None:
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise _damaged_record(path, f"its {column} is not JSON") from exc
+    kind, name = _JSON_COLUMNS[column]
+    if value is not None and not isinstance(value, kind):
+        raise _damaged_record(path, f"its {column} is not {name}")
+    return value
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Name ``path`` in the error for a JSON column of its row that does not parse."""
+    try:
+        yield
+    except JSONColumnError as exc:
+        raise _damaged_record(path, "its shape, meta or attrs is not JSON") from exc
 
 
 def _check_kind(kind: Kind) -> None:
@@ -264,8 +316,6 @@ class SQLBackend(StorageBackend):
     ) -> None:
         self.url = url or default_url()
         self.allow_pickle = allow_pickle
-        if not isinstance(inline_limit, int) or inline_limit < 0:
-            raise ValueError(f"inline_limit must be an int >= 0, not {inline_limit!r}")
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
         # Decoders by kind id, and what each kind id means (serializer, dtype,
@@ -284,7 +334,10 @@ class SQLBackend(StorageBackend):
         self._staged: ContextVar[list[Staged] | None] = ContextVar(
             f"polystore_staged_{id(self)}", default=None
         )
-        self._catalog = Catalog(self.url, engine_options)
+        # Text another program left in a JSON column raises CatalogDamagedError.
+        self._catalog = Catalog(
+            self.url, {"json_deserializer": load_json_column, **(engine_options or {})}
+        )
         #: The SQLAlchemy engine of the catalog database.
         self.engine = self._catalog.engine
         self._fast = FastReader(self.engine)
@@ -297,10 +350,32 @@ class SQLBackend(StorageBackend):
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
                 if self.blob_store is not None:  # refused if another catalog owns it
                     claim_store(self.blob_store, self.engine)
+                placement = Placement(self._catalog, self.blob_store, verify_inline=verify_inline)
+                # What one value holds, read now, outside any transaction: an
+                # in-memory database is the pool's one connection, and giving
+                # it back to the pool rolls back whatever it was doing.
+                placement.max_inline()
             except BaseException:
                 self._catalog.close()
                 raise
-            self._placement = Placement(self._catalog, self.blob_store, verify_inline=verify_inline)
+            self._placement = placement
+
+    @property
+    def inline_limit(self) -> int:
+        """Content of at most this many bytes is stored in the database itself.
+
+        What was asked, capped at the largest value the database holds in one
+        column (:meth:`.Placement.max_inline`: about 10**9 bytes on SQLite,
+        about 511 MiB on PostgreSQL): larger content goes to the blob store, or,
+        without one, raises :class:`~polystore.errors.SerializationError`.
+        """
+        return min(self._inline_limit, self._placement.max_inline())
+
+    @inline_limit.setter
+    def inline_limit(self, limit: int) -> None:
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"inline_limit must be an int >= 0, not {limit!r}")
+        self._inline_limit = limit
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -522,9 +597,20 @@ class SQLBackend(StorageBackend):
 
     def _decode(self, row: Any, path: str) -> Any:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
-        data = self._placement.content(row.store, row.size, row.blob_hash, row.data, path)
-        meta = _decoder_meta(row.meta, row.shape, row.dtype)
-        return self.serializers.decode(row.serializer, data, meta, allow_pickle=self.allow_pickle)
+        shape, meta = _json_column(path, row, "shape"), _json_column(path, row, "meta")
+        data = self._content(row.store, row.size, row.blob_hash, row.data, path)
+        full = _decoder_meta(meta, shape, row.dtype)
+        return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
+
+    def _content(self, store: str | None, size: int, blob_hash: str, data: Any, path: str) -> Any:
+        """The verified content of file ``path`` (see :meth:`.Placement.content`).
+
+        A blob store names its objects by hash: a hash polystore never writes
+        (another program's row) is damage, not a key to look up.
+        """
+        if store is not None and store != INLINE and not is_content_hash(blob_hash):
+            raise _damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
+        return self._placement.content(store, size, blob_hash, data, path)
 
     def _check_decoders(self) -> None:
         """Drop the cached decoders if the serializers or ``allow_pickle`` changed."""
@@ -566,7 +652,13 @@ class SQLBackend(StorageBackend):
             if found is None:
                 return None
             serializer, dtype, shape, meta = found
-            full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
+            try:
+                full = _decoder_meta(parse_json(meta), parse_json(shape), dtype)
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise CatalogDamagedError(
+                    f"row {kind_id} of polystore_kinds is damaged: its shape or meta is not "
+                    "the JSON polystore writes; `fsck()` lists it among the bad kinds"
+                ) from exc
             build = self.serializers.batch_decoder if many else self.serializers.decoder
             decode = build(serializer, full, allow_pickle=self.allow_pickle)
             if len(cache) >= _MAX_DECODERS:
@@ -645,7 +737,7 @@ class SQLBackend(StorageBackend):
         # (the decoder first: no content is read for a file the slow path must load)
         decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
-            data = self._placement.content(store, size, blob_hash, data, path)
+            data = self._content(store, size, blob_hash, data, path)
         return decode(data)
 
     @staticmethod
@@ -679,7 +771,8 @@ class SQLBackend(StorageBackend):
                 return self._load_fast(path)
             except Unavailable:
                 pass
-        row = self._catalog.read(lambda conn: tree.resolve(conn, path, with_content=True))
+        with _reading(path):
+            row = self._catalog.read(lambda conn: tree.resolve(conn, path, with_content=True))
         self._check_file(row, path)
         return self._decode(row, path)
 
@@ -731,7 +824,14 @@ class SQLBackend(StorageBackend):
             values = self._load_many_fast(norm, by_parent)
             if values is not None:
                 return values
-        rows = self._catalog.read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        try:
+            rows = self._catalog.read(lambda conn: self._fetch_many(conn, by_parent), snapshot=True)
+        except JSONColumnError:
+            # Which row does not parse: the first path whose own row fails.
+            for path in dict.fromkeys(norm):
+                with _reading(path):
+                    self._catalog.read(partial(tree.resolve, path=path))
+            raise
         for path in norm:
             self._check_file(rows.get(path), path)
         return [self._decode(rows[p], p) for p in norm]
@@ -1111,7 +1211,8 @@ class SQLBackend(StorageBackend):
     def stat(self, path: str) -> StatResult:
         # docstring inherited
         norm = paths.normalize(path)
-        row = self._catalog.read(lambda conn: tree.resolve(conn, norm, with_content=False))
+        with _reading(norm):
+            row = self._catalog.read(lambda conn: tree.resolve(conn, norm, with_content=False))
         if row is None:
             raise not_found(norm)
         store = None
@@ -1124,7 +1225,11 @@ class SQLBackend(StorageBackend):
         return self._stat_result(norm, row, store)
 
     @staticmethod
-    def _stat_result(path: str, row: Any, store: str | None) -> StatResult:
+    def _stat_result(path: str, row: Any, store: str | None, *, text: bool = False) -> StatResult:
+        """``path``'s StatResult from its ``row`` (JSON columns as ``text``, or parsed)."""
+        _json_column(path, row, "meta", text=text)  # (a damaged row is damaged for stat too)
+        shape = _json_column(path, row, "shape", text=text)
+        attrs = _json_column(path, row, "attrs", text=text)
         return StatResult(
             path=path,
             kind=row.kind,
@@ -1133,8 +1238,8 @@ class SQLBackend(StorageBackend):
             modified_at=tree.as_utc(row.modified_at),
             serializer=row.serializer,
             dtype=row.dtype,
-            shape=tuple(row.shape) if row.shape is not None else None,
-            attrs=dict(row.attrs or {}),
+            shape=tuple(shape) if shape is not None else None,
+            attrs=dict(attrs or {}),
             hash=row.blob_hash,
             store=store,
         )
@@ -1319,7 +1424,10 @@ class SQLBackend(StorageBackend):
         """Nodes under ``under`` matching every filter given, ordered by path.
 
         ``attrs`` matches files whose attributes hold each given key with exactly
-        that value (str, int, float, bool or None).
+        that value (str, int, float, bool or None). A filter no file can hold
+        (another type, or what ``save(attrs=...)`` refuses: NaN, infinities,
+        NUL characters, lone surrogates) raises
+        :class:`~polystore.errors.SerializationError`.
         """
         from polystore.backends.sql.query import run_query
 
@@ -1335,7 +1443,9 @@ class SQLBackend(StorageBackend):
                 limit=limit,
             )
         )
-        return [self._stat_result(paths.join(norm, row.path), row, row.store) for row in rows]
+        return [
+            self._stat_result(paths.join(norm, row.path), row, row.store, text=True) for row in rows
+        ]
 
     # -- content maintenance ------------------------------------------------------------
 
@@ -1379,7 +1489,8 @@ class SQLBackend(StorageBackend):
     def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
         """Move blobs between inline and external placement to match the inline limit.
 
-        Blobs over the limit (``inline_limit``, default this backend's) move to
+        Blobs over the limit (``inline_limit``, default this backend's; capped,
+        like :attr:`inline_limit`, at what one database value holds) move to
         the external store, the others into the database; each move is its own
         transaction, so an interruption leaves every blob readable in one place.
         Without an external store nothing moves.
@@ -1387,7 +1498,9 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.gc import rebalance
 
         self._outside_transaction("rebalance")
-        limit = self.inline_limit if inline_limit is None else inline_limit
+        limit = self.inline_limit
+        if inline_limit is not None:
+            limit = min(inline_limit, self._placement.max_inline())
         with self._catalog.errors():
             return rebalance(self._placement, limit)
 

@@ -12,6 +12,7 @@ writers rely on upserts, row locks and savepoints.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import sqlite3
@@ -27,6 +28,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from polystore.errors import (
     BackendConfigError,
     BackendUnavailableError,
+    CatalogDamagedError,
     ConflictError,
     PolystoreError,
     ReadOnlyError,
@@ -38,9 +40,12 @@ __all__ = [
     "DEFAULT_URL",
     "WRITE",
     "CatalogChanged",
+    "JSONColumnError",
     "create_catalog_engine",
+    "damaged_catalog",
     "default_url",
     "is_retryable",
+    "load_json_column",
     "retrying",
     "translate_errors",
 ]
@@ -238,6 +243,9 @@ def translate_errors(url: str) -> Iterator[None]:
         read_only = _read_only_sqlite_directory(url, error)
         if read_only is not None:
             raise read_only from error
+        damaged = damaged_catalog(url, error.orig)
+        if damaged is not None:
+            raise damaged from error
         if _is_unavailable(error):
             raise BackendUnavailableError(
                 f"cannot reach the catalog at {_safe(url)}: {str(error.orig).strip()}"
@@ -267,6 +275,71 @@ def translate_errors(url: str) -> Iterator[None]:
                 f"one (nothing of it was written; run it again): {text.strip()}"
             ) from error
         raise
+
+
+# SQLITE_CORRUPT; its extended codes (SQLITE_CORRUPT_INDEX, ...) keep it in the low byte.
+_SQLITE_CORRUPT = 11
+# data_corrupted, index_corrupted
+_PG_CORRUPT_SQLSTATES = {"XX001", "XX002"}
+
+
+def damaged_catalog(url: str, orig: BaseException | None) -> CatalogDamagedError | None:
+    """The error for a driver error ``orig`` that says the catalog's database is damaged.
+
+    None for any other error. SQLite reports damaged pages of its file as
+    ``SQLITE_CORRUPT`` ("database disk image is malformed"), PostgreSQL as
+    ``XX001`` or ``XX002``. The message says what to do: no retry helps.
+    """
+    text = str(orig).strip()
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_CORRUPT:
+        try:
+            path = _sqlite_path(parse_url(url))
+        except PolystoreError:
+            path = None
+        if path is None:
+            return CatalogDamagedError(
+                f"the SQLite catalog {_safe(url)} is damaged (SQLite: {text}); nothing was changed"
+            )
+        return CatalogDamagedError(
+            f"the SQLite catalog file {path} is damaged (SQLite: {text}); nothing was "
+            "changed. Restore it from a backup, or salvage what SQLite can still read with "
+            f"`sqlite3 {path} .recover` (see 'A damaged catalog' in polystore's reliability "
+            "docs), then check the result with `polystore fsck`"
+        )
+    if getattr(orig, "sqlstate", None) in _PG_CORRUPT_SQLSTATES:
+        return CatalogDamagedError(
+            f"the PostgreSQL catalog at {_safe(url)} is damaged (PostgreSQL: {text}); "
+            "nothing was changed. A damaged index is rebuilt with REINDEX; damaged "
+            "table data must be restored from a backup. Then check the catalog with "
+            "`polystore fsck`"
+        )
+    return None
+
+
+class JSONColumnError(CatalogDamagedError):
+    """A JSON column of a catalog row holds text that is not JSON (SQLite keeps JSON as text).
+
+    Raised while SQLAlchemy reads the row, where its path is not known: code
+    that knows it raises a :class:`~polystore.errors.CatalogDamagedError`
+    naming it instead.
+    """
+
+
+def load_json_column(text: str | bytes) -> Any:
+    """``json.loads`` for the catalog's JSON columns: the engine's ``json_deserializer``.
+
+    Text that another program wrote and that is not JSON raises
+    :class:`JSONColumnError`, not ``json.JSONDecodeError``.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # (RecursionError: nested too deep)
+        raise JSONColumnError(
+            "a row of the catalog holds text that is not JSON in its shape, meta or attrs "
+            f"column ({error}); polystore never writes that: `fsck()` lists the damaged rows, "
+            "to repair or remove with SQL"
+        ) from error
 
 
 def _read_only_sqlite_directory(url: str, error: exc.DBAPIError) -> ReadOnlyError | None:

@@ -12,6 +12,11 @@ Every file's serializer columns are those of its kind's row in
 Content -> catalog: every object in the external store belongs to a blob row
 (or to an upload in flight). This is the one place polystore lists the store.
 
+Rows another program wrote with what polystore never writes -- a blob hash
+that is not a SHA-256 hex digest, ``shape``, ``meta`` or ``attrs`` that are
+not JSON or not of the JSON type polystore stores -- are reported by name,
+and the checks go on over the rest.
+
 The store is listed before the catalog is read, and anything that looks wrong
 is looked at once more, so uploads and gc() running at the same time are not
 reported as damage. The report is exact when nothing else writes meanwhile.
@@ -35,7 +40,8 @@ from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import kinds_table as kinds
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.placement import Placement
-from polystore.blobs.base import StoredObject
+from polystore.backends.sql.tree import chunks, subtree_sql
+from polystore.blobs.base import StoredObject, is_content_hash
 
 __all__ = ["FsckReport", "check"]
 
@@ -58,6 +64,15 @@ class FsckReport:
       (loads would decode them as another kind).
     * ``bad_kinds``: ids of ``polystore_kinds`` rows whose id or columns are
       not their key's, used by files or not.
+    * ``damaged_nodes``: ``path -> what is wrong`` for files and directories
+      whose row holds what polystore never writes (another program's): a
+      blob hash that is not a SHA-256 hex digest, or ``shape``, ``meta`` or
+      ``attrs`` that are not JSON, or not the JSON type polystore stores
+      there (an array, an object). Operations that need such a column raise
+      :class:`~polystore.errors.CatalogDamagedError`. A row no path reaches
+      from the root is named ``"<node ID>"``.
+    * ``damaged_blobs``: hashes of ``polystore_blobs`` rows whose hash is not
+      a SHA-256 hex digest (their content is not checked further).
 
     For information only: ``blobs_checked``, ``objects_checked``, ``verified``;
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
@@ -78,6 +93,8 @@ class FsckReport:
     refcount_mismatch: dict[str, tuple[int, int]] = field(default_factory=dict)
     kind_mismatch: dict[int, int] = field(default_factory=dict)
     bad_kinds: list[int] = field(default_factory=list)
+    damaged_nodes: dict[str, str] = field(default_factory=dict)
+    damaged_blobs: list[str] = field(default_factory=list)
     garbage: int = 0
     without_kind: int = 0
     pending_uploads: int = 0
@@ -94,6 +111,8 @@ class FsckReport:
             or self.refcount_mismatch
             or self.kind_mismatch
             or self.bad_kinds
+            or self.damaged_nodes
+            or self.damaged_blobs
         )
 
     def problems(self) -> list[str]:
@@ -111,6 +130,11 @@ class FsckReport:
             for kind_id, count in self.kind_mismatch.items()
         ]
         lines += [f"kind row {kind_id} does not match its key" for kind_id in self.bad_kinds]
+        lines += [f"damaged row of {path!r}: {what}" for path, what in self.damaged_nodes.items()]
+        lines += [
+            f"damaged blob row {h!r}: its hash is not a SHA-256 hex digest"
+            for h in self.damaged_blobs
+        ]
         return lines
 
     def __str__(self) -> str:
@@ -178,6 +202,9 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
             actual = counted.get(row.hash, 0)
             if actual != row.refcount:
                 report.refcount_mismatch[row.hash] = (int(row.refcount), actual)
+            if not is_content_hash(row.hash):
+                report.damaged_blobs.append(row.hash)
+                continue  # (no store object can have that name)
             if store is not None and row.store == store.name:
                 ours.add(row.hash)
             referenced = actual > 0 or row.refcount > 0
@@ -195,6 +222,7 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
                 others[row.store] += 1
         report.other_stores = dict(others)
         _check_kinds(conn, report)
+        _check_nodes(conn, report, [h for h in counted if h is not None and not is_content_hash(h)])
 
     if store is not None:
         in_flight = {h for _, h, s in pending if s == store.name}
@@ -210,7 +238,7 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
                 accounted = False
             if not accounted:
                 report.unreferenced.append(obj.key)
-    for name in ("missing", "size_mismatch", "hash_mismatch", "unreferenced"):
+    for name in ("missing", "size_mismatch", "hash_mismatch", "unreferenced", "damaged_blobs"):
         getattr(report, name).sort()
     report.refcount_mismatch = dict(sorted(report.refcount_mismatch.items()))
     return report
@@ -274,6 +302,63 @@ def _check_kinds(conn: Connection, report: FsckReport) -> None:
     bad = [kind_id for kind_id, *columns in rows if not _row_matches_key(kind_id, columns, loose)]
     report.bad_kinds = sorted(bad)
     report.kind_mismatch = dict(sorted(mismatch.items()))
+
+
+def _json_damage_sql(dialect: str) -> str:
+    """``id, what`` of every node whose shape, meta or attrs is not what polystore writes.
+
+    In SQL, one pass: SQLite keeps JSON as text that may not parse
+    (``json_valid``), PostgreSQL's ``jsonb`` always parses; on both the type
+    must be the one :func:`~.backend._json_column` accepts.
+    """
+    cases = []
+    for column, wanted in (("shape", "array"), ("meta", "object"), ("attrs", "object")):
+        if dialect == "postgresql":
+            type_of = f"jsonb_typeof({column})"
+        else:
+            cases.append(
+                f"WHEN {column} IS NOT NULL AND NOT json_valid({column}) "
+                f"THEN 'its {column} is not JSON'"
+            )
+            type_of = f"json_type({column})"  # (valid JSON, or NULL, by now)
+        cases.append(
+            f"WHEN {type_of} NOT IN ('{wanted}', 'null') THEN 'its {column} is not a JSON {wanted}'"
+        )
+    return (
+        "SELECT id, what FROM (SELECT id, CASE "
+        + " ".join(cases)
+        + " END AS what FROM polystore_nodes) AS checked WHERE what IS NOT NULL"
+    )
+
+
+def _check_nodes(conn: Connection, report: FsckReport, bad_hashes: list[str]) -> None:
+    """Report rows of ``polystore_nodes`` holding what polystore never writes, by path.
+
+    ``bad_hashes``: the blob hashes files refer to that are not SHA-256 hex
+    digests. Paths are found (by a walk of the whole tree) only when something
+    is wrong.
+    """
+    found: dict[int, str] = {}
+    for part in chunks(sorted(bad_hashes)):
+        for node_id, blob_hash in conn.execute(
+            sa.select(nodes.c.id, nodes.c.blob_hash).where(nodes.c.blob_hash.in_(part))
+        ):
+            found[node_id] = f"its blob hash {blob_hash!r} is not a SHA-256 hex digest"
+    for node_id, what in conn.execute(sa.text(_json_damage_sql(conn.dialect.name))):
+        found.setdefault(node_id, what)
+    if not found:
+        return
+    named: dict[int, str] = {}
+    walk = sa.text(
+        subtree_sql(conn.dialect.name, select="sub.id, sub.path", where="WHERE sub.id IN :ids")
+    ).bindparams(sa.bindparam("ids", expanding=True))
+    for part in chunks(sorted(found)):
+        named.update(
+            (int(i), str(p)) for i, p in conn.execute(walk, {"root": 0, "ids": list(part)})
+        )
+    report.damaged_nodes = dict(
+        sorted((named.get(node_id, f"<node {node_id}>"), what) for node_id, what in found.items())
+    )
 
 
 def _row_matches_key(kind_id: int, columns: list[Any], loose: bool) -> bool:

@@ -85,9 +85,11 @@ T = TypeVar("T")
 # Class id of polystore's per-hash advisory locks ("poly"): the two-int key
 # space, which never collides with single-bigint advisory locks.
 _LOCK_CLASS = 0x706F6C79
-# PostgreSQL cannot allocate a value of 1 GB or more (MaxAllocSize); a bytea
-# has a 4-byte header inside that.
-_PG_MAX_VALUE = 0x3FFFFFFF - 4
+# PostgreSQL cannot allocate a value of 1 GB or more (MaxAllocSize), and gives
+# bytea to a client that reads text (SQLAlchemy's psycopg, pg_dump, COPY TO) as
+# hex, two characters a byte: a larger value could be stored, but not read back
+# inside a transaction, nor dumped. Half of that, less 1 MiB for the rest of a row.
+_PG_MAX_VALUE = (0x3FFFFFFF - (1 << 20)) // 2
 # SQLite's length limit applies to a whole row, not only to the value.
 _ROW_OVERHEAD = 1024
 

@@ -8,7 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends._common import strict_json
 from polystore.backends.sql.tree import subtree_sql
+from polystore.errors import SerializationError
 
 __all__ = ["run_query"]
 
@@ -25,7 +27,10 @@ def run_query(
     attrs: dict[str, Any] | None,
     limit: int | None,
 ) -> list[sa.Row[Any]]:
-    """Rows (``path`` relative to the root, node columns, ``store``) under ``root_id``."""
+    """Rows (``path`` relative to the root, node columns, ``store``) under ``root_id``.
+
+    ``shape``, ``meta`` and ``attrs`` are JSON text (or None).
+    """
     clauses: list[str] = []
     params: dict[str, Any] = {"root": root_id}
     if kind is not None:
@@ -41,10 +46,12 @@ def run_query(
         params["dtype"] = str(dtype)
     for i, (key, value) in enumerate((attrs or {}).items()):
         if not isinstance(key, str) or not isinstance(value, _SCALARS):
-            raise TypeError(
+            raise SerializationError(
                 f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
             )
-        doc = json.dumps({key: value})
+        # What save(attrs=...) refuses (NaN, infinities, NUL, lone surrogates)
+        # no file holds, and neither database's JSON can even parse.
+        doc = strict_json({key: value}, f"attrs filter {key!r}")
         if conn.dialect.name == "postgresql":
             # Containment compares JSON types exactly: 1, 1.0, true and "1" differ.
             clauses.append(f"n.attrs @> CAST(:attr{i} AS JSONB)")
@@ -65,17 +72,20 @@ def run_query(
     if limit is not None:
         where += " LIMIT :limit"
         params["limit"] = int(limit)
+    # The JSON columns come as text, parsed by the caller, which knows each
+    # row's full path: a row another program damaged is then named.
     select = (
         "sub.path AS path, n.id, n.parent_id, n.name, n.kind, n.size, n.serializer, "
-        "n.serializer_version, n.dtype, n.shape, n.meta, n.attrs, n.blob_hash, "
+        "n.serializer_version, n.dtype, CAST(n.shape AS TEXT) AS shape, "
+        "CAST(n.meta AS TEXT) AS meta, CAST(n.attrs AS TEXT) AS attrs, n.blob_hash, "
         "n.created_at, n.modified_at, b.store AS store"
     )
     sql = subtree_sql(conn.dialect.name, select=select, where=where)
     stmt = sa.text(sql).columns(
-        sa.column("path"),
         *[
             sa.column(c)
             for c in (
+                "path",
                 "id",
                 "parent_id",
                 "name",
@@ -84,12 +94,12 @@ def run_query(
                 "serializer",
                 "serializer_version",
                 "dtype",
+                "shape",
+                "meta",
+                "attrs",
+                "blob_hash",
             )
         ],
-        sa.column("shape", sa.JSON()),
-        sa.column("meta", sa.JSON()),
-        sa.column("attrs", sa.JSON()),
-        sa.column("blob_hash"),
         sa.column("created_at", sa.DateTime(timezone=True)),
         sa.column("modified_at", sa.DateTime(timezone=True)),
         sa.column("store"),
