@@ -883,6 +883,30 @@ def test_blob_hash_that_is_not_hex(sql_subject: Subject) -> None:
     _count("test_blob_hash_that_is_not_hex", failures.tried + 2)
 
 
+def test_gc_skips_rows_whose_hash_is_not_hex(sql_subject: Subject) -> None:
+    """An unreferenced blob row another program wrote with a hash that is no SHA-256:
+    gc() counts it as skipped and collects the rest, never stopping for it."""
+    sql = sql_subject.sql
+    plant_files(sql, [("a.bin", "../../../outside", "local"), ("b.bin", "z" * 64, "local")])
+    sql.save(b"garbage" * 100, "g.bin")  # (external: the subject's limit is small)
+    sql.delete("g.bin")
+    with sql.engine.begin() as conn:  # the planted files go; their rows stay at zero
+        conn.execute(sa.text("DELETE FROM polystore_nodes WHERE name IN ('a.bin', 'b.bin')"))
+        conn.execute(sa.text("UPDATE polystore_blobs SET refcount = 0 WHERE store = 'local'"))
+    outside = sql_subject.tmp / "outside"
+    outside.write_bytes(b"not polystore's")
+    report = sql.gc(grace=0)
+    assert report.rows_skipped == 2, report
+    assert report.blobs_deleted == 1 and report.objects_deleted == 1, report
+    assert outside.read_bytes() == b"not polystore's"
+    # The count of keep/array.npy's external blob was set to zero too: gc does
+    # not trust counts, and a blob a file refers to stays.
+    assert sql.load("keep/array.npy").tolist() == list(range(40))
+    with sql.engine.connect() as conn:
+        left = set(conn.execute(sa.text("SELECT hash FROM polystore_blobs")).scalars())
+    assert {"../../../outside", "z" * 64} <= left
+
+
 def test_json_columns_polystore_never_writes(sql_subject: Subject) -> None:
     """shape, meta or attrs that are not JSON (SQLite stores JSON as text) or not the
     JSON polystore writes: CatalogDamagedError naming the file; fsck lists them."""
