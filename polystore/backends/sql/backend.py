@@ -66,8 +66,10 @@ from polystore.backends.sql.fast import (
 from polystore.backends.sql.identity import claim_store
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key, kinds_args, kinds_sql
 from polystore.backends.sql.models import ROOT_ID, nodes_table
-from polystore.backends.sql.placement import Placement, Staged, resolve_blob_store
+from polystore.backends.sql.placement import Placement, resolve_blob_store
 from polystore.backends.sql.schema import ensure_schema
+from polystore.backends.sql.uploads import Staged, Uploads
+from polystore.backends.sql.verify import ContentReader
 from polystore.blobs.base import is_content_hash
 from polystore.errors import (
     CatalogDamagedError,
@@ -350,7 +352,7 @@ class SQLBackend(StorageBackend):
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
                 if self.blob_store is not None:  # refused if another catalog owns it
                     claim_store(self.blob_store, self.engine)
-                placement = Placement(self._catalog, self.blob_store, verify_inline=verify_inline)
+                placement = Placement(self._catalog, self.blob_store)
                 # What one value holds, read now, outside any transaction: an
                 # in-memory database is the pool's one connection, and giving
                 # it back to the pool rolls back whatever it was doing.
@@ -359,6 +361,10 @@ class SQLBackend(StorageBackend):
                 self._catalog.close()
                 raise
             self._placement = placement
+            self._reader = ContentReader(self.blob_store, verify_inline=verify_inline)
+            self._uploads = (
+                None if self.blob_store is None else Uploads(self._catalog, self.blob_store)
+            )
 
     @property
     def inline_limit(self) -> int:
@@ -417,7 +423,8 @@ class SQLBackend(StorageBackend):
         finally:
             # Committed or rolled back, and the connection (with SQLite's write
             # lock) given back: drop the uploads the catalog did not keep.
-            self._placement.settle(staged, quiet=True)
+            if self._uploads is not None:
+                self._uploads.settle(staged, quiet=True)
 
     # -- saving --------------------------------------------------------------------
 
@@ -453,13 +460,16 @@ class SQLBackend(StorageBackend):
         if not batch.index:
             return
         external = self._placement.external(batch.contents(self.inline_limit), self.inline_limit)
-        self._placement.run(
-            external,
-            lambda staged: self._catalog.write(
-                lambda conn: self._put(conn, batch, overwrite, attrs, staged)
-            ),
-            conn=self._catalog.connection,
-            pending=self._staged.get(),
+
+        def write(staged: Staged | None) -> None:
+            self._catalog.write(lambda conn: self._put(conn, batch, overwrite, attrs, staged))
+
+        if not external:
+            write(None)
+            return
+        assert self._uploads is not None  # (content goes external only to a store)
+        self._uploads.run(
+            external, write, conn=self._catalog.connection, pending=self._staged.get()
         )
 
     def _encode_batch(
@@ -586,9 +596,12 @@ class SQLBackend(StorageBackend):
         # Node rows are locked above; blob rows are locked next, in hash order, so
         # writers sharing content queue instead of deadlocking.
         stored = lock_blobs(conn, set(hashes) | released.keys()) if self._pg else None
-        add_blobs(conn, hashes, sizes, batch.datas, now, self._placement.placements(staged), stored)
+        placed = {} if staged is None else dict.fromkeys(staged.uploaded, staged.store)
+        add_blobs(conn, hashes, sizes, batch.datas, now, placed, stored)
         ensure_kinds(conn, batch.wanted)
-        self._placement.promote(conn, staged)
+        if staged is not None:
+            assert self._uploads is not None
+            self._uploads.promote(conn, staged)
         _INSERT_FILES.execute_groups(conn, new_files.values())
         _UPDATE_FILES.execute(conn, updates)
         release_blobs(conn, released)
@@ -603,14 +616,14 @@ class SQLBackend(StorageBackend):
         return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
 
     def _content(self, store: str | None, size: int, blob_hash: str, data: Any, path: str) -> Any:
-        """The verified content of file ``path`` (see :meth:`.Placement.content`).
+        """The verified content of file ``path`` (see :meth:`.ContentReader.content`).
 
         A blob store names its objects by hash: a hash polystore never writes
         (another program's row) is damage, not a key to look up.
         """
         if store is not None and store != INLINE and not is_content_hash(blob_hash):
             raise _damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
-        return self._placement.content(store, size, blob_hash, data, path)
+        return self._reader.content(store, size, blob_hash, data, path)
 
     def _check_decoders(self) -> None:
         """Drop the cached decoders if the serializers or ``allow_pickle`` changed."""
@@ -736,7 +749,7 @@ class SQLBackend(StorageBackend):
             raise is_a_directory(path)
         # (the decoder first: no content is read for a file the slow path must load)
         decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
-        if store != INLINE or data is None or self._placement.verify_inline or len(data) != size:
+        if store != INLINE or data is None or self._reader.verify_inline or len(data) != size:
             data = self._content(store, size, blob_hash, data, path)
         return decode(data)
 
@@ -860,7 +873,7 @@ class SQLBackend(StorageBackend):
                 # Lean rows first (the kind id, size, bytes and name of each
                 # file), then full rows of the files that need a closer look.
                 # With verify_inline every file needs its hash: full rows only.
-                lean = not self._placement.verify_inline
+                lean = not self._reader.verify_inline
                 self._fetch_and_decode(targets, loading, lean=lean)
                 if loading.closer:
                     closer = loading.closer
@@ -961,7 +974,7 @@ class SQLBackend(StorageBackend):
         so do files of a kind this backend has yet to read while results
         stream (the connection is busy), small ones to ``waiting``.
         """
-        verify = self._placement.verify_inline
+        verify = self._reader.verify_inline
         repeated, decoded, later = loading.repeated, loading.decoded, loading.later
         groups: dict[int, tuple[list[str], list[Any]]] = {}
         rows.reverse()
@@ -1471,7 +1484,9 @@ class SQLBackend(StorageBackend):
 
         self._outside_transaction("gc")
         with self._catalog.errors():
-            return collect_garbage(self._placement, grace=DEFAULT_GRACE if grace is None else grace)
+            return collect_garbage(
+                self._catalog, self._uploads, grace=DEFAULT_GRACE if grace is None else grace
+            )
 
     def fsck(self, *, verify: bool = False) -> FsckReport:
         """Check the catalog against its content, both ways; see :class:`FsckReport`.
@@ -1484,7 +1499,7 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.fsck import check
 
         with self._catalog.errors():
-            return check(self._placement, verify=verify)
+            return check(self._catalog, self.blob_store, verify=verify)
 
     def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
         """Move blobs between inline and external placement to match the inline limit.
@@ -1502,7 +1517,7 @@ class SQLBackend(StorageBackend):
         if inline_limit is not None:
             limit = min(inline_limit, self._placement.max_inline())
         with self._catalog.errors():
-            return rebalance(self._placement, limit)
+            return rebalance(self._catalog, self._uploads, self._reader, limit)
 
     # -- for tests and tools -----------------------------------------------------------
 

@@ -33,15 +33,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE
 from polystore.backends.sql.kinds import key_id, same_json
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import kinds_table as kinds
 from polystore.backends.sql.models import nodes_table as nodes
-from polystore.backends.sql.placement import Placement
 from polystore.backends.sql.tree import chunks, subtree_sql
-from polystore.blobs.base import StoredObject, is_content_hash
+from polystore.backends.sql.verify import digest
+from polystore.blobs.base import BlobStore, StoredObject, is_content_hash
 
 __all__ = ["FsckReport", "check"]
 
@@ -162,9 +163,8 @@ def _hash_inline(conn: Connection, content_hash: str) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def check(placement: Placement, *, verify: bool = False) -> FsckReport:
+def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) -> FsckReport:
     """Run the checks; see :class:`FsckReport`."""
-    store = placement.store
     report = FsckReport(verified=verify)
     listed: dict[str, StoredObject] = {}
     objects: list[StoredObject] = []
@@ -173,7 +173,7 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
         listed = {o.hash: o for o in objects if o.hash is not None and o.token is None}
     report.objects_checked = len(objects)
 
-    with placement.engine.connect() as conn:
+    with catalog.engine.connect() as conn:
         rows = conn.execute(
             sa.select(
                 blobs.c.hash,
@@ -217,7 +217,7 @@ def check(placement: Placement, *, verify: bool = False) -> FsckReport:
                 elif verify and _hash_inline(conn, row.hash) != row.hash:
                     report.hash_mismatch.append(row.hash)
             elif store is not None and row.store == store.name:
-                _check_object(placement, report, row, listed.get(row.hash), verify)
+                _check_object(store, report, row, listed.get(row.hash), verify)
             else:
                 others[row.store] += 1
         report.other_stores = dict(others)
@@ -376,17 +376,15 @@ def _row_matches_key(kind_id: int, columns: list[Any], loose: bool) -> bool:
 
 
 def _check_object(
-    placement: Placement, report: FsckReport, row: Any, obj: StoredObject | None, verify: bool
+    store: BlobStore, report: FsckReport, row: Any, obj: StoredObject | None, verify: bool
 ) -> None:
-    store = placement.store
-    assert store is not None
     size = obj.size if obj is not None else store.size(row.hash)  # listed, or uploaded since
     if size is None:
         report.missing.append(row.hash)
     elif size != row.size:
         report.size_mismatch.append(row.hash)
     elif verify:
-        found = placement.digest(row.hash)
+        found = digest(store, row.hash)
         if found is None:
             report.missing.append(row.hash)
         elif found[0] != row.size:

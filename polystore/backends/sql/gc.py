@@ -11,7 +11,7 @@ that its count is zero *and* that no file refers to it, and that locks it
 (PostgreSQL, ``SKIP LOCKED``: a writer adding a reference holds the row, and
 gc leaves it alone). That transaction leaves an upload intent in the row's
 place. Only after it commits does the object go, through the upload
-protocol's release (:meth:`~polystore.backends.sql.placement.Placement.release`):
+protocol's release (:meth:`~polystore.backends.sql.uploads.Uploads.release`):
 under the hash's lock, and only if no blob row and no other intent needs the
 object by then, so a writer running at the same time either protected the
 object first or uploads it again afterwards. A row whose hash is not a hex
@@ -36,12 +36,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import nodes_table as nodes
-from polystore.backends.sql.placement import LOCK_BATCH, Placement, Staged
 from polystore.backends.sql.tree import chunks
+from polystore.backends.sql.uploads import LOCK_BATCH, Staged, Uploads
+from polystore.backends.sql.verify import ContentReader
 from polystore.errors import IntegrityError
 
 __all__ = ["DEFAULT_GRACE", "GCReport", "RebalanceReport", "collect_garbage", "rebalance"]
@@ -88,11 +90,6 @@ class RebalanceReport:
     bytes_moved: int = 0
 
 
-def _read(placement: Placement, work: Any) -> Any:
-    with placement.engine.connect() as conn:
-        return work(conn)
-
-
 def _as_timedelta(grace: dt.timedelta | float) -> dt.timedelta:
     if isinstance(grace, dt.timedelta):
         return grace
@@ -100,18 +97,17 @@ def _as_timedelta(grace: dt.timedelta | float) -> dt.timedelta:
 
 
 def collect_garbage(
-    placement: Placement, *, grace: dt.timedelta | float = DEFAULT_GRACE
+    catalog: Catalog, uploads: Uploads | None, *, grace: dt.timedelta | float = DEFAULT_GRACE
 ) -> GCReport:
     """Remove unreferenced blobs and abandoned uploads; see :meth:`SQLBackend.gc`."""
     cutoff = dt.datetime.now(dt.UTC) - _as_timedelta(grace)
-    blobs_deleted, bytes_freed = placement.transact(_drop_inline_garbage)
+    blobs_deleted, bytes_freed = catalog.transact(_drop_inline_garbage)
     objects = intents_expired = skipped = 0
-    store = placement.store
-    if store is not None:
+    if uploads is not None:
+        store = uploads.store
         # Abandoned uploads first: an expired intent may be all that keeps an
         # unreferenced blob from being collected, and it should go in this run.
-        expired = _read(
-            placement,
+        expired = catalog.read(
             lambda conn: list(
                 conn.execute(
                     sa.select(intents.c.id).where(
@@ -121,11 +117,10 @@ def collect_garbage(
             ),
         )
         for part in chunks(expired, GC_BATCH):
-            claimed, deleted = placement.transact(partial(placement.release, intent_ids=part))
+            claimed, deleted = uploads.release_intents(part)
             intents_expired += claimed
             objects += deleted
-        candidates = _read(
-            placement,
+        candidates = catalog.read(
             lambda conn: list(
                 conn.execute(
                     sa.select(blobs.c.hash).where(UNREFERENCED, blobs.c.store == store.name)
@@ -135,18 +130,18 @@ def collect_garbage(
         valid = [h for h in candidates if _HEX_SHA256.fullmatch(h)]
         skipped += len(candidates) - len(valid)  # (fsck names them)
         for part in chunks(valid, GC_BATCH):
-            dropped, size = placement.transact(
+            dropped, size = catalog.transact(
                 partial(_drop_external, store_name=store.name, hashes=part)
             )
             blobs_deleted += len(dropped)
             bytes_freed += size
             # The rows are gone and committed; each object goes now, in a
             # transaction of its own that holds the hash's lock and checks that
-            # no writer came to need the object meanwhile (Placement.release).
+            # no writer came to need the object meanwhile (Uploads.release).
             # If this process dies first, the intents expire and a later gc()
             # deletes the objects.
             for some in chunks(sorted(dropped.values()), LOCK_BATCH):
-                objects += placement.transact(partial(placement.release, intent_ids=some))[1]
+                objects += uploads.release_intents(some)[1]
     return GCReport(blobs_deleted, bytes_freed, intents_expired, objects, skipped)
 
 
@@ -180,7 +175,7 @@ def _drop_external(
     upload intent names its hash and no writer holds it. Each deleted row
     leaves an intent (owner ``gc``) in its place, committed with the delete:
     the object goes afterwards, under the upload protocol's lock, through
-    :meth:`Placement.release` -- never before the rows' deletion commits.
+    :meth:`.Uploads.release` -- never before the rows' deletion commits.
     """
     stmt = sa.select(blobs.c.hash, blobs.c.size).where(
         blobs.c.hash.in_(list(hashes)), UNREFERENCED, blobs.c.store == store_name, _UNUSED
@@ -224,7 +219,9 @@ def _drop_external(
 # -- rebalance --------------------------------------------------------------------
 
 
-def rebalance(placement: Placement, inline_limit: int) -> RebalanceReport:
+def rebalance(
+    catalog: Catalog, uploads: Uploads | None, reader: ContentReader, inline_limit: int
+) -> RebalanceReport:
     """Move blobs so that exactly those over ``inline_limit`` bytes are external.
 
     Only blobs in this backend's store (or inline) move; each move is its own
@@ -232,122 +229,111 @@ def rebalance(placement: Placement, inline_limit: int) -> RebalanceReport:
     corruption is never copied: an :class:`~polystore.errors.IntegrityError`
     stops the rebalance with every blob moved so far in its new place.
     """
-    store = placement.store
-    if store is None:
+    if uploads is None:
         return RebalanceReport()
-    outgoing = _read(
-        placement,
-        lambda conn: conn.execute(
-            sa.select(blobs.c.hash, blobs.c.size).where(
-                blobs.c.store == INLINE, blobs.c.size > inline_limit, blobs.c.refcount > 0
-            )
-        ).all(),
-    )
-    incoming = _read(
-        placement,
-        lambda conn: conn.execute(
-            sa.select(blobs.c.hash, blobs.c.size).where(
-                blobs.c.store == store.name, blobs.c.size <= inline_limit, blobs.c.refcount > 0
-            )
-        ).all(),
-    )
+    store_name = uploads.store.name
+
+    def listed(where: Any) -> list[Any]:
+        stmt = sa.select(blobs.c.hash, blobs.c.size).where(where, blobs.c.refcount > 0)
+        return list(catalog.read(lambda conn: conn.execute(stmt).all()))
+
+    outgoing = listed(sa.and_(blobs.c.store == INLINE, blobs.c.size > inline_limit))
+    incoming = listed(sa.and_(blobs.c.store == store_name, blobs.c.size <= inline_limit))
+    mover = _Mover(catalog, uploads, reader)
     moved_out = moved_in = moved_bytes = 0
     for content_hash, size in outgoing:
-        if _move_out(placement, content_hash, size):
+        if mover.move_out(content_hash, size):
             moved_out += 1
             moved_bytes += size
     for content_hash, size in incoming:
-        if _move_in(placement, content_hash, size):
+        if mover.move_in(content_hash, size):
             moved_in += 1
             moved_bytes += size
     return RebalanceReport(moved_out, moved_in, moved_bytes)
 
 
-def _move_out(placement: Placement, content_hash: str, size: int) -> bool:
-    data = _read(
-        placement,
-        lambda conn: conn.execute(
-            sa.select(blobs.c.data).where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
-        ).scalar(),
-    )
-    if data is None:
-        return False  # deleted or moved meanwhile
-    if len(data) != size or hashlib.sha256(data).hexdigest() != content_hash:
-        raise IntegrityError(f"inline blob {content_hash} does not match its size or hash")
-    assert placement.store is not None
-    store_name = placement.store.name
+class _Mover:
+    """Moves one blob at a time between the database and the external store."""
 
-    def switch(staged: Staged | None) -> bool:
-        def work(conn: Connection) -> bool:
+    def __init__(self, catalog: Catalog, uploads: Uploads, reader: ContentReader) -> None:
+        self.catalog = catalog
+        self.uploads = uploads
+        self.reader = reader
+        self.store_name = uploads.store.name
+
+    def move_out(self, content_hash: str, size: int) -> bool:
+        stmt = sa.select(blobs.c.data).where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
+        data = self.catalog.read(lambda conn: conn.execute(stmt).scalar())
+        if data is None:
+            return False  # deleted or moved meanwhile
+        if len(data) != size or hashlib.sha256(data).hexdigest() != content_hash:
+            raise IntegrityError(f"inline blob {content_hash} does not match its size or hash")
+
+        def switch(staged: Staged | None) -> bool:
+            def work(conn: Connection) -> bool:
+                moved = conn.execute(
+                    blobs.update()
+                    .where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
+                    .values(store=self.store_name, data=None)
+                ).rowcount
+                if staged is not None:
+                    self.uploads.promote(conn, staged)
+                return bool(moved)
+
+            return self.catalog.transact(work)
+
+        return self.uploads.run([Content(content_hash, data, size)], switch, force=True)
+
+    def _in_use(self, content_hash: str) -> bool:
+        """Whether blob ``content_hash`` is in this store with references."""
+        stmt = sa.select(blobs.c.hash).where(
+            blobs.c.hash == content_hash,
+            blobs.c.store == self.store_name,
+            blobs.c.refcount > 0,
+        )
+        return bool(self.catalog.read(lambda conn: conn.execute(stmt).first()))
+
+    def move_in(self, content_hash: str, size: int) -> bool:
+        label = f"blob {content_hash}"
+        try:
+            data = self.reader.read(content_hash, size, label)
+        except IntegrityError:
+            # The list of blobs to move was read earlier: gc() may have
+            # collected this one since (its last file deleted meanwhile). Only a
+            # blob still in use without its object is damage -- read once more
+            # first, in case a writer has just stored the same content again.
+            if not self._in_use(content_hash):
+                return False
+            data = self.reader.read(content_hash, size, label)
+        store_name = self.store_name
+
+        def work(conn: Connection) -> int | None:
             moved = conn.execute(
                 blobs.update()
-                .where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
-                .values(store=store_name, data=None)
+                .where(blobs.c.hash == content_hash, blobs.c.store == store_name)
+                .values(store=INLINE, data=data)
             ).rowcount
-            placement.promote(conn, staged)
-            return bool(moved)
+            if not moved:
+                return None
+            # The object is garbage once this commits. An intent marks it, so
+            # that if this process dies before the release below, gc() still
+            # finds it.
+            return int(
+                conn.execute(
+                    intents.insert()
+                    .values(
+                        hash=content_hash,
+                        store=store_name,
+                        size=size,
+                        created_at=dt.datetime.now(dt.UTC),
+                        owner="rebalance",
+                    )
+                    .returning(intents.c.id)
+                ).scalar_one()
+            )
 
-        return placement.transact(work)
-
-    return placement.run([Content(content_hash, data, size)], switch, force=True)
-
-
-def _in_use(placement: Placement, content_hash: str, store_name: str) -> bool:
-    """Whether blob ``content_hash`` is in ``store_name`` with references."""
-    return bool(
-        _read(
-            placement,
-            lambda conn: conn.execute(
-                sa.select(blobs.c.hash).where(
-                    blobs.c.hash == content_hash,
-                    blobs.c.store == store_name,
-                    blobs.c.refcount > 0,
-                )
-            ).first(),
-        )
-    )
-
-
-def _move_in(placement: Placement, content_hash: str, size: int) -> bool:
-    store = placement.store
-    assert store is not None
-    try:
-        data = placement.read(content_hash, size, f"blob {content_hash}")
-    except IntegrityError:
-        # The list of blobs to move was read earlier: gc() may have collected
-        # this one since (its last file deleted meanwhile). Only a blob still
-        # in use without its object is damage -- read once more first, in case
-        # a writer has just stored the same content again.
-        if not _in_use(placement, content_hash, store.name):
+        intent_id = self.catalog.transact(work)
+        if intent_id is None:
             return False
-        data = placement.read(content_hash, size, f"blob {content_hash}")
-
-    def work(conn: Connection) -> int | None:
-        moved = conn.execute(
-            blobs.update()
-            .where(blobs.c.hash == content_hash, blobs.c.store == store.name)
-            .values(store=INLINE, data=data)
-        ).rowcount
-        if not moved:
-            return None
-        # The object is garbage once this commits. An intent marks it, so that
-        # if this process dies before the release below, gc() still finds it.
-        return int(
-            conn.execute(
-                intents.insert()
-                .values(
-                    hash=content_hash,
-                    store=store.name,
-                    size=size,
-                    created_at=dt.datetime.now(dt.UTC),
-                    owner="rebalance",
-                )
-                .returning(intents.c.id)
-            ).scalar_one()
-        )
-
-    intent_id = placement.transact(work)
-    if intent_id is None:
-        return False
-    placement.settle([Staged(intents={content_hash: intent_id})], quiet=True)
-    return True
+        self.uploads.settle([Staged(store_name, intents={content_hash: intent_id})], quiet=True)
+        return True

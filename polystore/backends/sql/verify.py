@@ -1,0 +1,116 @@
+"""Content read back from where it lives, and checked against the catalog's record.
+
+Inline content is checked against its recorded size (and its hash with
+``verify_inline``); external content is streamed from the blob store into one
+buffer and always hashed on the way, since other programs can write the
+directory or bucket it sits in. Any mismatch raises
+:class:`~polystore.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from polystore.backends.sql.content import INLINE
+from polystore.blobs.base import CHUNK_SIZE, BlobStore
+from polystore.errors import IntegrityError, NotFoundError
+
+__all__ = ["ContentReader", "digest"]
+
+
+def digest(store: BlobStore, content_hash: str) -> tuple[int, str] | None:
+    """Size and SHA-256 of the stored object, streamed through one small buffer.
+
+    ``None`` when there is no such object.
+    """
+    try:
+        reader = store.open(content_hash)
+    except NotFoundError:
+        return None
+    hasher = hashlib.sha256()
+    size = 0
+    buffer = bytearray(min(CHUNK_SIZE, max(reader.size, 1)))
+    with reader, memoryview(buffer) as view:
+        while n := reader.readinto(view):
+            hasher.update(view[:n])
+            size += n
+    return size, hasher.hexdigest()
+
+
+class ContentReader:
+    """Reads a file's content, inline or from the blob store, and checks it."""
+
+    def __init__(self, store: BlobStore | None, *, verify_inline: bool = False) -> None:
+        self.store = store
+        #: Hash inline content on every read too (external content always is).
+        self.verify_inline = verify_inline
+
+    def content(self, store: str | None, size: int, content_hash: str, data: Any, path: str) -> Any:
+        """The verified content of the file at ``path`` (inline ``data`` or from ``store``).
+
+        Inline content is checked against the recorded size (and hash, with
+        ``verify_inline``); external content is streamed from the store into one
+        buffer, hashed on the way. Any mismatch raises
+        :class:`~polystore.errors.IntegrityError`.
+        """
+        if store is None:
+            raise NotFoundError(f"content of {path!r} is missing from the catalog")
+        if store == INLINE:
+            if data is None:
+                raise NotFoundError(f"content of {path!r} is missing from the catalog")
+            view = memoryview(data)
+            if view.nbytes != size:
+                raise IntegrityError(
+                    f"content of {path!r} is {view.nbytes} bytes inline, the catalog records {size}"
+                )
+            if self.verify_inline and hashlib.sha256(view).hexdigest() != content_hash:
+                raise IntegrityError(
+                    f"content of {path!r} does not match its hash {content_hash} (stored inline)"
+                )
+            return data
+        if self.store is None or store != self.store.name:
+            here = "no blob store" if self.store is None else f"blob store {self.store.name!r}"
+            raise NotFoundError(
+                f"content of {path!r} is in blob store {store!r}, but this backend has "
+                f"{here}; open it with that store (blob_store=...)"
+            )
+        return self.read(content_hash, int(size), path)
+
+    def read(self, content_hash: str, size: int, path: str) -> bytearray:
+        """The external object of ``content_hash`` in a new buffer, verified."""
+        assert self.store is not None
+        try:
+            reader = self.store.open(content_hash)
+        except NotFoundError:
+            raise IntegrityError(
+                f"content of {path!r} is missing: blob {content_hash} is not in blob store "
+                f"{self.store.name!r}"
+            ) from None
+        with reader:
+            if reader.size != size:
+                raise IntegrityError(
+                    f"content of {path!r} is {reader.size} bytes in blob store "
+                    f"{self.store.name!r}, the catalog records {size}"
+                )
+            buffer = bytearray(size)
+            hasher = hashlib.sha256()
+            with memoryview(buffer) as view:
+                done = 0
+                while done < size:
+                    n = reader.readinto(view[done : done + CHUNK_SIZE])
+                    if not n:
+                        break
+                    hasher.update(view[done : done + n])
+                    done += n
+            if done != size or reader.read(1):
+                raise IntegrityError(
+                    f"content of {path!r} changed size while being read from blob store "
+                    f"{self.store.name!r}"
+                )
+        if hasher.hexdigest() != content_hash:
+            raise IntegrityError(
+                f"content of {path!r} does not match its hash {content_hash} "
+                f"(blob store {self.store.name!r})"
+            )
+        return buffer
