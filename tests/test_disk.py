@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from polystore import (
     BackendRegistry,
     DiskBackend,
     InvalidPathError,
+    NotFoundError,
     SerializationError,
     UnsupportedOperationError,
 )
@@ -78,7 +80,7 @@ def test_failed_replace_leaves_nothing_behind(
 ) -> None:
     disk.save(b"old", "keep.bin")
 
-    def broken_replace(src: str, dst: str) -> None:
+    def broken_replace(src: str, dst: str, **dir_fds: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
@@ -122,7 +124,7 @@ def test_overwrite_false_never_clobbers(disk: DiskBackend, tmp_path: Path) -> No
 def test_overwrite_false_without_hard_links(
     disk: DiskBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_links(src: str, dst: str) -> None:
+    def no_links(src: str, dst: str, **dir_fds: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
@@ -362,3 +364,369 @@ def test_delete_removes_a_symlink_not_its_target(disk: DiskBackend, tmp_path: Pa
     disk.delete("link")
     assert not (tmp_path / "link").exists()
     assert disk.load("target/f.bin") == b"x"
+
+
+# -- symbolic links: followed inside the root, never out of it -------------------------------
+
+SECRET = b"outside the root"
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> tuple[DiskBackend, Path, Path]:
+    """A root beside a directory ``outside``, with links from one into the other:
+
+    ``link`` -> outside (absolute), ``rel`` -> ../outside (relative),
+    ``evil.bin`` -> outside/secret.txt, ``keep/up`` -> ../../outside/secret.txt,
+    ``dangling`` -> outside/missing (no such thing).
+    """
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "secret.txt").write_bytes(SECRET)
+    (outside / "sub" / "deep.bin").write_bytes(SECRET)
+    root = tmp_path / "root"
+    disk = DiskBackend(root)
+    disk.save(b"mine", "keep/mine.bin")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "rel").symlink_to("../outside", target_is_directory=True)
+    (root / "evil.bin").symlink_to(outside / "secret.txt")
+    (root / "keep" / "up").symlink_to("../../outside/secret.txt")
+    (root / "dangling").symlink_to(outside / "missing")
+    return disk, root, outside
+
+
+def tree_of(top: Path) -> dict[str, bytes | str]:
+    """Every entry under ``top``: file contents, ``"dir"``, or ``"-> target"`` for a link."""
+    out: dict[str, bytes | str] = {}
+    for p in top.rglob("*"):
+        key = str(p.relative_to(top))
+        if p.is_symlink():
+            out[key] = f"-> {os.readlink(p)}"
+        elif p.is_dir():
+            out[key] = "dir"
+        else:
+            out[key] = p.read_bytes()
+    return out
+
+
+def test_save_through_a_link_out_of_the_root_is_refused(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, _, outside = linked
+    before = tree_of(outside)
+    for path in ("link/x.bin", "rel/x.bin", "link/new/dir/x.bin", "dangling/x.bin"):
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.save(b"x", path)
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.save_batch([b"x"], [path])
+    with pytest.raises(InvalidPathError, match="out of the root"):
+        disk.ensure_directory("link/made")
+    assert tree_of(outside) == before, "something was written outside the root"
+    assert not (outside / "missing").exists()
+
+
+def test_load_through_a_link_out_of_the_root_is_refused(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, _, _ = linked
+    for path in ("link/secret.txt", "rel/secret.txt", "link/sub/deep.bin", "evil.bin", "keep/up"):
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.load(path)
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.load_batch(["keep/mine.bin", path])
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.stat(path)
+        for query in (disk.exists, disk.is_file, disk.is_dir):
+            with pytest.raises(InvalidPathError, match="out of the root"):
+                query(path)
+    for path in ("link", "rel", "link/sub"):
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.list_dir(path)
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.list_files(path, recursive=True)
+
+
+def test_listings_leave_out_links_out_of_the_root(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, _, _ = linked
+    assert disk.list_dir("") == ["keep"]
+    assert disk.list_dir("keep") == ["mine.bin"]
+    assert disk.list_files("", recursive=True) == ["keep/mine.bin"]
+    assert disk.list_files("keep") == ["keep/mine.bin"]
+
+
+def test_saving_over_a_link_out_of_the_root_is_refused(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, root, outside = linked
+    for overwrite in (True, False):
+        for path in ("evil.bin", "keep/up", "dangling"):
+            with pytest.raises(InvalidPathError, match="out of the root"):
+                disk.save(b"replaced", path, overwrite=overwrite)
+    assert (outside / "secret.txt").read_bytes() == SECRET
+    assert not (outside / "missing").exists()
+    assert (root / "evil.bin").is_symlink(), "the link was replaced"
+
+
+def test_delete_and_move_act_on_the_link_itself(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, root, outside = linked
+    before = tree_of(outside)
+    disk.delete("keep/up")
+    disk.delete("link", recursive=True)
+    assert not os.path.lexists(root / "keep" / "up")
+    assert not os.path.lexists(root / "link")
+    disk.move("evil.bin", "keep/moved.bin")
+    assert (root / "keep" / "moved.bin").is_symlink(), "move carried the content, not the link"
+    with pytest.raises(InvalidPathError, match="out of the root"):
+        disk.load("keep/moved.bin")
+    assert tree_of(outside) == before
+
+
+def test_delete_through_a_link_out_of_the_root_is_refused(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, _, outside = linked
+    before = tree_of(outside)
+    for path in ("link/secret.txt", "link/sub", "rel/sub/deep.bin"):
+        for recursive in (False, True):
+            with pytest.raises(InvalidPathError, match="out of the root"):
+                disk.delete(path, recursive=recursive)
+    assert tree_of(outside) == before
+
+
+def test_recursive_delete_never_leaves_the_root(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, root, outside = linked
+    before = tree_of(outside)
+    (root / "keep" / "inner").symlink_to(outside, target_is_directory=True)
+    disk.delete("keep", recursive=True)
+    assert not (root / "keep").exists()
+    assert tree_of(outside) == before
+
+
+def test_move_through_a_link_out_of_the_root_is_refused(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, root, outside = linked
+    before, inside = tree_of(outside), tree_of(root)
+    for src, dst in [
+        ("keep/mine.bin", "link/mine.bin"),  # out of the root
+        ("keep", "rel/keep"),
+        ("keep/mine.bin", "dangling/mine.bin"),
+        ("link/secret.txt", "stolen.txt"),  # into the root
+        ("link/sub", "stolen"),
+    ]:
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.move(src, dst)
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.copy(src, dst)
+    assert tree_of(outside) == before
+    assert tree_of(root) == inside
+
+
+def test_copy_never_reads_through_a_link_out_of_the_root(
+    linked: tuple[DiskBackend, Path, Path],
+) -> None:
+    disk, root, outside = linked
+    before = tree_of(outside)
+    with pytest.raises(InvalidPathError, match="out of the root"):
+        disk.copy("evil.bin", "copy.bin")
+    disk.copy("keep", "copied")  # holds keep/up -> ../../outside/secret.txt
+    assert (root / "copied" / "up").is_symlink(), "a link in a copied tree stays a link"
+    assert disk.load("copied/mine.bin") == b"mine"
+    with pytest.raises(InvalidPathError, match="out of the root"):
+        disk.load("copied/up")
+    assert SECRET not in tree_of(root).values(), "the secret was copied into the root"
+    assert tree_of(outside) == before
+
+
+def test_links_inside_the_root_are_followed(disk: DiskBackend, tmp_path: Path) -> None:
+    disk.save(b"t", "target/f.bin")
+    (tmp_path / "alias").symlink_to("target", target_is_directory=True)
+    (tmp_path / "absolute").symlink_to(tmp_path / "target", target_is_directory=True)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "up").symlink_to("../../target/f.bin")
+    (tmp_path / "file").symlink_to("alias/f.bin")  # a link through a link
+    for path in ("alias/f.bin", "absolute/f.bin", "a/b/up", "file"):
+        assert disk.load(path) == b"t", path
+        assert disk.is_file(path) and disk.exists(path), path
+        assert disk.stat(path).size == 1, path
+    disk.save(b"g", "alias/g.bin")
+    disk.save(b"n", "absolute/new/n.bin")
+    assert disk.load("target/g.bin") == b"g"
+    assert disk.load("target/new/n.bin") == b"n"
+    assert disk.list_dir("alias") == ["f.bin", "g.bin", "new"]
+    assert disk.list_files("absolute", recursive=True) == [
+        "absolute/f.bin",
+        "absolute/g.bin",
+        "absolute/new/n.bin",
+    ]
+    assert disk.list_dir("") == ["a", "absolute", "alias", "file", "target"]
+    assert disk.list_files("") == ["file"]
+    disk.ensure_directory("alias/made")
+    assert (tmp_path / "target" / "made").is_dir()
+    disk.copy("file", "copy.bin")  # a file link as the source: its content is copied
+    assert not (tmp_path / "copy.bin").is_symlink()
+    assert disk.load("copy.bin") == b"t"
+    disk.move("copy.bin", "alias/copy.bin")
+    assert (tmp_path / "target" / "copy.bin").read_bytes() == b"t"
+    disk.delete("alias/copy.bin")
+    assert not (tmp_path / "target" / "copy.bin").exists()
+
+
+def test_a_link_may_not_climb_above_the_root_even_to_come_back(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    disk = DiskBackend(root)
+    disk.save(b"t", "target/f.bin")
+    (root / "sneaky").symlink_to("../root/target", target_is_directory=True)
+    (root / "target" / "deep").symlink_to("../../root/target/f.bin")
+    for path in ("sneaky/f.bin", "target/deep"):
+        with pytest.raises(InvalidPathError, match="out of the root"):
+            disk.load(path)
+    assert disk.list_dir("") == ["target"]
+
+
+def test_saving_over_a_link_inside_the_root(disk: DiskBackend, tmp_path: Path) -> None:
+    """The atomic rename replaces a link to a file; a link to a directory is a directory."""
+    disk.save(b"t", "target/f.bin")
+    (tmp_path / "to_file").symlink_to("target/f.bin")
+    (tmp_path / "to_dir").symlink_to("target", target_is_directory=True)
+    (tmp_path / "nothing").symlink_to("missing.bin")
+    (tmp_path / "nowhere").symlink_to("missing_dir/x.bin")
+    for path in ("to_file", "nothing", "nowhere"):
+        disk.save(b"new", path)
+        assert not (tmp_path / path).is_symlink() and disk.load(path) == b"new", path
+    assert disk.load("target/f.bin") == b"t"
+    assert sorted(os.listdir(tmp_path)) == ["nothing", "nowhere", "target", "to_dir", "to_file"]
+    with pytest.raises(IsADirectoryError):
+        disk.save(b"x", "to_dir")
+    with pytest.raises(AlreadyExistsError):
+        disk.copy("target/f.bin", "to_dir")
+
+
+def test_moving_or_copying_a_directory_into_itself_through_a_link(
+    disk: DiskBackend, tmp_path: Path
+) -> None:
+    disk.save(b"t", "target/f.bin")
+    (tmp_path / "alias").symlink_to("target", target_is_directory=True)
+    for op in (disk.move, disk.copy):
+        with pytest.raises(InvalidPathError, match="into itself"):
+            op("target", "alias/inner")
+    with pytest.raises(InvalidPathError, match="into itself"):
+        disk.copy("alias", "target/inner")  # copies what the link leads to
+    assert all_files(tmp_path) == ["target/f.bin"]
+    disk.move("alias", "target/inner")  # moves the link itself
+    assert (tmp_path / "target" / "inner").is_symlink()
+
+
+def test_dangling_links_inside_the_root(disk: DiskBackend, tmp_path: Path) -> None:
+    (tmp_path / "gone").symlink_to("missing")
+    (tmp_path / "gone_dir").symlink_to("missing_dir", target_is_directory=True)
+    disk.save(b"x", "f.bin")
+    (tmp_path / "through").symlink_to("f.bin/x")  # runs through a file
+    for path in ("through", "through/y"):
+        with pytest.raises(NotFoundError):
+            disk.load(path)
+        assert not disk.exists(path)
+    os.unlink(tmp_path / "through")
+    os.unlink(tmp_path / "f.bin")
+    (tmp_path / f"{TEMP_PREFIX}0123").write_bytes(b"half")  # a crashed save's
+    (tmp_path / "to_temp").symlink_to(f"{TEMP_PREFIX}0123")
+    with pytest.raises(NotFoundError):
+        disk.load("to_temp")
+    assert not disk.exists("to_temp")
+    os.unlink(tmp_path / "to_temp")
+    os.unlink(tmp_path / f"{TEMP_PREFIX}0123")
+    assert not disk.exists("gone") and not disk.is_file("gone") and not disk.is_dir("gone")
+    with pytest.raises(NotFoundError):
+        disk.load("gone")
+    with pytest.raises(NotFoundError):
+        disk.stat("gone")
+    with pytest.raises(NotFoundError):
+        disk.list_dir("gone_dir")
+    with pytest.raises(PolystoreNotADirectoryError):
+        disk.save(b"x", "gone_dir/x.bin")  # a link is not a directory to create
+    assert disk.list_dir("") == []
+    disk.delete("gone")
+    assert not os.path.lexists(tmp_path / "gone")
+    assert sorted(os.listdir(tmp_path)) == ["gone_dir"]
+
+
+def test_symbolic_link_loops(disk: DiskBackend, tmp_path: Path) -> None:
+    (tmp_path / "l1").symlink_to("l2")
+    (tmp_path / "l2").symlink_to("l1")
+    (tmp_path / "self").symlink_to(".", target_is_directory=True)
+    disk.save(b"x", "f.bin")
+    for path in ("l1", "l2/x.bin"):
+        with pytest.raises(InvalidPathError, match="symbolic links"):
+            disk.load(path)
+        with pytest.raises(InvalidPathError, match="symbolic links"):
+            disk.exists(path)
+    assert disk.list_dir("self/self/self") == ["f.bin", "self"]
+    assert disk.load("self/self/f.bin") == b"x"
+    with pytest.raises(InvalidPathError, match="into itself"):
+        disk.copy("self", "copy")  # the root, into itself
+    assert disk.list_files("", recursive=True) == ["f.bin"], "a link to a directory is not entered"
+
+
+def test_the_root_may_itself_be_a_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "root").symlink_to(real, target_is_directory=True)
+    disk = DiskBackend(tmp_path / "root")
+    disk.save(b"x", "d/f.bin")
+    assert (real / "d" / "f.bin").read_bytes() == b"x"
+    # An absolute link naming the root either way stays inside it.
+    (real / "by_real").symlink_to(real / "d" / "f.bin")
+    (real / "by_link").symlink_to(tmp_path / "root" / "d" / "f.bin")
+    assert disk.load("by_real") == b"x"
+    assert disk.load("by_link") == b"x"
+    assert disk.list_files("", recursive=True) == ["by_link", "by_real", "d/f.bin"]
+    disk.delete("d", recursive=True)
+    assert sorted(os.listdir(real)) == ["by_link", "by_real"]
+
+
+def test_a_directory_swapped_for_a_link_never_leads_out(tmp_path: Path) -> None:
+    """Another process keeps swapping ``d`` between a directory and a link out of the
+    root while this one saves, loads and deletes under ``d``: whatever each call
+    sees, nothing outside is read, written or deleted."""
+    import threading
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.bin").write_bytes(SECRET)
+    root = tmp_path / "root"
+    disk = DiskBackend(root)
+    disk.ensure_directory("d")
+    stop = threading.Event()
+
+    def swap() -> None:
+        d, parked = root / "d", root / "parked"
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                d.rename(parked)
+                d.symlink_to(outside, target_is_directory=True)
+                d.unlink()
+                parked.rename(d)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    loaded = []
+    try:
+        for i in range(300):
+            for call in (
+                lambda: disk.save(b"mine", "d/x.bin"),
+                lambda: loaded.append(disk.load("d/x.bin")),
+                lambda: disk.delete("d/x.bin"),
+                lambda i=i: disk.ensure_directory(f"d/sub{i}"),
+            ):
+                with contextlib.suppress(OSError, InvalidPathError):
+                    call()
+    finally:
+        stop.set()
+        swapper.join()
+    assert SECRET not in loaded
+    assert tree_of(outside) == {"x.bin": SECRET}

@@ -307,6 +307,56 @@ def test_absolute_and_lookalike_paths_stay_inside(subject: Subject) -> None:
     _count("test_absolute_and_lookalike_paths_stay_inside", len(names))
 
 
+# Paths that lead out of a disk root through a symbolic link planted in it (see below).
+LINKS_OUT = [
+    "link/secret.bin",  # an absolute link to a directory outside
+    "link/new.bin",
+    "link/sub/new/x.bin",
+    "rel/secret.bin",  # a relative one: ../outside
+    "dangling/x.bin",  # a link to a directory outside that does not exist (yet)
+    "keep/up/x.bin",  # a link to a file outside, used as a directory
+    "chain/secret.bin",  # a link inside the root to a link that leaves it
+    "keep/climb/secret.bin",  # ../../outside from a subdirectory
+]
+
+
+def test_symlinks_out_of_the_root_are_refused_everywhere(tmp_path: Path) -> None:
+    """Disk: a path through a symbolic link that leaves the root raises
+    InvalidPathError in every operation; nothing outside is read, written or deleted."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "secret.bin").write_bytes(b"secret")
+    (outside / "sub" / "deep.bin").write_bytes(b"secret")
+    sub = Subject("disk", DiskBackend(tmp_path / "root"), tmp_path)
+    sub.backend.save(b"existing", "keep/existing.bin")
+    sub.backend.save({"k": [1, 2]}, "keep/doc.json")
+    root = tmp_path / "root"
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "rel").symlink_to("../outside", target_is_directory=True)
+    (root / "dangling").symlink_to(outside / "missing", target_is_directory=True)
+    (root / "keep" / "up").symlink_to(outside / "secret.bin")
+    (root / "keep" / "hop").symlink_to(outside, target_is_directory=True)
+    (root / "chain").symlink_to("keep/hop", target_is_directory=True)
+    (root / "keep" / "climb").symlink_to("../../outside", target_is_directory=True)
+
+    def outside_state() -> dict[str, bytes | None]:
+        return {
+            str(p.relative_to(tmp_path)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(tmp_path.rglob("*"))
+            if not p.is_relative_to(root)
+        }
+
+    before, before_outside = snapshot(sub), outside_state()
+    failures = Failures()
+    for bad in LINKS_OUT:
+        for name, call in _path_operations(sub.backend, bad).items():
+            failures.expect(InvalidPathError, call, f"{name}({bad!r})")
+    failures.check()
+    assert outside_state() == before_outside
+    assert snapshot(sub) == before
+    _count("test_symlinks_out_of_the_root_are_refused_everywhere", failures.tried)
+
+
 def test_move_or_copy_onto_itself(subject: Subject) -> None:
     """A careless ``move(p, p)``: the documented errors, and nothing changes."""
     b = subject.backend

@@ -39,10 +39,22 @@ the disk backend has no transactions.
 Error rules are those of :mod:`polystore.backends.memory` (a non-empty
 directory deleted without ``recursive=True`` raises
 :class:`~polystore.errors.IsADirectoryError` with ``errno.ENOTEMPTY``).
-Symbolic links inside the root are followed for reading, not for recursive
-listing. ``stat`` reports ``created_at`` only where the OS records birth times
+``stat`` reports ``created_at`` only where the OS records birth times
 (not on Linux). ``move`` and ``copy`` check that ``dst`` does not exist and then
 act; a concurrent writer could slip in between.
+
+No operation follows a symbolic link out of the root: a path that would raises
+:class:`~polystore.errors.InvalidPathError`, as ``..`` does, and nothing
+outside is created, read or deleted. Links that stay inside the root are
+followed (:mod:`polystore.backends._confined` walks every path one name at a
+time, from the root's descriptor, so no other process can swap a link in
+between a check and its use). ``delete`` and ``move`` act on a link itself,
+never on its target; ``save`` replaces a link to a file or to nothing with the
+new file, and refuses one that leads to a directory or out of the root;
+``copy`` copies what a link given as its source leads to, and copies the links
+inside a tree as links. Listings leave out links that lead nowhere, round in a
+loop or out of the root, and a recursive listing does not enter links to
+directories. The rules, and why, are in ``docs/decisions.rst``.
 """
 
 from __future__ import annotations
@@ -59,6 +71,16 @@ from typing import IO, TYPE_CHECKING, Any
 
 from polystore import paths
 from polystore.backends import _common as c
+from polystore.backends._confined import (
+    READ_DIR,
+    READ_FILE,
+    Place,
+    Root,
+    copy_tree,
+    entries,
+    lexists,
+    scan_tree,
+)
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.errors import (
     InvalidPathError,
@@ -227,12 +249,12 @@ def _tifffile() -> Any:
     return tifffile
 
 
-def _npy_header(full: str) -> tuple[str | None, tuple[int, ...] | None]:
-    """``(dtype, shape)`` from an ``.npy`` header, or ``(None, None)``."""
+def _npy_header(place: Place) -> tuple[str | None, tuple[int, ...] | None]:
+    """``(dtype, shape)`` from the header of ``.npy`` file ``place.name``, or ``(None, None)``."""
     from numpy.lib import format as npy_format
 
     try:
-        with open(full, "rb") as fh:
+        with _reader(os.open(place.name, READ_FILE, dir_fd=place.fd), place.name) as fh:
             version = npy_format.read_magic(fh)
             if version == (1, 0):
                 shape, _, dtype = npy_format.read_array_header_1_0(fh)
@@ -243,6 +265,19 @@ def _npy_header(full: str) -> tuple[str | None, tuple[int, ...] | None]:
     except (OSError, ValueError):
         return None, None
     return str(dtype), tuple(shape)
+
+
+def _reader(fd: int, name: str) -> io.BufferedReader:
+    """A buffered reader of ``fd`` (which it owns, and closes on failure) named
+    ``name``: tifffile wants a named file. A directory raises ``IsADirectoryError``."""
+    try:
+        raw = io.FileIO(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    raw.name = name
+    # Built by hand rather than with open(): open() probes isatty(), a syscall.
+    return io.BufferedReader(raw)
 
 
 @contextmanager
@@ -259,18 +294,30 @@ def _refuse_read_only(path: str) -> Iterator[None]:
         raise
 
 
-def _fsync_directory(directory: str) -> None:
-    # Makes the rename itself durable. Not possible on Windows; some
-    # filesystems refuse fsync on a directory, which is fine to ignore.
-    if os.name != "posix":
+def _fsync_directory(place: Place) -> None:
+    # Makes the rename itself durable. Some filesystems refuse fsync on a
+    # directory, which is fine to ignore.
+    try:
+        fd = os.open(".", READ_DIR, dir_fd=place.fd)
+    except OSError:
         return
-    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def _reserved(path: str) -> InvalidPathError:
+    return InvalidPathError(f"names starting with {TEMP_PREFIX!r} are reserved: {path!r}")
+
+
+def _not_into_itself(src: Place, dst: Place, s: str, d: str) -> None:
+    """Refuse to move or copy directory ``s`` into itself through a link
+    (``alias/inner``, ``alias`` a link to ``s``): the paths without links decide."""
+    if not src.path or dst.path == src.path or dst.path.startswith(src.path + "/"):
+        raise InvalidPathError(f"cannot move or copy directory {s!r} into itself ({d!r})")
 
 
 class DiskBackend(StorageBackend):
@@ -288,70 +335,34 @@ class DiskBackend(StorageBackend):
                 os.makedirs(self._root, exist_ok=True)
         except (FileExistsError, NotADirectoryError):  # a file, or a path through one
             raise c.not_a_directory(self._root) from None
+        self._beneath = Root(self._root)
 
     def __repr__(self) -> str:
         return f"DiskBackend(root={self._root!r})"
 
     # -- internals ------------------------------------------------------------
 
-    def _full(self, path: str) -> str:
-        return os.path.join(self._root, *paths.split_parts(path))
-
     @staticmethod
     def _hidden(path: str) -> bool:
         return paths.split(path)[1].startswith(TEMP_PREFIX)
 
-    def _makedirs(self, path: str) -> list[str]:
-        """Create directory ``path`` and its missing ancestors; return the created
-        ones. A file in the way raises ``NotADirectoryError``."""
-        if os.path.isdir(self._full(path)):
-            return []
-        created: list[str] = []
-        try:
-            for d in [*c.ancestors(path), path]:
-                full = self._full(d)
-                if os.path.isdir(full):
-                    continue
-                if os.path.lexists(full):
-                    raise c.not_a_directory(d)
-                try:
-                    os.mkdir(full)
-                except FileExistsError:
-                    if not os.path.isdir(full):  # a file appeared meanwhile
-                        raise c.not_a_directory(d) from None
-                else:
-                    created.append(d)
-        except BaseException:
-            self._remove_dirs(created)
-            raise
-        return created
-
     def _remove_dirs(self, created: list[str]) -> None:
         for d in reversed(created):
-            with suppress(OSError):
-                os.rmdir(self._full(d))
+            with suppress(OSError, InvalidPathError), self._beneath.walk(d) as place:
+                os.rmdir(place.name, dir_fd=place.fd)
 
-    def _open_temp(self, directory: str) -> tuple[str, int]:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        while True:
-            temp = os.path.join(directory, TEMP_PREFIX + os.urandom(8).hex())
-            try:
-                # 0o666 and the umask decide the mode, as for open(); mkstemp
-                # would leave every saved file private (0o600).
-                return temp, os.open(temp, flags, 0o666)
-            except FileExistsError:  # pragma: no cover -- 64 random bits collided
-                continue
+    def _display(self, place: Place, name: str) -> str:
+        """A full path for a file object's ``name`` (shown, never opened)."""
+        return os.path.join(self._root, *place.parts, name)
 
-    def _atomic_write(self, path: str, write: _Writer, overwrite: bool) -> None:
-        full = self._full(path)
-        directory = os.path.dirname(full)
-        temp, fd = self._open_temp(directory)
+    def _atomic_write(self, place: Place, path: str, write: _Writer, overwrite: bool) -> None:
+        temp, fd = _open_temp(place)
         placed = False
         try:
             # The opener hands over the descriptor, so fh.name is the temp path
             # (tifffile wants a named file; os.fdopen's name would be the fd).
             try:
-                with open(temp, "wb", opener=lambda _path, _flags: fd) as fh:
+                with open(self._display(place, temp), "wb", opener=lambda _p, _f: fd) as fh:
                     write(fh)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -364,55 +375,53 @@ class DiskBackend(StorageBackend):
                 raise
             if overwrite:
                 try:
-                    os.replace(temp, full)
+                    os.replace(temp, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
                 except IsADirectoryError:
                     raise c.is_a_directory(path) from None
                 placed = True
             else:
-                self._link_new(temp, full, path)
+                _link_new(place, temp, path)
         finally:
             if not placed:
                 with suppress(FileNotFoundError):
-                    os.unlink(temp)
-        _fsync_directory(directory)
+                    os.unlink(temp, dir_fd=place.fd)
+        _fsync_directory(place)
 
-    @staticmethod
-    def _link_new(temp: str, full: str, path: str) -> None:
-        """Put ``temp`` at ``full`` only if nothing is there (atomic with links)."""
+    def _check_replaceable(self, place: Place, path: str) -> None:
+        """Refuse to save over a directory, or over a link that leads to one or
+        out of the root. A link to a file inside the root, or to nothing, is
+        replaced by the new file (a rename never writes through a link)."""
         try:
-            os.link(temp, full)
-        except FileExistsError:
-            raise c.already_exists(path) from None
-        except OSError:
-            # No hard links on this filesystem: check, then rename.
-            if os.path.lexists(full):
-                raise c.already_exists(path) from None
-            os.replace(temp, full)
-
-    def _scan(self, path: str) -> list[os.DirEntry[str]]:
-        full = self._full(path)
-        try:
-            with os.scandir(full) as entries:
-                return [e for e in entries if not e.name.startswith(TEMP_PREFIX)]
+            st = os.stat(place.name, dir_fd=place.fd, follow_symlinks=False)
         except FileNotFoundError:
-            raise c.not_found(path) from None
-        except NotADirectoryError:
-            if os.path.isfile(full):
-                raise c.not_a_directory(path) from None
-            raise c.not_found(path) from None  # runs through a file
+            return
+        if stat_mod.S_ISLNK(st.st_mode):
+            link = Place(os.dup(place.fd), place.parts, place.name)
+            try:
+                target, target_st = self._beneath.settle(self._beneath.follow(link, path), path)
+            except FileNotFoundError:
+                return  # dangling inside the root
+            target.close()
+            if target_st is None:
+                return
+            st = target_st
+        if stat_mod.S_ISDIR(st.st_mode):
+            raise c.is_a_directory(path)
 
-    def _check_source(self, src: str, dst: str) -> str:
-        """Checks shared by move and copy; returns the full source path."""
-        full = self._full(src)
-        if self._hidden(src) or not os.path.lexists(full):
-            raise c.not_found(src)
-        if os.path.isdir(full):
-            c.check_not_into_itself(src, dst)
-        if self._hidden(dst):
-            raise InvalidPathError(f"names starting with {TEMP_PREFIX!r} are reserved: {dst!r}")
-        if os.path.lexists(self._full(dst)):
-            raise c.already_exists(dst)
-        return full
+    def _kind(self, path: str) -> int | None:
+        """The file type (``stat.S_IFMT``) at ``path``, links followed inside the
+        root; ``None`` when nothing is there."""
+        p = paths.normalize(path)
+        if self._hidden(p):
+            return None
+        try:
+            place, st = self._beneath.lookup(p)
+        except OSError:
+            return None
+        place.close()
+        if st is None or place.name.startswith(TEMP_PREFIX):
+            return None
+        return stat_mod.S_IFMT(st.st_mode)
 
     # -- the abstract surface -------------------------------------------------
 
@@ -422,16 +431,15 @@ class DiskBackend(StorageBackend):
             raise UnsupportedOperationError("DiskBackend does not store attrs")
         c.reject_kwargs(self, "save", kwargs)
         path = paths.normalize_file(file_path)
-        parent, name = paths.split(path)
-        if name.startswith(TEMP_PREFIX):
-            raise InvalidPathError(f"names starting with {TEMP_PREFIX!r} are reserved: {path!r}")
-        write = _encode(format_for(name), data, path)
-        if os.path.isdir(self._full(path)):
-            raise c.is_a_directory(path)
+        if self._hidden(path):
+            raise _reserved(path)
+        write = _encode(format_for(path), data, path)
+        created: list[str] = []
         with _refuse_read_only(path):
-            created = self._makedirs(parent)
             try:
-                self._atomic_write(path, write, overwrite)
+                with self._beneath.walk(path, create=created) as place:
+                    self._check_replaceable(place, path)
+                    self._atomic_write(place, path, write, overwrite)
             except BaseException:
                 self._remove_dirs(created)
                 raise
@@ -443,11 +451,17 @@ class DiskBackend(StorageBackend):
         if self._hidden(path):
             raise c.not_found(path)
         try:
-            fh = open(self._full(path), "rb")  # noqa: SIM115 -- closed below
-        except (FileNotFoundError, NotADirectoryError):
+            fd, place = self._beneath.open_file(path)
+        except FileNotFoundError:
             raise c.not_found(path) from None
-        except IsADirectoryError:
-            raise c.is_a_directory(path) from None
+        with place:
+            if place.name.startswith(TEMP_PREFIX):  # a link to a temporary file
+                os.close(fd)
+                raise c.not_found(path)
+            try:
+                fh = _reader(fd, self._display(place, place.name))
+            except IsADirectoryError:
+                raise c.is_a_directory(path) from None
         with fh:
             return _decode(format_for(path), fh, path)
 
@@ -464,122 +478,185 @@ class DiskBackend(StorageBackend):
         start = paths.normalize(directory)
         exts = paths.normalize_extensions(extensions)
         found: list[str] = []
-        stack = [start]
-        while stack:
-            cur = stack.pop()
-            for entry in self._scan(cur):
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive:
-                        stack.append(paths.join(cur, entry.name))
-                elif entry.is_file() and paths.match_name(entry.name, pattern, exts):
-                    found.append(paths.join(cur, entry.name))
+        with self._open_listing(start) as (top, fd):
+            for dir_fd, below, entries in scan_tree(fd, recursive):
+                here = "/".join([start, *below] if start else below)
+                for entry in entries:
+                    name = entry.name
+                    if not paths.match_name(name, pattern, exts):
+                        continue
+                    if entry.is_file(follow_symlinks=False):
+                        if name.startswith(TEMP_PREFIX):
+                            continue
+                    elif not entry.is_symlink() or (
+                        self._beneath.kind(dir_fd, [*top.parts, *below], name) != stat_mod.S_IFREG
+                    ):
+                        continue  # a directory, or a link to no file inside the root
+                    found.append(f"{here}/{name}" if here else name)
         return sorted(found)
 
     def exists(self, path: str) -> bool:
         # docstring inherited
-        p = paths.normalize(path)
-        return not self._hidden(p) and os.path.exists(self._full(p))
+        return self._kind(path) is not None
 
     def is_file(self, path: str) -> bool:
         # docstring inherited
-        p = paths.normalize(path)
-        return not self._hidden(p) and os.path.isfile(self._full(p))
+        return self._kind(path) == stat_mod.S_IFREG
 
     def is_dir(self, path: str) -> bool:
         # docstring inherited
-        p = paths.normalize(path)
-        return not self._hidden(p) and os.path.isdir(self._full(p))
+        return self._kind(path) == stat_mod.S_IFDIR
 
     def list_dir(self, path: str) -> list[str]:
         # docstring inherited
-        return sorted(entry.name for entry in self._scan(paths.normalize(path)))
+        with self._open_listing(paths.normalize(path)) as (top, fd):
+            names = [
+                e.name
+                for e in entries(fd)
+                if not e.name.startswith(TEMP_PREFIX)
+                and (not e.is_symlink() or self._beneath.kind(fd, top.parts, e.name) is not None)
+            ]
+        return sorted(names)
 
     # -- optional operations ----------------------------------------------------
 
     def delete(self, path: str, recursive: bool = False) -> None:
         # docstring inherited
         p = paths.normalize_file(path)
-        full = self._full(p)
-        if self._hidden(p) or not os.path.lexists(full):
+        if self._hidden(p):
             raise c.not_found(p)
-        with _refuse_read_only(p):
-            if os.path.isdir(full) and not os.path.islink(full):
-                if recursive:
-                    import shutil
+        with _refuse_read_only(p), self._beneath.walk(p) as place:
+            try:
+                st = os.stat(place.name, dir_fd=place.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise c.not_found(p) from None
+            if not stat_mod.S_ISDIR(st.st_mode):
+                os.unlink(place.name, dir_fd=place.fd)  # a link itself, never its target
+            elif recursive:
+                import shutil
 
-                    shutil.rmtree(full)
-                    return
+                # Descriptor-based (rmtree.avoids_symlink_attacks): removes
+                # links, never what they point to, and never leaves the tree.
+                shutil.rmtree(place.name, dir_fd=place.fd)
+            else:
                 try:
-                    os.rmdir(full)
+                    os.rmdir(place.name, dir_fd=place.fd)
                 except OSError as exc:
                     if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                         raise c.directory_not_empty(p) from None
                     raise
-            else:
-                os.unlink(full)
 
     def move(self, src: str, dst: str) -> None:
         # docstring inherited
         s, d = paths.normalize_file(src), paths.normalize_file(dst)
-        full_src = self._check_source(s, d)
-        with _refuse_read_only(d):
-            created = self._makedirs(paths.split(d)[0])
+        if self._hidden(s):
+            raise c.not_found(s)
+        with self._beneath.walk(s) as source:
             try:
-                os.rename(full_src, self._full(d))
-            except BaseException:
-                self._remove_dirs(created)
-                raise
+                st = os.stat(source.name, dir_fd=source.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise c.not_found(s) from None
+            is_dir = stat_mod.S_ISDIR(st.st_mode)  # a link moves as itself
+            if is_dir:
+                c.check_not_into_itself(s, d)
+            if self._hidden(d):
+                raise _reserved(d)
+            created: list[str] = []
+            with _refuse_read_only(d):
+                try:
+                    with self._beneath.walk(d, create=created) as target:
+                        if lexists(target):
+                            raise c.already_exists(d)
+                        if is_dir:
+                            _not_into_itself(source, target, s, d)
+                        os.rename(
+                            source.name, target.name, src_dir_fd=source.fd, dst_dir_fd=target.fd
+                        )
+                except BaseException:
+                    self._remove_dirs(created)
+                    raise
 
     def copy(self, src: str, dst: str) -> None:
         # docstring inherited
         s, d = paths.normalize_file(src), paths.normalize_file(dst)
-        full_src = self._check_source(s, d)
+        if self._hidden(s):
+            raise c.not_found(s)
+        source, st = self._beneath.lookup(s)  # a link is copied as what it leads to
+        with source:
+            if st is None or source.name.startswith(TEMP_PREFIX):
+                raise c.not_found(s)
+            is_dir = stat_mod.S_ISDIR(st.st_mode)
+            if is_dir:
+                c.check_not_into_itself(s, d)
+            if self._hidden(d):
+                raise _reserved(d)
+            created: list[str] = []
+            with _refuse_read_only(d):
+                try:
+                    with self._beneath.walk(d, create=created) as target:
+                        if lexists(target):
+                            raise c.already_exists(d)
+                        if is_dir:
+                            _not_into_itself(source, target, s, d)
+                            self._copy_tree(source, target)
+                        else:
+                            self._copy_file(source, target, d)
+                except BaseException:
+                    self._remove_dirs(created)
+                    raise
+
+    def _copy_file(self, source: Place, target: Place, d: str) -> None:
         import shutil
 
-        with _refuse_read_only(d):
-            created = self._makedirs(paths.split(d)[0])
+        with open(os.open(source.name, READ_FILE, dir_fd=source.fd), "rb") as fh:
+            self._atomic_write(target, d, lambda out: shutil.copyfileobj(fh, out), False)
+
+    def _copy_tree(self, source: Place, target: Place) -> None:
+        import shutil
+
+        src = os.open(source.name, READ_DIR, dir_fd=source.fd)
+        try:
+            os.mkdir(target.name, 0o700, dir_fd=target.fd)
             try:
-                if os.path.isdir(full_src):
-                    try:
-                        shutil.copytree(
-                            full_src,
-                            self._full(d),
-                            ignore=shutil.ignore_patterns(TEMP_PREFIX + "*"),
-                        )
-                    except BaseException:
-                        shutil.rmtree(self._full(d), ignore_errors=True)
-                        raise
-                else:
-                    with open(full_src, "rb") as source:
-                        self._atomic_write(d, lambda fh: shutil.copyfileobj(source, fh), False)
+                dst = os.open(target.name, READ_DIR, dir_fd=target.fd)
+                try:
+                    copy_tree(src, dst, skip=lambda name: name.startswith(TEMP_PREFIX))
+                finally:
+                    os.close(dst)
             except BaseException:
-                self._remove_dirs(created)
+                shutil.rmtree(target.name, dir_fd=target.fd, ignore_errors=True)
                 raise
+        finally:
+            os.close(src)
 
     def ensure_directory(self, path: str) -> None:
         # docstring inherited
         p = paths.normalize(path)
         if self._hidden(p):
-            raise InvalidPathError(f"names starting with {TEMP_PREFIX!r} are reserved: {p!r}")
+            raise _reserved(p)
+        created: list[str] = []
         with _refuse_read_only(p):
-            self._makedirs(p)
+            try:
+                self._beneath.open_dir(p, create=created).close()
+            except BaseException:
+                self._remove_dirs(created)
+                raise
 
     def stat(self, path: str) -> StatResult:
         # docstring inherited
         p = paths.normalize(path)
-        full = self._full(p)
-        try:
-            if self._hidden(p):
-                raise FileNotFoundError
-            st = os.stat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            raise c.not_found(p) from None
-        created = _timestamp(getattr(st, "st_birthtime", None))
-        modified = _timestamp(st.st_mtime)
-        if stat_mod.S_ISDIR(st.st_mode):
-            return StatResult(path=p, kind="dir", created_at=created, modified_at=modified)
-        fmt = format_for(p)
-        dtype, shape = _npy_header(full) if fmt == "npy" else (None, None)
+        if self._hidden(p):
+            raise c.not_found(p)
+        place, st = self._beneath.lookup(p)
+        with place:
+            if st is None or place.name.startswith(TEMP_PREFIX):
+                raise c.not_found(p)
+            created = _timestamp(getattr(st, "st_birthtime", None))
+            modified = _timestamp(st.st_mtime)
+            if stat_mod.S_ISDIR(st.st_mode):
+                return StatResult(path=p, kind="dir", created_at=created, modified_at=modified)
+            fmt = format_for(p)
+            dtype, shape = _npy_header(place) if fmt == "npy" else (None, None)
         return StatResult(
             path=p,
             kind="file",
@@ -590,6 +667,42 @@ class DiskBackend(StorageBackend):
             dtype=dtype,
             shape=shape,
         )
+
+    @contextmanager
+    def _open_listing(self, path: str) -> Iterator[tuple[Place, int]]:
+        """Directory ``path`` (links followed inside the root), open for reading."""
+        with self._beneath.open_dir(path) as top:
+            fd = os.open(".", READ_DIR, dir_fd=top.fd)
+            try:
+                yield top, fd
+            finally:
+                os.close(fd)
+
+
+def _open_temp(place: Place) -> tuple[str, int]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    while True:
+        temp = TEMP_PREFIX + os.urandom(8).hex()
+        try:
+            # 0o666 and the umask decide the mode, as for open(); mkstemp
+            # would leave every saved file private (0o600).
+            return temp, os.open(temp, flags, 0o666, dir_fd=place.fd)
+        except FileExistsError:  # pragma: no cover -- 64 random bits collided
+            continue
+
+
+def _link_new(place: Place, temp: str, path: str) -> None:
+    """Put ``temp`` at ``place.name`` only if nothing is there (atomic with links)."""
+    try:
+        os.link(temp, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
+    except FileExistsError:
+        raise c.already_exists(path) from None
+    except OSError:
+        # No hard links on this filesystem: check, then rename.
+        if lexists(place):
+            raise c.already_exists(path) from None
+        os.replace(temp, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
 
 
 def _timestamp(seconds: float | None) -> dt.datetime | None:
