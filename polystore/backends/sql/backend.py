@@ -25,7 +25,6 @@ from polystore import paths
 from polystore.backends._common import (
     MAX_ATTRS_BYTES,
     already_exists,
-    directory_not_empty,
     is_a_directory,
     not_a_directory,
     not_found,
@@ -34,20 +33,18 @@ from polystore.backends._common import (
 )
 from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
-from polystore.backends.sql import tree
+from polystore.backends.sql import edit, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
-from polystore.backends.sql.catalog import Catalog
+from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import (
     INLINE,
     Content,
     add_blobs,
-    add_references,
     content_hashes,
     lock_blobs,
     release_blobs,
 )
 from polystore.backends.sql.engine import (
-    CatalogChanged,
     JSONColumnError,
     default_url,
     load_json_column,
@@ -73,7 +70,6 @@ from polystore.backends.sql.verify import ContentReader
 from polystore.blobs.base import is_content_hash
 from polystore.errors import (
     CatalogDamagedError,
-    InvalidPathError,
     SerializationError,
     UnsupportedOperationError,
 )
@@ -141,10 +137,6 @@ _UPDATE_FILES = BulkStatement(
     ),
     [*_FILE_VALUES, sa.column("node_id", nodes.c.id.type)],
 )
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) -> dict[str, Any]:
@@ -526,7 +518,7 @@ class SQLBackend(StorageBackend):
         attrs: dict[str, Any] | None,
         staged: Staged | None = None,
     ) -> None:
-        now = _now()
+        now = utcnow()
         cache = tree.DirCache()
         # parent path -> name -> entry; each distinct parent is resolved once, in
         # the order the batch first names it, and every directory exists before
@@ -1262,165 +1254,22 @@ class SQLBackend(StorageBackend):
     def ensure_directory(self, path: str) -> None:
         # docstring inherited
         norm = paths.normalize(path)
-        self._catalog.write(lambda conn: tree.ensure_dirs(conn, norm, _now(), tree.DirCache()))
+        self._catalog.write(lambda conn: tree.ensure_dirs(conn, norm, utcnow(), tree.DirCache()))
 
     def delete(self, path: str, recursive: bool = False) -> None:
         # docstring inherited
         norm = paths.normalize_file(path)
-
-        def work(conn: Connection) -> None:
-            row = tree.resolve(conn, norm)
-            if row is None:
-                raise not_found(norm)
-            if row.kind == "file":
-                # The hash the deleted row held, not the one resolved: a
-                # concurrent overwrite may have replaced it since.
-                released = (
-                    conn.execute(
-                        nodes.delete()
-                        .where(
-                            nodes.c.id == row.id,
-                            nodes.c.parent_id == row.parent_id,
-                            nodes.c.name == row.name,
-                        )
-                        .returning(nodes.c.blob_hash)
-                    )
-                    .scalars()
-                    .all()
-                )
-                if not released:
-                    raise CatalogChanged(f"{norm!r} was moved or deleted meanwhile")
-                release_blobs(conn, Counter(released))
-                return
-            # Directory moves and deletes queue here, before they lock any node
-            # row; then the directory is looked up again, as it is now.
-            tree.bump_version(conn)
-            row = tree.resolve(conn, norm)
-            if row is None:
-                raise not_found(norm)
-            if row.kind != "dir":
-                raise CatalogChanged(f"{norm!r} became a file meanwhile")
-            if recursive:
-                dirs = tree.lock_subtree(conn, row)
-            else:
-                tree.lock_dir(conn, row)
-                if conn.execute(
-                    sa.select(nodes.c.id).where(nodes.c.parent_id == row.id).limit(1)
-                ).first():
-                    raise directory_not_empty(norm)
-                dirs = []
-            released = tree.delete_files_in(conn, dirs)
-            # The subtree holds directories only now (none can be added while
-            # they are locked): ON DELETE CASCADE removes them with their root.
-            conn.execute(nodes.delete().where(nodes.c.id == row.id))
-            release_blobs(conn, Counter(released))
-
-        self._catalog.write(work)
-
-    def _prepare_target(
-        self, conn: Connection, src: str, dst: str, now: dt.datetime, *, moving: bool = False
-    ) -> tuple[Any, int, str]:
-        row = tree.resolve(conn, src)
-        if row is None:
-            raise not_found(src)
-        if moving and row.kind == "dir":
-            # Directory moves and deletes queue here, before they lock any node
-            # row; then the source is looked up again, as it is now (a move
-            # that checked a stale tree could put a directory inside itself).
-            tree.bump_version(conn)
-            row = tree.resolve(conn, src)
-            if row is None:
-                raise not_found(src)
-        if src == dst:
-            raise already_exists(dst)
-        if row.kind == "dir" and dst.startswith(src + "/"):
-            raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
-        if tree.resolve(conn, dst) is not None:
-            raise already_exists(dst)
-        parent, name = paths.split(dst)
-        return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
+        self._catalog.write(partial(edit.delete, norm=norm, recursive=recursive))
 
     def move(self, src: str, dst: str) -> None:
         """Move a file or directory tree. A directory move rewrites one row."""
         src, dst = paths.normalize_file(src), paths.normalize_file(dst)
-
-        def work(conn: Connection) -> None:
-            now = _now()
-            row, parent_id, name = self._prepare_target(conn, src, dst, now, moving=True)
-            moved = conn.execute(
-                nodes.update()
-                .where(
-                    nodes.c.id == row.id,
-                    nodes.c.parent_id == row.parent_id,
-                    nodes.c.name == row.name,
-                )
-                .values(parent_id=parent_id, name=name, modified_at=now)
-            ).rowcount
-            if not moved:
-                raise CatalogChanged(f"{src!r} was moved or deleted meanwhile")
-
-        self._catalog.write(work)
+        self._catalog.write(partial(edit.move, src=src, dst=dst))
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file or directory tree: catalog rows only, the blobs are shared."""
         src, dst = paths.normalize_file(src), paths.normalize_file(dst)
-        self._catalog.write(lambda conn: self._copy(conn, src, dst))
-
-    def _copy(self, conn: Connection, src: str, dst: str) -> None:
-        now = _now()
-        row, parent_id, name = self._prepare_target(conn, src, dst, now)
-        copied = [c.name for c in tree.NODE_COLUMNS if c.name not in ("id", "parent_id", "name")]
-
-        def clone(source: Any, new_parent: int, new_name: str) -> dict[str, Any]:
-            values = {col: getattr(source, col) for col in copied}
-            return values | {
-                "parent_id": new_parent,
-                "name": new_name,
-                "created_at": now,
-                "modified_at": now,
-            }
-
-        if row.kind == "dir" and parent_id in tree.lock_subtree(conn, row):
-            # Nothing enters the source tree while it is copied -- but a
-            # concurrent move put the destination inside it before the lock.
-            raise CatalogChanged(f"{dst!r} was moved inside {src!r} meanwhile")
-        new_root = conn.execute(
-            nodes.insert().values(clone(row, parent_id, name)).returning(nodes.c.id)
-        ).scalar_one()
-        # Each new row adds a reference to the hash it was given: the counts
-        # are those of the rows inserted, whatever changed since they were read.
-        refs: Counter[str] = Counter()
-        if row.kind == "file":
-            refs[row.blob_hash] += 1
-        else:
-            # Level by level, so every parent exists (and has its new id)
-            # before its children are inserted.
-            id_map = {row.id: new_root}
-            level = [row.id]
-            while level:
-                next_level: list[int] = []
-                for part in tree.chunks(level):
-                    kids = conn.execute(
-                        sa.select(*tree.NODE_COLUMNS).where(nodes.c.parent_id.in_(part))
-                    ).all()
-                    if not kids:
-                        continue
-                    new_ids = (
-                        conn.execute(
-                            nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
-                            [clone(kid, id_map[kid.parent_id], kid.name) for kid in kids],
-                        )
-                        .scalars()
-                        .all()
-                    )
-                    for kid, new_id in zip(kids, new_ids, strict=True):
-                        if kid.kind == "dir":
-                            id_map[kid.id] = new_id
-                            next_level.append(kid.id)
-                        else:
-                            refs[kid.blob_hash] += 1
-                level = next_level
-        add_references(conn, refs)
+        self._catalog.write(partial(edit.copy, src=src, dst=dst))
 
     # -- querying -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ each thread (and each asyncio task) has its own.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -31,9 +32,14 @@ from sqlalchemy import Connection
 
 from polystore.backends.sql.engine import WRITE, create_catalog_engine, retrying, translate_errors
 
-__all__ = ["Catalog"]
+__all__ = ["Catalog", "utcnow"]
 
 T = TypeVar("T")
+
+
+def utcnow() -> dt.datetime:
+    """Now, in UTC: the one clock every catalog timestamp is read from."""
+    return dt.datetime.now(dt.UTC)
 
 
 class Catalog:

@@ -36,7 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from polystore.backends.sql.catalog import Catalog
+from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
@@ -100,7 +100,7 @@ def collect_garbage(
     catalog: Catalog, uploads: Uploads | None, *, grace: dt.timedelta | float = DEFAULT_GRACE
 ) -> GCReport:
     """Remove unreferenced blobs and abandoned uploads; see :meth:`SQLBackend.gc`."""
-    cutoff = dt.datetime.now(dt.UTC) - _as_timedelta(grace)
+    cutoff = utcnow() - _as_timedelta(grace)
     blobs_deleted, bytes_freed = catalog.transact(_drop_inline_garbage)
     objects = intents_expired = skipped = 0
     if uploads is not None:
@@ -201,7 +201,7 @@ def _drop_external(
     )
     if not deleted:
         return {}, 0
-    now = dt.datetime.now(dt.UTC)
+    now = utcnow()
     ids = (
         conn.execute(
             intents.insert().returning(intents.c.id, sort_by_parameter_order=True),
@@ -325,7 +325,7 @@ class _Mover:
                         hash=content_hash,
                         store=store_name,
                         size=size,
-                        created_at=dt.datetime.now(dt.UTC),
+                        created_at=utcnow(),
                         owner="rebalance",
                     )
                     .returning(intents.c.id)

@@ -35,7 +35,6 @@ by ``gc()``; ``fsck()`` reports it.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import zlib
@@ -47,7 +46,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from polystore.backends.sql.catalog import Catalog
+from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
@@ -63,10 +62,6 @@ T = TypeVar("T")
 # Class id of polystore's per-hash advisory locks ("poly"): the two-int key
 # space, which never collides with single-bigint advisory locks.
 _LOCK_CLASS = 0x706F6C79
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _owner() -> str:
@@ -166,7 +161,7 @@ class Uploads:
     ) -> tuple[dict[str, int], dict[str, str]]:
         hashes = [c.hash for c in contents]
         lock_hashes(conn, hashes, shared=True)
-        now, owner = _now(), _owner()
+        now, owner = utcnow(), _owner()
         rows = [
             {"hash": c.hash, "store": self.store.name, "size": c.size, "created_at": now,
              "owner": owner}
