@@ -30,7 +30,7 @@ from polystore import (
     SerializationError,
 )
 from polystore.backends.sql import SQLBackend, bulk
-from polystore.backends.sql import backend as backend_module
+from polystore.backends.sql import save as save_module
 from polystore.backends.sql.engine import is_retryable
 
 
@@ -506,7 +506,7 @@ def test_streamed_bulk_insert_errors_are_sqlalchemy_errors(sqlite_url: str) -> N
         backend.engine.begin() as conn,
         pytest.raises(sa.exc.IntegrityError, match="CHECK constraint"),
     ):
-        backend_module._INSERT_FILES.execute_processed(
+        save_module._INSERT_FILES.execute_processed(
             conn, iter([(0, "x", "bogus", 1, *[None] * 6, "h" * 64, "t", "t", None)])
         )
 

@@ -42,7 +42,7 @@ from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.tree import chunks
-from polystore.backends.sql.uploads import LOCK_BATCH, Staged, Uploads
+from polystore.backends.sql.uploads import LOCK_BATCH, Staged, Uploads, promote
 from polystore.backends.sql.verify import ContentReader
 from polystore.errors import IntegrityError
 
@@ -277,7 +277,7 @@ class _Mover:
                     .values(store=self.store_name, data=None)
                 ).rowcount
                 if staged is not None:
-                    self.uploads.promote(conn, staged)
+                    promote(conn, staged)
                 return bool(moved)
 
             return self.catalog.transact(work)

@@ -55,7 +55,15 @@ from polystore.backends.sql.verify import digest
 from polystore.blobs.base import CHUNK_SIZE, BlobStore
 from polystore.errors import ConflictError
 
-__all__ = ["LOCK_BATCH", "IntentLostError", "Staged", "Uploads", "lock_hashes"]
+__all__ = [
+    "LOCK_BATCH",
+    "IntentLostError",
+    "Staged",
+    "Uploads",
+    "existing_blobs",
+    "lock_hashes",
+    "promote",
+]
 
 T = TypeVar("T")
 
@@ -133,19 +141,39 @@ def _pieces(data: Any) -> Iterator[memoryview]:
         yield view[start : start + CHUNK_SIZE]
 
 
+def existing_blobs(conn: Connection, hashes: Sequence[str]) -> dict[str, str]:
+    """``hash -> store`` of the blob rows among ``hashes``."""
+    found: dict[str, str] = {}
+    for part in chunks(hashes):
+        stmt = sa.select(blobs.c.hash, blobs.c.store).where(blobs.c.hash.in_(part))
+        found.update((h, s) for h, s in conn.execute(stmt))
+    return found
+
+
+def promote(conn: Connection, staged: Staged) -> None:
+    """Step 3, inside the catalog transaction, after the blob rows are written."""
+    if not staged.intents:
+        return
+    rows = existing_blobs(conn, sorted(staged.uploaded))
+    kept = [h for h, store in rows.items() if store == staged.store]
+    ids = [staged.intents[h] for h in kept]
+    deleted = 0
+    for part in chunks(ids):
+        deleted += conn.execute(intents.delete().where(intents.c.id.in_(part))).rowcount
+    if deleted != len(ids):
+        raise IntentLostError(
+            "an upload intent was removed by gc() before its save committed "
+            "(the upload took longer than gc's grace period)"
+        )
+    staged.leftover = [i for h, i in staged.intents.items() if h not in kept]
+
+
 class Uploads:
     """The catalog's side of external content: staging, promoting, releasing."""
 
     def __init__(self, catalog: Catalog, store: BlobStore) -> None:
         self.catalog = catalog
         self.store = store
-
-    def _existing(self, conn: Connection, hashes: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for part in chunks(hashes):
-            stmt = sa.select(blobs.c.hash, blobs.c.store).where(blobs.c.hash.in_(part))
-            found.update((h, s) for h, s in conn.execute(stmt))
-        return found
 
     def _register(
         self, contents: Sequence[Content], staged: Staged, existing: dict[str, str]
@@ -169,7 +197,7 @@ class Uploads:
         ]  # fmt: skip
         insert = intents.insert().returning(intents.c.id, sort_by_parameter_order=True)
         ids = conn.execute(insert, rows).scalars().all()
-        existing = self._existing(conn, hashes)
+        existing = existing_blobs(conn, hashes)
         return {c.hash: int(i) for c, i in zip(contents, ids, strict=True)}, existing
 
     def stage(
@@ -195,7 +223,7 @@ class Uploads:
         existing: dict[str, str] = {}
         try:
             if conn is not None and conn.dialect.name == "sqlite":
-                existing = self._existing(conn, sorted(c.hash for c in contents))
+                existing = existing_blobs(conn, sorted(c.hash for c in contents))
             else:
                 self._register(contents, staged, existing)
             for content in contents:
@@ -254,23 +282,6 @@ class Uploads:
         except Exception:  # noqa: BLE001 -- the original error is the one to report
             return False
         return bool(alive < len(ids))
-
-    def promote(self, conn: Connection, staged: Staged | None) -> None:
-        """Step 3, inside the catalog transaction, after the blob rows are written."""
-        if staged is None or not staged.intents:
-            return
-        rows = self._existing(conn, sorted(staged.uploaded))
-        kept = [h for h, store in rows.items() if store == self.store.name]
-        ids = [staged.intents[h] for h in kept]
-        deleted = 0
-        for part in chunks(ids):
-            deleted += conn.execute(intents.delete().where(intents.c.id.in_(part))).rowcount
-        if deleted != len(ids):
-            raise IntentLostError(
-                "an upload intent was removed by gc() before its save committed "
-                "(the upload took longer than gc's grace period)"
-            )
-        staged.leftover = [i for h, i in staged.intents.items() if h not in kept]
 
     # -- cleaning up ------------------------------------------------------------------
 
