@@ -1,0 +1,73 @@
+"""The modules of ``polystore/backends/sql`` import each other top down, never back up.
+
+``backend.py`` is the façade: nothing below it imports it (only the package's
+``__init__``), and the import graph has no cycle, so a save or a load visits
+each module once and never climbs back into the module that called it.
+docs/architecture.rst draws the layers this test pins.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import polystore.backends.sql
+
+PACKAGE = "polystore.backends.sql"
+ROOT = Path(polystore.backends.sql.__file__).parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module name (``catalog``) -> the modules of this package it imports, at any depth."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(ROOT.glob("*.py")):
+        name = path.stem
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == PACKAGE:
+                    found.update(alias.name for alias in node.names)
+                elif node.module.startswith(PACKAGE + "."):
+                    found.add(node.module[len(PACKAGE) + 1 :].split(".")[0])
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith(PACKAGE + "."):
+                        found.add(alias.name[len(PACKAGE) + 1 :].split(".")[0])
+        graph[name] = found - {name}
+    return graph
+
+
+def test_nothing_below_the_facade_imports_it() -> None:
+    graph = _imports()
+    assert "backend" in graph and "catalog" in graph
+    importers = sorted(name for name, deps in graph.items() if "backend" in deps)
+    assert importers == ["__init__"]
+
+
+def test_no_import_cycles() -> None:
+    graph = _imports()
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, " -> ".join((*trail, name))
+        if name in done:
+            return
+        for dep in sorted(graph.get(name, ())):
+            visit(dep, (*trail, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_only_the_catalog_runs_transactions_and_translates_errors() -> None:
+    """``translate_errors`` and ``retrying`` have one user: catalog.py (engine.py defines them)."""
+    users = sorted(
+        path.stem
+        for path in ROOT.glob("*.py")
+        if path.stem not in ("engine", "catalog")
+        and any(
+            word in path.read_text(encoding="utf-8") for word in ("translate_errors(", "retrying(")
+        )
+    )
+    assert users == []
