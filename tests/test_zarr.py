@@ -600,3 +600,17 @@ def test_dask_from_zarr(
     lazy = da.from_zarr(PolystoreStore(backend, "big", read_only=True))
     assert lazy.chunks == ((20, 20, 20), (20, 20))
     assert float(lazy.sum().compute(scheduler=scheduler)) == float(data.sum())
+
+
+def test_the_zarr_benchmark_runs(tmp_path: Path) -> None:
+    """The benchmark scenario still runs (quick sizes, one round); its times are not checked."""
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    result = subprocess.run(
+        [sys.executable, str(run), "--quick", "--repeat", "1", "--only", "zarr_sqlite",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| zarr_")]
+    assert len(rows) == 14, result.stdout
+    assert all(row.rstrip().endswith("| info   |") for row in rows), rows
