@@ -22,7 +22,7 @@ Integrity: a part of the content cannot be checked against the hash of the
 whole. A ranged read checks that the range lies within the size the catalog
 records and that the store returned all of it, and raises
 :class:`~polystore.errors.IntegrityError` otherwise; a full
-:meth:`~polystore.backends.sql.SQLBackend.load` still hashes external content.
+:meth:`~polystore.SQLBackend.load` still hashes external content.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def read_range(
 
     Raises :class:`~polystore.errors.NotFoundError` for a missing path and
     :class:`~polystore.errors.IsADirectoryError` for a directory, as
-    :meth:`~polystore.backends.sql.SQLBackend.load` does, and ``ValueError``
+    :meth:`~polystore.SQLBackend.load` does, and ``ValueError``
     for a negative ``start`` or an ``end`` before it.
     """
     if type(start) is not int or start < 0:
