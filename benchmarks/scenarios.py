@@ -11,6 +11,7 @@ from collections.abc import Callable
 from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
 from harness import Bench, Row
 from lookups import exists, list_dir, load_one
+from zarr_store import zarr_sqlite
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -32,5 +33,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(load_one),
         Scenario(list_dir),
         Scenario(exists),
+        Scenario(zarr_sqlite),
     )
 }

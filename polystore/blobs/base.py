@@ -53,6 +53,7 @@ __all__ = [
     "StoreOwner",
     "StoredObject",
     "check_hash",
+    "check_range",
     "from_url",
     "hash_key",
     "is_content_hash",
@@ -104,6 +105,26 @@ def hash_key(content_hash: str) -> str:
     """
     check_hash(content_hash)
     return f"{content_hash[:2]}/{content_hash}"
+
+
+def check_range(start: int, end: int) -> None:
+    """ValueError unless ``start`` and ``end`` are ints with ``0 <= start <= end``."""
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        raise ValueError(f"a byte range is two ints with 0 <= start <= end, not {start!r}, {end!r}")
+
+
+def _read_upto(readinto: Any, length: int) -> bytes:
+    """Up to ``length`` bytes from ``readinto`` (fewer at the end of the data)."""
+    buffer = bytearray(length)
+    done = 0
+    with memoryview(buffer) as view:
+        while done < length:
+            n = readinto(view[done : done + CHUNK_SIZE])
+            if not n:
+                break
+            done += n
+    del buffer[done:]
+    return bytes(buffer)
 
 
 @dataclass(frozen=True)
@@ -250,6 +271,27 @@ class BlobStore(abc.ABC):
         """The object's bytes (in memory at once: prefer :meth:`open` for large ones)."""
         with self.open(content_hash) as reader:
             return reader.readall()
+
+    def read_range(self, content_hash: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` up to ``end`` (exclusive) of the object.
+
+        Fewer bytes, or none, when the object ends before ``end``;
+        :class:`~polystore.errors.NotFoundError` when there is no object. The
+        default reads the object from its start and keeps only the range: a
+        store that can seek or ask for a range overrides it, as the built-in
+        ones do (a ``pread`` on a local file, an HTTP range request on S3).
+        """
+        check_range(start, end)
+        with self.open(content_hash) as reader:
+            skip = start
+            scratch = bytearray(min(CHUNK_SIZE, max(skip, 1)))
+            with memoryview(scratch) as view:
+                while skip:
+                    n = reader.readinto(view[: min(skip, len(scratch))])
+                    if not n:
+                        return b""
+                    skip -= n
+            return _read_upto(reader.readinto, end - start)
 
     def replace(
         self, content_hash: str, chunks: Iterable[Buffer], size: int, *, token: str | None = None

@@ -859,6 +859,27 @@ class SQLBackend(StorageBackend):
                     found[paths.join(parent, row.name)] = row
         return found
 
+    # -- ranged reads ------------------------------------------------------------------
+
+    def read_range(
+        self, path: str, start: int = 0, end: int | None = None, *, serializer: str | None = None
+    ) -> bytes:
+        """Bytes ``start`` up to ``end`` of the stored content of ``path``, reading no others.
+
+        See :func:`polystore.backends.sql.ranges.read_range`: inline content is
+        cut by the database, external content read with one ranged read; the
+        range is size-checked, not hashed.
+        """
+        from polystore.backends.sql.ranges import read_range
+
+        return read_range(self._catalog, self.blob_store, path, start, end, serializer=serializer)
+
+    def read_suffix(self, path: str, length: int, *, serializer: str | None = None) -> bytes:
+        """The last ``length`` bytes of the stored content of ``path`` (see :meth:`read_range`)."""
+        from polystore.backends.sql.ranges import read_suffix
+
+        return read_suffix(self._catalog, self.blob_store, path, length, serializer=serializer)
+
     # -- inspecting ------------------------------------------------------------------
 
     def _kind(self, path: str) -> str | None:

@@ -1,0 +1,189 @@
+"""Ranged reads: part of a file's content, without reading the rest.
+
+A zarr shard index, a slice of a large array, a seek in a file opened through
+fsspec: each needs a few bytes of a file, and reading them must not cost a
+read of the whole content. Where the bytes travel:
+
+* Content inline in the catalog: the database cuts the range out itself with
+  ``substr(data, start + 1, length)`` (SQLite's ``substr`` counts bytes in a
+  BLOB; PostgreSQL's takes ``bytea``), so only the range crosses the
+  connection. The database engine may still read the whole value from its own
+  pages (SQLite does; PostgreSQL reads TOAST slices of uncompressed values
+  only) -- inline content is at most ``inline_limit`` bytes.
+* Content in an external blob store: one
+  :meth:`~polystore.blobs.BlobStore.read_range` call -- a ``pread`` on a local
+  file, a ranged GET on S3.
+
+The path is resolved and the blob looked up in one read transaction (a
+snapshot on PostgreSQL), so a concurrent overwrite is seen entirely or not at
+all; the external read happens after it, holding no connection.
+
+Integrity: a part of the content cannot be checked against the hash of the
+whole. A ranged read checks that the range lies within the size the catalog
+records and that the store returned all of it, and raises
+:class:`~polystore.errors.IntegrityError` otherwise; a full
+:meth:`~polystore.SQLBackend.load` still hashes external content.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore import paths
+from polystore.backends._common import is_a_directory, not_found
+from polystore.backends.sql import tree
+from polystore.backends.sql.content import INLINE
+from polystore.backends.sql.models import blobs_table
+from polystore.errors import IntegrityError, NotFoundError, SerializationError
+
+if TYPE_CHECKING:
+    from polystore.backends.sql.catalog import Catalog
+    from polystore.blobs.base import BlobStore
+
+__all__ = ["read_range", "read_suffix"]
+
+blobs = blobs_table
+
+# The range of one blob: its placement, recorded size, and (inline) the bytes.
+_SLICE = sa.select(
+    blobs.c.store,
+    blobs.c.size,
+    sa.func.substr(
+        blobs.c.data,
+        sa.bindparam("first", type_=sa.Integer),  # 1-based, as SQL counts
+        sa.bindparam("length", type_=sa.Integer),
+    ).label("piece"),
+).where(blobs.c.hash == sa.bindparam("hash"))
+
+
+class _Located(NamedTuple):
+    """Where a range of a file's content is: ``piece`` already holds inline bytes."""
+
+    path: str
+    hash: str | None
+    store: str | None
+    start: int
+    stop: int
+    piece: bytes | None
+
+
+def read_range(
+    catalog: Catalog,
+    store: BlobStore | None,
+    path: str,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    serializer: str | None = None,
+) -> bytes:
+    """Bytes ``start`` up to ``end`` (exclusive) of the stored content of file ``path``.
+
+    ``end=None`` reads to the end. A range past the end of the content is cut
+    short, as slicing ``bytes`` would be (``start`` past the end gives
+    ``b""``). The content is what the serializer stored: for a file saved as
+    ``bytes``, those bytes; for an array, its raw buffer. ``serializer``, when
+    given, must be the one that saved the file, or
+    :class:`~polystore.errors.SerializationError` is raised (pass ``"bytes"``
+    to read only files saved as bytes).
+
+    Raises :class:`~polystore.errors.NotFoundError` for a missing path and
+    :class:`~polystore.errors.IsADirectoryError` for a directory, as
+    :meth:`~polystore.SQLBackend.load` does, and ``ValueError``
+    for a negative ``start`` or an ``end`` before it.
+    """
+    if type(start) is not int or start < 0:
+        raise ValueError(f"start must be an int >= 0, not {start!r}")
+    if end is not None and (type(end) is not int or end < start):
+        raise ValueError(f"end must be None or an int >= start ({start}), not {end!r}")
+    return _read(
+        catalog, store, path, serializer, lambda size: (start, size if end is None else end)
+    )
+
+
+def read_suffix(
+    catalog: Catalog,
+    store: BlobStore | None,
+    path: str,
+    length: int,
+    *,
+    serializer: str | None = None,
+) -> bytes:
+    """The last ``length`` bytes of the stored content of file ``path`` (all of it if shorter).
+
+    Otherwise as :func:`read_range`.
+    """
+    if type(length) is not int or length < 0:
+        raise ValueError(f"length must be an int >= 0, not {length!r}")
+    return _read(catalog, store, path, serializer, lambda size: (size - length, size))
+
+
+def _read(
+    catalog: Catalog, store: BlobStore | None, path: str, serializer: str | None, bounds: Any
+) -> bytes:
+    norm = paths.normalize_file(path)
+
+    def locate(conn: Connection) -> _Located:
+        row = tree.resolve(conn, norm)
+        if row is None:
+            raise not_found(norm)
+        if row.kind == "dir":
+            raise is_a_directory(norm)
+        if serializer is not None and row.serializer != serializer:
+            raise SerializationError(
+                f"{norm!r} was saved by serializer {row.serializer!r}, not {serializer!r}"
+            )
+        size = int(row.size)
+        first, last = bounds(size)
+        start, stop = max(0, min(first, size)), max(0, min(last, size))
+        if stop <= start:
+            return _Located(norm, None, None, start, start, b"")
+        blob = conn.execute(
+            _SLICE, {"hash": row.blob_hash, "first": start + 1, "length": stop - start}
+        ).first()
+        if blob is None:
+            raise NotFoundError(f"content of {norm!r} is missing from the catalog")
+        if int(blob.size) != size:
+            raise IntegrityError(
+                f"content of {norm!r} is recorded as {size} bytes by its file and "
+                f"{blob.size} by its blob"
+            )
+        return _Located(norm, row.blob_hash, blob.store, start, stop, blob.piece)
+
+    # The caller's transaction if there is one; one snapshot across both statements.
+    located = catalog.read(locate, snapshot=True)
+    if located.hash is None:
+        return b""
+    if located.store == INLINE:
+        data = located.piece
+        where = "inline"
+    else:
+        data = _read_external(store, located)
+        where = f"in blob store {located.store!r}"
+    wanted = located.stop - located.start
+    if data is None or len(data) != wanted:
+        got = "no" if data is None else len(data)
+        raise IntegrityError(
+            f"content of {located.path!r} gave {got} bytes {where} for bytes "
+            f"{located.start}-{located.stop}; the catalog records {wanted} there"
+        )
+    return bytes(data)
+
+
+def _read_external(store: BlobStore | None, located: _Located) -> bytes:
+    if store is None or located.store != store.name:
+        here = "no blob store" if store is None else f"blob store {store.name!r}"
+        raise NotFoundError(
+            f"content of {located.path!r} is in blob store {located.store!r}, but this "
+            f"backend has {here}; open it with that store (blob_store=...)"
+        )
+    assert located.hash is not None
+    try:
+        return store.read_range(located.hash, located.start, located.stop)
+    except NotFoundError:
+        raise IntegrityError(
+            f"content of {located.path!r} is missing: blob {located.hash} is not in "
+            f"blob store {store.name!r}"
+        ) from None
