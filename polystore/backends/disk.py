@@ -591,6 +591,13 @@ class DiskBackend(StorageBackend):
             shape=shape,
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by configuration: the copy is a backend on the same root.
+
+        (Subclasses whose constructor takes other arguments override this.)
+        """
+        return (type(self), (self._root,))
+
 
 def _timestamp(seconds: float | None) -> dt.datetime | None:
     if seconds is None:

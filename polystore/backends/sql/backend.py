@@ -292,6 +292,7 @@ class SQLBackend(StorageBackend):
         self._staged: ContextVar[list[Staged] | None] = ContextVar(
             f"polystore_staged_{id(self)}", default=None
         )
+        self._engine_options = engine_options  # (carried by pickling: reopen.py)
         with translate_errors(self.url):
             self.engine = create_catalog_engine(self.url, **(engine_options or {}))
             self._fast = FastReader(self.engine)
@@ -1443,3 +1444,15 @@ class SQLBackend(StorageBackend):
                 ).scalar_one()
             )
         )
+
+    # -- pickling ------------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by configuration; the copy opens the catalog on first use.
+
+        See :mod:`polystore.backends.sql.reopen` for what is carried.
+        """
+        from polystore.backends.sql.reopen import reduce_backend
+
+        return reduce_backend(self)
+
