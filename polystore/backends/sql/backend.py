@@ -1456,3 +1456,26 @@ class SQLBackend(StorageBackend):
 
         return reduce_backend(self)
 
+    # -- listing with details ------------------------------------------------------------
+
+    def scan_dir(self, path: str = "") -> list[StatResult]:
+        """What :meth:`stat` says of each entry of directory ``path``, in name order.
+
+        One query however many entries there are (like :func:`os.scandir`):
+        ``list_dir`` and a ``stat`` for each name would be a query per entry.
+        """
+        norm = paths.normalize(path)
+        blobs = tree.blobs
+
+        def work(conn: Connection) -> list[Any]:
+            stmt = (
+                sa.select(*tree.NODE_COLUMNS, blobs.c.store)
+                .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
+                .where(nodes.c.parent_id == self._dir_id(conn, norm))
+                .order_by(nodes.c.name)
+            )
+            return list(conn.execute(stmt))
+
+        # Resolving the directory and listing it must see one state of the catalog.
+        rows = self._read(work, snapshot=True)
+        return [self._stat_result(paths.join(norm, row.name), row, row.store) for row in rows]
