@@ -345,8 +345,9 @@ def _save_block(fm: FileManager, block: Any, index: int) -> int:
 def test_dask_processes_scheduler_loads_and_saves_through_a_captured_manager(
     catalog_url: str,
 ) -> None:
-    dask = pytest.importorskip("dask")
-    da = pytest.importorskip("dask.array")
+    import dask
+    import dask.array as da
+
     with FileManager(catalog_url) as fm:
         images = [np.random.default_rng(i).random((16, 16)) for i in range(4)]
         fm.save_batch(images, [f"plate/{i}.npy" for i in range(4)])
