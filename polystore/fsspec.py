@@ -401,7 +401,7 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         **kwargs: Any,
     ) -> Any:
         # docstring inherited (text written in a with block that raises saves nothing)
-        if "b" in mode or "r" in mode:
+        if "b" in mode or "r" in mode or compression is not None:
             return super().open(path, mode, block_size, cache_options, compression, **kwargs)
         text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
         binary = super().open(
@@ -411,9 +411,6 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _save_bytes(self, norm: str, data: bytes, *, overwrite: bool, **kwargs: Any) -> None:
-        self.backend.save(data, norm, overwrite=overwrite, **kwargs)
-
     def pipe_file(self, path: Any, value: Any, mode: str = "overwrite", **kwargs: Any) -> None:
         """Store ``value`` (bytes) at ``path`` verbatim; ``mode="create"`` refuses an existing file.
 
@@ -421,7 +418,7 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """
         if not isinstance(value, bytes | bytearray | memoryview):
             raise TypeError(f"pipe_file stores bytes, not {type(value).__name__}")
-        self._save_bytes(self._norm(path), bytes(value), overwrite=mode != "create", **kwargs)
+        self.backend.save(bytes(value), self._norm(path), overwrite=mode != "create", **kwargs)
 
     def touch(self, path: Any, truncate: bool = True, **kwargs: Any) -> None:
         """Create an empty file (replacing one that exists, with ``truncate``).
@@ -435,7 +432,7 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 "touch(truncate=False) of an existing file: polystore changes a file's "
                 "modification time only when its content changes"
             )
-        self._save_bytes(norm, b"", overwrite=True)
+        self.backend.save(b"", norm)
 
     def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
         # docstring inherited
@@ -616,14 +613,12 @@ class PolystoreFile(AbstractBufferedFile):  # type: ignore[misc]
                     f"cannot append to {path!r}: it holds a {st.serializer} value, not bytes"
                 )
             existing = fs.cat_file(path)
-        # (fsspec's own "xb" support varies by version: the exclusive check is ours)
+        # Every write mode is "wb" to fsspec (whose "xb" and "ab" vary by version):
+        # the exclusive check and the appending are done here.
         super().__init__(fs, path, "wb" if mode != "rb" else mode, size=size, **kwargs)
-        self.mode = mode
+        self._overwrite = mode != "xb"
         if existing:
             self.buffer.write(existing)
-
-    def writable(self) -> bool:
-        return self.mode in ("wb", "xb", "ab") and not self.closed
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         if self._rendered is not None:
@@ -645,7 +640,7 @@ class PolystoreFile(AbstractBufferedFile):  # type: ignore[misc]
         """Save the bytes written (at close, or at the end of ``fs.transaction``)."""
         data, self._pending = self._pending, None
         if data is not None:
-            self.fs._save_bytes(self.path, data, overwrite=self.mode != "xb")
+            self.fs.backend.save(data, self.path, overwrite=self._overwrite)
 
     def discard(self) -> None:
         """Forget the bytes written: nothing is saved."""
