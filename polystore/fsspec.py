@@ -12,7 +12,7 @@ adds polystore's fields (``serializer``, ``dtype``, ``shape``, ``attrs``,
 ``hash``, ``store``).
 
 What a file reads as is what ``polystore get`` writes for it
-(:func:`polystore.cli.localfiles.local_writer`):
+(``polystore.cli.localfiles.local_writer``):
 
 ================= ==========================================================
 stored as         read as
@@ -233,7 +233,10 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return self._info(self.backend.stat(self._norm(path)))
 
     def ls(self, path: Any, detail: bool = True, **kwargs: Any) -> list[Any]:
-        # docstring inherited
+        """The entries of directory ``path``: their ``info`` dicts, or paths (``detail=False``).
+
+        One query for the whole directory. A file lists as itself.
+        """
         norm = self._norm(path)
         try:
             if not detail:
@@ -272,7 +275,11 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         detail: bool = False,
         **kwargs: Any,
     ) -> Any:
-        # docstring inherited (one catalog query for the whole tree)
+        """Every file under ``path`` (and directory, ``withdirs=True``), sorted.
+
+        One catalog query for the whole tree; ``maxdepth=1`` keeps the
+        entries of ``path`` itself; ``detail=True`` gives ``{path: info}``.
+        """
         if maxdepth is not None and maxdepth < 1:
             raise ValueError("maxdepth must be at least 1")
         norm = self._norm(path)
@@ -304,7 +311,11 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         withdirs: bool = False,
         **kwargs: Any,
     ) -> Any:
-        # docstring inherited (sizes from the one query of find, not an info per file)
+        """The bytes stored under ``path``: a total, or ``{path: size}`` (``total=False``).
+
+        Sizes are those the catalog records (the stored content's), from the
+        one query of :meth:`find`.
+        """
         found = self.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=True)
         sizes = {name: info["size"] for name, info in found.items()}
         return sum(sizes.values()) if total else sizes
@@ -400,7 +411,11 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
         compression: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        # docstring inherited (text written in a with block that raises saves nothing)
+        """A file of this filesystem; see :class:`PolystoreFile`.
+
+        Text modes wrap it in a text layer; text written in a ``with`` block
+        that raises is not saved either.
+        """
         if "b" in mode or "r" in mode or compression is not None:
             return super().open(path, mode, block_size, cache_options, compression, **kwargs)
         text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
