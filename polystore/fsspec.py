@@ -59,6 +59,7 @@ from polystore import paths
 from polystore.backends.base import StatResult
 from polystore.backends.sql import SQLBackend
 from polystore.backends.sql.engine import default_url
+from polystore.backends.sql.reopen import absolute_url
 from polystore.errors import (
     ConflictError,
     InvalidPathError,
@@ -186,10 +187,11 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By configuration: the backend pickles as its own (its copy opens on
-        # first use), or, not opened yet, the URL and options.
+        # first use), or, not opened yet, the URL (a SQLite path made absolute)
+        # and options, which the copy resolves as this filesystem would have.
         if self._backend is not None:
             return (_unpickle_filesystem, (self._backend, {}, True))
-        return (_unpickle_filesystem, (self.url, self._options, False))
+        return (_unpickle_filesystem, (absolute_url(self.url), self._options, False))
 
     # -- paths ------------------------------------------------------------------------
 

@@ -623,6 +623,17 @@ def test_pickled_filesystem_reopens_the_catalog(catalog_url: str) -> None:
             assert backend.exists("a")
 
 
+def test_an_unopened_filesystem_pickles_an_absolute_sqlite_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fs = PolystoreFileSystem("sqlite:///relative.db")
+    copy = pickle.loads(pickle.dumps(fs))
+    assert copy.url == f"sqlite:///{tmp_path}/relative.db"
+    with pytest.raises(TypeError, match="in-memory SQLite"):
+        pickle.dumps(PolystoreFileSystem("sqlite://"))
+
+
 def _child_uses_filesystem(fs: PolystoreFileSystem, queue: Any) -> None:
     with fs:
         queue.put(fs.cat_file("parent.bin"))

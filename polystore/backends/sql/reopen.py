@@ -43,7 +43,14 @@ from polystore.serializers import (
     StrSerializer,
 )
 
-__all__ = ["Config", "UnopenedSQLBackend", "configuration", "reduce_backend", "reopen"]
+__all__ = [
+    "Config",
+    "UnopenedSQLBackend",
+    "absolute_url",
+    "configuration",
+    "reduce_backend",
+    "reopen",
+]
 
 _BUILT_IN = [NDArraySerializer, BytesSerializer, StrSerializer, JSONSerializer, PickleSerializer]
 # What an unopened copy keeps in its __dict__ (everything else is the open backend's).
@@ -65,7 +72,7 @@ class Config:
     engine_options: dict[str, Any] | None
 
 
-def _absolute_url(url: str) -> str:
+def absolute_url(url: str) -> str:
     """``url`` with a relative SQLite file path made absolute.
 
     A copy may run with another working directory (a dask worker); it must
@@ -114,7 +121,7 @@ def configuration(backend: SQLBackend) -> Config:
     if engine_options is not None:
         _check_picklable(engine_options, "engine_options")
     return Config(
-        url=_absolute_url(backend.url),
+        url=absolute_url(backend.url),
         blob_store=backend.blob_store,
         inline_limit=backend.inline_limit,
         allow_pickle=backend.allow_pickle,
