@@ -192,3 +192,19 @@ class FileManager:
         target = self.get_backend(backend)
         with target.transaction():
             yield target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the registry (each backend by its configuration) and the default name.
+
+        A copy in another process opens its catalogs on first use; a
+        :class:`~polystore.MemoryBackend` in the registry refuses to be pickled.
+        """
+        return (_unpickle_manager, (self._backends, self._urls, self.default_backend))
+
+
+def _unpickle_manager(
+    backends: Mapping[str, StorageBackend], urls: BackendRegistry | None, default: str | None
+) -> FileManager:
+    manager = FileManager(backends, default_backend=default)
+    manager._urls = urls
+    return manager

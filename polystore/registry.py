@@ -13,7 +13,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Iterator, MutableMapping
-from typing import Self
+from typing import Any, Self
 
 from polystore.backends import disk, memory  # noqa: F401 -- registers "disk" and "memory"
 from polystore.backends.base import StorageBackend, registered_backend_classes
@@ -190,3 +190,14 @@ class BackendRegistry(MutableMapping[str, StorageBackend]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the instances (each by its configuration) and which ones this registry built."""
+        with self._lock:
+            return (_unpickle_registry, (dict(self._instances), sorted(self._owned)))
+
+
+def _unpickle_registry(instances: dict[str, StorageBackend], owned: list[str]) -> BackendRegistry:
+    registry = BackendRegistry(instances)
+    registry._owned.update(owned)
+    return registry

@@ -678,6 +678,13 @@ class DiskBackend(StorageBackend):
             finally:
                 os.close(fd)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by configuration: the copy is a backend on the same root.
+
+        (Subclasses whose constructor takes other arguments override this.)
+        """
+        return (type(self), (self._root,))
+
 
 def _open_temp(place: Place) -> tuple[str, int]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)

@@ -365,3 +365,11 @@ class MemoryBackend(StorageBackend):
             except BaseException:
                 self._files, self._dirs = files, dirs
                 raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Refused: the values live in this process's memory."""
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled: its values live in this process's "
+            "memory and cannot be shared between processes; use a SQLBackend or a "
+            "DiskBackend for data that other processes (dask workers) read"
+        )

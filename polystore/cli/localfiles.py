@@ -27,12 +27,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path, PurePath
+from typing import Any, BinaryIO, TypeVar
 
 from polystore.errors import SerializationError
 
-__all__ = ["JSON_LAYOUT_ATTR", "read_local", "write_local"]
+__all__ = ["JSON_LAYOUT_ATTR", "local_writer", "read_local", "write_local"]
+
+_P = TypeVar("_P", bound=PurePath)
 
 #: The attribute that records a JSON file's layout when it is not the default one.
 JSON_LAYOUT_ATTR = "polystore.json"
@@ -162,16 +165,28 @@ def write_local(value: Any, target: Path, attrs: dict[str, Any] | None = None) -
     end in ``.npy`` (or ``.tif``/``.tiff`` with tifffile installed), as
     ``np.save`` would name it.
     """
+    final, write = local_writer(value, target, attrs)
+    return _atomic_write(final, write)
+
+
+def local_writer(
+    value: Any, target: _P, attrs: dict[str, Any] | None = None
+) -> tuple[_P, Callable[[BinaryIO], object]]:
+    """Where :func:`write_local` puts ``value`` for ``target``, and what writes its bytes.
+
+    ``polystore.fsspec`` renders a file with this too, so ``cat_file`` gives the
+    bytes that ``get`` writes.
+    """
     import numpy as np
 
     if isinstance(value, np.ndarray | np.generic):
         array = np.asarray(value)
         tifffile = _tifffile() if target.suffix.lower() in _TIFF else None
         if tifffile is not None:
-            return _atomic_write(target, lambda fh: tifffile.imwrite(fh, array))
+            return target, lambda fh: tifffile.imwrite(fh, array)
         if target.suffix.lower() != ".npy":
             target = target.with_name(target.name + ".npy")
-        return _atomic_write(target, lambda fh: np.save(fh, array, allow_pickle=False))
+        return target, lambda fh: np.save(fh, array, allow_pickle=False)
     if isinstance(value, bytes | bytearray | memoryview):
         content = bytes(value)
     elif isinstance(value, str):
@@ -183,7 +198,7 @@ def write_local(value: Any, target: Path, attrs: dict[str, Any] | None = None) -
         raise SerializationError(
             f"cannot write a {type(value).__name__} to {target}: not an array, bytes, text or JSON"
         )
-    return _atomic_write(target, lambda fh: fh.write(content))
+    return target, lambda fh: fh.write(content)
 
 
 def _atomic_write(target: Path, write: Any) -> Path:
@@ -196,7 +211,9 @@ def _atomic_write(target: Path, write: Any) -> Path:
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(target)) from exc
     try:
-        with os.fdopen(fd, "wb") as fh:
+        os.close(fd)
+        # Opened by name: writers such as tifffile read the file object's name.
+        with open(tmp, "wb") as fh:
             write(fh)
         # mkstemp creates the file private (0600); give it the mode open() would.
         os.chmod(tmp, _new_file_mode())

@@ -206,6 +206,7 @@ class SQLBackend(StorageBackend):
         self._staged: ContextVar[list[Staged] | None] = ContextVar(
             f"polystore_staged_{id(self)}", default=None
         )
+        self._engine_options = engine_options  # (carried by pickling: reopen.py)
         # Text another program left in a JSON column raises CatalogDamagedError.
         self._catalog = Catalog(
             self.url, {"json_deserializer": load_json_column, **(engine_options or {})}
@@ -1146,3 +1147,38 @@ class SQLBackend(StorageBackend):
                 ).scalar_one()
             )
         )
+
+    # -- pickling ------------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by configuration; the copy opens the catalog on first use.
+
+        See :mod:`polystore.backends.sql.reopen` for what is carried.
+        """
+        from polystore.backends.sql.reopen import reduce_backend
+
+        return reduce_backend(self)
+
+    # -- listing with details ------------------------------------------------------------
+
+    def scan_dir(self, path: str = "") -> list[StatResult]:
+        """What :meth:`stat` says of each entry of directory ``path``, in name order.
+
+        One query however many entries there are (like :func:`os.scandir`):
+        ``list_dir`` and a ``stat`` for each name would be a query per entry.
+        """
+        norm = paths.normalize(path)
+        blobs = tree.blobs
+
+        def work(conn: Connection) -> list[Any]:
+            stmt = (
+                sa.select(*tree.NODE_COLUMNS, blobs.c.store)
+                .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
+                .where(nodes.c.parent_id == self._dir_id(conn, norm))
+                .order_by(nodes.c.name)
+            )
+            return list(conn.execute(stmt))
+
+        # Resolving the directory and listing it must see one state of the catalog.
+        rows = self._catalog.read(work, snapshot=True)
+        return [self._stat_result(paths.join(norm, row.name), row, row.store) for row in rows]
