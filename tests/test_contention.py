@@ -137,6 +137,9 @@ class Worker:
         def keep() -> None:
             b.save(content(tag), path)
             self.kept[path] = tag  # committed: the last one must be there at the end
+            # and now: a later save of the same content could re-upload an object
+            # that gc took meanwhile, hiding the loss from the checks at the end.
+            assert tag_of(b.load(path)) == tag, f"{path}: lost right after its save"
 
         return self.counted("save keep", keep)
 

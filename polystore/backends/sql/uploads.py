@@ -416,19 +416,19 @@ class Uploads:
         return claimed
 
     def needed(self, conn: Connection, hashes: Collection[str]) -> set[str]:
-        """Hashes whose object must stay: a blob row in this store, or an intent."""
+        """Hashes whose object must stay: a blob row in this store, or an intent.
+
+        One statement per chunk, so one snapshot: a writer's transaction that
+        turns its intent into a blob row (:func:`promote`) and commits between
+        two statements would otherwise be seen in neither, and its object
+        deleted under it (PostgreSQL's READ COMMITTED gives each statement a
+        snapshot of its own).
+        """
         keep: set[str] = set()
         for part in chunks(sorted(hashes)):
-            keep.update(
-                conn.execute(
-                    sa.select(blobs.c.hash).where(
-                        blobs.c.hash.in_(part), blobs.c.store == self.store.name
-                    )
-                ).scalars()
+            rows = sa.select(blobs.c.hash).where(
+                blobs.c.hash.in_(part), blobs.c.store == self.store.name
             )
-            keep.update(
-                conn.execute(
-                    sa.select(intents.c.hash).where(intents.c.hash.in_(part)).distinct()
-                ).scalars()
-            )
+            pending = sa.select(intents.c.hash).where(intents.c.hash.in_(part))
+            keep.update(conn.execute(sa.union(rows, pending)).scalars())
         return keep
