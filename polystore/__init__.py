@@ -38,6 +38,8 @@ from polystore.registry import BackendRegistry
 
 if TYPE_CHECKING:
     from polystore.backends.sql import SQLBackend
+    from polystore.backends.sql.fsck import FsckReport
+    from polystore.backends.sql.gc import GCReport, RebalanceReport
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,8 @@ __all__ = [
     "DiskBackend",
     "DuplicateBackendError",
     "FileManager",
+    "FsckReport",
+    "GCReport",
     "IntegrityError",
     "InvalidPathError",
     "IsADirectoryError",
@@ -61,6 +65,7 @@ __all__ = [
     "PolystoreError",
     "ReadOnlyBackend",
     "ReadOnlyError",
+    "RebalanceReport",
     "SQLBackend",
     "SchemaVersionError",
     "SerializationError",
@@ -72,10 +77,19 @@ __all__ = [
 ]
 
 
+#: Names that load SQLAlchemy, imported on first use: module -> names.
+_LAZY = {
+    "polystore.backends.sql": ("SQLBackend",),
+    "polystore.backends.sql.fsck": ("FsckReport",),
+    "polystore.backends.sql.gc": ("GCReport", "RebalanceReport"),
+}
+
+
 def __getattr__(name: str) -> Any:
     # SQLAlchemy costs ~100 ms to import; load it only when the SQL backend is used.
-    if name == "SQLBackend":
-        from polystore.backends.sql import SQLBackend
+    for module, names in _LAZY.items():
+        if name in names:
+            import importlib
 
-        return SQLBackend
+            return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'polystore' has no attribute {name!r}")
