@@ -1,5 +1,7 @@
 """The upload protocol: external content staged, promoted and released.
 
+No listing of the blob store is ever needed to clean up after it:
+
 1. *Register*: in a short transaction of its own, the writer inserts one
    ``polystore_upload_intents`` row per external content and reads which of
    those contents already have a blob row. The intent is committed before a
@@ -18,7 +20,9 @@
 Whatever is left when a writer dies or a transaction rolls back is an intent;
 :meth:`Uploads.settle` (run at once after a failure) or ``gc()`` (after the
 grace period) deletes the intent, and the object too when no blob row and no
-other intent needs it. That check and the object's deletion happen in one
+other intent needs it (``gc()`` deletes the objects of the blob rows it
+collects the same way, after those rows' deletion commits). That check -- one
+statement, so one snapshot -- and the object's deletion happen in one
 transaction holding a per-hash lock (an exclusive ``pg_advisory_xact_lock`` on
 PostgreSQL, the database write lock on SQLite) that step 1 takes as well
 (shared, so writers do not wait for each other), so a writer can never come to
@@ -131,7 +135,7 @@ class Staged:
     intents: dict[str, int] = field(default_factory=dict)
     #: Hashes whose object is in the store now.
     uploaded: set[str] = field(default_factory=set)
-    #: Intents the catalog transaction did not promote (see :meth:`Uploads.promote`).
+    #: Intents the catalog transaction did not promote (see :func:`promote`).
     leftover: list[int] = field(default_factory=list)
 
 
