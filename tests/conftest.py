@@ -9,6 +9,7 @@ Outside CI a PostgreSQL test skips, saying why, when the server is down; under
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -106,6 +107,54 @@ def more_catalogs(catalog_url: str, tmp_path: Path) -> Iterator[Callable[[], str
             return stack.enter_context(pg_schema())
 
         yield more
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def fresh_catalog(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[Path], str]]:
+    """``fresh_catalog(tmp_path)`` is the URL of an empty, migrated catalog, made cheaply.
+
+    For suites of many small tests (the conformance suites): one migrated
+    catalog per module, copied (SQLite) or emptied (PostgreSQL) for each test.
+    """
+    from polystore.backends.sql import SQLBackend
+
+    if request.param == "sqlite":
+        template = tmp_path_factory.mktemp("template") / "catalog.db"
+        SQLBackend(f"sqlite:///{template}").close()
+
+        def copy(tmp_path: Path) -> str:
+            shutil.copyfile(template, tmp_path / "catalog.db")
+            return f"sqlite:///{tmp_path}/catalog.db"
+
+        yield copy
+        return
+
+    _require_pg()
+    import psycopg
+
+    schema = f"ps_fresh_{uuid.uuid4().hex[:12]}"
+    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+    with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        SQLBackend(url).close()
+
+        def empty(tmp_path: Path) -> str:
+            with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
+                conn.execute(f'SET search_path TO "{schema}"')
+                conn.execute("DELETE FROM polystore_upload_intents")
+                conn.execute("DELETE FROM polystore_nodes WHERE id <> 0")
+                conn.execute("DELETE FROM polystore_blobs")
+            return url
+
+        yield empty
+    finally:
+        with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 _SERVICE_FIXTURES = {"pg_url", "catalog_url", "s3_store", "s3_url", "s3_server"}

@@ -9,13 +9,10 @@ before each test.
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PG_URL, _pg_conninfo, _require_pg
 from fsspec.tests.abstract import (
     AbstractCopyTests,
     AbstractFixtures,
@@ -25,50 +22,7 @@ from fsspec.tests.abstract import (
     AbstractPutTests,
 )
 
-from polystore.backends.sql import SQLBackend
 from polystore.fsspec import PolystoreFileSystem
-
-
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
-def fresh_catalog(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[Path], str]]:
-    """``fresh_catalog(tmp_path)`` is the URL of an empty, migrated catalog."""
-    if request.param == "sqlite":
-        template = tmp_path_factory.mktemp("template") / "catalog.db"
-        SQLBackend(f"sqlite:///{template}").close()
-
-        def copy(tmp_path: Path) -> str:
-            shutil.copyfile(template, tmp_path / "catalog.db")
-            return f"sqlite:///{tmp_path}/catalog.db"
-
-        yield copy
-        return
-
-    _require_pg()
-    import psycopg
-
-    schema = f"ps_fsspec_{uuid.uuid4().hex[:12]}"
-    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        SQLBackend(url).close()
-
-        def empty(tmp_path: Path) -> str:
-            with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-                conn.execute(f'SET search_path TO "{schema}"')
-                conn.execute("DELETE FROM polystore_upload_intents")
-                conn.execute("DELETE FROM polystore_nodes WHERE id <> 0")
-                conn.execute("DELETE FROM polystore_blobs")
-            return url
-
-        yield empty
-    finally:
-        with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 class PolystoreFixtures(AbstractFixtures):  # type: ignore[misc]

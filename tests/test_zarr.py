@@ -13,10 +13,8 @@ import functools
 import inspect
 import json
 import pickle
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import zarr
-from conftest import PG_URL, _pg_conninfo, _require_pg
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
@@ -51,48 +48,6 @@ def run_coroutines(cls: type) -> type:
         if name.startswith("test_") and inspect.iscoroutinefunction(getattr(cls, name)):
             setattr(cls, name, _blocking(getattr(cls, name)))
     return cls
-
-
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
-def fresh_catalog(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[Path], str]]:
-    """``fresh_catalog(tmp_path)`` is the URL of an empty, migrated catalog, made cheaply."""
-    if request.param == "sqlite":
-        template = tmp_path_factory.mktemp("template") / "catalog.db"
-        SQLBackend(f"sqlite:///{template}").close()
-
-        def copy(tmp_path: Path) -> str:
-            shutil.copyfile(template, tmp_path / "catalog.db")
-            return f"sqlite:///{tmp_path}/catalog.db"
-
-        yield copy
-        return
-
-    _require_pg()
-    import psycopg
-
-    schema = f"ps_zarr_{uuid.uuid4().hex[:12]}"
-    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        SQLBackend(url).close()
-
-        def empty(tmp_path: Path) -> str:
-            with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-                conn.execute(f'SET search_path TO "{schema}"')
-                conn.execute("DELETE FROM polystore_upload_intents")
-                conn.execute("DELETE FROM polystore_nodes WHERE id <> 0")
-                conn.execute("DELETE FROM polystore_blobs")
-            return url
-
-        yield empty
-    finally:
-        with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture
