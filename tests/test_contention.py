@@ -143,27 +143,26 @@ class Worker:
 
         return self.counted("save keep", keep)
 
-    def step_mover(self) -> Any:
-        src = self.slot() if self.random.random() < 0.7 else f"X/b{self.random.randrange(4)}"
-        dst = f"Y/{self.name}-{self.seq}"
+    def _relocate(self, op: str, share_of_files: float, to: str) -> Any:
+        """A move or copy of a slot file or a batch directory to a new path under ``to``."""
+        if self.random.random() < share_of_files:
+            src = self.slot()
+        else:
+            src = f"X/b{self.random.randrange(4)}"
+        dst = f"{to}/{self.name}-{self.seq}"
         self.seq += 1
 
-        def move() -> None:
-            self.backend.move(src, dst)
+        def relocate() -> None:
+            getattr(self.backend, op)(src, dst)
             self.made.append(dst)
 
-        return self.counted("move", move)
+        return self.counted(op, relocate)
+
+    def step_mover(self) -> Any:
+        return self._relocate("move", 0.7, "Y")
 
     def step_copier(self) -> Any:
-        src = self.slot() if self.random.random() < 0.6 else f"X/b{self.random.randrange(4)}"
-        dst = f"Z/{self.name}-{self.seq}"
-        self.seq += 1
-
-        def copy() -> None:
-            self.backend.copy(src, dst)
-            self.made.append(dst)
-
-        return self.counted("copy", copy)
+        return self._relocate("copy", 0.6, "Z")
 
     def step_deleter(self) -> Any:
         time.sleep(self.random.uniform(0, 0.02))  # let the savers fill X again

@@ -241,42 +241,37 @@ def bump_version(conn: Connection) -> None:
     )
 
 
-def _lock_dirs(conn: Connection, ids: Sequence[int]) -> list[int]:
-    """Lock directory rows ``ids`` against new children, in id order; the ids still there.
+def _lock_dirs(conn: Connection, ids: Collection[int], *, key_share: bool = False) -> list[int]:
+    """Lock directory rows ``ids`` in id order; the ids still there.
 
-    PostgreSQL: ``FOR UPDATE``. Inserting a row, or moving one, into a
-    directory checks the foreign key with a ``FOR KEY SHARE`` lock on the
-    directory's row, which waits for ``FOR UPDATE``: while the lock is held no
-    file or directory enters the directory. SQLite: the write transaction
-    already excludes every other writer.
+    PostgreSQL: ``FOR UPDATE`` against new children -- inserting a row, or
+    moving one, into a directory checks the foreign key with a ``FOR KEY
+    SHARE`` lock on the directory's row, which waits for ``FOR UPDATE``: while
+    the lock is held no file or directory enters the directory. With
+    ``key_share``, that ``FOR KEY SHARE`` itself: the directory cannot be
+    deleted meanwhile. SQLite: the write transaction already excludes every
+    other writer.
     """
     if conn.dialect.name != "postgresql":
         return list(ids)
     locked: list[int] = []
     for part in chunks(sorted(ids)):
         stmt = sa.select(nodes.c.id).where(nodes.c.id.in_(part)).order_by(nodes.c.id)
-        locked += conn.execute(stmt.with_for_update()).scalars()
+        locked += conn.execute(stmt.with_for_update(key_share=key_share)).scalars()
     return locked
 
 
 def hold_dirs(conn: Connection, ids: Collection[int]) -> None:
     """Keep directories ``ids`` from being deleted until this transaction ends.
 
-    PostgreSQL: ``FOR KEY SHARE``, the lock that inserting a child takes
-    anyway to check its foreign key -- taken here, in id order, before the
-    writer locks any file row, so a recursive delete (which locks the
+    ``FOR KEY SHARE`` (:func:`_lock_dirs`), the lock that inserting a child
+    takes anyway to check its foreign key -- taken here, in id order, before
+    the writer locks any file row, so a recursive delete (which locks the
     directory ``FOR UPDATE`` and then deletes its files) and a writer wait
     for each other in one order instead of deadlocking. Raises
-    :class:`~.engine.CatalogChanged` if one of them is gone. SQLite: the
-    write transaction already excludes every other writer.
+    :class:`~.engine.CatalogChanged` if one of them is gone.
     """
-    if conn.dialect.name != "postgresql" or not ids:
-        return
-    held = 0
-    for part in chunks(sorted(ids)):
-        stmt = sa.select(nodes.c.id).where(nodes.c.id.in_(part)).order_by(nodes.c.id)
-        held += len(conn.execute(stmt.with_for_update(key_share=True)).all())
-    if held != len(ids):
+    if len(_lock_dirs(conn, ids, key_share=True)) != len(ids):
         raise CatalogChanged("a directory was deleted meanwhile")
 
 
