@@ -13,30 +13,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
-from polystore.backends._common import (
-    MAX_ATTRS_BYTES,
-    not_a_directory,
-    not_found,
-    reject_kwargs,
-)
+from polystore.backends._common import MAX_ATTRS_BYTES, not_a_directory, not_found, reject_kwargs
 from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import edit, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
-from polystore.backends.sql.engine import (
-    default_url,
-    load_json_column,
-)
-from polystore.backends.sql.fast import (
-    FastReader,
-    names_sql,
-)
+from polystore.backends.sql.engine import default_url, load_json_column
+from polystore.backends.sql.fast import FastReader, names_sql
 from polystore.backends.sql.identity import claim_store
 from polystore.backends.sql.load import Loader, json_column, reading
 from polystore.backends.sql.models import ROOT_ID, nodes_table
@@ -45,9 +34,7 @@ from polystore.backends.sql.save import encode_batch, write_batch
 from polystore.backends.sql.schema import ensure_schema
 from polystore.backends.sql.uploads import Staged, Uploads
 from polystore.backends.sql.verify import ContentReader
-from polystore.errors import (
-    UnsupportedOperationError,
-)
+from polystore.errors import UnsupportedOperationError
 from polystore.serializers import SerializerRegistry
 
 if TYPE_CHECKING:
@@ -56,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 
-T = TypeVar("T")
 nodes = nodes_table
 
 #: Content up to this many bytes is stored in the database itself; larger content
