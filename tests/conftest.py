@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +156,22 @@ def fresh_catalog(
     finally:
         with psycopg.connect(_pg_conninfo(), autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def open_backend() -> Iterator[Callable[..., Any]]:
+    """``open_backend(url, **options)``: an SQLBackend closed after the test, whatever happens."""
+    from polystore.backends.sql import SQLBackend
+
+    opened: list[Any] = []
+
+    def open_(url: str, **options: Any) -> Any:
+        opened.append(SQLBackend(url, **options))
+        return opened[-1]
+
+    yield open_
+    for backend in opened:
+        backend.close()
 
 
 _SERVICE_FIXTURES = {"pg_url", "catalog_url", "s3_store", "s3_url", "s3_server"}

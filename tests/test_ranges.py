@@ -32,20 +32,6 @@ def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def open_backend() -> Iterator[Callable[..., SQLBackend]]:
-    """``open_backend(url, **options)``: an SQLBackend closed after the test, whatever happens."""
-    opened: list[SQLBackend] = []
-
-    def open_(url: str, **options: Any) -> SQLBackend:
-        opened.append(SQLBackend(url, **options))
-        return opened[-1]
-
-    yield open_
-    for backend in opened:
-        backend.close()
-
-
 # -- the blob stores ----------------------------------------------------------------------
 
 

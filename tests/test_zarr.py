@@ -50,20 +50,6 @@ def run_coroutines(cls: type) -> type:
     return cls
 
 
-@pytest.fixture
-def open_backend() -> Iterator[Callable[..., SQLBackend]]:
-    """``open_backend(url, **options)``: an SQLBackend closed after the test, whatever happens."""
-    opened: list[SQLBackend] = []
-
-    def open_(url: str, **options: Any) -> SQLBackend:
-        opened.append(SQLBackend(url, **options))
-        return opened[-1]
-
-    yield open_
-    for backend in opened:
-        backend.close()
-
-
 # -- zarr's conformance suite ----------------------------------------------------------
 
 
