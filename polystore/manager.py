@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from polystore import paths
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.errors import BackendNotFoundError
 from polystore.registry import BackendRegistry, is_database_url
+
+if TYPE_CHECKING:
+    from polystore.arrays import LazyArray
 
 __all__ = ["FileManager"]
 
@@ -163,6 +166,10 @@ class FileManager:
     def is_dir(self, path: PathArg, *, backend: str | None = None) -> bool:
         """Whether ``path`` is a directory."""
         return bool(self.get_backend(backend).is_dir(paths.normalize(path)))
+
+    def open_array(self, path: PathArg, *, backend: str | None = None) -> LazyArray:
+        """A lazy, sliceable view of a stored numpy array (:meth:`StorageBackend.open_array`)."""
+        return self.get_backend(backend).open_array(paths.normalize_file(path))
 
     def stat(self, path: PathArg, *, backend: str | None = None) -> StatResult:
         """Describe a file or directory."""

@@ -13,9 +13,12 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from polystore.errors import DuplicateBackendError, ReadOnlyError, UnsupportedOperationError
+
+if TYPE_CHECKING:
+    from polystore.arrays import LazyArray
 
 __all__ = [
     "ReadOnlyBackend",
@@ -192,6 +195,14 @@ class StorageBackend(abc.ABC):
     def stat(self, path: str) -> StatResult:
         """Describe a file or directory."""
         raise self._unsupported("stat")
+
+    def open_array(self, path: str) -> LazyArray:
+        """A lazy, read-only view of the numpy array at ``path``: slices read only their bytes.
+
+        See :class:`~polystore.arrays.LazyArray`. A path that holds no array
+        raises :class:`~polystore.errors.SerializationError`.
+        """
+        raise self._unsupported("open_array")
 
     def transaction(self) -> AbstractContextManager[Any]:
         """Group operations: all take effect, or none (on an exception)."""

@@ -63,9 +63,10 @@ import datetime as dt
 import errno
 import io
 import json
+import math
 import os
 import stat as stat_mod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import IO, TYPE_CHECKING, Any
 
@@ -83,6 +84,8 @@ from polystore.backends._confined import (
 )
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.errors import (
+    ConflictError,
+    IntegrityError,
     InvalidPathError,
     ReadOnlyError,
     SerializationError,
@@ -92,6 +95,8 @@ from polystore.errors import (
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from polystore.arrays import LazyArray
 
 __all__ = ["DiskBackend"]
 
@@ -249,22 +254,28 @@ def _tifffile() -> Any:
     return tifffile
 
 
-def _npy_header(place: Place) -> tuple[str | None, tuple[int, ...] | None]:
-    """``(dtype, shape)`` from the header of ``.npy`` file ``place.name``, or ``(None, None)``."""
+def _read_npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, Any]:
+    """``(shape, fortran_order, dtype)`` from a ``.npy`` header; ``ValueError`` if none."""
     from numpy.lib import format as npy_format
 
+    version = npy_format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f".npy format version {version} is not supported here")
+    return tuple(shape), bool(fortran), dtype
+
+
+def _npy_header(place: Place) -> tuple[str | None, tuple[int, ...] | None]:
+    """``(dtype, shape)`` from the header of ``.npy`` file ``place.name``, or ``(None, None)``."""
     try:
         with _reader(os.open(place.name, READ_FILE, dir_fd=place.fd), place.name) as fh:
-            version = npy_format.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = npy_format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, _, dtype = npy_format.read_array_header_2_0(fh)
-            else:
-                return None, None
+            shape, _, dtype = _read_npy_header(fh)
     except (OSError, ValueError):
         return None, None
-    return str(dtype), tuple(shape)
+    return str(dtype), shape
 
 
 def _reader(fd: int, name: str) -> io.BufferedReader:
@@ -668,6 +679,35 @@ class DiskBackend(StorageBackend):
             shape=shape,
         )
 
+    def open_array(self, path: str) -> LazyArray:
+        """A lazy view of the array in ``.npy`` file ``path``: slices ``pread`` only their bytes.
+
+        The view keeps the file it opened open: a later save to the path (a
+        new file, renamed into place) does not change what it reads. A copy
+        in another process opens the path again, and raises
+        :class:`~polystore.errors.ConflictError` if the file changed since.
+        """
+        from polystore.arrays import LazyArray
+
+        p = paths.normalize_file(path)
+        source = _NpyFile(self, p, 0, ())
+        fd = source.open()
+        try:
+            if format_for(p) != "npy":
+                raise SerializationError(
+                    f"{p!r} is not a .npy file: open_array() reads numpy arrays; load() it instead"
+                )
+            dtype, shape, fortran, offset = _npy_layout(fd, p)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        source.fd, source.offset = fd, offset
+        source.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if st.st_size < offset + dtype.itemsize * math.prod(shape):
+            raise IntegrityError(f"{p!r} is shorter than its .npy header says")
+        return LazyArray(source, p, dtype, shape, "F" if fortran else "C")
+
     @contextmanager
     def _open_listing(self, path: str) -> Iterator[tuple[Place, int]]:
         """Directory ``path`` (links followed inside the root), open for reading."""
@@ -684,6 +724,75 @@ class DiskBackend(StorageBackend):
         (Subclasses whose constructor takes other arguments override this.)
         """
         return (type(self), (self._root,))
+
+
+def _npy_layout(fd: int, path: str) -> tuple[Any, tuple[int, ...], bool, int]:
+    """``(dtype, shape, fortran_order, data offset)`` from the header of ``.npy`` file ``fd``."""
+    with io.FileIO(fd, "rb", closefd=False) as fh:
+        try:
+            shape, fortran, dtype = _read_npy_header(fh)
+        except ValueError as exc:
+            raise SerializationError(f"{path!r} is not a readable .npy file: {exc}") from exc
+        if dtype.hasobject:
+            raise SerializationError(f"{path!r} holds Python objects, which cannot be read lazily")
+        return dtype, shape, fortran, fh.tell()
+
+
+class _NpyFile:
+    """The bytes of one opened ``.npy`` file, for :class:`~polystore.arrays.LazyArray`."""
+
+    def __init__(
+        self, backend: DiskBackend, path: str, offset: int, identity: tuple[int, ...]
+    ) -> None:
+        self.backend, self.path, self.offset, self.identity = backend, path, offset, identity
+        self.fd: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_NpyFile, (self.backend, self.path, self.offset, self.identity))
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def open(self) -> int:
+        """Open the file at the path (inside the root, as every read is)."""
+        if self.backend._hidden(self.path):
+            raise c.not_found(self.path)
+        try:
+            fd, place = self.backend._beneath.open_file(self.path)
+        except FileNotFoundError:
+            raise c.not_found(self.path) from None
+        with place:
+            if place.name.startswith(TEMP_PREFIX) or stat_mod.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise (c.not_found if place.name.startswith(TEMP_PREFIX) else c.is_a_directory)(
+                    self.path
+                )
+        return fd
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Any]:
+        import numpy as np
+
+        if self.fd is None:  # a copy from another process: the same file, or refuse
+            fd = self.open()
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                os.close(fd)
+                raise ConflictError(
+                    f"{self.path!r} changed since open_array() opened it; open it again"
+                )
+            self.fd = fd
+        out = []
+        for start, stop in ranges:
+            buffer = np.empty(stop - start, np.uint8)  # not zero-filled: read into
+            view, at = memoryview(buffer.data), self.offset + start
+            while view:
+                n = os.preadv(self.fd, [view], at)
+                if not n:
+                    raise IntegrityError(f"{self.path!r} ended before byte {at}")
+                view, at = view[n:], at + n
+            out.append(buffer)
+        return out
 
 
 def _open_temp(place: Place) -> tuple[str, int]:

@@ -48,12 +48,15 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from polystore import paths
 from polystore.backends import _common as c
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.errors import SerializationError
+
+if TYPE_CHECKING:
+    from polystore.arrays import LazyArray
 
 __all__ = ["MemoryBackend"]
 
@@ -353,6 +356,25 @@ class MemoryBackend(StorageBackend):
             shape=shape,
             attrs=copy.deepcopy(entry.attrs),
         )
+
+    def open_array(self, path: str) -> LazyArray:
+        # docstring inherited
+        from polystore.arrays import BufferSource, LazyArray
+
+        p = paths.normalize_file(path)
+        with self._lock:
+            entry = self._files.get(p)
+            if entry is None:
+                raise c.is_a_directory(p) if p in self._dirs else c.not_found(p)
+        array = entry.value  # never mutated: a later save replaces the entry
+        if _describe(array)[0] != "ndarray" or getattr(array.dtype, "hasobject", True):
+            raise SerializationError(f"{p!r} does not hold a numpy array; load() it instead")
+        import numpy as np
+
+        order: Literal["C", "F"] = "F" if array.ndim > 1 and array.flags.f_contiguous else "C"
+        flat = np.asarray(array, order=order)
+        raw = flat.T.reshape(-1) if order == "F" else flat.reshape(-1)
+        return LazyArray(BufferSource(self, raw.view(np.uint8)), p, flat.dtype, flat.shape, order)
 
     @contextmanager
     def transaction(self) -> Iterator[MemoryBackend]:

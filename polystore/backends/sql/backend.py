@@ -38,6 +38,7 @@ from polystore.errors import UnsupportedOperationError
 from polystore.serializers import SerializerRegistry
 
 if TYPE_CHECKING:
+    from polystore.arrays import LazyArray
     from polystore.backends.sql.fsck import FsckReport
     from polystore.backends.sql.gc import GCReport, RebalanceReport
 
@@ -266,6 +267,17 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.ranges import read_suffix
 
         return read_suffix(self._catalog, self.blob_store, path, length, serializer=serializer)
+
+    def open_array(self, path: str) -> LazyArray:
+        """A lazy, sliceable view of the numpy array at ``path`` (see :mod:`polystore.arrays`).
+
+        Slices read only their byte ranges: inline content is cut by the
+        database, external content read by ranged reads. The view reads the
+        content the path held when it was opened, by its hash.
+        """
+        from polystore.backends.sql.ranges import open_array
+
+        return open_array(self, path)
 
     # -- inspecting ------------------------------------------------------------------
 

@@ -40,10 +40,14 @@ from polystore.backends.sql.models import blobs_table
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from polystore.arrays import LazyArray
+    from polystore.backends.sql.backend import SQLBackend
     from polystore.backends.sql.catalog import Catalog
     from polystore.blobs.base import BlobStore
 
-__all__ = ["read_range", "read_suffix"]
+__all__ = ["BlobSource", "open_array", "read_range", "read_suffix"]
 
 blobs = blobs_table
 
@@ -172,13 +176,19 @@ def _read(
     return bytes(data)
 
 
-def _read_external(store: BlobStore | None, located: _Located) -> bytes:
-    if store is None or located.store != store.name:
+def _holding(store: BlobStore | None, path: str, name: str | None) -> BlobStore:
+    """``store``, if it is the blob store named ``name`` that holds the content of ``path``."""
+    if store is None or name != store.name:
         here = "no blob store" if store is None else f"blob store {store.name!r}"
         raise NotFoundError(
-            f"content of {located.path!r} is in blob store {located.store!r}, but this "
+            f"content of {path!r} is in blob store {name!r}, but this "
             f"backend has {here}; open it with that store (blob_store=...)"
         )
+    return store
+
+
+def _read_external(store: BlobStore | None, located: _Located) -> bytes:
+    store = _holding(store, located.path, located.store)
     assert located.hash is not None
     try:
         return store.read_range(located.hash, located.start, located.stop)
@@ -187,3 +197,123 @@ def _read_external(store: BlobStore | None, located: _Located) -> bytes:
             f"content of {located.path!r} is missing: blob {located.hash} is not in "
             f"blob store {store.name!r}"
         ) from None
+
+
+# -- lazy arrays ----------------------------------------------------------------------
+
+#: One range of one blob, by hash (the content a lazy array was opened on).
+_BLOB_SLICE = _SLICE.with_only_columns(_SLICE.selected_columns.piece)
+
+
+class _Blob(NamedTuple):
+    """The content a file held when it was opened: immutable, named by its hash."""
+
+    path: str
+    hash: str
+    store: str
+    size: int
+
+
+class BlobSource:
+    """A lazy array's bytes: ranges of one blob of a catalog, by content hash.
+
+    Reading by hash, not by path, keeps every read of one lazy array on the
+    content it was opened on, whatever later overwrites the path. Pickles as
+    its backend does, by configuration.
+    """
+
+    __slots__ = ("backend", "blob")
+
+    def __init__(self, backend: SQLBackend, blob: _Blob) -> None:
+        self.backend = backend
+        self.blob = blob
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BlobSource, (self.backend, tuple(self.blob)))
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Any]:
+        blob = _Blob(*self.blob)
+        pieces = self._read(blob, ranges)
+        if pieces is None:
+            # rebalance() may have moved the content since it was opened.
+            where = self.backend._catalog.read(
+                lambda conn: conn.execute(
+                    sa.select(blobs.c.store).where(blobs.c.hash == blob.hash)
+                ).scalar()
+            )
+            if where is not None and where != blob.store:
+                self.blob = blob = blob._replace(store=where)
+                pieces = self._read(blob, ranges)
+        if pieces is None:
+            raise NotFoundError(
+                f"the content {blob.path!r} held when open_array() opened it is gone "
+                "(overwritten, then collected by gc?); open the array again"
+            )
+        for (start, stop), piece in zip(ranges, pieces, strict=True):
+            if len(piece) != stop - start:
+                raise IntegrityError(
+                    f"content of {blob.path!r} gave {len(piece)} bytes for bytes "
+                    f"{start}-{stop}; the catalog records {blob.size} bytes in all"
+                )
+        return pieces
+
+    def _read(self, blob: _Blob, ranges: Sequence[tuple[int, int]]) -> list[Any] | None:
+        """The ranges, or None if the content is not where ``blob`` says."""
+        if blob.store == INLINE:
+            # The database cuts each range out; one read transaction for all.
+            def cut(conn: Connection) -> list[Any] | None:
+                out = []
+                for start, stop in ranges:
+                    params = {"hash": blob.hash, "first": start + 1, "length": stop - start}
+                    piece = conn.execute(_BLOB_SLICE, params).scalar()
+                    if piece is None:
+                        return None
+                    out.append(piece)
+                return out
+
+            return self.backend._catalog.read(cut, snapshot=True)
+        store = _holding(self.backend.blob_store, blob.path, blob.store)
+        try:
+            return [store.read_range(blob.hash, start, stop) for start, stop in ranges]
+        except NotFoundError:
+            return None
+
+
+def open_array(backend: SQLBackend, path: str) -> LazyArray:
+    """A :class:`~polystore.arrays.LazyArray` over the array stored at ``path``."""
+    from polystore.arrays import LazyArray, array_layout
+    from polystore.backends.sql.load import _decoder_meta, json_column, reading
+
+    norm = paths.normalize_file(path)
+
+    def locate(conn: Connection) -> tuple[Any, Any]:
+        row = tree.resolve(conn, norm)
+        if row is None:
+            raise not_found(norm)
+        if row.kind == "dir":
+            raise is_a_directory(norm)
+        store = conn.execute(
+            sa.select(blobs.c.store, blobs.c.size).where(blobs.c.hash == row.blob_hash)
+        ).first()
+        return row, store
+
+    with reading(norm):
+        row, blob = backend._catalog.read(locate, snapshot=True)
+        meta = _decoder_meta(json_column(norm, row, "meta"), json_column(norm, row, "shape"), None)
+    dtype, shape, order = array_layout(norm, row.serializer, meta)
+    if blob is None:
+        raise NotFoundError(f"content of {norm!r} is missing from the catalog")
+    if int(blob.size) != int(row.size) or int(row.size) != dtype.itemsize * _count(shape):
+        raise IntegrityError(
+            f"content of {norm!r} is {blob.size} bytes, but the catalog records "
+            f"{row.size} bytes for an array of shape {shape} and dtype {dtype}"
+        )
+    source = BlobSource(backend, _Blob(norm, row.blob_hash, blob.store, int(blob.size)))
+    return LazyArray(source, norm, dtype, shape, order)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
