@@ -224,7 +224,7 @@ def _normalize(key: Any, shape: tuple[int, ...]) -> tuple[list[_Axis], tuple[Any
 
 def _integer(item: Any, dim: int, axis: int) -> range:
     try:
-        if isinstance(item, bool) or getattr(item, "ndim", 0):
+        if isinstance(item, bool) or getattr(item, "ndim", 0) != 0:
             raise TypeError
         i = operator.index(item)
     except TypeError:
