@@ -295,6 +295,70 @@ class _Pending:
 # -- byte ranges ---------------------------------------------------------------------
 
 
+class _GroupCommit:
+    """Writes that arrive while one commits are applied together, in the next commit.
+
+    zarr writes an array's chunks concurrently (``set`` calls, up to its
+    ``async.concurrency``), each expecting its own durable commit. Committing
+    each alone costs one transaction per chunk; here a write waits for the
+    commit in flight (if any) and then goes in one transaction with every
+    write that queued meanwhile. Each ``set`` still returns only once its
+    write is committed. When a group fails, its writes are applied again one
+    by one, so each caller gets its own outcome, not a neighbour's.
+    """
+
+    def __init__(self, apply: Any) -> None:
+        self._apply = apply
+        self._lock = threading.Lock()
+        self._queue: list[tuple[str, bytes | None, asyncio.AbstractEventLoop, asyncio.Future[None]]]
+        self._queue = []
+        self._busy = False
+
+    async def submit(self, key: str, data: bytes | None) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._queue.append((key, data, loop, done))
+            start, self._busy = not self._busy, True
+        if start:
+            await asyncio.sleep(0)  # let the writes zarr started with this one queue too
+            loop.run_in_executor(None, self._drain)  # (not awaited: `done` is)
+        await done
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                group, self._queue = self._queue, []
+                if not group:
+                    self._busy = False
+                    return
+            outcomes: list[BaseException | None]
+            try:
+                self._apply({key: data for key, data, _, _ in group})
+                outcomes = [None] * len(group)
+            except BaseException:  # noqa: BLE001 -- each waiting caller must hear an outcome
+                outcomes = [self._alone(key, data) for key, data, _, _ in group]
+            for (_, _, loop, done), outcome in zip(group, outcomes, strict=True):
+                with suppress(RuntimeError):  # the caller's loop has closed
+                    loop.call_soon_threadsafe(_settle, done, outcome)
+
+    def _alone(self, key: str, data: bytes | None) -> BaseException | None:
+        try:
+            self._apply({key: data})
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller, raised there
+            return exc
+        return None
+
+
+def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)
+
+
 def _check_byte_range(byte_range: ByteRequest | None) -> None:
     if byte_range is None:
         return
@@ -364,6 +428,7 @@ class PolystoreStore(Store):
 
     _catalog: _Catalog
     _pending: _Pending
+    _commits: _GroupCommit
 
     def __init__(
         self, backend: StorageBackend | str, path: str = "", *, read_only: bool = False
@@ -380,6 +445,7 @@ class PolystoreStore(Store):
         #: The directory of the backend that holds the keys ("" for its root).
         self.path = paths.normalize(path)
         self._pending = _Pending()
+        self._commits = _GroupCommit(self._apply)
 
     @classmethod
     def _over(cls, catalog: _Catalog, pending: _Pending, path: str, read_only: bool) -> Self:
@@ -388,6 +454,7 @@ class PolystoreStore(Store):
         store._catalog = catalog
         store._pending = pending
         store.path = path
+        store._commits = _GroupCommit(store._apply)
         return store
 
     @property
@@ -725,7 +792,7 @@ class PolystoreStore(Store):
         data = self._data(value)
         self._file(key)  # a bad key fails now, not when a transaction ends
         if not self._pending.write(key, data):
-            await asyncio.to_thread(self._apply, {key: data})
+            await self._commits.submit(key, data)
 
     def set_sync(self, key: str, value: Buffer) -> None:
         """:meth:`set`, in the calling thread (zarr's synchronous write protocol)."""
@@ -767,7 +834,7 @@ class PolystoreStore(Store):
         # docstring inherited; deleting a key that names a directory deletes it all
         self._check_writable()
         if not self._pending.write(key, None):
-            await asyncio.to_thread(self._apply, {key: None})
+            await self._commits.submit(key, None)
 
     def delete_sync(self, key: str) -> None:
         """:meth:`delete`, in the calling thread (zarr's synchronous delete protocol)."""

@@ -9,12 +9,14 @@ I/O thread, where zarr runs every store call its synchronous API makes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from zarr.testing.store import StoreTests
 
 from polystore import DiskBackend, MemoryBackend, SQLBackend, paths
 from polystore.blobs import BlobStore, LocalBlobStore
-from polystore.errors import UnsupportedOperationError
+from polystore.errors import SerializationError, UnsupportedOperationError
 from polystore.zarr import PolystoreStore
 
 
@@ -555,3 +557,57 @@ def test_the_zarr_benchmark_runs(tmp_path: Path) -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| zarr_")]
     assert len(rows) == 14, result.stdout
     assert all(row.rstrip().endswith("| info   |") for row in rows), rows
+
+
+# -- group commit: concurrent writes share transactions --------------------------------
+
+
+def test_writes_arriving_during_a_commit_share_the_next_one() -> None:
+    from polystore.zarr import _GroupCommit
+
+    applied: list[dict[str, bytes | None]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def apply(writes: dict[str, bytes | None]) -> None:
+        applied.append(dict(writes))
+        if len(applied) == 1:
+            first_started.set()
+            release.wait(10)
+        if "bad" in writes:
+            raise SerializationError("bad value")
+
+    commits = _GroupCommit(apply)
+
+    async def main() -> list[Any]:
+        first = asyncio.ensure_future(commits.submit("a", b"1"))
+        await asyncio.to_thread(first_started.wait, 10)
+        rest = [asyncio.ensure_future(commits.submit(k, b"2")) for k in ("b", "bad", "c")]
+        await asyncio.sleep(0.05)  # all three queued behind the commit in flight
+        release.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] is None and outcomes[1] is None and outcomes[3] is None
+    assert isinstance(outcomes[2], SerializationError)  # only its own write failed
+    # One commit alone, one for the three queued together (it failed), then each again.
+    assert applied[:2] == [{"a": b"1"}, {"b": b"2", "bad": b"2", "c": b"2"}]
+    assert sorted(map(tuple, applied[2:])) == [("b",), ("bad",), ("c",)]
+
+
+def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
+    open_backend: Callable[..., SQLBackend], sqlite_url: str
+) -> None:
+    backend = open_backend(sqlite_url)
+    commits = 0
+
+    @sa.event.listens_for(backend.engine, "commit")
+    def count(conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    data = np.arange(4000, dtype="f4")
+    array = zarr.create_array(PolystoreStore(backend), shape=data.shape, chunks=(10,), dtype="f4")
+    commits = 0
+    array[:] = data
+    np.testing.assert_array_equal(zarr.open_array(PolystoreStore(backend), mode="r")[:], data)
+    assert 0 < commits < 400  # 400 chunks, written up to zarr's concurrency at a time
