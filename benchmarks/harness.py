@@ -66,7 +66,7 @@ class Row:
     polystore: float | None = None  # seconds (median), or a growth factor for kind="growth"
     raw: float | None = None
     goal: float | None = None  # polystore/raw must be <= goal; None: informational
-    kind: str = "ratio"  # "ratio", "growth", "info" or "skip"
+    kind: str = "ratio"  # "ratio", "growth", "bytes" (values in bytes), "info" or "skip"
     per_call: bool = False
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)

@@ -178,6 +178,8 @@ def cell(row: Row, which: str) -> str:
     value = row.polystore if which == "polystore" else row.raw
     if row.kind == "growth":
         return "-" if value is None else f"{value:.2f}x"
+    if row.kind == "bytes":
+        return "-" if value is None else f"{value / (1 << 20):.2f} MiB"
     text = format_seconds(value)
     return f"{text}/call" if row.per_call and value is not None else text
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
+from ecosystem import array_slice, zarr_large, zarr_small
 from harness import Bench, Row
 from lookups import exists, list_dir, load_one
 from zarr_store import zarr_sqlite
@@ -34,5 +35,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(list_dir),
         Scenario(exists),
         Scenario(zarr_sqlite),
+        Scenario(zarr_small),
+        Scenario(zarr_large),
+        Scenario(array_slice),
     )
 }

@@ -1,7 +1,7 @@
 """fsspec's own conformance suite (``fsspec.tests.abstract``) on a polystore catalog.
 
 Copy, get, put, open and pipe, each on SQLite and PostgreSQL, nothing skipped
-(``docs/fsspec.rst`` says which of fsspec's suites do not apply, and why).
+(``docs/ecosystem.rst`` says which of fsspec's suites do not apply, and why).
 Each test gets a fresh, empty catalog, made cheaply: a copy of a migrated
 SQLite file, or a PostgreSQL schema migrated once per module and emptied
 before each test.

@@ -27,7 +27,7 @@ records and that the store returned all of it, and raises
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from polystore.arrays import LazyArray
-    from polystore.backends.sql.backend import SQLBackend
     from polystore.backends.sql.catalog import Catalog
     from polystore.blobs.base import BlobStore
 
@@ -205,6 +204,13 @@ def _read_external(store: BlobStore | None, located: _Located) -> bytes:
 _BLOB_SLICE = _SLICE.with_only_columns(_SLICE.selected_columns.piece)
 
 
+class _Backend(Protocol):
+    """What a lazy array needs of its :class:`~polystore.SQLBackend` (which pickles)."""
+
+    _catalog: Catalog
+    blob_store: BlobStore | None
+
+
 class _Blob(NamedTuple):
     """The content a file held when it was opened: immutable, named by its hash."""
 
@@ -224,7 +230,7 @@ class BlobSource:
 
     __slots__ = ("backend", "blob")
 
-    def __init__(self, backend: SQLBackend, blob: _Blob) -> None:
+    def __init__(self, backend: _Backend, blob: _Blob) -> None:
         self.backend = backend
         self.blob = blob
 
@@ -279,7 +285,7 @@ class BlobSource:
             return None
 
 
-def open_array(backend: SQLBackend, path: str) -> LazyArray:
+def open_array(backend: _Backend, path: str) -> LazyArray:
     """A :class:`~polystore.arrays.LazyArray` over the array stored at ``path``."""
     from polystore.arrays import LazyArray, array_layout
     from polystore.backends.sql.load import _decoder_meta, json_column, reading
