@@ -31,9 +31,7 @@ instead of 3 (``POLYSTORE_MIXED_SECONDS`` sets it).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import queue
 import random
 import threading
 import time
@@ -45,6 +43,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from catalog_checks import refcounts
+from processes import run_together
 
 from polystore import NotFoundError
 from polystore.backends.sql import SQLBackend
@@ -220,34 +219,8 @@ def test_readers_never_see_partial_batches(
             setup.save_batch([slot_content(slot, "g0", i) for i in range(BATCH)], slot_paths(slot))
         setup.save(b"startv0", "hot/x.bin")
 
-    # A fork server that has imported polystore once: workers start in
-    # milliseconds instead of each importing SQLAlchemy and numpy again.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "sqlalchemy", "polystore.backends.sql", __name__])
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     roles = ["writer"] * WRITER_PROCESSES + ["reader"] * READER_PROCESSES
-    procs = [
-        ctx.Process(target=_process, args=(config, role, k, ready, go, results))
-        for k, role in enumerate(roles)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)
-        go.set()  # every process has its backend open: start the clock together
-        reports = [results.get(timeout=SECONDS + 120) for _ in procs]
-    except queue.Empty:
-        pytest.fail("a worker process never reported")
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for q in (ready, results):
-            q.close()
-            q.join_thread()
+    reports = run_together(_process, config, roles, seconds=SECONDS)
 
     errors = [e for report in reports for e in report["errors"]]
     assert not errors, "\n".join(errors)
@@ -281,8 +254,8 @@ def test_readers_never_see_partial_batches(
         assert report.ok, str(report)
 
     figures = {
-        "processes": len(procs),
-        "threads": len(procs) * THREADS,
+        "processes": len(roles),
+        "threads": len(roles) * THREADS,
         "seconds": SECONDS,
         "writes": sum(out["writes"] for out in outs),
         "reader_rounds": sum(out["reads"] for out in outs),

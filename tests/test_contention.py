@@ -30,7 +30,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import queue
 import random
 import time
 import traceback
@@ -40,6 +39,7 @@ from typing import Any
 
 import pytest
 from catalog_checks import refcounts
+from processes import run_together
 
 from polystore import AlreadyExistsError, IsADirectoryError, NotFoundError
 from polystore.backends.sql import SQLBackend
@@ -221,31 +221,7 @@ def _process(config: dict[str, Any], role: str, number: int, ready: Any, go: Any
 
 def _run(config: dict[str, Any], roles: list[str]) -> list[dict[str, Any]]:
     """Run one process per role for ``config["seconds"]``; their reports."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "sqlalchemy", "polystore.backends.sql", __name__])
-    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_process, args=(config, role, k, ready, go, out))
-        for k, role in enumerate(roles)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)
-        go.set()  # every backend is open: start the clock together
-        return [out.get(timeout=config["seconds"] + 180) for _ in procs]
-    except queue.Empty:
-        pytest.fail("a worker process never reported")
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for q in (ready, out):
-            q.close()
-            q.join_thread()
+    return run_together(_process, config, roles, seconds=config["seconds"])
 
 
 # -- checks -----------------------------------------------------------------------------------
