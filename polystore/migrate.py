@@ -37,7 +37,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, exc
 
-from polystore.backends.sql.engine import create_catalog_engine, parse_url, translate_errors
+from polystore.backends.sql.engine import (
+    create_catalog_engine,
+    sqlite_file,
+    translate_errors,
+)
 from polystore.backends.sql.schema import (
     HEAD,
     REVISIONS,
@@ -203,13 +207,8 @@ def _no_catalog(url: str) -> str:
 
 
 def _missing_sqlite_file(url: str) -> bool:
-    parsed = parse_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return False
-    database = parsed.database or ""
-    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
-        return False
-    return not os.path.exists(database)
+    path = sqlite_file(url)
+    return path is not None and not os.path.exists(path)
 
 
 @contextmanager

@@ -78,6 +78,8 @@ class State:
         polystore's tables, is most likely a wrong URL: a command that only reads
         must not create a catalog there.
         """
+        from polystore.backends.sql.engine import sqlite_file
+
         path = sqlite_file(self.url)
         if path is not None and not os.path.exists(path):
             raise NotFoundError(
@@ -105,6 +107,8 @@ def has_polystore_tables(url: str) -> bool:
     looked at: opening the catalog then reports the actual problem.
     """
     import sqlite3
+
+    from polystore.backends.sql.engine import sqlite_file
 
     tables = ("polystore_alembic_version", "polystore_nodes")
     path = sqlite_file(url)
@@ -140,21 +144,6 @@ def has_polystore_tables(url: str) -> bool:
                 return any(inspector.has_table(name) for name in tables)
         finally:
             engine.dispose()
-
-
-def sqlite_file(url: str) -> str | None:
-    """The file a ``sqlite://`` URL names; None for other databases and in-memory SQLite."""
-    from polystore.backends.sql.engine import parse_url
-
-    parsed = parse_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    database = parsed.database or ""
-    if database.startswith("file:"):  # a SQLite URI filename (with ?uri=true)
-        database = urllib.parse.unquote(urllib.parse.urlparse(database).path)
-    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
-        return None
-    return database
 
 
 pass_state = click.make_pass_decorator(State, ensure=True)

@@ -40,7 +40,6 @@ from typing import Any
 
 import click
 
-from polystore.cli.app import sqlite_file
 from polystore.errors import NotFoundError, ReadOnlyError
 
 __all__ = ["DEFAULT_TIMEOUT", "QueryResult", "run_readonly"]
@@ -78,7 +77,7 @@ def run_readonly(url: str, sql: str, *, timeout: float | None = DEFAULT_TIMEOUT)
     ``timeout``: seconds the statement may run (fetching its rows included);
     None or 0 for no limit.
     """
-    from polystore.backends.sql.engine import parse_url
+    from polystore.backends.sql.engine import parse_url, sqlite_file
 
     timeout = timeout or None
     dialect = parse_url(url).get_backend_name()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -47,6 +48,7 @@ __all__ = [
     "is_retryable",
     "load_json_column",
     "retrying",
+    "sqlite_file",
     "translate_errors",
 ]
 
@@ -94,14 +96,22 @@ def create_catalog_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
 
 
-def _sqlite_path(url: URL) -> str | None:
-    """The absolute path of a SQLite catalog file; None for an in-memory database."""
-    database = url.database or ""
-    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+def sqlite_file(url: str | URL) -> str | None:
+    """The absolute path of the SQLite file ``url`` names.
+
+    None for another database and for in-memory SQLite. The one reading of a
+    SQLite URL in polystore: the engine, the default blob store
+    (``<file>.blobs``), migrations and the command line all ask here.
+    """
+    parsed = parse_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() != "sqlite":
         return None
-    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
-        # A SQLite URI filename: file:/abs/x.db or file:rel/x.db
-        database = database[len("file:") :].split("?", 1)[0]
+    database = parsed.database or ""
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    if parsed.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        # A SQLite URI filename: file:/abs/x.db or file:rel/x.db, percent-encoded
+        database = unquote(database[len("file:") :].split("?", 1)[0])
     return os.path.abspath(database)
 
 
@@ -127,7 +137,7 @@ def _set_wal(cursor: Any) -> None:
 
 
 def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
-    path = _sqlite_path(url)
+    path = sqlite_file(url)
     memory = path is None
     if path is not None:
         parent = os.path.dirname(path)
@@ -294,7 +304,7 @@ def damaged_catalog(url: str, orig: BaseException | None) -> CatalogDamagedError
     code = getattr(orig, "sqlite_errorcode", None)
     if isinstance(code, int) and code & 0xFF == _SQLITE_CORRUPT:
         try:
-            path = _sqlite_path(parse_url(url))
+            path = sqlite_file(parse_url(url))
         except PolystoreError:
             path = None
         if path is None:
@@ -362,7 +372,7 @@ def _read_only_sqlite_directory(url: str, error: exc.DBAPIError) -> ReadOnlyErro
         return None
     if parsed.get_backend_name() != "sqlite" or parsed.query.get("immutable") in ("1", "true"):
         return None
-    path = _sqlite_path(parsed)
+    path = sqlite_file(parsed)
     if path is None:
         return None
     directory = os.path.dirname(path)

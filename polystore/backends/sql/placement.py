@@ -18,12 +18,12 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote
 
 import sqlalchemy as sa
 
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import Content
+from polystore.backends.sql.engine import sqlite_file
 from polystore.blobs.base import BlobStore, from_url
 from polystore.errors import SerializationError
 
@@ -52,14 +52,8 @@ def default_blob_store(url: sa.URL) -> BlobStore | None:
     """
     from polystore.blobs.local import LocalBlobStore
 
-    if url.get_backend_name() != "sqlite":
-        return None
-    database = url.database or ""
-    if database in ("", ":memory:") or url.query.get("mode") == "memory":
-        return None
-    if database.startswith("file:"):  # a URI filename (?uri=true)
-        database = unquote(database[5:].partition("?")[0])
-    return LocalBlobStore(os.path.abspath(database) + ".blobs")
+    path = sqlite_file(url)
+    return None if path is None else LocalBlobStore(path + ".blobs")
 
 
 def resolve_blob_store(blob_store: Any, url: sa.URL) -> BlobStore | None:
