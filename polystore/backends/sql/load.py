@@ -158,11 +158,20 @@ class Loader:
     def _decode(self, row: Any, path: str) -> Any:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
         shape, meta = json_column(path, row, "shape"), json_column(path, row, "meta")
-        data = self._content(row.store, row.size, row.blob_hash, row.data, path)
+        as_bytes = row.serializer == "bytes"
+        data = self._content(row.store, row.size, row.blob_hash, row.data, path, as_bytes)
         full = _decoder_meta(meta, shape, row.dtype)
         return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
 
-    def _content(self, store: str | None, size: int, blob_hash: str, data: Any, path: str) -> Any:
+    def _content(
+        self,
+        store: str | None,
+        size: int,
+        blob_hash: str,
+        data: Any,
+        path: str,
+        as_bytes: bool = False,
+    ) -> Any:
         """The verified content of file ``path`` (see :meth:`.ContentReader.content`).
 
         A blob store names its objects by hash: a hash polystore never writes
@@ -170,7 +179,7 @@ class Loader:
         """
         if store is not None and store != INLINE and not is_content_hash(blob_hash):
             raise damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
-        return self._reader.content(store, size, blob_hash, data, path)
+        return self._reader.content(store, size, blob_hash, data, path, as_bytes=as_bytes)
 
     def use(self, serializers: SerializerRegistry, allow_pickle: bool) -> None:
         """Decode with these (the backend's, as they are now); drop cached decoders if they changed."""
@@ -298,7 +307,8 @@ class Loader:
         # (the decoder first: no content is read for a file the slow path must load)
         decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         if store != INLINE or data is None or self._reader.verify_inline or len(data) != size:
-            data = self._content(store, size, blob_hash, data, path)
+            as_bytes = self._kind_defs.get(kind_id, ("",))[0] == "bytes"
+            data = self._content(store, size, blob_hash, data, path, as_bytes)
         return decode(data)
 
     @staticmethod
