@@ -4,7 +4,7 @@ Each run writes a whole float32 array (no compressor, so the stores move the sam
 bytes) or reads it back whole, through zarr's synchronous API, which runs the
 store calls on zarr's I/O thread. The array is written twice: in large chunks
 (1 MB, at the default inline limit) and small ones (40 KB). PolystoreStore
-writes every chunk in its own SQLite transaction; ``in transaction()`` writes
+commits the chunks zarr writes at once together (group commit); ``in transaction()`` writes
 them all in one. LocalStore and ZipStore never fsync; the SQLite catalog
 checkpoints its WAL, which does.
 
@@ -181,7 +181,7 @@ def _write_and_read(
             samples={ours: times[ours], theirs: times[theirs]},
         )
 
-    write_what = f"zarr: write {size}, one SQLite transaction per chunk, vs zarr's"
+    write_what = f"zarr: write {size}, each chunk committed as zarr writes it, vs zarr's"
     tx_what = f"zarr: write {size} inside store.transaction() (one commit), vs zarr's"
     read_what = f"zarr: read {size} back whole, vs zarr's"
     return [
