@@ -7,6 +7,7 @@ way the values must be exactly what single loads give.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -313,7 +314,7 @@ def test_load_batch_without_streamed_results(pg_url: str, monkeypatch: pytest.Mo
 def test_an_error_mid_batch_leaves_the_backend_usable(catalog_url: str) -> None:
     """A damaged file deep in a streamed batch raises; the next loads see the catalog."""
     arrays, names = _many_arrays(1500)
-    with SQLBackend(catalog_url) as b:
+    with _own_backend(catalog_url) as b:
         b.save_batch(arrays, names)
         with b.engine.begin() as conn:
             conn.execute(
@@ -333,13 +334,25 @@ def test_an_error_mid_batch_leaves_the_backend_usable(catalog_url: str) -> None:
         assert _sessions(b) == sessions
 
 
+def _own_backend(url: str, **options: Any) -> SQLBackend:
+    """A backend whose PostgreSQL sessions carry a name of their own.
+
+    :func:`_sessions` counts (and tests end) only those: other test runs may
+    share the server.
+    """
+    if url.startswith("postgresql"):
+        name = f"ps-decode-{uuid.uuid4().hex[:12]}"
+        options["engine_options"] = {"connect_args": {"application_name": name}}
+    return SQLBackend(url, **options)
+
+
 def _sessions(b: SQLBackend, which: str = "") -> set[int]:
-    """Every other PostgreSQL session on this database, or ``which`` (none on SQLite)."""
+    """The backend's other PostgreSQL sessions, or those of them ``which`` picks (SQLite: none)."""
     if b.engine.dialect.name != "postgresql":
         return set()
     sql = (
         "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-        "AND datname = current_database() AND backend_type = 'client backend'"
+        "AND application_name = current_setting('application_name')"
     )
     with b.engine.connect() as conn:
         return set(conn.execute(sa.text(f"{sql} {which}")).scalars())
@@ -386,6 +399,7 @@ def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:
                     sa.text(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                         "WHERE pid <> pg_backend_pid() AND state = 'active' "
+                        "AND application_name = current_setting('application_name') "
                         "AND query LIKE '%string_to_array%'"
                     )
                 ).scalars()
@@ -394,7 +408,7 @@ def test_a_connection_lost_mid_stream_falls_back(pg_url: str) -> None:
     registry = SerializerRegistry.default()
     interrupting = _Interrupting(kill_the_stream)
     registry.register(interrupting, first=True)
-    with SQLBackend(pg_url, serializers=registry) as b:
+    with _own_backend(pg_url, serializers=registry) as b:
         b.save_batch(values, names)
         assert b.load_batch(names) == [v.upper() for v in values]
         assert killed == [True], "the streaming query was not running"
@@ -411,7 +425,7 @@ def test_a_serializer_may_read_the_catalog_while_a_batch_streams(catalog_url: st
     )
     values = [f"{i:05d}" for i in range(1500)]
     names = [f"t/{i:05d}.txt" for i in range(len(values))]
-    b = SQLBackend(catalog_url, serializers=registry)
+    b = _own_backend(catalog_url, serializers=registry)
     b.save_batch([*values, b"other", b"x"], [*names, "n/other.bin", "n/x.bin"])
     # In a thread of its own, so that a read waiting for the stream fails the test.
     outcome = _load_in_a_thread(b, names, "load_batch hung on a read from its batch decoder")
@@ -439,7 +453,7 @@ def test_closing_the_backend_while_a_batch_streams(catalog_url: str, where: str)
 
     registry = SerializerRegistry.default()
     registry.register(_Interrupting(close), first=True)
-    b = SQLBackend(catalog_url, serializers=registry)
+    b = _own_backend(catalog_url, serializers=registry)
     b.save_batch(values, names)
     outcome = _load_in_a_thread(b, names, "close() during load_batch hung")
     assert not any(t.is_alive() for t in closers), "close() waited for the stream"
