@@ -567,25 +567,9 @@ class DiskBackend(StorageBackend):
                 st = os.stat(source.name, dir_fd=source.fd, follow_symlinks=False)
             except FileNotFoundError:
                 raise c.not_found(s) from None
-            is_dir = stat_mod.S_ISDIR(st.st_mode)  # a link moves as itself
-            if is_dir:
-                c.check_not_into_itself(s, d)
-            if self._hidden(d):
-                raise _reserved(d)
-            created: list[str] = []
-            with _refuse_read_only(d):
-                try:
-                    with self._beneath.walk(d, create=created) as target:
-                        if lexists(target):
-                            raise c.already_exists(d)
-                        if is_dir:
-                            _not_into_itself(source, target, s, d)
-                        os.rename(
-                            source.name, target.name, src_dir_fd=source.fd, dst_dir_fd=target.fd
-                        )
-                except BaseException:
-                    self._remove_dirs(created)
-                    raise
+            # A link moves as itself.
+            with self._target(s, d, source, stat_mod.S_ISDIR(st.st_mode)) as target:
+                os.rename(source.name, target.name, src_dir_fd=source.fd, dst_dir_fd=target.fd)
 
     def copy(self, src: str, dst: str) -> None:
         # docstring inherited
@@ -597,24 +581,34 @@ class DiskBackend(StorageBackend):
             if st is None or source.name.startswith(TEMP_PREFIX):
                 raise c.not_found(s)
             is_dir = stat_mod.S_ISDIR(st.st_mode)
-            if is_dir:
-                c.check_not_into_itself(s, d)
-            if self._hidden(d):
-                raise _reserved(d)
-            created: list[str] = []
-            with _refuse_read_only(d):
-                try:
-                    with self._beneath.walk(d, create=created) as target:
-                        if lexists(target):
-                            raise c.already_exists(d)
-                        if is_dir:
-                            _not_into_itself(source, target, s, d)
-                            self._copy_tree(source, target)
-                        else:
-                            self._copy_file(source, target, d)
-                except BaseException:
-                    self._remove_dirs(created)
-                    raise
+            with self._target(s, d, source, is_dir) as target:
+                if is_dir:
+                    self._copy_tree(source, target)
+                else:
+                    self._copy_file(source, target, d)
+
+    @contextmanager
+    def _target(self, s: str, d: str, source: Place, is_dir: bool) -> Iterator[Place]:
+        """Where ``s`` (at ``source``) moves or copies to: ``d``, which must not exist.
+
+        Missing parents of ``d`` are created, and removed again if the block fails.
+        """
+        if is_dir:
+            c.check_not_into_itself(s, d)
+        if self._hidden(d):
+            raise _reserved(d)
+        created: list[str] = []
+        with _refuse_read_only(d):
+            try:
+                with self._beneath.walk(d, create=created) as target:
+                    if lexists(target):
+                        raise c.already_exists(d)
+                    if is_dir:
+                        _not_into_itself(source, target, s, d)
+                    yield target
+            except BaseException:
+                self._remove_dirs(created)
+                raise
 
     def _copy_file(self, source: Place, target: Place, d: str) -> None:
         import shutil
