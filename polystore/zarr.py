@@ -359,6 +359,13 @@ def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
         done.set_exception(outcome)
 
 
+def _buffer(data: bytes | None, prototype: BufferPrototype | None) -> Buffer | None:
+    """``data`` as a zarr buffer of ``prototype`` (zarr's default CPU buffer if None)."""
+    if data is None:
+        return None
+    return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+
+
 def _check_byte_range(byte_range: ByteRequest | None) -> None:
     if byte_range is None:
         return
@@ -718,14 +725,10 @@ class PolystoreStore(Store):
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
         # docstring inherited
-        _check_byte_range(byte_range)
-        prototype = prototype or default_buffer_prototype()
-        decided, value = self._pending.lookup(key)
-        if decided:
-            data = None if value is None else _cut(value, byte_range)
-        else:
+        decided, data = self._decided(key, byte_range)
+        if not decided:
             data = await asyncio.to_thread(self._load, key, byte_range)
-        return None if data is None else prototype.buffer.from_bytes(data)
+        return _buffer(data, prototype)
 
     def get_sync(
         self,
@@ -735,14 +738,19 @@ class PolystoreStore(Store):
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
         """:meth:`get`, in the calling thread (zarr's synchronous read protocol)."""
-        _check_byte_range(byte_range)
-        prototype = prototype or default_buffer_prototype()
-        decided, value = self._pending.lookup(key)
-        if decided:
-            data = None if value is None else _cut(value, byte_range)
-        else:
+        decided, data = self._decided(key, byte_range)
+        if not decided:
             data = self._load(key, byte_range)
-        return None if data is None else prototype.buffer.from_bytes(data)
+        return _buffer(data, prototype)
+
+    def _decided(self, key: str, byte_range: ByteRequest | None) -> tuple[bool, bytes | None]:
+        """``(True, bytes or None)`` for a key an open :meth:`transaction` wrote or
+        deleted; ``(False, None)`` for one the backend must be asked about."""
+        _check_byte_range(byte_range)
+        decided, value = self._pending.lookup(key)
+        if not decided or value is None:
+            return decided, None
+        return True, _cut(value, byte_range)
 
     async def get_partial_values(
         self,
