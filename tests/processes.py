@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["run_together"]
+__all__ = ["join", "run_together"]
 
 
 def run_together(
@@ -48,11 +48,16 @@ def run_together(
     except queue.Empty:
         pytest.fail("a worker process never reported")
     finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        join(procs)
         for q in (ready, out):
             q.close()
             q.join_thread()
+
+
+def join(procs: list[Any]) -> None:
+    """Wait for every process; kill one that has not ended within a minute."""
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 from catalog_checks import refcounts
-from processes import run_together
+from processes import join, run_together
 
 from polystore import AlreadyExistsError, IsADirectoryError, NotFoundError
 from polystore.backends.sql import SQLBackend
@@ -360,11 +360,7 @@ def test_identical_content_saved_at_the_same_instant(
     try:
         reports = [out.get(timeout=300) for _ in procs]
     finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        join(procs)
     errors = [e for rep in reports for e in rep["errors"]]
     assert not errors, f"{len(errors)} of {processes * rounds} saves failed:\n" + "\n".join(
         errors[:5]
