@@ -40,7 +40,7 @@ from polystore.backends.sql.models import blobs_table
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from polystore.arrays import LazyArray
     from polystore.backends.sql.catalog import Catalog
@@ -285,15 +285,23 @@ class BlobSource:
             return None
 
 
-def open_array(backend: _Backend, path: str) -> LazyArray:
-    """A :class:`~polystore.arrays.LazyArray` over the array stored at ``path``."""
+def open_array(
+    backend: _Backend,
+    path: str,
+    resolve: Callable[[Connection, str], Any] = tree.resolve,
+) -> LazyArray:
+    """A :class:`~polystore.arrays.LazyArray` over the array stored at ``path``.
+
+    ``resolve(conn, path)`` finds the file's row (or None): the live catalog's
+    by default; a snapshot's view passes its own.
+    """
     from polystore.arrays import LazyArray, array_layout
     from polystore.backends.sql.load import _decoder_meta, json_column, reading
 
     norm = paths.normalize_file(path)
 
     def locate(conn: Connection) -> tuple[Any, Any]:
-        row = tree.resolve(conn, norm)
+        row = resolve(conn, norm)
         if row is None:
             raise not_found(norm)
         if row.kind == "dir":
