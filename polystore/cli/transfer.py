@@ -336,8 +336,8 @@ def put(
             if backend is not None and not dry_run:
                 for path in plan.empty_dirs():
                     backend.ensure_directory(path)
-            _put_files(state, backend, plan, raw, user_attrs, batch_size, dry_run, existing,
-                       sizes, tally, meter)  # fmt: skip
+            _put_files(state, backend, plan, raw, user_attrs, batch_size, dry_run, as_json,
+                       existing, sizes, tally, meter)  # fmt: skip
     except BaseException:
         if tally.copied and not atomic and not dry_run:
             message = (
@@ -370,6 +370,7 @@ def _put_files(
     user_attrs: dict[str, Any],
     batch_size: int,
     dry_run: bool,
+    as_json: bool,
     existing: _Existing,
     sizes: dict[Path, int],
     tally: _Tally,
@@ -411,7 +412,8 @@ def _put_files(
             continue
         tally.bytes += size
         if dry_run:
-            info(state, f"would put {local} -> {target}")
+            if not as_json:  # (--json: stdout is the one JSON object)
+                info(state, f"would put {local} -> {target}")
             tally.copied += 1
             meter.file()
             continue
@@ -572,7 +574,7 @@ def get(
             todo.append((st, local))
             tally.copied += 1
             tally.bytes += st.size or 0
-            if dry_run:
+            if dry_run and not as_json:
                 info(state, f"would get {st.path} -> {local_name(st, local)}")
     if not dry_run:
         for directory in dirs:
