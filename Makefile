@@ -2,17 +2,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The demo needs polystore and its few dependencies; everything else (tests,
+# linters, docs, PostgreSQL, S3) comes with the dev extra, installed by the
+# other targets.
+BASE_STAMP := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint docs bench wheel-check clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(BASE_STAMP): pyproject.toml | $(PY)
+	$(PIP) -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) --upgrade pip
+	$(PIP) -e ".[dev]"
+	touch $(BASE_STAMP) $(STAMP)
+
+demo: $(BASE_STAMP)
 	$(VENV)/bin/polystore demo
 
 test: $(STAMP)
