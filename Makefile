@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The venv's own pip once it has one; before that, the pip of $(PYTHON), which
+# installs into another environment (--python, pip >= 22.3) and spares the new
+# venv the seconds ensurepip takes.
+PIP = $(if $(wildcard $(VENV)/bin/pip),$(PY) -m pip,$(PYTHON) -m pip --python $(PY)) \
+	install --quiet --disable-pip-version-check
 # The demo needs polystore and its few dependencies; everything else (tests,
 # linters, docs, PostgreSQL, S3) comes with the dev extra, installed by the
 # other targets.
@@ -12,7 +16,11 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint docs bench wheel-check clean
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	if $(PYTHON) -m pip install --help 2>/dev/null | grep -q -- '--python <python>'; then \
+	    $(PYTHON) -m venv --without-pip $(VENV); \
+	else \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
 
 $(BASE_STAMP): pyproject.toml | $(PY)
 	$(PIP) -e .
