@@ -429,3 +429,37 @@ def test_put_and_get_of_512_mib_stream(ps: Polystore, tmp_path: Path) -> None:
         assert file_hash(back) == (size, st.hash)
     # a second put of the same file is skipped after one hashing pass
     assert ps.json("put", str(big), "big.bin")["skipped"] == 1
+
+
+# -- first run ----------------------------------------------------------------------------
+
+
+def test_postgresql_without_psycopg(pg_url: str, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked" / "psycopg"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError(\"No module named 'psycopg'\")\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocked.parent), os.environ.get("PYTHONPATH", "")])}
+    for args in (["ls"], ["put", str(tmp_path / "blocked"), "x"], ["query", "SELECT 1"]):
+        failed = Polystore(pg_url)(*args, code=1, env=env)
+        assert "pip install 'polystore[postgres]'" in one_line(failed)
+
+
+def test_demo_commands_work_pasted_into_a_fresh_shell(tmp_path: Path) -> None:
+    """What the demo suggests runs as printed, in a shell whose PATH lacks the venv."""
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    demo = subprocess.run(
+        [str(POLYSTORE), "demo", "--path", "demo", "--plates", "1", "--sites", "1",
+         "--size", "32"],
+        capture_output=True, text=True, check=True, cwd=tmp_path, env=bare, timeout=300,
+    )  # fmt: skip
+    lines = demo.stdout.split("Try next", 1)[1].splitlines()[1:]
+    commands = [line.strip() for line in lines if line.startswith("  ")]
+    assert commands[0].startswith("export POLYSTORE_URL=") and len(commands) > 5
+    assert all(POLYSTORE.name in c or c.startswith("export") for c in commands)
+    script = "set -e\n" + "\n".join(commands) + "\n"
+    pasted = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=bare,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert pasted.returncode == 0, pasted.stderr
+    assert "plate1/A01/site1.npy" in pasted.stdout and (tmp_path / "A01" / "site1.npy").is_file()
