@@ -286,7 +286,7 @@ class SQLBackend(StorageBackend):
         The result is what ``save(open(local_path, "rb").read(), file_path)``
         gives (``serializer="str"``: the file as UTF-8 text), but content over
         the inline limit goes to the external blob store a chunk at a time,
-        never whole in memory; see :mod:`polystore.backends.sql.stream`.
+        never whole in memory; see ``polystore/backends/sql/stream.py``.
         ``known`` is the file's ``(size, sha256 hex)`` if already computed;
         ``advance(n)`` is called as bytes are uploaded.
         """
@@ -329,7 +329,7 @@ class SQLBackend(StorageBackend):
 
         Checked against the recorded size and hash; on a mismatch
         :class:`~polystore.errors.IntegrityError` is raised before the last
-        chunk. See :mod:`polystore.backends.sql.stream`.
+        chunk. See ``polystore/backends/sql/stream.py``.
         """
         from polystore.backends.sql.stream import iter_content
 
