@@ -463,3 +463,29 @@ def test_demo_commands_work_pasted_into_a_fresh_shell(tmp_path: Path) -> None:
     )  # fmt: skip
     assert pasted.returncode == 0, pasted.stderr
     assert "plate1/A01/site1.npy" in pasted.stdout and (tmp_path / "A01" / "site1.npy").is_file()
+
+
+def test_ctrl_c_during_put_then_put_again(ps: Polystore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4000):
+        (src / f"f{i:04}.txt").write_text(str(i))
+    ps("db", "upgrade")
+    process = subprocess.Popen(
+        ps.args("put", "--batch-size", "1", str(src), "d"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    with ps.backend() as backend:
+        while backend.count_nodes() < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    line = one_line(subprocess.CompletedProcess([], 130, out, err))
+    assert line.startswith("interrupted: ") and "of 4000 files were put" in line
+    done = int(line.split()[1])
+    again = ps.json("put", str(src), "d")
+    assert again["skipped"] >= done and again["copied"] + again["skipped"] == 4000
+    with ps.backend() as backend:
+        assert len(backend.list_files("d")) == 4000
