@@ -31,6 +31,7 @@ from polystore.cli.app import State, main, pass_state, url_option
 from polystore.cli.complete import complete_catalog_path
 from polystore.cli.globs import Filters, expand_all, has_magic
 from polystore.cli.localfiles import (
+    LocalContent,
     atomic_write,
     describe_local,
     local_matches,
@@ -209,17 +210,18 @@ class _Existing:
 
 
 def _put_one(
-    state: State,
     backend: SQLBackend,
     local: Path,
-    target: str,
     raw: bool,
     user_attrs: dict[str, Any],
     existing: StatResult | None,
     streamed: str | None,
-    meter: Meter,
-) -> tuple[bool, Any]:
-    """Decide one file: ``(copy, value)``; ``value`` is the parsed value to save, if parsed."""
+) -> tuple[bool, LocalContent | None]:
+    """Decide one file: ``(copy, described)``, with what was learnt reading it, if it was read.
+
+    Only a file with a destination to compare is read here; a plain file
+    whose size differs from the destination's is not even hashed.
+    """
     if existing is None or existing.kind != "file":
         return True, None
     if streamed is not None and existing.size != local.stat().st_size:
@@ -400,7 +402,7 @@ def _put_files(
         copy, described = (
             (True, None)
             if backend is None
-            else _put_one(state, backend, local, target, raw, user_attrs, found, streamed, meter)
+            else _put_one(backend, local, raw, user_attrs, found, streamed)
         )
         if not copy:
             assert backend is not None and found is not None
