@@ -2,17 +2,36 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The venv's own pip once it has one; before that, the pip of $(PYTHON), which
+# installs into another environment (--python, pip >= 22.3) and spares the new
+# venv the seconds ensurepip takes.
+PIP = $(if $(wildcard $(VENV)/bin/pip),$(PY) -m pip,$(PYTHON) -m pip --python $(PY)) \
+	install --quiet --disable-pip-version-check
+# The demo needs polystore and its few dependencies; everything else (tests,
+# linters, docs, PostgreSQL, S3) comes with the dev extra, installed by the
+# other targets.
+BASE_STAMP := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint docs bench wheel-check clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+$(PY):
+	if $(PYTHON) -m pip install --help 2>/dev/null | grep -q -- '--python <python>'; then \
+	    $(PYTHON) -m venv --without-pip $(VENV); \
+	else \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
 
-demo: $(STAMP)
+$(BASE_STAMP): pyproject.toml | $(PY)
+	$(PIP) -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) --upgrade pip
+	$(PIP) -e ".[dev]"
+	touch $(BASE_STAMP) $(STAMP)
+
+demo: $(BASE_STAMP)
 	$(VENV)/bin/polystore demo
 
 test: $(STAMP)

@@ -29,7 +29,9 @@ html_theme_options = {
     "description": "numpy arrays and Python objects under paths, with a SQL catalog",
     "fixed_sidebar": True,
 }
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+# Code blocks wrap rather than being cut off in the narrow column.
+html_css_files = ["polystore.css"]
 
 # The docs build offline: no intersphinx. Cross-references inside polystore are
 # checked (nitpicky); references to other projects' classes in signatures

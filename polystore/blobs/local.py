@@ -23,6 +23,7 @@ the name exists (on a file system without hard links, ``O_EXCL`` creation).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -139,10 +140,9 @@ class LocalBlobStore(BlobStore):
         """Write the object through a temporary file renamed over the final name."""
         final = self.path(content_hash)
         temp = self._temp_path(content_hash, token or uuid.uuid4().hex)
-        self._make_shard(final.parent)
         written = 0
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = self._create_temp(temp)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
@@ -166,6 +166,20 @@ class LocalBlobStore(BlobStore):
             raise
         if self.fsync:
             _fsync_dir(final.parent)
+
+    def _create_temp(self, temp: Path) -> int:
+        """Open a new temporary file in its shard, making the shard if need be.
+
+        :meth:`delete` removes a shard directory it empties, so one made here
+        may be gone by the time the file is created in it: then make it again.
+        """
+        for _ in range(100):
+            self._make_shard(temp.parent)
+            try:
+                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                continue  # the shard was removed between the two calls
+        raise FileNotFoundError(errno.ENOENT, "shard directory keeps vanishing", str(temp))
 
     def open(self, content_hash: str) -> BlobReader:
         # docstring inherited
@@ -201,9 +215,20 @@ class LocalBlobStore(BlobStore):
             return None
 
     def delete(self, content_hashes: Iterable[str]) -> None:
-        # docstring inherited
+        """Delete these objects; hashes with no object are ignored.
+
+        A shard directory left empty is removed too, so that ``gc()`` leaves no
+        empty folders behind (a writer that finds its shard gone makes it again).
+        """
+        shards: set[Path] = set()
         for content_hash in content_hashes:
-            self.path(content_hash).unlink(missing_ok=True)
+            path = self.path(content_hash)
+            path.unlink(missing_ok=True)
+            shards.add(path.parent)
+        for shard in sorted(shards):
+            # Only when empty: not when other objects or an upload are in it.
+            with contextlib.suppress(OSError):
+                shard.rmdir()
 
     def abort(self, content_hash: str, token: str) -> None:
         # docstring inherited

@@ -114,6 +114,12 @@ def _translate(action: str, store: str = "S3") -> Iterator[None]:
         raise
     except BaseError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "builder error" in first and "http://" in first:
+            # reqwest refuses a plain-HTTP URL unless told to allow it.
+            first += (
+                " (the endpoint is plain http://: allow it with allow_http=true, as in "
+                "s3://bucket/prefix?endpoint=http://host:port&allow_http=true)"
+            )
         raise BackendUnavailableError(f"error {action} blob store {store}: {first}") from exc
 
 

@@ -8,7 +8,7 @@ import sys
 import click
 
 from polystore.cli.app import State, json_option, main, pass_state, url_option
-from polystore.cli.output import echo_json, human_size, info, print_table, spinner
+from polystore.cli.output import echo_json, human_size, info, print_records, print_table, spinner
 from polystore.cli.sql import DEFAULT_TIMEOUT
 
 __all__ = ["db", "fsck", "gc", "query"]
@@ -24,10 +24,14 @@ __all__ = ["db", "fsck", "gc", "query"]
     metavar="SECONDS",
     help="Stop the statement after this many seconds (0: no limit).",
 )
-@json_option
+@click.option(
+    "--json", "output", flag_value="json", help="Print the rows as a JSON list of objects."
+)
+@click.option("--nl", "output", flag_value="nl", help="Print one JSON object a line (JSON Lines).")
+@click.option("--csv", "output", flag_value="csv", help="Print CSV with a header row.")
 @url_option
 @pass_state
-def query(state: State, sql: str, timeout: float, as_json: bool) -> None:
+def query(state: State, sql: str, timeout: float, output: str | None) -> None:
     """Run one read-only SQL statement and print the rows as a table.
 
     The ``polystore_catalog`` view has one row per file or directory, with
@@ -39,6 +43,11 @@ def query(state: State, sql: str, timeout: float, as_json: bool) -> None:
     statement that runs longer than ``--timeout`` is stopped. SQL is ``-`` to
     read it from stdin.
 
+    ``--json``, ``--nl`` and ``--csv`` are for scripts. The view's JSON
+    columns (``shape``, ``attrs``) come out as JSON values, not as text, and
+    ``attrs`` of a node without attributes as ``{}`` (as ``polystore stat``
+    shows it); in CSV they are JSON text.
+
     This guards against accidents, not against someone determined: give
     untrusted users a database role that may only SELECT.
 
@@ -46,6 +55,7 @@ def query(state: State, sql: str, timeout: float, as_json: bool) -> None:
     Examples:
       polystore query "SELECT dtype, COUNT(*) AS n FROM polystore_catalog GROUP BY dtype"
       polystore query --json "SELECT path, size FROM polystore_catalog WHERE kind = 'file'"
+      polystore query --csv "SELECT path, shape, attrs FROM polystore_catalog" > catalog.csv
     """
     from polystore.cli.sql import run_readonly
 
@@ -53,8 +63,8 @@ def query(state: State, sql: str, timeout: float, as_json: bool) -> None:
         sql = sys.stdin.read()
     state.require_catalog()
     result = run_readonly(state.url, sql, timeout=timeout)
-    if as_json:
-        echo_json(result.records())
+    if output is not None:
+        print_records(result.columns, result.rows, output)
     elif result.columns:
         print_table(result.columns, result.rows)
         info(state, f"({len(result.rows)} row{'' if len(result.rows) == 1 else 's'})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -56,14 +57,20 @@ class State:
     quiet: bool = False
     _backend: SQLBackend | None = None
 
+    #: Set by a long command (put, get) while it runs: what is done so far, for
+    #: the one line printed when it is interrupted (Ctrl-C).
+    interrupted_note: str | None = None
+
     def backend(self, *, create: bool = False) -> SQLBackend:
         """The catalog at :attr:`url`, opened once per command.
 
         Commands that only read pass ``create=False``: a SQLite file that does
         not exist is then an error (most likely a typo in the URL) instead of a
-        new, empty catalog.
+        new, empty catalog. An in-memory SQLite URL (``sqlite://``) is refused:
+        whatever a command did there would be gone when it exits.
         """
         if self._backend is None:
+            check_persistent(self.url)
             if not create:
                 self.require_catalog()
             from polystore.backends.sql import SQLBackend
@@ -98,6 +105,17 @@ class State:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def check_persistent(url: str) -> None:
+    """Refuse an in-memory SQLite URL: a command's catalog would vanish when it exits."""
+    from polystore.backends.sql.engine import parse_url, sqlite_file
+
+    if parse_url(url).get_backend_name() == "sqlite" and sqlite_file(url) is None:
+        raise click.ClickException(
+            f"{url} is an in-memory SQLite database: nothing written there outlives the "
+            "command; name a file (sqlite:///catalog.db) or a PostgreSQL server"
+        )
 
 
 def has_polystore_tables(url: str) -> bool:
@@ -208,14 +226,63 @@ def _database_error_text(exc: BaseException) -> str | None:
     return None
 
 
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+_ROLE = re.compile(r":[a-z:]+:`~?(?:[^`<]*<)?([^`>]+)>?`")
+
+
+def plain_text(text: str) -> str:
+    """Help text without reStructuredText markup (inline literals, roles).
+
+    The command docstrings are reStructuredText, rendered as such in the
+    documentation (``docs/_ext/clidoc.py``); a terminal shows them plain.
+    """
+    text = _LITERAL.sub(r"\1", text)
+    return _ROLE.sub(lambda m: m[1].rpartition(".")[2] if "~" in m[0] else m[1], text)
+
+
+class PlainHelpFormatter(click.HelpFormatter):
+    """Writes help text and option descriptions without reStructuredText markup."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(plain_text(text))
+
+    def write_dl(self, rows: Any, col_max: int = 30, col_spacing: int = 2) -> None:
+        super().write_dl([(a, plain_text(b)) for a, b in rows], col_max, col_spacing)
+
+
+class PolystoreContext(click.Context):
+    formatter_class = PlainHelpFormatter
+
+
+class PolystoreCommand(click.Command):
+    """Every command of the group: plain help text."""
+
+    context_class = PolystoreContext
+
+
 class PolystoreGroup(click.Group):
-    """A group whose commands report user errors as one line on stderr."""
+    """A group whose commands report user errors as one line on stderr.
+
+    Ctrl-C (KeyboardInterrupt) prints one line and exits with status 130, as
+    shells expect of an interrupted program.
+    """
+
+    context_class = PolystoreContext
+    command_class = PolystoreCommand
+    group_class = type  # subgroups (db) are PolystoreGroups too
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:
+            state = ctx.find_object(State)
+            note = state.interrupted_note if state is not None else None
+            # On a terminal, a new line first: ^C was echoed where the cursor was.
+            start = "\n" if sys.stderr.isatty() else ""
+            click.echo(f"{start}interrupted{': ' + note if note else ''}", err=True)
+            raise click.exceptions.Exit(130) from None
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 raise  # `polystore ls | head`: click exits quietly

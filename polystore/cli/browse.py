@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ import click
 
 from polystore import paths
 from polystore.cli.app import State, json_option, main, pass_state, url_option
+from polystore.cli.complete import complete_catalog_path
+from polystore.cli.globs import expand, has_magic
 from polystore.cli.output import echo_json, human_size, print_table, stat_dict
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ def _long_rows(entries: list[StatResult], base: str, full: bool) -> list[list[An
 
 
 @main.command("ls")
-@click.argument("path", default="")
+@click.argument("path", default="", shell_complete=complete_catalog_path)
 @click.option("-l", "long", is_flag=True, help="Long listing: kind, size, dtype, shape, modified.")
 @click.option(
     "-R", "--recursive", is_flag=True, help="List the whole subtree, as full catalog paths."
@@ -58,15 +61,27 @@ def ls(state: State, path: str, long: bool, recursive: bool, as_json: bool) -> N
     """List directory PATH (default: the root), or show file PATH.
 
     Directories end with ``/``. ``--json`` prints one object per entry with
-    the columns of the ``polystore_catalog`` view.
+    the columns of the ``polystore_catalog`` view. PATH may be a glob matched
+    in the catalog (quote it): the matches are listed, as full paths.
 
     \b
     Examples:
       polystore ls
       polystore ls -l plate1/A01
       polystore ls -R --json plate1
+      polystore ls 'plate1/*/site1.npy'
     """
     backend = state.backend()
+    if has_magic(path) and not backend.exists(path):
+        matches = [backend.stat(p) for p in expand(backend, path)]
+        if recursive:
+            matches = [
+                m
+                for st in matches
+                for m in ([st] if st.kind == "file" else [st, *_subtree(backend, st.path)])
+            ]
+        _print_entries(matches, "", True, long, as_json)
+        return
     norm = paths.normalize(path)
     top = backend.stat(norm)
     if top.kind == "file":
@@ -87,6 +102,12 @@ def ls(state: State, path: str, long: bool, recursive: bool, as_json: bool) -> N
         for name in backend.iter_dir(norm):
             click.echo(name + ("/" if name in dirs else ""))
         return
+    _print_entries(entries, norm, full, long, as_json)
+
+
+def _print_entries(
+    entries: list[StatResult], norm: str, full: bool, long: bool, as_json: bool
+) -> None:
     if as_json:
         echo_json([stat_dict(st) for st in entries])
     elif long:
@@ -98,7 +119,7 @@ def ls(state: State, path: str, long: bool, recursive: bool, as_json: bool) -> N
 
 
 @main.command()
-@click.argument("path", default="")
+@click.argument("path", default="", shell_complete=complete_catalog_path)
 @click.option("-L", "--max-depth", type=click.IntRange(min=1), help="Descend at most this deep.")
 @url_option
 @pass_state
@@ -143,17 +164,32 @@ def tree(state: State, path: str, max_depth: int | None) -> None:
 
 
 @main.command()
-@click.argument("path")
+@click.argument("paths_", metavar="PATH...", nargs=-1, required=True,
+                shell_complete=complete_catalog_path)  # fmt: skip
 @url_option
 @pass_state
-def cat(state: State, path: str) -> None:
-    """Print the value stored at PATH.
+def cat(state: State, paths_: tuple[str, ...]) -> None:
+    """Print the value stored at PATH, for each PATH in turn.
 
     Text is printed as it is, bytes are written raw, JSON values are
     pretty-printed and arrays are shown as numpy prints them (summarised
-    when large).
+    when large). PATH may be a glob matched in the catalog (quote it).
     """
-    value = state.backend().load(path)
+    backend = state.backend()
+    for pattern in paths_:
+        for path in expand(backend, pattern):
+            _cat_one(backend, path)
+
+
+def _cat_one(backend: SQLBackend, path: str) -> None:
+    st = backend.stat(path)
+    if st.kind == "file" and st.serializer == "bytes" and (st.size or 0) > 8 << 20:
+        out = sys.stdout.buffer
+        for chunk in backend.iter_content(path):
+            out.write(chunk)
+        out.flush()
+        return
+    value = backend.load(path)
     if isinstance(value, bytes):
         click.echo(value, nl=False)  # bytes go to the binary stream as they are
     elif isinstance(value, str):
@@ -169,7 +205,7 @@ def cat(state: State, path: str) -> None:
 
 
 @main.command()
-@click.argument("path", default="")
+@click.argument("path", default="", shell_complete=complete_catalog_path)
 @json_option
 @url_option
 @pass_state
@@ -177,19 +213,25 @@ def stat(state: State, path: str, as_json: bool) -> None:
     """Show everything the catalog records about PATH.
 
     Kind, size, serializer, dtype, shape, user attributes, content hash, where
-    the content is stored, and creation and modification times.
+    the content is stored, and creation and modification times. PATH may be a
+    glob matched in the catalog (quote it); ``--json`` then prints a list.
     """
-    info = stat_dict(state.backend().stat(path))
+    backend = state.backend()
+    globbed = has_magic(path) and not backend.exists(path)
+    found = [stat_dict(backend.stat(p)) for p in expand(backend, path)]
     if as_json:
-        echo_json(info)
+        echo_json(found if globbed else found[0])
         return
-    if info["size"] is not None:
-        info["size"] = f"{info['size']} ({human_size(info['size'])})"
-    print_table(["field", "value"], [[key, value] for key, value in info.items()])
+    for i, info in enumerate(found):
+        if info["size"] is not None:
+            info["size"] = f"{info['size']} ({human_size(info['size'])})"
+        if i:
+            click.echo()
+        print_table(["field", "value"], [[key, value] for key, value in info.items()])
 
 
 @main.command()
-@click.argument("path", default="")
+@click.argument("path", default="", shell_complete=complete_catalog_path)
 @click.option("-s", "--summarize", is_flag=True, help="Only the total, not one row per entry.")
 @json_option
 @url_option

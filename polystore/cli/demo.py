@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,11 +226,42 @@ def _save_well(fm: Any, plate: int, row: int, column: int, sites: int, size: int
     fm.save(metadata, f"plate{plate}/{well}/metadata.json", attrs=base)
 
 
+def _program() -> tuple[str, str | None]:
+    """How a fresh shell runs this polystore, and the venv's activate script if it is one.
+
+    ``polystore`` when that name on ``PATH`` is this very program; otherwise
+    the path it was started by (``.venv/bin/polystore`` after ``make demo``),
+    so that every command printed works when pasted as it is.
+    """
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is None or script.name == "__main__.py" or not script.is_file():
+        program = f"{shlex.quote(sys.executable)} -m polystore"
+    else:
+        found = shutil.which("polystore")
+        if found is not None and Path(found).resolve() == script.resolve():
+            return "polystore", None
+        program = shlex.quote(_short(script))
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if sys.prefix != sys.base_prefix and activate.is_file():
+        return program, shlex.quote(_short(activate))
+    return program, None
+
+
+def _short(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it, else absolute."""
+    full = path.absolute()
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
+
+
 def _next_steps(catalog: Path, elapsed: float) -> None:
-    url = shlex.quote(f"sqlite:///{catalog}")
+    url = shlex.quote(f"sqlite:///{catalog.resolve()}")
     _heading(f"Done in {elapsed:.1f} s. The catalog is {catalog.resolve()}")
     click.echo(f"  ({human_size(catalog.stat().st_size)}; run the demo again to rebuild it)")
-    click.echo("\nTry next:")
+    program, activate = _program()
+    click.echo("\nTry next (paste these lines into a shell):")
     for line in (
         f"export POLYSTORE_URL={url}",
         "polystore ls -l plate1/A01",
@@ -242,5 +274,10 @@ def _next_steps(catalog: Path, elapsed: float) -> None:
             "FROM polystore_catalog WHERE dtype = 'uint16' ORDER BY cells DESC LIMIT 5\""
         ),
         "polystore get plate1/A01 ./A01",
+        "polystore ls 'plate1/A0*/site1.npy'",
     ):
+        if line.startswith("polystore "):
+            line = program + line[len("polystore") :]
         click.echo(f"  {line}")
+    if activate is not None:
+        click.echo(f"\n(or run `source {activate}` once, then type just `polystore ...`)")

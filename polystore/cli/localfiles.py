@@ -24,16 +24,34 @@ verbatim as text, and ``put`` says so. A TIFF keeps its pixels, not its tags.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from polystore.errors import SerializationError
 
-__all__ = ["JSON_LAYOUT_ATTR", "local_writer", "read_local", "write_local"]
+if TYPE_CHECKING:
+    from polystore.backends.base import StatResult
+    from polystore.serializers import SerializerRegistry
+
+__all__ = [
+    "JSON_LAYOUT_ATTR",
+    "LocalContent",
+    "atomic_write",
+    "describe_local",
+    "file_digest",
+    "local_matches",
+    "local_name",
+    "local_writer",
+    "read_local",
+    "stored_as_bytes",
+    "write_local",
+]
 
 _P = TypeVar("_P", bound=PurePath)
 
@@ -87,6 +105,112 @@ def read_local(path: Path, *, raw: bool = False) -> tuple[Any, dict[str, Any], s
     if suffix == ".json":
         return _read_json(path)
     return path.read_bytes(), {}, None
+
+
+def stored_as_bytes(path: PurePath, *, raw: bool = False) -> str | None:
+    """``"bytes"`` or ``"str"`` when ``put`` stores the file's own bytes, else None.
+
+    Such a file's content hash is the SHA-256 of the file, and it can be
+    streamed (:meth:`polystore.SQLBackend.save_file`); the other kinds are
+    parsed (an array, a JSON value) and stored re-encoded.
+    """
+    suffix = path.suffix.lower()
+    if raw:
+        return "bytes"
+    if suffix == ".txt":
+        return "str"
+    if suffix in (".npy", ".json") or (suffix in _TIFF and _tifffile() is not None):
+        return None
+    return "bytes"
+
+
+#: Bytes read at a time when hashing a local file.
+_READ_CHUNK = 8 << 20
+
+
+def file_digest(path: Path, advance: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Size and hex SHA-256 of local file ``path``, read a chunk at a time."""
+    hasher = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_READ_CHUNK)
+    with open(path, "rb", buffering=0) as fh, memoryview(buffer) as view:
+        while n := fh.readinto(view):
+            hasher.update(view[:n])
+            size += n
+            if advance is not None:
+                advance(n)
+    return size, hasher.hexdigest()
+
+
+@dataclass
+class LocalContent:
+    """What ``put`` would store for a local file: its serializer, hash and kind."""
+
+    serializer: str
+    hash: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    #: Attributes ``put`` records to write the file back exactly (a JSON layout).
+    attrs: dict[str, Any] = field(default_factory=dict)
+    #: The parsed value (arrays, JSON), kept for the save; None for plain bytes.
+    value: Any = None
+    remark: str | None = None
+
+    def same_as(self, st: StatResult, user_attrs: dict[str, Any]) -> bool:
+        """Whether ``st`` (a catalog file) already holds exactly this, with these attributes."""
+        if st.kind != "file" or st.serializer != self.serializer or st.hash != self.hash:
+            return False
+        if st.dtype != self.dtype or st.shape != self.shape:
+            return False
+        if st.attrs.get(JSON_LAYOUT_ATTR) != self.attrs.get(JSON_LAYOUT_ATTR):
+            return False
+        return all(st.attrs.get(key, _MISSING) == value for key, value in user_attrs.items())
+
+
+_MISSING = object()
+
+
+def describe_local(path: Path, serializers: SerializerRegistry, *, raw: bool) -> LocalContent:
+    """What ``put`` would store for ``path`` (hashed a chunk at a time when it is bytes)."""
+    as_bytes = stored_as_bytes(path, raw=raw)
+    if as_bytes is not None:
+        return LocalContent(as_bytes, file_digest(path)[1])
+    value, extra, remark = read_local(path, raw=raw)
+    encoded = serializers.encode(value)
+    shape = tuple(encoded.shape) if encoded.shape is not None else None
+    return LocalContent(
+        encoded.serializer,
+        hashlib.sha256(encoded.data).hexdigest(),
+        encoded.dtype,
+        shape,
+        extra,
+        value,
+        remark,
+    )
+
+
+def local_name(st: StatResult, target: Path) -> Path:
+    """The local file ``get`` writes for catalog file ``st`` at ``target`` (see :func:`write_local`)."""
+    if st.serializer == "ndarray":
+        suffix = target.suffix.lower()
+        if suffix != ".npy" and not (suffix in _TIFF and _tifffile() is not None):
+            return target.with_name(target.name + ".npy")
+    return target
+
+
+def local_matches(st: StatResult, local: Path, serializers: SerializerRegistry) -> bool:
+    """Whether local file ``local`` already holds what ``get`` would write for ``st``."""
+    try:
+        if not local.is_file():
+            return False
+        if st.serializer in ("bytes", "str"):
+            return local.stat().st_size == st.size and file_digest(local)[1] == st.hash
+        if st.serializer not in ("ndarray", "json"):
+            return False
+        described = describe_local(local, serializers, raw=False)
+    except (OSError, SerializationError, ValueError):
+        return False
+    return described.same_as(st, {})
 
 
 def _unreadable(path: Path, what: str, exc: Exception) -> SerializationError:
@@ -166,7 +290,7 @@ def write_local(value: Any, target: Path, attrs: dict[str, Any] | None = None) -
     ``np.save`` would name it.
     """
     final, write = local_writer(value, target, attrs)
-    return _atomic_write(final, write)
+    return atomic_write(final, write)
 
 
 def local_writer(
@@ -201,7 +325,7 @@ def local_writer(
     return target, lambda fh: fh.write(content)
 
 
-def _atomic_write(target: Path, write: Any) -> Path:
+def atomic_write(target: Path, write: Any) -> Path:
     # A temporary file beside the target, then os.replace: a reader never sees a
     # half-written file, and an error leaves the old one in place.
     try:

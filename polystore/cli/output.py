@@ -30,10 +30,12 @@ __all__ = [
     "human_size",
     "info",
     "note",
+    "print_records",
     "print_table",
     "progress",
     "spinner",
     "stat_dict",
+    "transfer_progress",
 ]
 
 #: Console width off a terminal: wide enough that no table row ever wraps.
@@ -105,6 +107,62 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+#: Columns of the ``polystore_catalog`` view that hold JSON: SQLite returns them
+#: as text, PostgreSQL's driver already as values.
+JSON_COLUMNS = frozenset({"shape", "attrs", "meta"})
+
+
+def _json_cell(column: str, value: Any) -> Any:
+    if column not in JSON_COLUMNS:
+        return value
+    if value is None:
+        return {} if column == "attrs" else None
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # not JSON after all: the text as it is
+    return value
+
+
+def print_records(columns: Sequence[str], rows: Sequence[Sequence[Any]], style: str) -> None:
+    """Rows as ``json`` (a list of objects), ``nl`` (an object a line) or ``csv``."""
+    records = ({c: _json_cell(c, v) for c, v in zip(columns, row, strict=True)} for row in rows)
+    if style == "json":
+        echo_json(list(records))
+    elif style == "nl":
+        for record in records:
+            click.echo(
+                json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+            )
+    else:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([_csv_cell(v) for v in record.values()])
+            if buffer.tell() > 1 << 16:
+                click.echo(buffer.getvalue(), nl=False)
+                buffer.seek(0)
+                buffer.truncate()
+        click.echo(buffer.getvalue(), nl=False)
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
 def echo_json(value: Any) -> None:
     """Print ``value`` as indented JSON."""
     click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=_json_default))
@@ -163,6 +221,66 @@ def progress(state: State, total: int, label: str) -> Iterator[Callable[[int], N
             bar.advance(task, n)
 
         yield advance
+
+
+class Meter:
+    """What a transfer reports as it goes: bytes moved, files done."""
+
+    def __init__(self, update: Callable[..., None] | None = None) -> None:
+        self._update = update
+        self.files = 0
+
+    def bytes(self, n: int) -> None:
+        """``n`` more bytes moved."""
+        if self._update is not None and n:
+            self._update(advance=n)
+
+    def file(self, n: int = 1) -> None:
+        """``n`` more files done (copied or skipped)."""
+        self.files += n
+        if self._update is not None:
+            self._update(files=self.files)
+
+
+@contextmanager
+def transfer_progress(state: State, files: int, total_bytes: int, label: str) -> Iterator[Meter]:
+    """A progress bar on stderr counting bytes (speed, ETA) and files.
+
+    Silent off a terminal or with ``--quiet``. ``total_bytes`` is what the
+    transfer moves at most; skipped files count as moved.
+    """
+    console = None if state.quiet or files == 0 else _console(stderr=True)
+    if console is None or not console.is_terminal:
+        yield Meter()
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[files]}/" + str(files) + " files"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=max(total_bytes, 1), files=0)
+
+        def update(advance: int = 0, files: int | None = None) -> None:
+            if files is None:
+                bar.update(task, advance=advance)
+            else:
+                bar.update(task, files=files)
+
+        yield Meter(update)
 
 
 @contextmanager

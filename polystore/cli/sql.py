@@ -281,7 +281,6 @@ def _check_postgresql_statement(sql: str) -> None:
 
 
 def _run_postgresql(url: str, sql: str, timeout: float | None) -> QueryResult:
-    import psycopg
     import sqlalchemy as sa
 
     from polystore.backends.sql.engine import (
@@ -291,7 +290,9 @@ def _run_postgresql(url: str, sql: str, timeout: float | None) -> QueryResult:
     )
 
     with translate_errors(url):
-        engine = create_catalog_engine(url, poolclass=sa.pool.NullPool)
+        engine = create_catalog_engine(url, poolclass=sa.pool.NullPool)  # (needs psycopg)
+        import psycopg
+
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql("SET TRANSACTION READ ONLY")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,8 +28,20 @@ import click
 
 from polystore import paths
 from polystore.cli.app import State, main, pass_state, url_option
-from polystore.cli.localfiles import read_local, write_local
-from polystore.cli.output import human_size, info, note, progress
+from polystore.cli.complete import complete_catalog_path
+from polystore.cli.globs import Filters, expand_all, has_magic
+from polystore.cli.localfiles import (
+    LocalContent,
+    atomic_write,
+    describe_local,
+    local_matches,
+    local_name,
+    read_local,
+    stored_as_bytes,
+    write_local,
+)
+from polystore.cli.output import Meter, echo_json, human_size, info, note, transfer_progress
+from polystore.errors import NotFoundError
 
 if TYPE_CHECKING:
     from polystore.backends.base import StatResult
@@ -64,13 +77,15 @@ class _PutPlan:
         return [d for d in self.dirs if d not in covered]
 
 
-def _plan_put(backend: SQLBackend, sources: tuple[Path, ...], dest: str) -> _PutPlan:
+def _plan_put(
+    backend: SQLBackend | None, sources: tuple[Path, ...], dest: str, filters: Filters
+) -> _PutPlan:
     norm_dest = paths.normalize(dest)
     into = (
         len(sources) > 1
         or dest.endswith("/")
         or norm_dest == paths.ROOT
-        or backend.is_dir(norm_dest)
+        or (backend is not None and backend.is_dir(norm_dest))
     )
     plan = _PutPlan()
     for source in sources:
@@ -78,19 +93,22 @@ def _plan_put(backend: SQLBackend, sources: tuple[Path, ...], dest: str) -> _Put
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
         if not source.is_dir():
             target = paths.join(norm_dest, source.name) if into else norm_dest
-            plan.files.append((source, paths.normalize_file(target)))
+            if filters.keep(source.name):
+                plan.files.append((source, paths.normalize_file(target)))
             continue
         for root, dirnames, filenames in os.walk(source):
             here = Path(root)
             rel = here.relative_to(source).as_posix()
             target = paths.normalize(paths.join(norm_dest, "" if rel == "." else rel))
-            if target:
+            if target and not filters:  # (filtered: no directories left empty by them)
                 plan.dirs.append(target)
             # os.walk lists symlinked directories but never enters them (no loops).
             plan.skipped += [here / d for d in dirnames if (here / d).is_symlink()]
             dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
             for name in sorted(filenames):
                 local = here / name
+                if not filters.keep(name if rel == "." else f"{rel}/{name}"):
+                    continue
                 if local.is_file():
                     plan.files.append((local, paths.normalize_file(paths.join(target, name))))
                 else:
@@ -111,55 +129,134 @@ def _parse_attrs(pairs: tuple[str, ...]) -> dict[str, Any]:
     return attrs
 
 
-def _batches(files: list[tuple[Path, str]], batch_size: int) -> Iterator[list[tuple[Path, str]]]:
-    batch: list[tuple[Path, str]] = []
-    size = 0
-    for local, target in files:
-        batch.append((local, target))
-        size += local.stat().st_size
-        if len(batch) >= batch_size or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+#: Options both transfers take.
+def _transfer_options(command: Any) -> Any:
+    for decorator in reversed(
+        [
+            click.option(
+                "-n",
+                "--dry-run",
+                is_flag=True,
+                help="Print what would be copied and skipped; change nothing.",
+            ),
+            click.option(
+                "--include",
+                multiple=True,
+                metavar="GLOB",
+                help="Only files whose name (or, with a /, relative path) matches. Repeatable.",
+            ),
+            click.option(
+                "--exclude",
+                multiple=True,
+                metavar="GLOB",
+                help="Leave out files whose name (or relative path) matches; wins over "
+                "--include. Repeatable.",
+            ),
+            click.option(
+                "--json",
+                "as_json",
+                is_flag=True,
+                help="Print one JSON object: copied, skipped, bytes, files, dry_run.",
+            ),
+        ]
+    ):
+        command = decorator(command)
+    return command
 
 
-def _save_batch(
-    state: State,
+@dataclass
+class _Tally:
+    """What a transfer did: the summary ``--json`` prints."""
+
+    files: int = 0
+    copied: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    big_inline: int = 0  # files over the inline limit that stayed inline (put)
+
+    def as_json(self, dry_run: bool) -> dict[str, Any]:
+        return {
+            "copied": self.copied,
+            "skipped": self.skipped,
+            "bytes": self.bytes,
+            "files": self.files,
+            "dry_run": dry_run,
+        }
+
+    def summary(self, verb: str, where: str, dry_run: bool) -> str:
+        done = f"{verb} {_plural(self.copied, 'file')} ({human_size(self.bytes)}) {where}"
+        if dry_run:
+            done = "dry run: would have " + done
+        if self.skipped:
+            done += f", skipped {self.skipped} unchanged"
+        return done + ("; nothing was changed" if dry_run else "")
+
+
+class _Existing:
+    """What the catalog holds at put's destinations, one directory listing at a time."""
+
+    def __init__(self, backend: SQLBackend | None) -> None:
+        self.backend = backend
+        self._dirs: dict[str, dict[str, StatResult]] = {}
+
+    def get(self, path: str) -> StatResult | None:
+        parent, name = paths.split(path)
+        if parent not in self._dirs:
+            entries: dict[str, StatResult] = {}
+            if self.backend is not None and self.backend.is_dir(parent):
+                entries = {paths.split(st.path)[1]: st for st in self.backend.scan_dir(parent)}
+            self._dirs[parent] = entries
+        return self._dirs[parent].get(name)
+
+
+def _put_one(
     backend: SQLBackend,
-    batch: list[tuple[Path, str]],
+    local: Path,
     raw: bool,
     user_attrs: dict[str, Any],
-) -> int:
-    """Read and save one batch in one transaction; return the bytes read."""
-    plain: tuple[list[Any], list[str]] = ([], [])
-    special: list[tuple[Any, str, dict[str, Any]]] = []
-    nbytes = 0
-    for local, target in batch:
-        value, extra, remark = read_local(local, raw=raw)
-        nbytes += local.stat().st_size
-        if remark is not None:
-            note(state, remark)
-        if extra:
-            special.append((value, target, {**user_attrs, **extra}))
-        else:
-            plain[0].append(value)
-            plain[1].append(target)
+    existing: StatResult | None,
+    streamed: str | None,
+) -> tuple[bool, LocalContent | None]:
+    """Decide one file: ``(copy, described)``, with what was learnt reading it, if it was read.
+
+    Only a file with a destination to compare is read here; a plain file
+    whose size differs from the destination's is not even hashed.
+    """
+    if existing is None or existing.kind != "file":
+        return True, None
+    if streamed is not None and existing.size != local.stat().st_size:
+        return True, None
+    described = describe_local(local, backend.serializers, raw=raw)
+    if described.same_as(existing, user_attrs):
+        return False, None
+    return True, described
+
+
+def _flush(
+    state: State,
+    backend: SQLBackend,
+    pending: list[tuple[Any, str, dict[str, Any]]],
+    user_attrs: dict[str, Any],
+) -> None:
+    """Save the parsed files of one batch in one transaction."""
+    plain = [(value, target) for value, target, extra in pending if not extra]
+    special = [(value, target, extra) for value, target, extra in pending if extra]
     with backend.transaction():
         # save_batch gives every file of one call the same attributes, so files
         # that carry attributes of their own are saved one by one beside it.
-        if plain[0]:
-            backend.save_batch(plain[0], plain[1], attrs=user_attrs or None)
-        for value, target, attrs in special:
-            backend.save(value, target, attrs=attrs)
-    return nbytes
+        if plain:
+            backend.save_batch(
+                [v for v, _ in plain], [t for _, t in plain], attrs=user_attrs or None
+            )
+        for value, target, extra in special:
+            backend.save(value, target, attrs={**user_attrs, **extra})
 
 
 @main.command()
 @click.argument(
     "sources", metavar="LOCAL...", nargs=-1, required=True, type=click.Path(path_type=Path)
 )
-@click.argument("dest")
+@click.argument("dest", shell_complete=complete_catalog_path)
 @click.option(
     "--raw", is_flag=True, help="Store every file as plain bytes, whatever its extension."
 )
@@ -178,6 +275,7 @@ def _save_batch(
     help="Files per transaction (a batch also ends at 64 MiB read).",
 )
 @click.option("--atomic", is_flag=True, help="All files in one transaction: all or nothing.")
+@_transfer_options
 @url_option
 @pass_state
 def put(
@@ -188,6 +286,10 @@ def put(
     attr_pairs: tuple[str, ...],
     batch_size: int,
     atomic: bool,
+    dry_run: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Copy local files and directory trees into the catalog at DEST.
 
@@ -197,62 +299,200 @@ def put(
     Files are typed by extension: ``.npy`` becomes an array, ``.json`` a JSON
     value, ``.txt`` text, ``.tif``/``.tiff`` an image array (with tifffile
     installed), anything else bytes; ``--raw`` stores bytes throughout.
-    ``polystore get`` writes them back byte for byte. An existing file at a
-    destination path is replaced.
+    ``polystore get`` writes them back byte for byte.
+
+    Like ``rclone copy``, a file whose content (SHA-256), type and attributes
+    are already at its destination is skipped, so running put again after an
+    interruption copies only what is missing; a different file there is
+    replaced. Plain files larger than the inline limit stream to the blob
+    store a chunk at a time.
 
     \b
     Examples:
       polystore put plate1.npy results/          # -> results/plate1.npy
       polystore put ./screen data/screen         # ./screen/a/b.npy -> data/screen/a/b.npy
       polystore put --attr project=demo *.json configs/
+      polystore put --dry-run --exclude '*.tmp' ./screen data/screen
     """
     user_attrs = _parse_attrs(attr_pairs)
-    backend = state.backend(create=True)
-    plan = _plan_put(backend, sources, dest)
+    backend: SQLBackend | None
+    if dry_run:
+        # A dry run creates nothing, not even the catalog.
+        try:
+            backend = state.backend()
+        except NotFoundError:
+            backend = None
+    else:
+        backend = state.backend(create=True)
+    plan = _plan_put(backend, sources, dest, Filters(include, exclude))
     for skipped in plan.skipped:
         note(state, f"skipped {skipped} (not a regular file or directory)")
-    done = nbytes = 0
+    tally = _Tally(files=len(plan.files))
+    existing = _Existing(backend)
+    sizes = {local: local.stat().st_size for local, _ in plan.files}
     try:
-        with backend.transaction() if atomic else nullcontext():
-            for path in plan.empty_dirs():
-                backend.ensure_directory(path)
-            with progress(state, len(plan.files), "put") as advance:
-                for batch in _batches(plan.files, batch_size):
-                    nbytes += _save_batch(state, backend, batch, raw, user_attrs)
-                    done += len(batch)
-                    advance(len(batch))
+        with (
+            backend.transaction() if atomic and backend is not None else nullcontext(),
+            transfer_progress(state, len(plan.files), sum(sizes.values()), "put") as meter,
+        ):
+            if backend is not None and not dry_run:
+                for path in plan.empty_dirs():
+                    backend.ensure_directory(path)
+            _put_files(state, backend, plan, raw, user_attrs, batch_size, dry_run, as_json,
+                       existing, sizes, tally, meter)  # fmt: skip
     except BaseException:
-        if done and not atomic:
-            note(state, f"{done} of {len(plan.files)} files were saved; run put again to finish")
+        if tally.copied and not atomic and not dry_run:
+            message = (
+                f"{tally.copied} of {len(plan.files)} files were put; run put again to "
+                "finish (unchanged files are skipped)"
+            )
+            state.interrupted_note = message
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                note(state, message)
         raise
-    info(state, f"put {_plural(done, 'file')} ({human_size(nbytes)}) into {dest}")
+    if tally.big_inline and backend is not None and backend.blob_store is not None:
+        note(
+            state,
+            f"{_plural(tally.big_inline, 'file')} over the inline limit "
+            f"({human_size(backend.inline_limit)}) stayed inline: the catalog already held "
+            "that content in the database (content is stored once). "
+            "`polystore rebalance` moves it to the blob store",
+        )
+    if as_json:
+        echo_json(tally.as_json(dry_run))
+    else:
+        info(state, tally.summary("put", f"into {dest}", dry_run))
+
+
+def _put_files(
+    state: State,
+    backend: SQLBackend | None,
+    plan: _PutPlan,
+    raw: bool,
+    user_attrs: dict[str, Any],
+    batch_size: int,
+    dry_run: bool,
+    as_json: bool,
+    existing: _Existing,
+    sizes: dict[Path, int],
+    tally: _Tally,
+    meter: Meter,
+) -> None:
+    pending: list[tuple[Any, str, dict[str, Any]]] = []
+    pending_bytes = 0
+    counted: list[Path] = []
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        if pending:
+            assert backend is not None
+            _flush(state, backend, pending, user_attrs)
+        for local in counted:
+            meter.bytes(sizes[local])
+        meter.file(len(counted))
+        tally.copied += len(counted)
+        pending.clear()
+        counted.clear()
+        pending_bytes = 0
+
+    for local, target in plan.files:
+        size = sizes[local]
+        streamed = stored_as_bytes(local, raw=raw)
+        found = existing.get(target)
+        copy, described = (
+            (True, None)
+            if backend is None
+            else _put_one(backend, local, raw, user_attrs, found, streamed)
+        )
+        if not copy:
+            assert backend is not None and found is not None
+            if found.store == "inline" and size > backend.inline_limit:
+                tally.big_inline += 1
+            tally.skipped += 1
+            meter.bytes(size)
+            meter.file()
+            continue
+        tally.bytes += size
+        if dry_run:
+            if not as_json:  # (--json: stdout is the one JSON object)
+                info(state, f"would put {local} -> {target}")
+            tally.copied += 1
+            meter.file()
+            continue
+        assert backend is not None
+        if (
+            streamed is not None
+            and (described is None or described.value is None)
+            and backend.blob_store is not None
+            and size > backend.inline_limit
+        ):
+            flush()  # in order: what is before this file is saved before it
+            backend.save_file(
+                local,
+                target,
+                serializer=streamed,
+                attrs=user_attrs or None,
+                known=None if described is None else (size, described.hash),
+                advance=meter.bytes,
+            )
+            tally.copied += 1
+            meter.file()
+            state.interrupted_note = _progress_note(tally)
+            if backend.stat(target).store == "inline":  # the content was there already
+                tally.big_inline += 1
+            continue
+        if described is not None and described.value is not None:
+            value, extra, remark = described.value, described.attrs, described.remark
+        else:
+            value, extra, remark = read_local(local, raw=raw)
+        if remark is not None:
+            note(state, remark)
+        pending.append((value, target, extra))
+        counted.append(local)
+        pending_bytes += size
+        if len(pending) >= batch_size or pending_bytes >= BATCH_BYTES:
+            flush()
+            state.interrupted_note = _progress_note(tally)
+    flush()
+
+
+def _progress_note(tally: _Tally) -> str:
+    return (
+        f"{tally.copied} of {tally.files} files were put; run put again to finish "
+        "(unchanged files are skipped)"
+    )
 
 
 # -- get -------------------------------------------------------------------------------
 
 
 def _plan_get(
-    backend: SQLBackend, sources: tuple[str, ...], dest: Path
+    backend: SQLBackend, sources: list[str], dest: Path, globbed: set[str], filters: Filters
 ) -> tuple[list[tuple[StatResult, Path]], list[Path]]:
-    into = len(sources) > 1 or dest.is_dir() or str(dest).endswith(("/", os.sep))
+    """What to write where; directories a glob matched go into DEST under their names."""
+    into = bool(globbed) or len(sources) > 1 or dest.is_dir() or str(dest).endswith(("/", os.sep))
     files: list[tuple[StatResult, Path]] = []
     dirs: list[Path] = []
     for source in sources:
         norm = paths.normalize(source)
         top = backend.stat(norm)
         if top.kind == "file":
-            files.append((top, dest / paths.split(norm)[1] if into else dest))
+            name = paths.split(norm)[1]
+            if filters.keep(name):
+                files.append((top, dest / name if into else dest))
             continue
-        base = dest
-        dirs.append(base)
+        base = dest / paths.split(norm)[1] if norm in globbed else dest
+        if not filters:
+            dirs.append(base)
         for st in backend.query(under=norm):
             rel = st.path[len(norm) + 1 :] if norm else st.path
             if not rel:
                 continue
             local = base.joinpath(*paths.split_parts(rel))
             if st.kind == "dir":
-                dirs.append(local)
-            else:
+                if not filters:
+                    dirs.append(local)
+            elif filters.keep(rel):
                 files.append((st, local))
     return files, dirs
 
@@ -272,41 +512,108 @@ def _load_batches(
         yield batch
 
 
+#: Plain content (bytes, text) larger than this is written a chunk at a time.
+STREAM_OVER = 8 << 20
+
+
+def _stream_to(backend: SQLBackend, st: StatResult, local: Path, meter: Meter) -> None:
+    def write(fh: Any) -> None:
+        for chunk in backend.iter_content(st.path):
+            fh.write(chunk)
+            meter.bytes(len(chunk))
+
+    atomic_write(local, write)
+
+
 @main.command()
-@click.argument("sources", metavar="PATH...", nargs=-1, required=True)
+@click.argument(
+    "sources", metavar="PATH...", nargs=-1, required=True, shell_complete=complete_catalog_path
+)
 @click.argument("dest", type=click.Path(path_type=Path))
+@_transfer_options
 @url_option
 @pass_state
-def get(state: State, sources: tuple[str, ...], dest: Path) -> None:
+def get(
+    state: State,
+    sources: tuple[str, ...],
+    dest: Path,
+    dry_run: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Copy files and directory trees from the catalog to local DEST.
 
     The same rules as ``put``, the other way: a directory's contents go under
-    DEST; a file goes into DEST when it is a directory, else to DEST.
+    DEST; a file goes into DEST when it is a directory, else to DEST. PATH may
+    be a glob matched in the catalog (quote it): ``'plate1/*/site1.npy'``.
 
     Arrays are written with ``np.save`` (``.npy``), or as TIFF to a
     ``.tif``/``.tiff`` name; JSON values as JSON in the layout they were put
-    in; text as UTF-8; bytes as they are. Existing local files are replaced.
+    in; text as UTF-8; bytes as they are. A local file that already holds
+    exactly that content is skipped; a different one is replaced. Large
+    bytes and text stream to disk a chunk at a time.
 
     \b
     Examples:
       polystore get plate1/A01/site1.npy .
       polystore get plate1 ./plate1          # plate1/A01/... -> ./plate1/A01/...
+      polystore get 'plate1/*/site1.npy' ./first-sites/
     """
     backend = state.backend()
     if not dest.parent.is_dir():
         # Like cp: DEST itself may be new, the directory it goes in may not.
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(dest.parent))
-    files, dirs = _plan_get(backend, sources, dest)
-    for directory in dirs:
-        directory.mkdir(parents=True, exist_ok=True)
-    nbytes = 0
-    with progress(state, len(files), "get") as advance:
-        for batch in _load_batches(files):
+    expanded = expand_all(backend, sources)
+    globbed = set(expanded) - {paths.normalize(s) for s in sources if not has_magic(s)}
+    files, dirs = _plan_get(backend, expanded, dest, globbed, Filters(include, exclude))
+    tally = _Tally(files=len(files))
+    todo: list[tuple[StatResult, Path]] = []
+    for st, local in files:
+        if local_matches(st, local_name(st, local), backend.serializers):
+            tally.skipped += 1
+        else:
+            todo.append((st, local))
+            tally.copied += 1
+            tally.bytes += st.size or 0
+            if dry_run and not as_json:
+                info(state, f"would get {st.path} -> {local_name(st, local)}")
+    if not dry_run:
+        for directory in dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+        _get_files(state, backend, todo, tally)
+    if as_json:
+        echo_json(tally.as_json(dry_run))
+    else:
+        info(state, tally.summary("got", f"into {dest}", dry_run))
+
+
+def _get_files(
+    state: State, backend: SQLBackend, todo: list[tuple[StatResult, Path]], tally: _Tally
+) -> None:
+    done = 0
+    total = sum(st.size or 0 for st, _ in todo)
+    small = [(st, local) for st, local in todo if not _streams(st)]
+    big = [(st, local) for st, local in todo if _streams(st)]
+    with transfer_progress(state, len(todo), total, "get") as meter:
+        for batch in _load_batches(small):
             # One load_batch per batch: a consistent snapshot of its files.
             values = backend.load_batch([st.path for st, _ in batch])
             for (st, local), value in zip(batch, values, strict=True):
                 local.parent.mkdir(parents=True, exist_ok=True)
                 write_local(value, local, st.attrs)
-                nbytes += st.size or 0
-            advance(len(batch))
-    info(state, f"got {_plural(len(files), 'file')} ({human_size(nbytes)}) into {dest}")
+                meter.bytes(st.size or 0)
+            del values
+            done += len(batch)
+            meter.file(len(batch))
+            state.interrupted_note = f"{done} of {len(todo)} files were written"
+        for st, local in big:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            _stream_to(backend, st, local, meter)
+            done += 1
+            meter.file()
+            state.interrupted_note = f"{done} of {len(todo)} files were written"
+
+
+def _streams(st: StatResult) -> bool:
+    return st.serializer in ("bytes", "str") and (st.size or 0) > STREAM_OVER

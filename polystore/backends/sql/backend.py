@@ -9,7 +9,8 @@ in one database transaction (or in a savepoint of the caller's
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
@@ -34,7 +35,7 @@ from polystore.backends.sql.save import encode_batch, write_batch
 from polystore.backends.sql.schema import ensure_schema
 from polystore.backends.sql.uploads import Staged, Uploads
 from polystore.backends.sql.verify import ContentReader
-from polystore.errors import UnsupportedOperationError
+from polystore.errors import SerializationError, UnsupportedOperationError
 from polystore.serializers import SerializerRegistry
 
 if TYPE_CHECKING:
@@ -278,6 +279,73 @@ class SQLBackend(StorageBackend):
         from polystore.backends.sql.ranges import open_array
 
         return open_array(self, path)
+
+    # -- streaming files in and out ----------------------------------------------------
+
+    def save_file(
+        self,
+        local_path: str | os.PathLike[str],
+        file_path: str,
+        *,
+        serializer: str = "bytes",
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = True,
+        known: tuple[int, str] | None = None,
+        advance: Callable[[int], None] | None = None,
+    ) -> None:
+        """Save local file ``local_path``'s bytes at ``file_path``, streaming large ones.
+
+        The result is what ``save(open(local_path, "rb").read(), file_path)``
+        gives (``serializer="str"``: the file as UTF-8 text), but content over
+        the inline limit goes to the external blob store a chunk at a time,
+        never whole in memory; see ``polystore/backends/sql/stream.py``.
+        ``known`` is the file's ``(size, sha256 hex)`` if already computed;
+        ``advance(n)`` is called as bytes are uploaded.
+        """
+        from polystore.backends.sql.stream import STREAMED_SERIALIZERS, save_file
+
+        if serializer not in STREAMED_SERIALIZERS:
+            raise ValueError(f"save_file stores 'bytes' or 'str' content, not {serializer!r}")
+        attrs = _check_attrs(attrs)
+        size = os.stat(local_path).st_size
+        if self._uploads is None or size <= self.inline_limit:
+            with open(local_path, "rb") as fh:
+                data = fh.read()
+            value: Any = data
+            if serializer == "str":
+                try:
+                    value = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise SerializationError(f"{local_path} is not UTF-8 text ({exc})") from exc
+            self.save(value, file_path, attrs=attrs, overwrite=overwrite)
+            if advance is not None:
+                advance(size)
+            return
+        with self._catalog.errors():
+            save_file(
+                self._catalog,
+                self._uploads,
+                self._staged.get(),
+                self.serializers,
+                local_path,
+                file_path,
+                serializer=serializer,
+                attrs=attrs,
+                overwrite=overwrite,
+                known=known,
+                advance=advance,
+            )
+
+    def iter_content(self, file_path: str, *, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+        """The stored content of ``file_path`` (its serializer's bytes), a chunk at a time.
+
+        Checked against the recorded size and hash; on a mismatch
+        :class:`~polystore.errors.IntegrityError` is raised before the last
+        chunk. See ``polystore/backends/sql/stream.py``.
+        """
+        from polystore.backends.sql.stream import iter_content
+
+        return iter_content(self._catalog, self.blob_store, file_path, chunk_size=chunk_size)
 
     # -- inspecting ------------------------------------------------------------------
 

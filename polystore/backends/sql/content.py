@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -26,6 +26,7 @@ from polystore.serializers import Buffer
 
 __all__ = [
     "INLINE",
+    "ChunkSource",
     "Content",
     "add_blobs",
     "add_references",
@@ -63,12 +64,24 @@ def content_hashes(datas: Sequence[Buffer]) -> list[str]:
     return out
 
 
+@runtime_checkable
+class ChunkSource(Protocol):
+    """Content too large to hold in memory: read again, a chunk at a time, for each upload.
+
+    :mod:`polystore.backends.sql.stream` makes one of a local file.
+    """
+
+    def chunks(self) -> Iterator[Buffer]:
+        """The content from its first byte, in pieces; raises if it is not what was hashed."""
+        ...
+
+
 @dataclass(frozen=True)
 class Content:
-    """Bytes about to be stored, with their hash."""
+    """Bytes about to be stored (in memory, or a :class:`ChunkSource`), with their hash."""
 
     hash: str
-    data: Buffer
+    data: Buffer | ChunkSource
     size: int
 
 

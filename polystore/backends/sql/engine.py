@@ -88,12 +88,25 @@ def create_catalog_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **engine_kwargs)
+    if parsed.get_driver_name() == "psycopg":
+        _require_psycopg()
     engine_kwargs.setdefault("pool_pre_ping", True)
     connect_args = dict(engine_kwargs.pop("connect_args", {}))
     # A server that accepts the connection and then says nothing must not hang
     # the caller forever (libpq's default is to wait indefinitely).
     connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
     return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
+
+
+def _require_psycopg() -> None:
+    """PostgreSQL needs psycopg, an optional dependency (``polystore[postgres]``)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        raise BackendConfigError(
+            "PostgreSQL catalogs need the psycopg driver, which is not installed: "
+            "pip install 'polystore[postgres]'"
+        ) from exc
 
 
 def sqlite_file(url: str | URL) -> str | None:

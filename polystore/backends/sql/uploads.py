@@ -51,7 +51,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore.backends.sql.catalog import Catalog, utcnow
-from polystore.backends.sql.content import Content
+from polystore.backends.sql.content import ChunkSource, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.tree import chunks
@@ -139,7 +139,10 @@ class Staged:
     leftover: list[int] = field(default_factory=list)
 
 
-def _pieces(data: Any) -> Iterator[memoryview]:
+def _pieces(data: Any) -> Iterator[Any]:
+    if isinstance(data, ChunkSource):  # a local file, streamed
+        yield from data.chunks()
+        return
     view = memoryview(data).cast("B")
     for start in range(0, view.nbytes, CHUNK_SIZE):
         yield view[start : start + CHUNK_SIZE]

@@ -1,0 +1,289 @@
+"""Streaming: a local file into the catalog, and a file's content out, a chunk at a time.
+
+``save``/``load`` hold a whole value in memory, which is right for arrays a
+program works on and wrong for copying a 50 GiB file in or out
+(``polystore put``/``get``). Here only plain content moves -- bytes, or UTF-8
+text -- whose stored form is the file itself, so nothing has to be parsed.
+
+Saving (:func:`save_file`), decided in ``docs/decisions.rst``:
+
+* Content over the inline limit goes to the external blob store under the
+  usual upload protocol (:mod:`.uploads`: intents committed before a byte is
+  uploaded, the blob row and the file row written in one catalog transaction
+  afterwards). The file is read twice -- once to hash it (its name in the
+  store), once to upload it -- through one buffer of :data:`CHUNK_SIZE`; the
+  second pass hashes again, and an upload whose bytes no longer match (the
+  file changed in between) fails and leaves no object. The store receives an
+  iterator of chunks: a local store writes them to a temporary file, S3 makes
+  a multipart upload of them.
+* Content at or under the inline limit goes into the database row, as
+  ``save`` does it: it is read whole, which the limit bounds (1 MiB by
+  default). A catalog without an external store keeps everything inline, up
+  to what one database value holds; a file that large is read whole too.
+  Streaming into the database (SQLite's incremental blob I/O, PostgreSQL large
+  objects) would need a second kind of inline blob for little gain: content
+  that large belongs in a blob store.
+
+Reading (:func:`iter_content`): the file's blob is looked up once, then read a
+chunk at a time -- a ranged read of the external object, or ``substr`` of the
+inline value -- and hashed on the way; the last chunk is only yielded once the
+whole content matched its hash, so a consumer that writes to a temporary file
+and renames it at the end never publishes corrupt content.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from polystore import paths
+from polystore.backends._common import is_a_directory, not_found
+from polystore.backends.sql import tree
+from polystore.backends.sql.content import INLINE, Content
+from polystore.backends.sql.models import blobs_table as blobs
+from polystore.backends.sql.save import Batch, write_batch
+from polystore.blobs.base import CHUNK_SIZE
+from polystore.errors import IntegrityError, NotFoundError, SerializationError
+
+if TYPE_CHECKING:
+    from polystore.backends.sql.catalog import Catalog
+    from polystore.backends.sql.uploads import Staged, Uploads
+    from polystore.blobs.base import BlobStore
+    from polystore.serializers import SerializerRegistry
+
+__all__ = ["STREAMED_SERIALIZERS", "FileSource", "file_hash", "iter_content", "save_file"]
+
+#: The serializers whose stored content is a file's own bytes.
+STREAMED_SERIALIZERS = ("bytes", "str")
+
+Advance = Callable[[int], None]
+
+
+def file_hash(path: str | os.PathLike[str], advance: Advance | None = None) -> tuple[int, str]:
+    """Size and hex SHA-256 of local file ``path``, read :data:`CHUNK_SIZE` at a time."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            hasher.update(chunk)
+            size += len(chunk)
+            if advance is not None:
+                advance(len(chunk))
+    return size, hasher.hexdigest()
+
+
+class FileSource:
+    """A local file as a :class:`~.content.ChunkSource`: read again for each upload.
+
+    Every pass hashes what it reads; one that does not end at the size and
+    hash given (the file changed since it was hashed) raises
+    :class:`~polystore.errors.IntegrityError` before its last chunk is
+    handed over, so the store discards the upload. ``text`` also checks that
+    the bytes are UTF-8, as a ``str`` must be.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int,
+        content_hash: str,
+        *,
+        text: bool = False,
+        advance: Advance | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.size = size
+        self.hash = content_hash
+        self.text = text
+        self.advance = advance
+
+    def chunks(self) -> Iterator[bytes]:
+        hasher = hashlib.sha256()
+        decoder = codecs.getincrementaldecoder("utf-8")() if self.text else None
+        size = 0
+        with open(self.path, "rb") as fh:
+            chunk = fh.read(CHUNK_SIZE)
+            while chunk:
+                following = fh.read(CHUNK_SIZE)
+                hasher.update(chunk)
+                size += len(chunk)
+                if decoder is not None:
+                    self._check_text(decoder, chunk, final=not following)
+                if not following:
+                    self._check_whole(size, hasher.hexdigest())
+                yield chunk
+                if self.advance is not None:
+                    self.advance(len(chunk))
+                chunk = following
+        if size == 0:
+            self._check_whole(size, hasher.hexdigest())
+
+    def _check_text(self, decoder: Any, chunk: bytes, *, final: bool) -> None:
+        try:
+            decoder.decode(chunk, final)
+        except UnicodeDecodeError as exc:
+            raise SerializationError(f"{self.path} is not UTF-8 text ({exc})") from exc
+
+    def _check_whole(self, size: int, content_hash: str) -> None:
+        if size != self.size or content_hash != self.hash:
+            raise IntegrityError(
+                f"{self.path} changed while it was being stored ({size} bytes now, "
+                f"{self.size} when hashed); nothing was saved, try again"
+            )
+
+
+def _kind(serializers: SerializerRegistry, serializer: str) -> tuple[Any, ...]:
+    """The kind tuple ``save`` records for plain content of ``serializer``."""
+    if serializer not in STREAMED_SERIALIZERS:
+        raise ValueError(f"only {STREAMED_SERIALIZERS} content streams, not {serializer!r}")
+    encoded = serializers.get(serializer).encode(b"" if serializer == "bytes" else "")
+    shape = None if encoded.shape is None else list(encoded.shape)
+    return (encoded.serializer, encoded.version, encoded.dtype, shape, encoded.meta or None)
+
+
+def save_file(
+    catalog: Catalog,
+    uploads: Uploads,
+    pending: list[Staged] | None,
+    serializers: SerializerRegistry,
+    local_path: str | os.PathLike[str],
+    path: str,
+    *,
+    serializer: str,
+    attrs: dict[str, Any] | None,
+    overwrite: bool,
+    known: tuple[int, str] | None = None,
+    advance: Advance | None = None,
+) -> None:
+    """Store local file ``local_path`` at catalog ``path`` through the external store.
+
+    For content over the inline limit (the caller decides); ``known`` is the
+    file's ``(size, hash)`` if the caller has hashed it already. ``pending``
+    is the caller's transaction's list of uploads to settle, if one is open.
+    """
+    norm = paths.normalize_file(path)
+    size, content_hash = known if known is not None else file_hash(local_path)
+    kind = _kind(serializers, serializer)
+    batch = Batch()
+    batch.add_kind(kind)
+    batch.index = {norm: 0}
+    batch.hashes, batch.sizes, batch.kinds = [content_hash], [size], [kind]
+    source = FileSource(local_path, size, content_hash, text=serializer == "str", advance=advance)
+    batch.datas = [b""]  # never read: the blob row of uploaded content holds no bytes
+
+    def write(staged: Staged | None) -> None:
+        catalog.write(lambda conn: write_batch(conn, batch, overwrite, attrs, staged))
+
+    # force: upload even when the content already has a blob row elsewhere
+    # (inline): the row then keeps its placement, the object is released, and
+    # the catalog write never needs the bytes in memory.
+    uploads.run(
+        [Content(content_hash, source, size)],
+        write,
+        conn=catalog.connection,
+        pending=pending,
+        force=True,
+    )
+
+
+def _locate(catalog: Catalog, norm: str) -> tuple[str, int, str]:
+    """``(hash, size, store)`` of the content of file ``norm``."""
+
+    def work(conn: Any) -> tuple[str, int, str] | None:
+        row = tree.resolve(conn, norm, with_content=False)
+        if row is None:
+            return None
+        if row.kind != "file":
+            raise is_a_directory(norm)
+        store = conn.execute(sa.select(blobs.c.store).where(blobs.c.hash == row.blob_hash)).scalar()
+        return str(row.blob_hash), int(row.size), store
+
+    found = catalog.read(work, snapshot=True)
+    if found is None:
+        raise not_found(norm)
+    content_hash, size, store = found
+    if store is None:
+        raise NotFoundError(f"content of {norm!r} is missing from the catalog")
+    return content_hash, size, store
+
+
+def _inline_piece(catalog: Catalog, content_hash: str, start: int, length: int) -> bytes | None:
+    stmt = sa.select(
+        sa.func.substr(
+            blobs.c.data,
+            sa.bindparam("first", start + 1, type_=sa.Integer),
+            sa.bindparam("length", length, type_=sa.Integer),
+        )
+    ).where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
+    piece = catalog.read(lambda conn: conn.execute(stmt).scalar())
+    return None if piece is None else bytes(piece)
+
+
+def iter_content(
+    catalog: Catalog,
+    store: BlobStore | None,
+    path: str,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+) -> Iterator[bytes]:
+    """The stored content of file ``path``, ``chunk_size`` bytes at a time, hash-checked.
+
+    Raises :class:`~polystore.errors.IntegrityError` (before the last chunk)
+    when the content read does not match the catalog's size and hash.
+    """
+    norm = paths.normalize_file(path)
+    content_hash, size, where = _locate(catalog, norm)
+    hasher = hashlib.sha256()
+    done = 0
+
+    def pieces() -> Iterator[bytes]:
+        if where == INLINE:
+            position = 0
+            while position < size:
+                piece = _inline_piece(catalog, content_hash, position, chunk_size)
+                if piece is None:
+                    raise NotFoundError(
+                        f"content of {norm!r} was removed while it was read (the file "
+                        "changed); try again"
+                    )
+                if not piece:
+                    return
+                yield piece
+                position += len(piece)
+            return
+        if store is None or where != store.name:
+            here = "no blob store" if store is None else f"blob store {store.name!r}"
+            raise NotFoundError(
+                f"content of {norm!r} is in blob store {where!r}, but this backend has "
+                f"{here}; open it with that store (blob_store=...)"
+            )
+        try:
+            reader = store.open(content_hash)
+        except NotFoundError:
+            raise IntegrityError(
+                f"content of {norm!r} is missing: blob {content_hash} is not in blob store "
+                f"{store.name!r}"
+            ) from None
+        with reader:
+            while piece := reader.read(chunk_size):
+                yield piece
+
+    held: bytes | None = None
+    for piece in pieces():
+        hasher.update(piece)
+        done += len(piece)
+        if held is not None:
+            yield held
+        held = piece
+    if done != size or hasher.hexdigest() != content_hash:
+        raise IntegrityError(
+            f"content of {norm!r} does not match the catalog ({done} bytes read, "
+            f"{size} recorded; or its hash differs)"
+        )
+    if held is not None:
+        yield held
