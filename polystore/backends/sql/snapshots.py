@@ -20,7 +20,7 @@ import datetime as dt
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -40,9 +40,6 @@ from polystore.backends.sql.content import INLINE, add_references, lock_blobs, r
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.models import snapshots_table as snapshots
 from polystore.errors import NotFoundError, SerializationError
-
-if TYPE_CHECKING:
-    from polystore.backends.sql.backend import SQLBackend
 
 __all__ = [
     "Change",
@@ -167,7 +164,8 @@ class SnapshotView(ReadOnlyBackend):
     one raises :class:`~polystore.errors.NotFoundError`).
     """
 
-    def __init__(self, backend: SQLBackend, snapshot: Snapshot) -> None:
+    def __init__(self, backend: Any, snapshot: Snapshot) -> None:
+        # (``backend``: the SQLBackend; not imported, nothing below the facade does)
         self._backend = backend
         self._catalog: Catalog = backend._catalog
         #: The snapshot this view reads.
