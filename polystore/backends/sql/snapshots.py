@@ -423,7 +423,11 @@ def _files(conn: Connection, epoch: int | None, norm: str) -> dict[str, tuple[An
         found = [("", _lean(conn, epoch, root))]
     else:
         found = history.walk(conn, epoch, root, _SIGNATURE)
-    return {paths.join(norm, rel): tuple(row[4:]) for rel, row in found if row.kind == "file"}
+    return {
+        paths.join(norm, rel) if rel else norm: tuple(row[4:])
+        for rel, row in found
+        if row.kind == "file"
+    }
 
 
 def _lean(conn: Connection, epoch: int | None, row: Any) -> Any:
