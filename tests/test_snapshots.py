@@ -365,7 +365,7 @@ def test_the_documented_sql_answers_what_a_path_held(backend: SQLBackend) -> Non
     backend.save(np.ones(3), "p/a/x.npy")
     backend.move("p", "moved")
     dialect = backend.engine.dialect.name
-    blocks = [b for b in sql_blocks((DOCS / "snapshots.rst").read_text("utf-8"))]
+    blocks = list(sql_blocks((DOCS / "snapshots.rst").read_text("utf-8")))
     assert sorted(b.name for b in blocks) == ["path-at-postgresql", "path-at-sqlite"]
     (block,) = [b for b in blocks if b.name == f"path-at-{dialect}"]
     with backend.engine.connect() as conn:
@@ -493,10 +493,10 @@ def test_the_command_line(catalog_url: str, tmp_path: Path) -> None:
         "D d/b.bin",
         "A e/c.txt",
     ]
-    assert run(catalog_url, "--at", "before", "ls").split() == ["d"]
+    assert run(catalog_url, "--at", "before", "ls").split() == ["d/"]
     assert run(catalog_url, "--at", "before", "ls", "d").split() == ["a.txt", "b.bin"]
     assert run(catalog_url, "--at", "before", "cat", "d/a.txt").strip() == "hello"
-    assert "d/b.bin" in run(catalog_url, "--at", "before", "tree")
+    assert "└── b.bin" in run(catalog_url, "--at", "before", "tree")
     assert "b.bin" in run(catalog_url, "--at", "before", "stat", "d/b.bin")
     run(catalog_url, "--at", "before", "du")
     run(catalog_url, "--at", "before", "get", "d/b.bin", str(tmp_path / "b.bin"))

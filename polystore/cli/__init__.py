@@ -10,6 +10,8 @@ the commands by what they touch:
 * :mod:`polystore.cli.edit` -- ``rm``, ``mv``, ``cp``;
 * :mod:`polystore.cli.transfer` -- ``put`` and ``get`` (local files in and out);
 * :mod:`polystore.cli.admin` -- ``query``, ``gc``, ``fsck`` and ``db ...``;
+* :mod:`polystore.cli.snapshots` -- ``snapshot ...``, ``diff``, ``restore``
+  and the global ``--at``;
 * :mod:`polystore.cli.demo` -- ``demo``.
 
 Importing this package stays light: numpy, SQLAlchemy and rich load inside the
@@ -23,6 +25,7 @@ import polystore.cli.admin
 import polystore.cli.browse
 import polystore.cli.demo
 import polystore.cli.edit
+import polystore.cli.snapshots
 import polystore.cli.transfer  # noqa: F401
 from polystore.cli.app import main
 

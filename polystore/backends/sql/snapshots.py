@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -295,6 +295,10 @@ class SnapshotView(ReadOnlyBackend):
             if limit is not None and len(results) >= limit:
                 break
         return results
+
+    def iter_dir(self, path: str = "", *, page_size: int = 1000) -> Iterator[str]:
+        """The names in directory ``path``, in code-point order (:meth:`SQLBackend.iter_dir`)."""
+        yield from self.list_dir(path)
 
     # -- loading -------------------------------------------------------------------
 
