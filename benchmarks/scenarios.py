@@ -11,6 +11,13 @@ from collections.abc import Callable
 from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
 from harness import Bench, Row
 from lookups import exists, list_dir, load_one
+from snapshots import (
+    snapshot_cost,
+    snapshot_diff,
+    snapshot_reads,
+    snapshot_save_postgres,
+    snapshot_save_sqlite,
+)
 from zarr_store import zarr_sqlite
 
 __all__ = ["SCENARIOS", "Scenario"]
@@ -34,5 +41,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(list_dir),
         Scenario(exists),
         Scenario(zarr_sqlite),
+        Scenario(snapshot_cost),
+        Scenario(snapshot_save_sqlite),
+        Scenario(snapshot_save_postgres, postgres=True),
+        Scenario(snapshot_reads),
+        Scenario(snapshot_diff),
     )
 }

@@ -29,9 +29,12 @@ from polystore.backends.sql.tree import NODE_COLUMNS, chunks
 
 __all__ = [
     "COLUMNS",
+    "child_sql",
     "children",
+    "exists_sql",
     "lean_children_sql",
     "named_children",
+    "names_sql",
     "prune",
     "resolve",
     "walk",
@@ -178,7 +181,9 @@ def lean_children_sql(dialect: str, count: int) -> str:
 
     Parameters, for each of the two tables: the parent id, ``count`` names
     (one text joined by ``/`` on PostgreSQL), the epoch (and for the history
-    the epoch again). Rows are ``kind, kind_id, size, blob_hash, store, data, name``.
+    the epoch again). Rows are those of :data:`.fast.LEAN_COLUMNS`: the kind id
+    where the content is inline (else ``NULL``: read again in full), the size,
+    the inline bytes and the name.
     """
     if dialect == "postgresql":
         p, names = "%s", "= ANY(string_to_array(%s, '/'))"
@@ -186,7 +191,8 @@ def lean_children_sql(dialect: str, count: int) -> str:
         p, names = "?", f"IN ({', '.join(['?'] * count)})"
     columns = "kind, kind_id, size, blob_hash, name"
     return (
-        "SELECT n.kind, n.kind_id, n.size, n.blob_hash, b.store, b.data, n.name FROM ("
+        "SELECT CASE WHEN b.store = 'inline' AND n.kind = 'file' THEN n.kind_id END, "
+        "n.size, b.data, n.name FROM ("
         f"SELECT {columns} FROM polystore_nodes WHERE parent_id = {p} AND name {names} "
         f"AND epoch <= {p} "
         "UNION ALL "
@@ -194,6 +200,40 @@ def lean_children_sql(dialect: str, count: int) -> str:
         f"AND epoch <= {p} AND valid_to > {p}"
         ") AS n LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash"
     )
+
+
+def child_sql(dialect: str) -> str:
+    """SQL for ``id, kind`` of child ``[parent, name, epoch, parent, name, epoch, epoch]``."""
+    p = "%s" if dialect == "postgresql" else "?"
+    return (
+        f"SELECT id, kind FROM polystore_nodes WHERE parent_id = {p} AND name = {p} "
+        f"AND epoch <= {p} "
+        "UNION ALL "
+        f"SELECT id, kind FROM polystore_node_history WHERE parent_id = {p} AND name = {p} "
+        f"AND epoch <= {p} AND valid_to > {p}"
+    )
+
+
+def names_sql(dialect: str) -> str:
+    """SQL for the names in directory ``[parent, epoch, parent, epoch, epoch]``, in order.
+
+    For the read fast path (:mod:`.fast`): each arm reads the
+    ``(parent_id, name)`` index in order, and the database merges the two.
+    """
+    p = "%s" if dialect == "postgresql" else "?"
+    return (
+        f"SELECT name FROM polystore_nodes WHERE parent_id = {p} AND epoch <= {p} "
+        "UNION ALL "
+        f"SELECT name FROM polystore_node_history WHERE parent_id = {p} AND epoch <= {p} "
+        f"AND valid_to > {p} "
+        "ORDER BY name"
+    )
+
+
+def exists_sql(dialect: str) -> str:
+    """SQL that returns a row if snapshot ``[id]`` is still kept."""
+    p = "%s" if dialect == "postgresql" else "?"
+    return f"SELECT 1 FROM polystore_snapshots WHERE id = {p}"
 
 
 def prune(conn: Connection, epoch: int | None = None) -> int:

@@ -28,7 +28,6 @@ from sqlalchemy import Connection
 from polystore import paths
 from polystore.backends._common import (
     already_exists,
-    is_a_directory,
     not_a_directory,
     not_found,
     strict_json,
@@ -36,7 +35,8 @@ from polystore.backends._common import (
 from polystore.backends.base import ReadOnlyBackend, StatResult
 from polystore.backends.sql import edit, epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
-from polystore.backends.sql.content import INLINE, add_references, lock_blobs, release_blobs
+from polystore.backends.sql.content import add_references, lock_blobs, release_blobs
+from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.models import snapshots_table as snapshots
 from polystore.errors import NotFoundError, SerializationError
@@ -225,6 +225,9 @@ class SnapshotView(ReadOnlyBackend):
     def list_dir(self, path: str) -> list[str]:
         # docstring inherited
         norm = paths.normalize(path)
+        found = self._list_fast(norm)
+        if found is not None:
+            return found
 
         def work(conn: Connection) -> list[str]:
             dir_id = int(self._dir(conn, norm).id)
@@ -232,6 +235,30 @@ class SnapshotView(ReadOnlyBackend):
             return sorted(row.name for row in rows)
 
         return self._read(work)  # type: ignore[no-any-return]
+
+    def _list_fast(self, norm: str) -> list[str] | None:
+        """``list_dir`` on the read fast path (:mod:`.fast`), or None where it is unavailable.
+
+        The directory's id is read first, in a transaction of its own: what a
+        kept snapshot sees never changes, so it is still right when its names
+        are read, in a second one that also checks the snapshot is still kept.
+        """
+        if self._catalog.in_transaction:
+            return None
+        dir_id = int(self._read(lambda conn: self._dir(conn, norm)).id)
+        fast = self._backend._fast
+        dialect = self._catalog.dialect
+        e = self._epoch
+        with fast.snapshot() as ok:
+            if not ok:
+                return None
+            kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
+            if kept is None:
+                return None
+            if not kept:
+                raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
+            rows = fast.fetch_raw(history.names_sql(dialect), [dir_id, e, dir_id, e, e])
+        return None if rows is None else [name for (name,) in rows]
 
     def list_files(
         self,
@@ -324,29 +351,71 @@ class SnapshotView(ReadOnlyBackend):
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")
             by_parent[parent].append(name)
-        rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
+        rows = self._lean_fast(by_parent)
+        if rows is None:
+            rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
         values = self._decode_lean(rows)
         for path in norm:
             if path not in values:
                 raise not_found(path)
         return [values[path] for path in norm]
 
-    def _lean_rows(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
-        """``path -> (kind, kind_id, size, blob_hash, store, data, name)`` of the named files."""
-        dialect = conn.dialect.name
+    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[Any]]]:
+        dialect = self._catalog.dialect
         e = self._epoch
+        for part in tree.chunks(names):
+            named: list[Any] = ["/".join(part)] if dialect == "postgresql" else list(part)
+            args = [parent_id, *named, e, parent_id, *named, e, e]
+            yield history.lean_children_sql(dialect, len(part)), args
+
+    def _lean_rows(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
+        """``path -> lean row`` (:func:`.history.lean_children_sql`) of the named files."""
         found: dict[str, Any] = {}
         for parent, names in by_parent.items():
-            row = history.resolve(conn, e, parent)
+            row = history.resolve(conn, self._epoch, parent)
             if row is None or row.kind != "dir":
                 continue
             prefix = f"{parent}/" if parent else ""
-            for part in tree.chunks(names):
-                named: list[Any] = ["/".join(part)] if dialect == "postgresql" else list(part)
-                args = [row.id, *named, e, row.id, *named, e, e]
-                sql = history.lean_children_sql(dialect, len(part))
+            for sql, args in self._lean_queries(int(row.id), names):
                 for lean in conn.exec_driver_sql(sql, tuple(args)):
-                    found[prefix + lean[6]] = lean
+                    found[prefix + lean[3]] = lean
+        return found
+
+    def _lean_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
+        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`); None where unavailable."""
+        if self._catalog.in_transaction:
+            return None
+        fast = self._backend._fast
+        dialect = self._catalog.dialect
+        e = self._epoch
+        child = history.child_sql(dialect)
+        found: dict[str, Any] = {}
+        with fast.snapshot() as ok:
+            if not ok:
+                return None
+            kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
+            if kept is None:
+                return None
+            if not kept:
+                raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
+            for parent, names in by_parent.items():
+                parent_id: int | None = ROOT_ID
+                for name in paths.split_parts(parent):
+                    rows = fast.fetch_raw(child, [parent_id, name, e, parent_id, name, e, e])
+                    if rows is None:
+                        return None
+                    parent_id = rows[0][0] if rows and rows[0][1] == "dir" else None
+                    if parent_id is None:
+                        break
+                if parent_id is None:
+                    continue
+                prefix = f"{parent}/" if parent else ""
+                for sql, args in self._lean_queries(parent_id, names):
+                    rows = fast.fetch_raw(sql, args)
+                    if rows is None:
+                        return None
+                    for lean in rows:
+                        found[prefix + lean[3]] = lean
         return found
 
     def _decode_lean(self, rows: dict[str, Any]) -> dict[str, Any]:
@@ -356,15 +425,15 @@ class SnapshotView(ReadOnlyBackend):
         groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
         closer: list[str] = []
         values: dict[str, Any] = {}
-        for path, (kind, kind_id, size, _, store, data, _) in rows.items():
-            if kind != "file":
-                raise is_a_directory(path)
-            if kind_id is None or store != INLINE or data is None or verify or len(data) != size:
+        for path, (kind_id, size, data, _) in rows.items():
+            if kind_id is None or data is None or verify or len(data) != size:
                 closer.append(path)
                 continue
-            group = groups.setdefault(kind_id, ([], [], []))
+            group = groups.get(kind_id)
+            if group is None:
+                group = groups[kind_id] = ([], [], [])
             group[0].append(path)
-            group[1].append(bytes(data) if isinstance(data, memoryview) else data)
+            group[1].append(data)
             group[2].append(size)
         for kind_id, (names, datas, sizes) in groups.items():
             decoded = loader.decode_inline(kind_id, datas, max(sizes))
