@@ -35,6 +35,7 @@ from polystore.backends._common import (
 from polystore.backends.base import ReadOnlyBackend, StatResult
 from polystore.backends.sql import edit, epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
+from polystore.backends.sql.changes import changed_files
 from polystore.backends.sql.content import add_references, lock_blobs, release_blobs
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
@@ -482,31 +483,6 @@ def _attrs_match(attrs: Any, wanted: dict[str, Any]) -> bool:
 
 # -- diff ------------------------------------------------------------------------------
 
-#: What a file is, for diff: its content, its kind (serializer, dtype, shape,
-#: meta: one derived id) and its attrs. Read as text, not parsed.
-_SIGNATURE = ("id", "parent_id", "name", "kind", "blob_hash", "kind_id", "size", "attrs_text")
-
-
-def _files(conn: Connection, epoch: int | None, norm: str) -> dict[str, tuple[Any, ...]]:
-    """``path -> signature`` of every file at or under ``norm`` at ``epoch`` (None: live)."""
-    root = history.resolve(conn, epoch, norm)
-    if root is None:
-        return {}
-    if root.kind == "file":
-        found = [("", _lean(conn, epoch, root))]
-    else:
-        found = history.walk(conn, epoch, root, _SIGNATURE)
-    return {
-        paths.join(norm, rel) if rel else norm: tuple(row[4:])
-        for rel, row in found
-        if row.kind == "file"
-    }
-
-
-def _lean(conn: Connection, epoch: int | None, row: Any) -> Any:
-    rows = history.children(conn, epoch, [int(row.parent_id)], files_only=True, columns=_SIGNATURE)
-    return next(r for r in rows if r.name == row.name)
-
 
 def diff(
     catalog: Catalog, old: SnapshotRef, new: SnapshotRef | None, path: str = ""
@@ -515,17 +491,27 @@ def diff(
     norm = paths.normalize(path)
 
     def work(conn: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
-        before = find(conn, old).epoch
-        after = None if new is None else find(conn, new).epoch
-        return _files(conn, before, norm), _files(conn, after, norm)
+        first = find(conn, old).epoch
+        second = None if new is None else find(conn, new).epoch
+        if second is None or first < second:
+            return changed_files(conn, first, second)
+        if first == second:
+            return {}, {}
+        after, before = changed_files(conn, second, first)  # (backwards in time)
+        return before, after
 
-    before, after = catalog.read(work, snapshot=True)
+    found = catalog.read(work, snapshot=True)
+    before, after = ({p: v for p, v in side.items() if _under(p, norm)} for side in found)
     changes = [Change(p, "deleted") for p in before.keys() - after.keys()]
     changes += [Change(p, "added") for p in after.keys() - before.keys()]
     changes += [
         Change(p, "modified") for p in before.keys() & after.keys() if before[p] != after[p]
     ]
     return sorted(changes)
+
+
+def _under(path: str, norm: str) -> bool:
+    return not norm or path == norm or path.startswith(norm + "/")
 
 
 # -- restore ---------------------------------------------------------------------------
