@@ -146,7 +146,7 @@ def children(
     for part in chunks(sorted(parent_ids)):
 
         def where(t: sa.Table, part: Sequence[int] = part) -> Sequence[Any]:
-            clauses = [t.c.parent_id.in_(list(part))]
+            clauses: list[Any] = [t.c.parent_id.in_(list(part))]
             if files_only:
                 clauses.append(t.c.kind == "file")
             return clauses

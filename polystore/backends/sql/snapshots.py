@@ -213,7 +213,8 @@ class SnapshotView(ReadOnlyBackend):
         row = self._resolve(norm, with_content=True)
         if row is None:
             raise not_found(norm)
-        return self._backend._stat_result(norm, row, row.store)
+        result: StatResult = self._backend._stat_result(norm, row, row.store)
+        return result
 
     def _dir(self, conn: Connection, norm: str) -> Any:
         row = history.resolve(conn, self._epoch, norm)
