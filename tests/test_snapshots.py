@@ -204,6 +204,32 @@ def test_a_snapshot_keeps_one_version_per_changed_row(backend: SQLBackend) -> No
     assert backend.fsck().ok
 
 
+def test_sql_another_program_runs_keeps_the_history_right(backend: SQLBackend) -> None:
+    """The triggers, not polystore's write paths, keep old versions: plain SQL too."""
+    backend.save(1, "d/f", attrs={"v": 1})
+    backend.save(2, "d/g")
+    backend.snapshot("s")
+    with backend.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE polystore_nodes SET attrs = :a WHERE name = 'f'"), {"a": '{"v": 2}'}
+        )
+        conn.execute(sa.text("DELETE FROM polystore_nodes WHERE name = 'g'"))
+        conn.execute(sa.text("UPDATE polystore_blobs SET refcount = refcount - 1 WHERE refcount = 1 "
+                             "AND hash NOT IN (SELECT blob_hash FROM polystore_nodes "
+                             "WHERE blob_hash IS NOT NULL)"))  # fmt: skip
+        epochs = conn.execute(sa.text("SELECT epoch FROM polystore_nodes WHERE name = 'f'"))
+        assert epochs.scalar_one() == 1  # (stamped with the current epoch by a trigger)
+    view = backend.at("s")
+    assert view.stat("d/f").attrs == {"v": 1} and backend.stat("d/f").attrs == {"v": 2}
+    assert view.load("d/g") == 2 and not backend.exists("d/g")
+    assert count(backend, "polystore_node_history") == 2
+    with backend.engine.begin() as conn:  # once more: already kept, nothing more to keep
+        conn.execute(sa.text("UPDATE polystore_nodes SET attrs = NULL WHERE name = 'f'"))
+    assert count(backend, "polystore_node_history") == 2
+    assert view.stat("d/f").attrs == {"v": 1}
+    assert backend.fsck().ok
+
+
 # -- content and gc ------------------------------------------------------------------------
 
 

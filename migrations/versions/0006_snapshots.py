@@ -17,7 +17,13 @@ statement that changes a node -- polystore's own, cascaded deletes, and SQL
 another program runs -- keeps the history right.
 
 PostgreSQL: one ``BEFORE UPDATE OR DELETE`` trigger in PL/pgSQL that copies
-the old row and stamps the new one with the current epoch. SQLite cannot
+the old row and stamps the new one with the current epoch. polystore's own
+write transactions publish the epoch they read in the transaction-local
+setting ``polystore.epoch``, and the trigger's ``WHEN`` clause (which cannot
+read a table) compares with it: a row already at the current epoch -- every
+row, while no snapshot was ever taken -- does not even call the function.
+Without the setting (another program's SQL) the function always runs and
+reads the epoch from its table. SQLite cannot
 change ``NEW`` in a ``BEFORE`` trigger: a ``BEFORE`` trigger copies the old
 row, and an ``AFTER UPDATE`` trigger stamps a row an update left at an older
 epoch (polystore's own updates set it, so that trigger only runs for other
@@ -93,7 +99,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     current_epoch BIGINT;
 BEGIN
-    SELECT epoch INTO current_epoch FROM polystore_epoch WHERE id = 1;
+    current_epoch := COALESCE(
+        NULLIF(current_setting('polystore.epoch', true), '')::BIGINT,
+        (SELECT epoch FROM polystore_epoch WHERE id = 1)
+    );
     IF OLD.epoch < current_epoch AND {_SEEN} THEN
         INSERT INTO polystore_node_history ({_COLUMNS}, epoch, valid_to)
         VALUES ({_OLD}, OLD.epoch, current_epoch)
@@ -107,7 +116,10 @@ BEGIN
 END
 $$"""
 PG_TRIGGER = """CREATE TRIGGER polystore_nodes_history BEFORE UPDATE OR DELETE ON polystore_nodes
-FOR EACH ROW EXECUTE FUNCTION polystore_nodes_history()"""
+FOR EACH ROW
+WHEN (OLD.epoch < COALESCE(NULLIF(current_setting('polystore.epoch', true), '')::BIGINT,
+                           9223372036854775807))
+EXECUTE FUNCTION polystore_nodes_history()"""
 
 
 def upgrade() -> None:
@@ -153,11 +165,6 @@ def upgrade() -> None:
         sa.Column("kind_id", Id, nullable=True),
         sa.Column("epoch", sa.BigInteger(), nullable=False),
         sa.Column("valid_to", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["blob_hash"],
-            ["polystore_blobs.hash"],
-            name=op.f("polystore_node_history_blob_hash_fkey"),
-        ),
         sa.PrimaryKeyConstraint("id", "epoch", name=op.f("polystore_node_history_pkey")),
     )
     for columns in (["parent_id", "name"], ["blob_hash"], ["valid_to"]):

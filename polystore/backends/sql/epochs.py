@@ -20,12 +20,13 @@ writes nodes calls :func:`current` before it takes any other lock:
   of waits: a writer waiting for it holds nothing another writer needs.
 
 The value is kept for the rest of the transaction (in ``Connection.info``,
-with the transaction it belongs to).
+with the transaction and savepoint it belongs to). On PostgreSQL it is also
+published in the transaction-local setting ``polystore.epoch``, which the
+node trigger compares with before it runs at all (revision 0006): while no
+snapshot needs an old row, an update or delete costs no trigger call.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -36,20 +37,35 @@ _KEY = "polystore_epoch"
 _READ = "SELECT epoch FROM polystore_epoch WHERE id = 1"
 
 
-def _transaction(conn: Connection) -> Any:
-    return conn.get_transaction()
+# PostgreSQL: read the epoch and publish it, for this transaction, in the
+# setting the node trigger's WHEN clause compares with (revision 0006).
+_READ_AND_PUBLISH = (
+    "SELECT epoch, set_config('polystore.epoch', CAST(epoch AS TEXT), true) "
+    "FROM polystore_epoch WHERE id = 1"
+)
+
+
+def _remember(conn: Connection, epoch: int) -> None:
+    # With the savepoint it was read in: rolling that back releases its
+    # locks and settings on PostgreSQL, so the epoch is then read again.
+    conn.info[_KEY] = (conn.get_transaction(), conn.get_nested_transaction(), epoch)
 
 
 def current(conn: Connection) -> int:
     """The current epoch, for the node rows this transaction writes (see the module doc)."""
-    txn = _transaction(conn)
     cached = conn.info.get(_KEY)
-    if cached is not None and txn is not None and cached[0] is txn:
-        return int(cached[1])
+    if (
+        cached is not None
+        and cached[0] is conn.get_transaction()
+        and (cached[1] is None or cached[1].is_active)
+    ):
+        return int(cached[2])
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("LOCK TABLE polystore_epoch IN ROW SHARE MODE")
-    epoch = int(conn.exec_driver_sql(_READ).scalar_one())
-    conn.info[_KEY] = (txn, epoch)
+        epoch = int(conn.exec_driver_sql(_READ_AND_PUBLISH).first()[0])  # type: ignore[index]
+    else:
+        epoch = int(conn.exec_driver_sql(_READ).scalar_one())
+    _remember(conn, epoch)
     return epoch
 
 
@@ -65,6 +81,8 @@ def close_epoch(conn: Connection) -> int:
     conn.execute(
         sa.text("UPDATE polystore_epoch SET epoch = :next WHERE id = 1"), {"next": epoch + 1}
     )
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_READ_AND_PUBLISH)
     # This very transaction may go on writing nodes: at the new epoch.
-    conn.info[_KEY] = (_transaction(conn), epoch + 1)
+    _remember(conn, epoch + 1)
     return epoch

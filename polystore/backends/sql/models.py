@@ -281,7 +281,11 @@ class NodeHistory(Base):
     shape: Mapped[JSONDoc | None]
     meta: Mapped[JSONDoc | None]
     attrs: Mapped[JSONDoc | None]
-    blob_hash: Mapped[str | None] = mapped_column(String(64), ForeignKey("polystore_blobs.hash"))
+    #: Not a foreign key: PostgreSQL would check every blob row deleted against
+    #: this table in a trigger of its own (measured: a recursive delete of
+    #: 10,000 files ~30% slower). The deletes of blobs check ``NOT EXISTS``
+    #: here themselves, and ``fsck`` checks every hash has its blob.
+    blob_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[Timestamp]
     modified_at: Mapped[Timestamp]
     kind_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))

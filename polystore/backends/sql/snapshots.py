@@ -210,10 +210,17 @@ class SnapshotView(ReadOnlyBackend):
     def stat(self, path: str) -> StatResult:
         # docstring inherited
         norm = paths.normalize(path)
-        row = self._resolve(norm, with_content=True)
+
+        def work(conn: Connection) -> tuple[Any, str | None]:
+            row = history.resolve(conn, self._epoch, norm)
+            if row is None or row.blob_hash is None:
+                return row, None
+            return row, _stores(conn, [row.blob_hash]).get(row.blob_hash)
+
+        row, store = self._read(work)
         if row is None:
             raise not_found(norm)
-        result: StatResult = self._backend._stat_result(norm, row, row.store)
+        result: StatResult = self._backend._stat_result(norm, row, store)
         return result
 
     def _dir(self, conn: Connection, norm: str) -> Any:
