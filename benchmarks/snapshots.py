@@ -84,9 +84,11 @@ def _save_rows(bench: Bench, url_for: Callable[[str], str], drop: Callable[[str]
             backend = SQLBackend(url)
             # A catalog the snapshots see: the batch's files, rewritten between snapshots.
             backend.save_batch(seed_values, names)
-            for i in range(kept):
+            # The same writes on both sides; only the snapshots differ.
+            for i in range(KEPT):
                 backend.save(np.full(4, i), "other/f.npy")
-                backend.snapshot(f"s{i}")
+                if kept:
+                    backend.snapshot(f"s{i}")
             targets = [f"new/{p}" for p in names] if fresh else names
             return url, backend, targets
 
