@@ -12,6 +12,13 @@ from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
 from ecosystem import array_slice, zarr_large, zarr_small
 from harness import Bench, Row
 from lookups import exists, list_dir, load_one
+from snapshots import (
+    snapshot_cost,
+    snapshot_diff,
+    snapshot_reads,
+    snapshot_save_postgres,
+    snapshot_save_sqlite,
+)
 from zarr_store import zarr_sqlite
 
 __all__ = ["SCENARIOS", "Scenario"]
@@ -38,5 +45,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(zarr_small),
         Scenario(zarr_large),
         Scenario(array_slice),
+        Scenario(snapshot_cost),
+        Scenario(snapshot_save_sqlite),
+        Scenario(snapshot_save_postgres, postgres=True),
+        Scenario(snapshot_reads),
+        Scenario(snapshot_diff),
     )
 }

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from polystore.backends.sql import SQLBackend
     from polystore.backends.sql.fsck import FsckReport
     from polystore.backends.sql.gc import GCReport, RebalanceReport
+    from polystore.backends.sql.snapshots import Change, Snapshot
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "BackendRegistry",
     "BackendUnavailableError",
     "CatalogDamagedError",
+    "Change",
     "ConflictError",
     "DiskBackend",
     "DuplicateBackendError",
@@ -69,6 +71,7 @@ __all__ = [
     "SQLBackend",
     "SchemaVersionError",
     "SerializationError",
+    "Snapshot",
     "StatResult",
     "StorageBackend",
     "StorageFullError",
@@ -82,6 +85,7 @@ _LAZY = {
     "polystore.backends.sql": ("SQLBackend",),
     "polystore.backends.sql.fsck": ("FsckReport",),
     "polystore.backends.sql.gc": ("GCReport", "RebalanceReport"),
+    "polystore.backends.sql.snapshots": ("Change", "Snapshot"),
 }
 
 

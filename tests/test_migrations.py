@@ -573,8 +573,9 @@ def _write_at_0001(url: str) -> None:
 
 
 def _catalog_rows(url: str) -> dict[str, Any]:
-    """Node and blob rows, without the nodes' kind ids (derived, since 0004) and
-    the catalog identity a downgrade below 0005 keeps in the root's ``meta``."""
+    """Node and blob rows, without the nodes' kind ids (derived, since 0004), their
+    epochs (0 until a snapshot is taken, since 0006) and the catalog identity a
+    downgrade below 0005 keeps in the root's ``meta``."""
     full = snapshot(url)
     rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
     names = [name for name, _ in full["polystore_nodes"]["columns"]]
@@ -583,9 +584,10 @@ def _catalog_rows(url: str) -> dict[str, Any]:
         (*row[:meta], None, *row[meta + 1 :]) if row[0] == 0 else row
         for row in rows["polystore_nodes"]
     ]
-    if "kind_id" in names:
-        at = names.index("kind_id")
-        nodes = [row[:at] + row[at + 1 :] for row in nodes]
+    for derived in ("epoch", "kind_id"):  # (epoch is last)
+        if derived in names:
+            at = names.index(derived)
+            nodes = [row[:at] + row[at + 1 :] for row in nodes]
     rows["polystore_nodes"] = sorted(nodes, key=repr)
     return rows
 

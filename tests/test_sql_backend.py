@@ -507,7 +507,7 @@ def test_streamed_bulk_insert_errors_are_sqlalchemy_errors(sqlite_url: str) -> N
         pytest.raises(sa.exc.IntegrityError, match="CHECK constraint"),
     ):
         save_module._INSERT_FILES.execute_processed(
-            conn, iter([(0, "x", "bogus", 1, *[None] * 6, "h" * 64, "t", "t", None)])
+            conn, iter([(0, "x", "bogus", 1, *[None] * 6, "h" * 64, "t", "t", None, 0)])
         )
 
     class LockedCursor:

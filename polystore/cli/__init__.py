@@ -13,6 +13,8 @@ the commands by what they touch:
 * :mod:`polystore.cli.rebalance` -- ``rebalance``;
 * :mod:`polystore.cli.globs` -- catalog globs, ``--include``/``--exclude``;
 * :mod:`polystore.cli.complete` -- shell completion of catalog paths;
+* :mod:`polystore.cli.snapshots` -- ``snapshot ...``, ``diff``, ``restore``
+  and the global ``--at``;
 * :mod:`polystore.cli.demo` -- ``demo``.
 
 Importing this package stays light: numpy, SQLAlchemy and rich load inside the
@@ -27,6 +29,7 @@ import polystore.cli.browse
 import polystore.cli.demo
 import polystore.cli.edit
 import polystore.cli.rebalance
+import polystore.cli.snapshots
 import polystore.cli.transfer  # noqa: F401
 from polystore.cli.app import main
 

@@ -55,6 +55,8 @@ class State:
     blob_store: str | None = None
     debug: bool = False
     quiet: bool = False
+    #: ``--at``: the read commands read this snapshot (see :mod:`.snapshots`).
+    at: str | None = None
     _backend: SQLBackend | None = None
 
     #: Set by a long command (put, get) while it runs: what is done so far, for
@@ -76,6 +78,10 @@ class State:
             from polystore.backends.sql import SQLBackend
 
             self._backend = SQLBackend(self.url, blob_store=self.blob_store)
+        if self.at is not None:  # (a read-only view that answers as SQLBackend does)
+            from polystore.cli.snapshots import open_at
+
+            return open_at(self._backend, self.at)  # type: ignore[no-any-return]
         return self._backend
 
     def require_catalog(self) -> None:
@@ -316,9 +322,16 @@ class PolystoreGroup(click.Group):
 )
 @click.option("--debug", is_flag=True, help="Show the full traceback when a command fails.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries.")
+@click.option(
+    "--at",
+    metavar="SNAP",
+    help="Read the catalog as at snapshot SNAP: ls, tree, cat, get, stat, du.",
+)
 @click.version_option(package_name="polystore", prog_name="polystore")
 @click.pass_context
-def main(ctx: click.Context, url: str, blob_store: str | None, debug: bool, quiet: bool) -> None:
+def main(
+    ctx: click.Context, url: str, blob_store: str | None, debug: bool, quiet: bool, at: str | None
+) -> None:
     """Store and query numpy arrays and other objects in a polystore SQL catalog.
 
     Paths inside the catalog are POSIX-style and relative to its root
@@ -330,4 +343,9 @@ def main(ctx: click.Context, url: str, blob_store: str | None, debug: bool, quie
     state.blob_store = blob_store
     state.debug = debug
     state.quiet = quiet
+    state.at = at
+    if at is not None:
+        from polystore.cli.snapshots import check_at
+
+        check_at(ctx)
     ctx.call_on_close(state.close)

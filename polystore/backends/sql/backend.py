@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from polystore.arrays import LazyArray
     from polystore.backends.sql.fsck import FsckReport
     from polystore.backends.sql.gc import GCReport, RebalanceReport
+    from polystore.backends.sql.snapshots import Change, Snapshot, SnapshotView
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 
@@ -601,6 +602,65 @@ class SQLBackend(StorageBackend):
             limit = min(inline_limit, self._placement.max_inline())
         with self._catalog.errors():
             return rebalance(self._catalog, self._uploads, self._reader, limit)
+
+    # -- snapshots (polystore.backends.sql.snapshots) ----------------------------------
+
+    def snapshot(self, name: str | None = None, *, message: str | None = None) -> Snapshot:
+        """Record the catalog as it is now, under a unique ``name`` (or none: known by id).
+
+        Writes two rows whatever the catalog's size, copies no content, and
+        holds every transaction committed before it whole, none after it.
+        A taken name raises :class:`~polystore.errors.AlreadyExistsError`.
+        """
+        from polystore.backends.sql.snapshots import take
+
+        return take(self._catalog, name, message)
+
+    def snapshots(self) -> list[Snapshot]:
+        """The kept snapshots, oldest first."""
+        from polystore.backends.sql.snapshots import list_snapshots
+
+        return list_snapshots(self._catalog)
+
+    def delete_snapshot(self, snapshot: Snapshot | str | int) -> None:
+        """Forget a snapshot (a Snapshot, name or id); ``gc()`` then frees what only it kept."""
+        from polystore.backends.sql.snapshots import delete
+
+        delete(self._catalog, snapshot)
+
+    def at(self, snapshot: Snapshot | str | int) -> SnapshotView:
+        """A read-only backend answering every read as at ``snapshot`` (a Snapshot, name or id).
+
+        Writes raise :class:`~polystore.errors.ReadOnlyError`; an unknown
+        snapshot raises :class:`~polystore.errors.NotFoundError`.
+        """
+        from polystore.backends.sql.snapshots import SnapshotView, find
+
+        found = self._catalog.read(lambda conn: find(conn, snapshot))
+        return SnapshotView(self, found)
+
+    def diff(
+        self,
+        old: Snapshot | str | int,
+        new: Snapshot | str | int | None = None,
+        path: str = "",
+    ) -> list[Change]:
+        """Files added, deleted or modified under ``path`` from ``old`` to ``new`` (None: now).
+
+        Sorted by path; a moved file is deleted at its old path and added at its new one.
+        """
+        from polystore.backends.sql.snapshots import diff
+
+        return diff(self._catalog, old, new, path)
+
+    def restore(self, snapshot: Snapshot | str | int, path: str = "") -> None:
+        """Make ``path`` (a file or a whole tree; default everything) what it was at ``snapshot``.
+
+        One transaction; content is not copied; everything outside ``path`` is untouched.
+        """
+        from polystore.backends.sql.snapshots import restore
+
+        restore(self._catalog, snapshot, path)
 
     # -- for tests and tools -----------------------------------------------------------
 

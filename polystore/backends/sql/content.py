@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
-from polystore.backends.sql.models import blobs_table
+from polystore.backends.sql.models import blobs_table, history_table
 from polystore.backends.sql.tree import chunks
 from polystore.serializers import Buffer
 
@@ -209,7 +209,12 @@ def add_references(conn: Connection, counts: Counter[str]) -> None:
 
 
 def release_blobs(conn: Connection, counts: Counter[str]) -> None:
-    """Drop references; delete inline blobs nobody references any more."""
+    """Drop references; delete inline blobs nobody references any more.
+
+    A blob a history row refers to (a kept snapshot's old version of a file)
+    stays, at count zero: ``gc()`` deletes it once no snapshot needs it. Only
+    live files count in ``refcount``; snapshots keep content by existing.
+    """
     counts = Counter({h: n for h, n in counts.items() if h is not None and n})
     if not counts:
         return
@@ -222,7 +227,10 @@ def release_blobs(conn: Connection, counts: Counter[str]) -> None:
     for part in chunks(sorted(counts)):
         conn.execute(
             blobs.delete().where(
-                blobs.c.hash.in_(part), blobs.c.refcount == 0, blobs.c.store == INLINE
+                blobs.c.hash.in_(part),
+                blobs.c.refcount == 0,
+                blobs.c.store == INLINE,
+                ~sa.exists().where(history_table.c.blob_hash == blobs.c.hash),
             )
         )
 

@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from polystore import paths
 from polystore.backends._common import already_exists, directory_not_empty, not_found
-from polystore.backends.sql import tree
+from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.catalog import utcnow
 from polystore.backends.sql.content import add_references, release_blobs
 from polystore.backends.sql.engine import CatalogChanged
@@ -33,6 +33,7 @@ __all__ = ["copy", "delete", "move"]
 
 def delete(conn: Connection, norm: str, recursive: bool) -> None:
     """Delete file or directory ``norm`` (normal); see :meth:`SQLBackend.delete`."""
+    epochs.current(conn)  # (before any lock: see epochs.py)
     row = tree.resolve(conn, norm)
     if row is None:
         raise not_found(norm)
@@ -104,6 +105,7 @@ def _prepare_target(
 
 def move(conn: Connection, src: str, dst: str) -> None:
     """Move ``src`` to ``dst`` (normal paths); a directory move rewrites one row."""
+    epoch = epochs.current(conn)  # (before any lock: see epochs.py)
     now = utcnow()
     row, parent_id, name = _prepare_target(conn, src, dst, now, moving=True)
     moved = conn.execute(
@@ -113,7 +115,7 @@ def move(conn: Connection, src: str, dst: str) -> None:
             nodes.c.parent_id == row.parent_id,
             nodes.c.name == row.name,
         )
-        .values(parent_id=parent_id, name=name, modified_at=now)
+        .values(parent_id=parent_id, name=name, modified_at=now, epoch=epoch)
     ).rowcount
     if not moved:
         raise CatalogChanged(f"{src!r} was moved or deleted meanwhile")
@@ -121,6 +123,7 @@ def move(conn: Connection, src: str, dst: str) -> None:
 
 def copy(conn: Connection, src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` (normal paths): catalog rows only, the blobs are shared."""
+    epoch = epochs.current(conn)  # (before any lock: see epochs.py)
     now = utcnow()
     row, parent_id, name = _prepare_target(conn, src, dst, now)
     copied = [c.name for c in tree.NODE_COLUMNS if c.name not in ("id", "parent_id", "name")]
@@ -132,6 +135,7 @@ def copy(conn: Connection, src: str, dst: str) -> None:
             "name": new_name,
             "created_at": now,
             "modified_at": now,
+            "epoch": epoch,
         }
 
     if row.kind == "dir" and parent_id in tree.lock_subtree(conn, row):

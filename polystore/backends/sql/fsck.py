@@ -37,6 +37,7 @@ from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE
 from polystore.backends.sql.kinds import key_id, same_json
 from polystore.backends.sql.models import blobs_table as blobs
+from polystore.backends.sql.models import history_table as history
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import kinds_table as kinds
 from polystore.backends.sql.models import nodes_table as nodes
@@ -53,7 +54,8 @@ class FsckReport:
 
     Problems (each a sorted list of blob hashes, or of store keys):
 
-    * ``missing``: referenced blobs whose content is gone.
+    * ``missing``: referenced blobs whose content is gone (referenced by a
+      file, or by an old version a snapshot keeps: ``polystore_node_history``).
     * ``size_mismatch``: referenced blobs stored with another size than recorded.
     * ``hash_mismatch``: referenced blobs whose bytes do not hash to their name
       (only checked with ``verify=True``).
@@ -81,7 +83,9 @@ class FsckReport:
     ``gc()``); ``without_kind`` (files with no kind id, written by something
     other than polystore: they load from their own columns, by the slower
     path); ``other_stores`` (store name -> blobs kept in a store this backend
-    was not opened with, which it cannot check).
+    was not opened with, which it cannot check); ``history_versions`` (old
+    versions of files and directories kept for snapshots; their content is
+    checked like that of live files).
     """
 
     blobs_checked: int = 0
@@ -100,6 +104,7 @@ class FsckReport:
     without_kind: int = 0
     pending_uploads: int = 0
     other_stores: dict[str, int] = field(default_factory=dict)
+    history_versions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -194,6 +199,16 @@ def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) ->
                 .group_by(nodes.c.blob_hash)
             )
         }
+        # Old versions kept for snapshots hold their content without counting.
+        kept = set(
+            conn.execute(
+                sa.select(history.c.blob_hash).where(history.c.blob_hash.is_not(None)).distinct()
+            ).scalars()
+        )
+        report.history_versions = int(
+            conn.execute(sa.select(sa.func.count()).select_from(history)).scalar_one()
+        )
+        report.missing.extend(kept - {row.hash for row in rows})
         report.blobs_checked = len(rows)
         report.pending_uploads = len(pending)
         others: Counter[str] = Counter()
@@ -207,7 +222,7 @@ def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) ->
                 continue  # (no store object can have that name)
             if store is not None and row.store == store.name:
                 ours.add(row.hash)
-            referenced = actual > 0 or row.refcount > 0
+            referenced = actual > 0 or row.refcount > 0 or row.hash in kept
             if not referenced:
                 report.garbage += 1
                 continue

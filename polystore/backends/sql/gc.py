@@ -38,7 +38,9 @@ from sqlalchemy import Connection
 
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import INLINE, Content
+from polystore.backends.sql.history import prune as prune_history
 from polystore.backends.sql.models import blobs_table as blobs
+from polystore.backends.sql.models import history_table as history
 from polystore.backends.sql.models import intents_table as intents
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.tree import chunks
@@ -76,6 +78,9 @@ class GCReport:
     #: Unreferenced blob rows left alone because their hash is not a hex
     #: SHA-256 (written by another program; ``fsck()`` names them).
     rows_skipped: int = 0
+    #: Old versions of files no kept snapshot can see any more, removed
+    #: (``polystore_node_history``); their content is collected in the same run.
+    history_pruned: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ def collect_garbage(
 ) -> GCReport:
     """Remove unreferenced blobs and abandoned uploads; see :meth:`SQLBackend.gc`."""
     cutoff = utcnow() - _as_timedelta(grace)
+    # Old versions no snapshot sees first: what only they kept is garbage now.
+    pruned = catalog.transact(prune_history)
     blobs_deleted, bytes_freed = catalog.transact(_drop_inline_garbage)
     objects = intents_expired = skipped = 0
     if uploads is not None:
@@ -142,12 +149,15 @@ def collect_garbage(
             # deletes the objects.
             for some in chunks(sorted(dropped.values()), LOCK_BATCH):
                 objects += uploads.release_intents(some)[1]
-    return GCReport(blobs_deleted, bytes_freed, intents_expired, objects, skipped)
+    return GCReport(blobs_deleted, bytes_freed, intents_expired, objects, skipped, pruned)
 
 
 #: No file refers to the blob row ``polystore_blobs`` (a check that does not
-#: trust ``refcount``: a row a file still uses is never deleted).
-_UNUSED = ~sa.exists().where(nodes.c.blob_hash == blobs.c.hash)
+#: trust ``refcount``: a row a file still uses is never deleted), and no old
+#: version of a file that a kept snapshot can see (``polystore_node_history``).
+_UNUSED = ~sa.exists().where(nodes.c.blob_hash == blobs.c.hash) & ~sa.exists().where(
+    history.c.blob_hash == blobs.c.hash
+)
 _HEX_SHA256 = re.compile("[0-9a-f]{64}")
 
 

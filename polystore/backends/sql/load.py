@@ -163,6 +163,30 @@ class Loader:
         full = _decoder_meta(meta, shape, row.dtype)
         return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
 
+    def decode_row(self, row: Any, path: str) -> Any:
+        """The value of file ``row``: node columns, ``store`` and ``data``, as SQLAlchemy reads them.
+
+        For readers of other relations than the live tree (:mod:`.snapshots`).
+        """
+        self._check_file(row, path)
+        return self._decode(row, path)
+
+    def decode_inline(self, kind_id: int, datas: list[Any], size: int) -> list[Any] | None:
+        """The values of inline contents ``datas`` of files of kind ``kind_id``.
+
+        One batch decoder call when every content is small (``size``, the
+        largest, at most :data:`~polystore.serializers.SHARED_ARRAY_BYTES`),
+        else one decoder call each, as a live batch load does. None if the
+        kind cannot be read on the fast path: decode from the full rows then.
+        """
+        try:
+            if size <= SHARED_ARRAY_BYTES:
+                return self._decoder_for(kind_id, many=True)(datas)  # type: ignore[no-any-return]
+            decode = self._decoder_for(kind_id, many=False)
+        except Unavailable:
+            return None
+        return [decode(data) for data in datas]
+
     def _content(
         self,
         store: str | None,

@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from polystore import paths
 from polystore.backends._common import already_exists, is_a_directory, strict_json
-from polystore.backends.sql import tree
+from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
 from polystore.backends.sql.catalog import utcnow
 from polystore.backends.sql.content import (
@@ -50,16 +50,18 @@ _FILE_VALUES = [
     nodes.c.blob_hash,
     nodes.c.modified_at,
     nodes.c.kind_id,
+    nodes.c.epoch,
 ]
 # In the table's order, which is the order the compiled INSERT binds them.
 _INSERT_COLUMNS = [
     nodes.c.parent_id,
     nodes.c.name,
     nodes.c.kind,
-    *_FILE_VALUES[:-2],
+    *_FILE_VALUES[:-3],
     nodes.c.created_at,
     nodes.c.modified_at,
     nodes.c.kind_id,
+    nodes.c.epoch,
 ]
 # New file rows cannot conflict (their names were just checked under lock;
 # a concurrent insert of the same name fails the transaction, which is retried).
@@ -216,6 +218,7 @@ def write_batch(
     content, uploaded and protected by intents (:mod:`.uploads`); its blob
     rows name the store, and its intents are promoted here.
     """
+    epoch = epochs.current(conn)  # (first: see epochs.py)
     now = utcnow()
     cache = tree.DirCache()
     # parent path -> name -> entry; each distinct parent is resolved once, in
@@ -271,6 +274,7 @@ def write_batch(
                             "created_at": created,
                             "modified_at": modified,
                             "kind_id": kind_ids[id(kind)],
+                            "epoch": epoch,
                         },
                         [],
                     )
@@ -281,7 +285,9 @@ def write_batch(
                 raise is_a_directory(path)
             if not overwrite:
                 raise already_exists(path)
-            updates.append((sizes[i], *kind, attrs, hashes[i], now, kind_ids[id(kind)], row.id))
+            updates.append(
+                (sizes[i], *kind, attrs, hashes[i], now, kind_ids[id(kind)], epoch, row.id)
+            )
             released[row.blob_hash] += 1
     # Node rows are locked above; blob rows are locked next, in hash order, so
     # writers sharing content queue instead of deadlocking.

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
 from polystore.backends._common import not_a_directory
+from polystore.backends.sql import epochs
 from polystore.backends.sql.engine import CatalogChanged
 from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
@@ -178,7 +179,8 @@ def _insert_dir(dialect: str) -> Any:
     """INSERT of one directory, if absent, returning its id (built once per dialect)."""
     insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(nodes)
     values: dict[str, Any] = {
-        key: sa.bindparam(key) for key in ("parent_id", "name", "created_at", "modified_at")
+        key: sa.bindparam(key)
+        for key in ("parent_id", "name", "created_at", "modified_at", "epoch")
     }
     return (
         insert.values(kind="dir", **values)
@@ -205,7 +207,13 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
     # (RETURNING, not rowcount: PostgreSQL's driver reports -1 for this insert.)
     created = conn.execute(
         _insert_dir(conn.dialect.name),
-        {"parent_id": parent_id, "name": name, "created_at": now, "modified_at": now},
+        {
+            "parent_id": parent_id,
+            "name": name,
+            "created_at": now,
+            "modified_at": now,
+            "epoch": epochs.current(conn),
+        },
     ).first()
     if created is not None:
         node_id = int(created.id)

@@ -1,0 +1,695 @@
+"""Snapshots: named, read-only views of the whole catalog at one instant, diff and restore.
+
+A snapshot is one row of ``polystore_snapshots`` naming a closed epoch
+(:mod:`.epochs`); what it sees is read back by :mod:`.history`. Taking one
+writes two rows whatever the catalog's size: the snapshot's, and the epoch
+counter. Content is shared by hash, so nothing is copied; the old versions of
+rows written since are kept by the triggers of revision 0006, and only while a
+kept snapshot can see them.
+
+* :func:`take`, :func:`list_snapshots`, :func:`delete` -- the list;
+* :class:`SnapshotView` -- ``SQLBackend.at(snapshot)``: every read as at the
+  snapshot, every write refused;
+* :func:`diff` -- files added, deleted and modified between two epochs;
+* :func:`restore` -- one write transaction that makes a path what it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore import paths
+from polystore.backends._common import (
+    already_exists,
+    not_a_directory,
+    not_found,
+    strict_json,
+)
+from polystore.backends.base import ReadOnlyBackend, StatResult
+from polystore.backends.sql import edit, epochs, history, tree
+from polystore.backends.sql.catalog import Catalog, utcnow
+from polystore.backends.sql.changes import changed_files
+from polystore.backends.sql.content import add_references, lock_blobs, release_blobs
+from polystore.backends.sql.models import ROOT_ID
+from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.models import snapshots_table as snapshots
+from polystore.errors import NotFoundError, SerializationError
+
+if TYPE_CHECKING:
+    from polystore.arrays import LazyArray
+
+__all__ = [
+    "Change",
+    "Snapshot",
+    "SnapshotView",
+    "delete",
+    "diff",
+    "list_snapshots",
+    "restore",
+    "take",
+]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A kept snapshot of a catalog (:meth:`SQLBackend.snapshot`)."""
+
+    id: int
+    #: Unique in the catalog, or None (then the snapshot is known by its id).
+    name: str | None
+    created_at: dt.datetime
+    message: str | None = None
+    #: The epoch it sees: every node row written at this epoch or before.
+    epoch: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """A file that differs between two states of a catalog (:meth:`SQLBackend.diff`)."""
+
+    path: str
+    change: Literal["added", "deleted", "modified"]
+
+
+SnapshotRef = Snapshot | str | int
+
+
+def _snapshot(row: Any) -> Snapshot:
+    return Snapshot(
+        id=int(row.id),
+        name=row.name,
+        created_at=tree.as_utc(row.created_at),  # type: ignore[arg-type]
+        message=row.message,
+        epoch=int(row.epoch),
+    )
+
+
+def find(conn: Connection, ref: SnapshotRef, *, lock: bool = False) -> Snapshot:
+    """The kept snapshot ``ref`` names (a :class:`Snapshot`, a name or an id).
+
+    ``lock`` (PostgreSQL): keep it from being deleted until this transaction
+    ends, so the old versions it sees stay while they are read and written back.
+    """
+    stmt = sa.select(snapshots)
+    if isinstance(ref, Snapshot):
+        stmt = stmt.where(snapshots.c.id == ref.id)
+    elif isinstance(ref, bool) or not isinstance(ref, (str, int)):
+        raise TypeError(f"a snapshot is a Snapshot, a name or an id, not {ref!r}")
+    elif isinstance(ref, int):
+        stmt = stmt.where(snapshots.c.id == ref)
+    else:
+        stmt = stmt.where(snapshots.c.name == ref)
+    if lock and conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(key_share=True)
+    row = conn.execute(stmt).first()
+    if row is None:
+        raise NotFoundError(f"no snapshot {ref.name if isinstance(ref, Snapshot) else ref!r}")
+    return _snapshot(row)
+
+
+def take(catalog: Catalog, name: str | None, message: str | None) -> Snapshot:
+    """Record a snapshot of the catalog as it is now; see :meth:`SQLBackend.snapshot`."""
+    if name is not None and (not isinstance(name, str) or not name or "\x00" in name):
+        raise ValueError(f"a snapshot name is a non-empty string without NUL, not {name!r}")
+    if message is not None and (not isinstance(message, str) or "\x00" in message):
+        raise ValueError(f"a snapshot message is a string without NUL, not {message!r}")
+
+    def work(conn: Connection) -> Snapshot:
+        if (
+            name is not None
+            and conn.execute(sa.select(snapshots.c.id).where(snapshots.c.name == name)).first()
+        ):
+            raise already_exists(f"snapshot {name}")
+        epoch = epochs.close_epoch(conn)
+        row = conn.execute(
+            snapshots.insert()
+            .values(name=name, epoch=epoch, created_at=utcnow(), message=message)
+            .returning(*snapshots.c)
+        ).one()
+        return _snapshot(row)
+
+    return catalog.write(work)
+
+
+def list_snapshots(catalog: Catalog) -> list[Snapshot]:
+    """Every kept snapshot, oldest first."""
+    rows = catalog.read(
+        lambda conn: list(conn.execute(sa.select(snapshots).order_by(snapshots.c.epoch)))
+    )
+    return [_snapshot(row) for row in rows]
+
+
+def delete(catalog: Catalog, ref: SnapshotRef) -> None:
+    """Forget a snapshot, and the old versions only it could see (their content goes at ``gc()``)."""
+
+    def work(conn: Connection) -> None:
+        snap = find(conn, ref)
+        conn.execute(snapshots.delete().where(snapshots.c.id == snap.id))
+        history.prune(conn, snap.epoch)
+
+    catalog.write(work)
+
+
+# -- reading at a snapshot -------------------------------------------------------------
+
+
+class SnapshotView(ReadOnlyBackend):
+    """The catalog as it was at a snapshot: every read answers as then, every write is refused.
+
+    Returned by :meth:`SQLBackend.at`. Each call reads one consistent state
+    of the catalog and first checks that the snapshot is still kept (a deleted
+    one raises :class:`~polystore.errors.NotFoundError`).
+    """
+
+    def __init__(self, backend: Any, snapshot: Snapshot) -> None:
+        # (``backend``: the SQLBackend; not imported, nothing below the facade does)
+        self._backend = backend
+        self._catalog: Catalog = backend._catalog
+        #: The snapshot this view reads.
+        self.snapshot = snapshot
+        self._epoch = snapshot.epoch
+
+    def __repr__(self) -> str:
+        label = self.snapshot.name if self.snapshot.name is not None else self.snapshot.id
+        return f"{self._backend!r}.at({label!r})"
+
+    def _read(self, work: Any) -> Any:
+        def checked(conn: Connection) -> Any:
+            find(conn, self.snapshot)
+            return work(conn)
+
+        return self._catalog.read(checked, snapshot=True)
+
+    def _resolve(self, norm: str, *, with_content: bool = False) -> Any:
+        return self._read(
+            lambda conn: history.resolve(conn, self._epoch, norm, with_content=with_content)
+        )
+
+    # -- inspecting --------------------------------------------------------------
+
+    def _kind(self, path: str) -> str | None:
+        row = self._resolve(paths.normalize(path))
+        return None if row is None else str(row.kind)
+
+    def exists(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) is not None
+
+    def is_file(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) == "file"
+
+    def is_dir(self, path: str) -> bool:
+        # docstring inherited
+        return self._kind(path) == "dir"
+
+    def open_array(self, path: str) -> LazyArray:
+        """A lazy view of the array ``path`` held at the snapshot (see :mod:`polystore.arrays`).
+
+        It reads that content by its hash, which the kept snapshot keeps from
+        ``gc()``; it pickles as the backend does.
+        """
+        from polystore.backends.sql.ranges import open_array
+
+        def resolve(conn: Connection, norm: str) -> Any:
+            find(conn, self.snapshot)
+            return history.resolve(conn, self._epoch, norm)
+
+        return open_array(self._backend, path, resolve)
+
+    def stat(self, path: str) -> StatResult:
+        # docstring inherited
+        norm = paths.normalize(path)
+
+        def work(conn: Connection) -> tuple[Any, str | None]:
+            row = history.resolve(conn, self._epoch, norm)
+            if row is None or row.blob_hash is None:
+                return row, None
+            return row, _stores(conn, [row.blob_hash]).get(row.blob_hash)
+
+        row, store = self._read(work)
+        if row is None:
+            raise not_found(norm)
+        result: StatResult = self._backend._stat_result(norm, row, store)
+        return result
+
+    def _dir(self, conn: Connection, norm: str) -> Any:
+        row = history.resolve(conn, self._epoch, norm)
+        if row is None:
+            raise not_found(norm)
+        if row.kind != "dir":
+            raise not_a_directory(norm)
+        return row
+
+    def list_dir(self, path: str) -> list[str]:
+        # docstring inherited
+        norm = paths.normalize(path)
+        found = self._list_fast(norm)
+        if found is not None:
+            return found
+
+        def work(conn: Connection) -> list[str]:
+            dir_id = int(self._dir(conn, norm).id)
+            rows = history.children(conn, self._epoch, [dir_id], columns=("name",))
+            return sorted(row.name for row in rows)
+
+        return self._read(work)  # type: ignore[no-any-return]
+
+    def _list_fast(self, norm: str) -> list[str] | None:
+        """``list_dir`` on the read fast path (:mod:`.fast`), or None where it is unavailable.
+
+        The directory's id is read first, in a transaction of its own: what a
+        kept snapshot sees never changes, so it is still right when its names
+        are read, in a second one that also checks the snapshot is still kept.
+        """
+        if self._catalog.in_transaction:
+            return None
+        dir_id = int(self._read(lambda conn: self._dir(conn, norm)).id)
+        fast = self._backend._fast
+        dialect = self._catalog.dialect
+        e = self._epoch
+        with fast.snapshot() as ok:
+            if not ok:
+                return None
+            kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
+            if kept is None:
+                return None
+            if not kept:
+                raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
+            rows = fast.fetch_raw(history.names_sql(dialect), [dir_id, e, dir_id, e, e])
+        return None if rows is None else [name for (name,) in rows]
+
+    def list_files(
+        self,
+        directory: str = "",
+        pattern: str | None = None,
+        extensions: Any = None,
+        recursive: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        # docstring inherited
+        norm = paths.normalize(directory)
+        exts = paths.normalize_extensions(extensions)
+        columns = ("id", "parent_id", "name", "kind")
+
+        def work(conn: Connection) -> list[str]:
+            root = self._dir(conn, norm)
+            if recursive:
+                found = history.walk(conn, self._epoch, root, columns)
+                return [rel for rel, row in found if row.kind == "file"]
+            rows = history.children(conn, self._epoch, [int(root.id)], files_only=True)
+            return [row.name for row in rows]
+
+        return sorted(
+            paths.join(norm, rel)
+            for rel in self._read(work)
+            if paths.match_name(rel.rpartition("/")[2], pattern, exts)
+        )
+
+    def query(
+        self,
+        *,
+        under: str = "",
+        kind: str | None = None,
+        serializer: str | None = None,
+        dtype: str | None = None,
+        attrs: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[StatResult]:
+        """:meth:`SQLBackend.query` as at the snapshot: the same filters, the same results."""
+        if kind is not None and kind not in ("file", "dir"):
+            raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
+        wanted = _attrs_filter(attrs)
+        norm = paths.normalize(under)
+
+        def work(conn: Connection) -> list[tuple[str, Any, str | None]]:
+            found = history.walk(conn, self._epoch, self._dir(conn, norm))
+            stores = _stores(conn, [row.blob_hash for _, row in found if row.blob_hash])
+            return [(rel, row, stores.get(row.blob_hash)) for rel, row in found]
+
+        results = []
+        for rel, row, store in sorted(self._read(work), key=lambda item: item[0]):
+            if kind is not None and row.kind != kind:
+                continue
+            if serializer is not None and row.serializer != serializer:
+                continue
+            if dtype is not None and row.dtype != str(dtype):
+                continue
+            if wanted and not _attrs_match(row.attrs, wanted):
+                continue
+            results.append(self._backend._stat_result(paths.join(norm, rel), row, store))
+            if limit is not None and len(results) >= limit:
+                break
+        return results
+
+    def iter_dir(self, path: str = "", *, page_size: int = 1000) -> Iterator[str]:
+        """The names in directory ``path``, in code-point order (:meth:`SQLBackend.iter_dir`)."""
+        yield from self.list_dir(path)
+
+    # -- loading -------------------------------------------------------------------
+
+    def load(self, file_path: str, **kwargs: Any) -> Any:
+        # docstring inherited
+        if kwargs:
+            raise TypeError(f"load() got unexpected keyword arguments {sorted(kwargs)}")
+        norm = paths.normalize_file(file_path)
+        loader = self._loader()
+        return loader.decode_row(self._resolve(norm, with_content=True), norm)
+
+    def _loader(self) -> Any:
+        backend = self._backend
+        backend._loader.use(backend.serializers, backend.allow_pickle)
+        return backend._loader
+
+    def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
+        """Load every path in order, as at the snapshot, from one consistent read."""
+        if kwargs:
+            raise TypeError(f"load_batch() got unexpected keyword arguments {sorted(kwargs)}")
+        norm = paths.normalize_files(file_paths)
+        by_parent: dict[str, list[str]] = defaultdict(list)
+        for path in dict.fromkeys(norm):
+            parent, _, name = path.rpartition("/")
+            by_parent[parent].append(name)
+        rows = self._lean_fast(by_parent)
+        if rows is None:
+            rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
+        values = self._decode_lean(rows)
+        for path in norm:
+            if path not in values:
+                raise not_found(path)
+        return [values[path] for path in norm]
+
+    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[Any]]]:
+        dialect = self._catalog.dialect
+        e = self._epoch
+        for part in tree.chunks(names):
+            named: list[Any] = ["/".join(part)] if dialect == "postgresql" else list(part)
+            args = [parent_id, *named, e, parent_id, *named, e, e]
+            yield history.lean_children_sql(dialect, len(part)), args
+
+    def _lean_rows(self, conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, Any]:
+        """``path -> lean row`` (:func:`.history.lean_children_sql`) of the named files."""
+        found: dict[str, Any] = {}
+        for parent, names in by_parent.items():
+            row = history.resolve(conn, self._epoch, parent)
+            if row is None or row.kind != "dir":
+                continue
+            prefix = f"{parent}/" if parent else ""
+            for sql, args in self._lean_queries(int(row.id), names):
+                for lean in conn.exec_driver_sql(sql, tuple(args)):
+                    found[prefix + lean[3]] = lean
+        return found
+
+    def _lean_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
+        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`); None where unavailable."""
+        if self._catalog.in_transaction:
+            return None
+        fast = self._backend._fast
+        dialect = self._catalog.dialect
+        e = self._epoch
+        child = history.child_sql(dialect)
+        found: dict[str, Any] = {}
+        with fast.snapshot() as ok:
+            if not ok:
+                return None
+            kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
+            if kept is None:
+                return None
+            if not kept:
+                raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
+            for parent, names in by_parent.items():
+                parent_id: int | None = ROOT_ID
+                for name in paths.split_parts(parent):
+                    rows = fast.fetch_raw(child, [parent_id, name, e, parent_id, name, e, e])
+                    if rows is None:
+                        return None
+                    parent_id = rows[0][0] if rows and rows[0][1] == "dir" else None
+                    if parent_id is None:
+                        break
+                if parent_id is None:
+                    continue
+                prefix = f"{parent}/" if parent else ""
+                for sql, args in self._lean_queries(parent_id, names):
+                    rows = fast.fetch_raw(sql, args)
+                    if rows is None:
+                        return None
+                    for lean in rows:
+                        found[prefix + lean[3]] = lean
+        return found
+
+    def _decode_lean(self, rows: dict[str, Any]) -> dict[str, Any]:
+        """Decode lean rows: small inline files a kind at a time, the others from full rows."""
+        loader = self._loader()
+        verify = self._backend._reader.verify_inline
+        groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
+        closer: list[str] = []
+        values: dict[str, Any] = {}
+        for path, (kind_id, size, data, _) in rows.items():
+            if kind_id is None or data is None or verify or len(data) != size:
+                closer.append(path)
+                continue
+            group = groups.get(kind_id)
+            if group is None:
+                group = groups[kind_id] = ([], [], [])
+            group[0].append(path)
+            group[1].append(data)
+            group[2].append(size)
+        for kind_id, (names, datas, sizes) in groups.items():
+            decoded = loader.decode_inline(kind_id, datas, max(sizes))
+            if decoded is None:
+                closer.extend(names)
+            else:
+                values.update(zip(names, decoded, strict=True))
+        for path in closer:
+            values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
+        return values
+
+
+def _stores(conn: Connection, hashes: Iterable[str]) -> dict[str, str]:
+    blobs = tree.blobs
+    found: dict[str, str] = {}
+    for part in tree.chunks(sorted(set(hashes))):
+        stmt = sa.select(blobs.c.hash, blobs.c.store).where(blobs.c.hash.in_(part))
+        found.update((h, store) for h, store in conn.execute(stmt))
+    return found
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _attrs_filter(attrs: dict[str, Any] | None) -> dict[str, Any]:
+    for key, value in (attrs or {}).items():
+        if not isinstance(key, str) or not isinstance(value, _SCALARS):
+            raise SerializationError(
+                f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
+            )
+        strict_json({key: value}, f"attrs filter {key!r}")
+    return dict(attrs or {})
+
+
+def _attrs_match(attrs: Any, wanted: dict[str, Any]) -> bool:
+    """Whether ``attrs`` holds every wanted key with that value, of that JSON type."""
+    if not isinstance(attrs, dict):
+        return False
+    missing = object()
+    for key, value in wanted.items():
+        held = attrs.get(key, missing)
+        if held is missing or type(held) is not type(value) or held != value:
+            return False
+    return True
+
+
+# -- diff ------------------------------------------------------------------------------
+
+
+def diff(
+    catalog: Catalog, old: SnapshotRef, new: SnapshotRef | None, path: str = ""
+) -> list[Change]:
+    """Files added, deleted and modified from ``old`` to ``new`` (None: now), by path."""
+    norm = paths.normalize(path)
+
+    def work(conn: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
+        first = find(conn, old).epoch
+        second = None if new is None else find(conn, new).epoch
+        if second is None or first < second:
+            return changed_files(conn, first, second)
+        if first == second:
+            return {}, {}
+        after, before = changed_files(conn, second, first)  # (backwards in time)
+        return before, after
+
+    found = catalog.read(work, snapshot=True)
+    before, after = ({p: v for p, v in side.items() if _under(p, norm)} for side in found)
+    changes = [Change(p, "deleted") for p in before.keys() - after.keys()]
+    changes += [Change(p, "added") for p in after.keys() - before.keys()]
+    changes += [
+        Change(p, "modified") for p in before.keys() & after.keys() if before[p] != after[p]
+    ]
+    return sorted(changes)
+
+
+def _under(path: str, norm: str) -> bool:
+    return not norm or path == norm or path.startswith(norm + "/")
+
+
+# -- restore ---------------------------------------------------------------------------
+
+#: The columns restore writes back (everything but where the node is).
+_CONTENT = tuple(c for c in history.COLUMNS if c not in ("id", "parent_id", "name"))
+
+
+def restore(catalog: Catalog, ref: SnapshotRef, path: str = "") -> None:
+    """Make ``path`` what it was at the snapshot, in one write transaction; see :meth:`SQLBackend.restore`."""
+    norm = paths.normalize(path)
+    catalog.write(lambda conn: _restore(conn, ref, norm))
+
+
+def _restore(conn: Connection, ref: SnapshotRef, norm: str) -> None:
+    epoch = epochs.current(conn)  # (before any lock: see epochs.py)
+    snap = find(conn, ref, lock=True)
+    # Like a directory move or delete: queue, then look the path up as it is now.
+    tree.bump_version(conn)
+    old = history.resolve(conn, snap.epoch, norm)
+    live = tree.resolve(conn, norm)
+    if old is None:
+        if live is not None:
+            edit.delete(conn, norm, recursive=True)
+        return
+    if live is not None and live.kind != old.kind:
+        edit.delete(conn, norm, recursive=True)
+        live = None
+    refs: Counter[str] = Counter()
+    released: Counter[str] = Counter()
+    if live is None:
+        parent, name = paths.split(norm)
+        parent_id = tree.ensure_dirs(conn, parent, utcnow(), tree.DirCache())
+        new_id = _insert(conn, [(old, parent_id, name)], epoch, refs)[0]
+        if old.kind == "dir":
+            _insert_tree(conn, snap.epoch, old, new_id, {}, epoch, refs)
+    elif old.kind == "file":
+        _update(conn, live, old, epoch, refs, released)
+    else:
+        _reconcile(conn, snap.epoch, old, live, epoch, refs, released)
+    if conn.dialect.name == "postgresql":
+        lock_blobs(conn, refs.keys() | released.keys())
+    add_references(conn, refs)
+    release_blobs(conn, released)
+
+
+def _values(row: Any, parent_id: int, name: str, epoch: int) -> dict[str, Any]:
+    values = {c: getattr(row, c) for c in _CONTENT}
+    return values | {"parent_id": parent_id, "name": name, "epoch": epoch}
+
+
+def _insert(
+    conn: Connection, rows: Sequence[tuple[Any, int, str]], epoch: int, refs: Counter[str]
+) -> list[int]:
+    """Insert old ``(row, parent id, name)`` as new live rows; their new ids, in order."""
+    if not rows:
+        return []
+    ids = (
+        conn.execute(
+            nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
+            [_values(row, parent_id, name, epoch) for row, parent_id, name in rows],
+        )
+        .scalars()
+        .all()
+    )
+    refs.update(row.blob_hash for row, _, _ in rows if row.blob_hash is not None)
+    return [int(i) for i in ids]
+
+
+def _insert_tree(
+    conn: Connection,
+    at: int,
+    old_root: Any,
+    new_root: int,
+    skip: dict[str, Any],
+    epoch: int,
+    refs: Counter[str],
+) -> None:
+    """Insert what was under ``old_root`` at epoch ``at`` under live directory ``new_root``.
+
+    ``skip``: relative paths already live (kept, not inserted); a directory
+    among them maps to its live id. Level by level, parents first.
+    """
+    new_ids = {int(old_root.id): new_root}
+    level = [int(old_root.id)]
+    rel_of = {int(old_root.id): ""}
+    while level:
+        kids = history.children(conn, at, level)
+        todo = []
+        below = []
+        for kid in kids:
+            rel = paths.join(rel_of[kid.parent_id], kid.name)
+            rel_of[int(kid.id)] = rel
+            if kid.kind == "dir":
+                below.append(int(kid.id))
+            kept = skip.get(rel)
+            if kept is not None:
+                new_ids[int(kid.id)] = int(kept.id)
+                continue
+            todo.append((kid, new_ids[kid.parent_id], kid.name))
+        for (kid, _, _), new_id in zip(todo, _insert(conn, todo, epoch, refs), strict=True):
+            new_ids[int(kid.id)] = new_id
+        level = below
+
+
+def _differs(live: Any, old: Any) -> bool:
+    return any(getattr(live, c) != getattr(old, c) for c in _CONTENT)
+
+
+def _update(
+    conn: Connection, live: Any, old: Any, epoch: int, refs: Counter[str], released: Counter[str]
+) -> None:
+    """Give live node ``live`` the columns ``old`` had (it keeps its id and place)."""
+    if not _differs(live, old):
+        return
+    values = {c: getattr(old, c) for c in _CONTENT} | {"epoch": epoch}
+    conn.execute(nodes.update().where(nodes.c.id == live.id).values(values))
+    if old.blob_hash is not None:
+        refs[old.blob_hash] += 1
+    if live.blob_hash is not None:
+        released[live.blob_hash] += 1
+
+
+def _reconcile(
+    conn: Connection,
+    at: int,
+    old_root: Any,
+    live_root: Any,
+    epoch: int,
+    refs: Counter[str],
+    released: Counter[str],
+) -> None:
+    """Make live directory ``live_root`` hold what ``old_root`` held at epoch ``at``."""
+    tree.lock_subtree(conn, live_root)
+    _update(conn, live_root, old_root, epoch, refs, released)
+    before = dict(history.walk(conn, at, old_root))
+    now = dict(history.walk(conn, None, live_root))
+    gone = {
+        rel: row for rel, row in now.items() if rel not in before or before[rel].kind != row.kind
+    }
+    # Files first (each releases its content), then directories: emptied,
+    # they go with ON DELETE CASCADE from the topmost one down.
+    doomed = sorted(int(row.id) for row in gone.values() if row.kind == "file")
+    for part in tree.chunks(doomed):
+        released.update(
+            conn.execute(
+                nodes.delete().where(nodes.c.id.in_(part)).returning(nodes.c.blob_hash)
+            ).scalars()
+        )
+    dirs = sorted(int(row.id) for row in gone.values() if row.kind == "dir")
+    for part in tree.chunks(dirs):
+        conn.execute(nodes.delete().where(nodes.c.id.in_(part)))
+    kept = {rel: row for rel, row in now.items() if rel not in gone}
+    for rel, row in kept.items():
+        _update(conn, row, before[rel], epoch, refs, released)
+    _insert_tree(conn, at, old_root, int(live_root.id), kept, epoch, refs)
