@@ -1,6 +1,6 @@
 """polystore against the tools a user would otherwise pick, on the same workloads.
 
-    python benchmarks/peers.py                 # full sizes, ~10-15 minutes here
+    python benchmarks/peers.py                 # full sizes, 8-10 minutes here
     python benchmarks/peers.py --quick         # small sizes, a smoke test, well under a minute
     python benchmarks/peers.py --repeat 5 --workdir /scratch
 
