@@ -48,6 +48,11 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# polystore against np.save files, h5py, diskcache and zarr (pip install -e ".[bench]").
+.PHONY: peers
+peers: $(STAMP)
+	$(PY) benchmarks/peers.py
+
 # The wheel must carry the migrations: install it into a throwaway venv and
 # upgrade a catalog from outside the checkout.
 wheel-check: $(STAMP)
