@@ -56,6 +56,9 @@ _COUNT_KINDS = (
 )
 #: Kinds each backend knows (what an id means: a few short strings each).
 _MAX_KINDS = 1 << 16
+#: The buffer external content is read into, by serializer (see
+#: :meth:`.ContentReader.read`): one the built-in decoder keeps without a copy.
+_BUFFERS = {"bytes": "bytes", "ndarray": "ndarray"}
 #: Directory ids each backend keeps for single loads.
 _MAX_DIRS = 4096
 
@@ -158,8 +161,8 @@ class Loader:
     def _decode(self, row: Any, path: str) -> Any:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
         shape, meta = json_column(path, row, "shape"), json_column(path, row, "meta")
-        as_bytes = row.serializer == "bytes"
-        data = self._content(row.store, row.size, row.blob_hash, row.data, path, as_bytes)
+        into = _BUFFERS.get(row.serializer, "bytearray")
+        data = self._content(row.store, row.size, row.blob_hash, row.data, path, into)
         full = _decoder_meta(meta, shape, row.dtype)
         return self.serializers.decode(row.serializer, data, full, allow_pickle=self.allow_pickle)
 
@@ -194,7 +197,7 @@ class Loader:
         blob_hash: str,
         data: Any,
         path: str,
-        as_bytes: bool = False,
+        into: str = "bytearray",
     ) -> Any:
         """The verified content of file ``path`` (see :meth:`.ContentReader.content`).
 
@@ -203,7 +206,7 @@ class Loader:
         """
         if store is not None and store != INLINE and not is_content_hash(blob_hash):
             raise damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
-        return self._reader.content(store, size, blob_hash, data, path, as_bytes=as_bytes)
+        return self._reader.content(store, size, blob_hash, data, path, into=into)
 
     def use(self, serializers: SerializerRegistry, allow_pickle: bool) -> None:
         """Decode with these (the backend's, as they are now); drop cached decoders if they changed."""
@@ -331,8 +334,8 @@ class Loader:
         # (the decoder first: no content is read for a file the slow path must load)
         decode = self._decoders.get(kind_id) or self._decoder_for(kind_id, many=False)
         if store != INLINE or data is None or self._reader.verify_inline or len(data) != size:
-            as_bytes = self._kind_defs.get(kind_id, ("",))[0] == "bytes"
-            data = self._content(store, size, blob_hash, data, path, as_bytes)
+            into = _BUFFERS.get(self._kind_defs.get(kind_id, ("",))[0], "bytearray")
+            data = self._content(store, size, blob_hash, data, path, into)
         return decode(data)
 
     @staticmethod
