@@ -214,6 +214,36 @@ def test_local_store_layout_and_atomic_writes(tmp_path: Path) -> None:
     assert {(o.key, o.hash) for o in store.scan()} == {(hash_key(h), h), ("notes.txt", None)}
 
 
+def test_local_delete_removes_emptied_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "store")
+    one, two = b"one", b"two"
+    h1, h2 = hashlib.sha256(one).hexdigest(), hashlib.sha256(two).hexdigest()
+    store.put(h1, [one], 3)
+    store.put(h2, [two], 3)
+    twin = h1[:2] + "f" * 62  # another object in h1's shard
+    store.put(twin, [b"x"], 1)
+    store.delete([h1, h2])
+    assert store.path(h1).parent.is_dir()  # twin is still there
+    assert not store.path(h2).parent.exists()
+    store.delete([twin])
+    assert not store.path(h1).parent.exists()
+    # A writer whose shard is removed between making it and writing makes it again.
+    made = LocalBlobStore._make_shard
+    calls: list[Path] = []
+
+    def racing(self: LocalBlobStore, shard: Path) -> None:
+        made(self, shard)
+        calls.append(shard)
+        if len(calls) == 1:
+            shard.rmdir()  # a concurrent delete() emptied and removed it
+
+    monkeypatch.setattr(LocalBlobStore, "_make_shard", racing)
+    assert store.put(h1, [one], 3)
+    assert len(calls) == 2 and store.get(h1) == one
+
+
 def test_from_url(tmp_path: Path) -> None:
     store = from_url(f"file://{tmp_path}/a%20b?fsync=false&name=mine")
     assert isinstance(store, LocalBlobStore)

@@ -1143,6 +1143,8 @@ def test_untrusted_object_is_verified_before_it_is_relied_on(
     # An intact object with no blob row is used as it is (no second upload).
     sql.delete("b.bin")
     sql.gc(grace=0)
+    assert not target.parent.exists()  # gc removes the shard folder it emptied
+    target.parent.mkdir()
     target.write_bytes(good)
     before = target.stat().st_ino
     sql.save(content, "c.bin")

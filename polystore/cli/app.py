@@ -14,6 +14,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sys
@@ -246,6 +247,22 @@ def plain_text(text: str) -> str:
     return _ROLE.sub(lambda m: m[1].rpartition(".")[2] if "~" in m[0] else m[1], text)
 
 
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a KeyboardInterrupt (Ctrl-C).
+
+    A Ctrl-C inside a database driver can leave the connection mid-command,
+    and the rollback that follows then fails with an error of its own: that
+    error is still the Ctrl-C's doing.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class PlainHelpFormatter(click.HelpFormatter):
     """Writes help text and option descriptions without reStructuredText markup."""
 
@@ -282,19 +299,21 @@ class PolystoreGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
+        except BaseException as exc:
             state = ctx.find_object(State)
-            note = state.interrupted_note if state is not None else None
-            # On a terminal, a new line first: ^C was echoed where the cursor was.
-            start = "\n" if sys.stderr.isatty() else ""
-            click.echo(f"{start}interrupted{': ' + note if note else ''}", err=True)
-            raise click.exceptions.Exit(130) from None
-        except Exception as exc:
+            debug = state is not None and state.debug
+            if interrupted(exc) and not debug:
+                note = state.interrupted_note if state is not None else None
+                # On a terminal, a new line first: ^C was echoed where the cursor was.
+                start = "\n" if sys.stderr.isatty() else ""
+                click.echo(f"{start}interrupted{': ' + note if note else ''}", err=True)
+                raise click.exceptions.Exit(130) from None
+            if not isinstance(exc, Exception):
+                raise
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 raise  # `polystore ls | head`: click exits quietly
-            state = ctx.find_object(State)
             message = describe_user_error(exc)
-            if message is None or (state is not None and state.debug):
+            if message is None or debug:
                 raise
             raise click.ClickException(message) from exc
 
@@ -348,4 +367,9 @@ def main(
         from polystore.cli.snapshots import check_at
 
         check_at(ctx)
+    if not debug:
+        # SQLAlchemy logs what it swallows (a Ctrl-C while a connection goes
+        # back to its pool) with a traceback; errors reach the user as one
+        # line instead (--debug shows everything).
+        logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
     ctx.call_on_close(state.close)

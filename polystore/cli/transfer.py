@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from polystore import paths
-from polystore.cli.app import State, main, pass_state, url_option
+from polystore.cli.app import State, interrupted, main, pass_state, url_option
 from polystore.cli.complete import complete_catalog_path
 from polystore.cli.globs import Filters, expand_all, has_magic
 from polystore.cli.localfiles import (
@@ -347,7 +347,7 @@ def put(
                 "finish (unchanged files are skipped)"
             )
             state.interrupted_note = message
-            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            if not interrupted(sys.exc_info()[1]):
                 note(state, message)
         raise
     if tally.big_inline and backend is not None and backend.blob_store is not None:
