@@ -166,6 +166,19 @@ def test_lazy_arrays_at_a_snapshot(catalog_url: str, tmp_path: Path, inline_limi
             backend.at(snap)
 
 
+def test_content_streams_as_at_a_snapshot(backend: SQLBackend) -> None:
+    """What ``polystore get --at`` streams for large bytes: the old content, in chunks."""
+    old = bytes(range(256)) * 40
+    backend.save(old, "big.bin")
+    snap = backend.snapshot("s")
+    backend.save(b"new", "big.bin")
+    view = backend.at(snap)
+    assert b"".join(view.iter_content("big.bin", chunk_size=1000)) == old
+    assert view.serializers is backend.serializers
+    with pytest.raises(NotFoundError):
+        list(view.iter_content("missing.bin"))
+
+
 def test_every_write_at_a_snapshot_is_refused(backend: SQLBackend) -> None:
     fill(backend)
     view = backend.at(backend.snapshot("s"))

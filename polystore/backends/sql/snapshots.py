@@ -218,11 +218,29 @@ class SnapshotView(ReadOnlyBackend):
         """
         from polystore.backends.sql.ranges import open_array
 
-        def resolve(conn: Connection, norm: str) -> Any:
-            find(conn, self.snapshot)
-            return history.resolve(conn, self._epoch, norm)
+        return open_array(self._backend, path, self._resolve_in)
 
-        return open_array(self._backend, path, resolve)
+    def iter_content(self, file_path: str, *, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+        """:meth:`SQLBackend.iter_content <polystore.SQLBackend.iter_content>`, as at the snapshot."""
+        from polystore.backends.sql.stream import iter_content
+
+        return iter_content(
+            self._catalog,
+            self._backend.blob_store,
+            file_path,
+            chunk_size=chunk_size,
+            resolve=self._resolve_in,
+        )
+
+    @property
+    def serializers(self) -> Any:
+        """The backend's serializers (what ``get`` compares local files with)."""
+        return self._backend.serializers
+
+    def _resolve_in(self, conn: Connection, norm: str) -> Any:
+        """The row at ``norm`` as at the snapshot (which must still be kept), or None."""
+        find(conn, self.snapshot)
+        return history.resolve(conn, self._epoch, norm)
 
     def stat(self, path: str) -> StatResult:
         # docstring inherited

@@ -191,11 +191,11 @@ def save_file(
     )
 
 
-def _locate(catalog: Catalog, norm: str) -> tuple[str, int, str]:
-    """``(hash, size, store)`` of the content of file ``norm``."""
+def _locate(catalog: Catalog, norm: str, resolve: Any) -> tuple[str, int, str]:
+    """``(hash, size, store)`` of the content of file ``norm``, found by ``resolve``."""
 
     def work(conn: Any) -> tuple[str, int, str] | None:
-        row = tree.resolve(conn, norm, with_content=False)
+        row = resolve(conn, norm)
         if row is None:
             return None
         if row.kind != "file":
@@ -230,14 +230,17 @@ def iter_content(
     path: str,
     *,
     chunk_size: int = CHUNK_SIZE,
+    resolve: Any = tree.resolve,
 ) -> Iterator[bytes]:
     """The stored content of file ``path``, ``chunk_size`` bytes at a time, hash-checked.
 
     Raises :class:`~polystore.errors.IntegrityError` (before the last chunk)
     when the content read does not match the catalog's size and hash.
+    ``resolve(conn, path)`` finds the file's row: the live catalog's by
+    default, a snapshot's for a view of one.
     """
     norm = paths.normalize_file(path)
-    content_hash, size, where = _locate(catalog, norm)
+    content_hash, size, where = _locate(catalog, norm, resolve)
     hasher = hashlib.sha256()
     done = 0
 
