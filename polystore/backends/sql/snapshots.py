@@ -360,10 +360,18 @@ class SnapshotView(ReadOnlyBackend):
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")
             by_parent[parent].append(name)
-        rows = self._lean_fast(by_parent)
-        if rows is None:
+        # Chunk by chunk as the rows arrive, as a live batch load decodes:
+        # the bytes of one chunk at a time are held twice, not the batch's.
+        values: dict[str, Any] = {}
+        closer: list[str] = []
+        if not self._lean_fast(by_parent, values, closer):
+            values.clear()
+            closer.clear()
             rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
-        values = self._decode_lean(rows)
+            self._decode_lean(rows, values, closer)
+        loader = self._loader()
+        for path in closer:
+            values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
         for path in norm:
             if path not in values:
                 raise not_found(path)
@@ -390,21 +398,23 @@ class SnapshotView(ReadOnlyBackend):
                     found[prefix + lean[3]] = lean
         return found
 
-    def _lean_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
-        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`); None where unavailable."""
+    def _lean_fast(
+        self, by_parent: dict[str, list[str]], values: dict[str, Any], closer: list[str]
+    ) -> bool:
+        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`), each chunk decoded
+        (:meth:`_decode_lean`) as it arrives; False where the fast path is unavailable."""
         if self._catalog.in_transaction:
-            return None
+            return False
         fast = self._backend._fast
         dialect = self._catalog.dialect
         e = self._epoch
         child = history.child_sql(dialect)
-        found: dict[str, Any] = {}
         with fast.snapshot() as ok:
             if not ok:
-                return None
+                return False
             kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
             if kept is None:
-                return None
+                return False
             if not kept:
                 raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
             for parent, names in by_parent.items():
@@ -412,7 +422,7 @@ class SnapshotView(ReadOnlyBackend):
                 for name in paths.split_parts(parent):
                     rows = fast.fetch_raw(child, [parent_id, name, e, parent_id, name, e, e])
                     if rows is None:
-                        return None
+                        return False
                     parent_id = rows[0][0] if rows and rows[0][1] == "dir" else None
                     if parent_id is None:
                         break
@@ -422,18 +432,17 @@ class SnapshotView(ReadOnlyBackend):
                 for sql, args in self._lean_queries(parent_id, names):
                     rows = fast.fetch_raw(sql, args)
                     if rows is None:
-                        return None
-                    for lean in rows:
-                        found[prefix + lean[3]] = lean
-        return found
+                        return False
+                    self._decode_lean({prefix + lean[3]: lean for lean in rows}, values, closer)
+                    del rows
+        return True
 
-    def _decode_lean(self, rows: dict[str, Any]) -> dict[str, Any]:
-        """Decode lean rows: small inline files a kind at a time, the others from full rows."""
+    def _decode_lean(self, rows: dict[str, Any], values: dict[str, Any], closer: list[str]) -> None:
+        """Decode lean rows into ``values``: inline files of a known kind a kind at a
+        time; the paths of the others go to ``closer``, to be read in full."""
         loader = self._loader()
         verify = self._backend._reader.verify_inline
         groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
-        closer: list[str] = []
-        values: dict[str, Any] = {}
         for path, (kind_id, size, data, _) in rows.items():
             if kind_id is None or data is None or verify or len(data) != size:
                 closer.append(path)
@@ -450,9 +459,6 @@ class SnapshotView(ReadOnlyBackend):
                 closer.extend(names)
             else:
                 values.update(zip(names, decoded, strict=True))
-        for path in closer:
-            values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
-        return values
 
 
 def _stores(conn: Connection, hashes: Iterable[str]) -> dict[str, str]:
