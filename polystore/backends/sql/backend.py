@@ -658,7 +658,7 @@ class SQLBackend(StorageBackend):
 
         One transaction; content is not copied; everything outside ``path`` is untouched.
         """
-        from polystore.backends.sql.snapshots import restore
+        from polystore.backends.sql.restore import restore
 
         restore(self._catalog, snapshot, path)
 

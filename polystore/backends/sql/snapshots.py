@@ -11,13 +11,13 @@ kept snapshot can see them.
 * :class:`SnapshotView` -- ``SQLBackend.at(snapshot)``: every read as at the
   snapshot, every write refused;
 * :func:`diff` -- files added, deleted and modified between two epochs;
-* :func:`restore` -- one write transaction that makes a path what it was.
+* ``restore`` is in :mod:`.restore`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,12 +33,10 @@ from polystore.backends._common import (
     strict_json,
 )
 from polystore.backends.base import ReadOnlyBackend, StatResult
-from polystore.backends.sql import edit, epochs, history, tree
+from polystore.backends.sql import epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.changes import changed_files
-from polystore.backends.sql.content import add_references, lock_blobs, release_blobs
 from polystore.backends.sql.models import ROOT_ID
-from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.models import snapshots_table as snapshots
 from polystore.errors import NotFoundError, SerializationError
 
@@ -48,11 +46,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Change",
     "Snapshot",
+    "SnapshotRef",
     "SnapshotView",
     "delete",
     "diff",
+    "find",
     "list_snapshots",
-    "restore",
     "take",
 ]
 
@@ -395,10 +394,18 @@ class SnapshotView(ReadOnlyBackend):
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")
             by_parent[parent].append(name)
-        rows = self._lean_fast(by_parent)
-        if rows is None:
+        # Chunk by chunk as the rows arrive, as a live batch load decodes:
+        # the bytes of one chunk at a time are held twice, not the batch's.
+        values: dict[str, Any] = {}
+        closer: list[str] = []
+        if not self._lean_fast(by_parent, values, closer):
+            values.clear()
+            closer.clear()
             rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
-        values = self._decode_lean(rows)
+            self._decode_lean(rows, values, closer)
+        loader = self._loader()
+        for path in closer:
+            values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
         for path in norm:
             if path not in values:
                 raise not_found(path)
@@ -425,21 +432,23 @@ class SnapshotView(ReadOnlyBackend):
                     found[prefix + lean[3]] = lean
         return found
 
-    def _lean_fast(self, by_parent: dict[str, list[str]]) -> dict[str, Any] | None:
-        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`); None where unavailable."""
+    def _lean_fast(
+        self, by_parent: dict[str, list[str]], values: dict[str, Any], closer: list[str]
+    ) -> bool:
+        """:meth:`_lean_rows` on the read fast path (:mod:`.fast`), each chunk decoded
+        (:meth:`_decode_lean`) as it arrives; False where the fast path is unavailable."""
         if self._catalog.in_transaction:
-            return None
+            return False
         fast = self._backend._fast
         dialect = self._catalog.dialect
         e = self._epoch
         child = history.child_sql(dialect)
-        found: dict[str, Any] = {}
         with fast.snapshot() as ok:
             if not ok:
-                return None
+                return False
             kept = fast.fetch_raw(history.exists_sql(dialect), [self.snapshot.id])
             if kept is None:
-                return None
+                return False
             if not kept:
                 raise NotFoundError(f"no snapshot {self.snapshot.name or self.snapshot.id!r}")
             for parent, names in by_parent.items():
@@ -447,7 +456,7 @@ class SnapshotView(ReadOnlyBackend):
                 for name in paths.split_parts(parent):
                     rows = fast.fetch_raw(child, [parent_id, name, e, parent_id, name, e, e])
                     if rows is None:
-                        return None
+                        return False
                     parent_id = rows[0][0] if rows and rows[0][1] == "dir" else None
                     if parent_id is None:
                         break
@@ -457,18 +466,17 @@ class SnapshotView(ReadOnlyBackend):
                 for sql, args in self._lean_queries(parent_id, names):
                     rows = fast.fetch_raw(sql, args)
                     if rows is None:
-                        return None
-                    for lean in rows:
-                        found[prefix + lean[3]] = lean
-        return found
+                        return False
+                    self._decode_lean({prefix + lean[3]: lean for lean in rows}, values, closer)
+                    del rows
+        return True
 
-    def _decode_lean(self, rows: dict[str, Any]) -> dict[str, Any]:
-        """Decode lean rows: small inline files a kind at a time, the others from full rows."""
+    def _decode_lean(self, rows: dict[str, Any], values: dict[str, Any], closer: list[str]) -> None:
+        """Decode lean rows into ``values``: inline files of a known kind a kind at a
+        time; the paths of the others go to ``closer``, to be read in full."""
         loader = self._loader()
         verify = self._backend._reader.verify_inline
         groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
-        closer: list[str] = []
-        values: dict[str, Any] = {}
         for path, (kind_id, size, data, _) in rows.items():
             if kind_id is None or data is None or verify or len(data) != size:
                 closer.append(path)
@@ -485,9 +493,6 @@ class SnapshotView(ReadOnlyBackend):
                 closer.extend(names)
             else:
                 values.update(zip(names, decoded, strict=True))
-        for path in closer:
-            values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
-        return values
 
 
 def _stores(conn: Connection, hashes: Iterable[str]) -> dict[str, str]:
@@ -555,159 +560,3 @@ def diff(
 
 def _under(path: str, norm: str) -> bool:
     return not norm or path == norm or path.startswith(norm + "/")
-
-
-# -- restore ---------------------------------------------------------------------------
-
-#: The columns restore writes back (everything but where the node is).
-_CONTENT = tuple(c for c in history.COLUMNS if c not in ("id", "parent_id", "name"))
-
-
-def restore(catalog: Catalog, ref: SnapshotRef, path: str = "") -> None:
-    """Make ``path`` what it was at the snapshot, in one write transaction; see :meth:`SQLBackend.restore`."""
-    norm = paths.normalize(path)
-    catalog.write(lambda conn: _restore(conn, ref, norm))
-
-
-def _restore(conn: Connection, ref: SnapshotRef, norm: str) -> None:
-    epoch = epochs.current(conn)  # (before any lock: see epochs.py)
-    snap = find(conn, ref, lock=True)
-    # Like a directory move or delete: queue, then look the path up as it is now.
-    tree.bump_version(conn)
-    old = history.resolve(conn, snap.epoch, norm)
-    live = tree.resolve(conn, norm)
-    if old is None:
-        if live is not None:
-            edit.delete(conn, norm, recursive=True)
-        return
-    if live is not None and live.kind != old.kind:
-        edit.delete(conn, norm, recursive=True)
-        live = None
-    refs: Counter[str] = Counter()
-    released: Counter[str] = Counter()
-    if live is None:
-        parent, name = paths.split(norm)
-        parent_id = tree.ensure_dirs(conn, parent, utcnow(), tree.DirCache())
-        new_id = _insert(conn, [(old, parent_id, name)], epoch, refs)[0]
-        if old.kind == "dir":
-            _insert_tree(conn, snap.epoch, old, new_id, {}, epoch, refs)
-    elif old.kind == "file":
-        _update(conn, live, old, epoch, refs, released)
-    else:
-        _reconcile(conn, snap.epoch, old, live, epoch, refs, released)
-    if conn.dialect.name == "postgresql":
-        lock_blobs(conn, refs.keys() | released.keys())
-    add_references(conn, refs)
-    release_blobs(conn, released)
-
-
-def _values(row: Any, parent_id: int, name: str, epoch: int) -> dict[str, Any]:
-    values = {c: getattr(row, c) for c in _CONTENT}
-    return values | {"parent_id": parent_id, "name": name, "epoch": epoch}
-
-
-def _insert(
-    conn: Connection, rows: Sequence[tuple[Any, int, str]], epoch: int, refs: Counter[str]
-) -> list[int]:
-    """Insert old ``(row, parent id, name)`` as new live rows; their new ids, in order."""
-    if not rows:
-        return []
-    ids = (
-        conn.execute(
-            nodes.insert().returning(nodes.c.id, sort_by_parameter_order=True),
-            [_values(row, parent_id, name, epoch) for row, parent_id, name in rows],
-        )
-        .scalars()
-        .all()
-    )
-    refs.update(row.blob_hash for row, _, _ in rows if row.blob_hash is not None)
-    return [int(i) for i in ids]
-
-
-def _insert_tree(
-    conn: Connection,
-    at: int,
-    old_root: Any,
-    new_root: int,
-    skip: dict[str, Any],
-    epoch: int,
-    refs: Counter[str],
-) -> None:
-    """Insert what was under ``old_root`` at epoch ``at`` under live directory ``new_root``.
-
-    ``skip``: relative paths already live (kept, not inserted); a directory
-    among them maps to its live id. Level by level, parents first.
-    """
-    new_ids = {int(old_root.id): new_root}
-    level = [int(old_root.id)]
-    rel_of = {int(old_root.id): ""}
-    while level:
-        kids = history.children(conn, at, level)
-        todo = []
-        below = []
-        for kid in kids:
-            rel = paths.join(rel_of[kid.parent_id], kid.name)
-            rel_of[int(kid.id)] = rel
-            if kid.kind == "dir":
-                below.append(int(kid.id))
-            kept = skip.get(rel)
-            if kept is not None:
-                new_ids[int(kid.id)] = int(kept.id)
-                continue
-            todo.append((kid, new_ids[kid.parent_id], kid.name))
-        for (kid, _, _), new_id in zip(todo, _insert(conn, todo, epoch, refs), strict=True):
-            new_ids[int(kid.id)] = new_id
-        level = below
-
-
-def _differs(live: Any, old: Any) -> bool:
-    return any(getattr(live, c) != getattr(old, c) for c in _CONTENT)
-
-
-def _update(
-    conn: Connection, live: Any, old: Any, epoch: int, refs: Counter[str], released: Counter[str]
-) -> None:
-    """Give live node ``live`` the columns ``old`` had (it keeps its id and place)."""
-    if not _differs(live, old):
-        return
-    values = {c: getattr(old, c) for c in _CONTENT} | {"epoch": epoch}
-    conn.execute(nodes.update().where(nodes.c.id == live.id).values(values))
-    if old.blob_hash is not None:
-        refs[old.blob_hash] += 1
-    if live.blob_hash is not None:
-        released[live.blob_hash] += 1
-
-
-def _reconcile(
-    conn: Connection,
-    at: int,
-    old_root: Any,
-    live_root: Any,
-    epoch: int,
-    refs: Counter[str],
-    released: Counter[str],
-) -> None:
-    """Make live directory ``live_root`` hold what ``old_root`` held at epoch ``at``."""
-    tree.lock_subtree(conn, live_root)
-    _update(conn, live_root, old_root, epoch, refs, released)
-    before = dict(history.walk(conn, at, old_root))
-    now = dict(history.walk(conn, None, live_root))
-    gone = {
-        rel: row for rel, row in now.items() if rel not in before or before[rel].kind != row.kind
-    }
-    # Files first (each releases its content), then directories: emptied,
-    # they go with ON DELETE CASCADE from the topmost one down.
-    doomed = sorted(int(row.id) for row in gone.values() if row.kind == "file")
-    for part in tree.chunks(doomed):
-        released.update(
-            conn.execute(
-                nodes.delete().where(nodes.c.id.in_(part)).returning(nodes.c.blob_hash)
-            ).scalars()
-        )
-    dirs = sorted(int(row.id) for row in gone.values() if row.kind == "dir")
-    for part in tree.chunks(dirs):
-        conn.execute(nodes.delete().where(nodes.c.id.in_(part)))
-    kept = {rel: row for rel, row in now.items() if rel not in gone}
-    for rel, row in kept.items():
-        _update(conn, row, before[rel], epoch, refs, released)
-    _insert_tree(conn, at, old_root, int(live_root.id), kept, epoch, refs)
