@@ -274,6 +274,23 @@ def interleaved(
     return times
 
 
+def per_call(
+    bench: Bench,
+    workload: str,
+    calls: dict[str, Callable[[], Any]],
+    expected: np.ndarray,
+    *,
+    notes: dict[str, str] | None = None,
+) -> list[Result]:
+    """Check that every call returns ``expected``, then time them per call."""
+    for tool, call in calls.items():
+        got = call()
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), tool
+    with step(f"{workload}: {', '.join(calls)}"):
+        samples = time_calls(calls, bench.sizes.calls, bench.repeat)
+    return results(workload, samples, calls=bench.sizes.calls, notes=notes)
+
+
 def results(
     workload: str,
     times: dict[str, list[float]],
@@ -522,16 +539,11 @@ def _small_reads(
             calls[DISKCACHE] = lambda: cache[target]
         if ZARR in kept:
             calls[ZARR] = lambda: zarr_read(store, target)
-        for tool, call in calls.items():
-            got = call()
-            assert got.dtype == value.dtype and np.array_equal(got, value), tool
-        workload = f"load one of {n:,} (per call)"
-        with step(f"{workload}: {', '.join(calls)}"):
-            samples = time_calls(calls, bench.sizes.calls, bench.repeat)
-        out += results(
-            workload,
-            samples,
-            calls=bench.sizes.calls,
+        out += per_call(
+            bench,
+            f"load one of {n:,} (per call)",
+            calls,
+            value,
             notes={H5PY: "file kept open", ZARR: "open_array(...)[:]"},
         )
         out += not_run(workload, bench, missing, {})
@@ -928,16 +940,11 @@ def large_array(bench: Bench) -> list[Result]:
             slices[H5PY] = lambda: h5file["big"][where : where + 4]
         if ZARR in kept:
             slices[ZARR] = lambda: zarr_read(kept[ZARR][1], "big", slice(where, where + 4))
-        for tool, call in slices.items():
-            got = call()
-            assert got.dtype == data.dtype and np.array_equal(got, expected), tool
-        workload = f"4-row slice of the {size} array (per call)"
-        with step(f"{workload}: {', '.join(slices)}"):
-            samples = time_calls(slices, bench.sizes.calls, bench.repeat)
-        out += results(
-            workload,
-            samples,
-            calls=bench.sizes.calls,
+        out += per_call(
+            bench,
+            f"4-row slice of the {size} array (per call)",
+            slices,
+            expected,
             notes={
                 POLYSTORE: "open_array(p)[i:i+4]",
                 PS_DISK: "open_array(p)[i:i+4]",
