@@ -314,13 +314,43 @@ def test_in_memory_url_is_refused(tmp_path: Path) -> None:
 # -- the terminal -------------------------------------------------------------------------
 
 
+def _interruptible(argv: list[str]) -> list[str]:
+    """``argv``, run with Ctrl-C as in a terminal.
+
+    A shell starts background jobs (a CI script run with ``&``, say) with
+    SIGINT ignored, and a Python program started so leaves it ignored, as it
+    should. The command is exec'd from a stub that restores the default first.
+    """
+    stub = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", stub, *argv]
+
+
+def _wait_until_reading_stdin(pid: int) -> None:
+    """Until process ``pid`` waits in ``read(0, ...)`` (Linux), so a SIGINT lands there."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:  # not Linux: give the imports time
+            time.sleep(3)
+            return
+        # read() is syscall 0 on x86-64 and 63 on arm64; its first argument, the fd, is 0.
+        if len(fields) > 1 and fields[0] in ("0", "63") and int(fields[1], 16) == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail("the command never read its standard input")
+
+
 def test_ctrl_c_exits_130_with_one_line(catalog_url: str) -> None:
     # `query -` waits on stdin: a SIGINT then lands in the command.
     process = subprocess.Popen(
-        [str(POLYSTORE), "--url", catalog_url, "query", "-"],
+        _interruptible([str(POLYSTORE), "--url", catalog_url, "query", "-"]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(3)  # imports done, reading stdin
+    _wait_until_reading_stdin(process.pid)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
@@ -472,7 +502,7 @@ def test_ctrl_c_during_put_then_put_again(ps: Polystore, tmp_path: Path) -> None
         (src / f"f{i:04}.txt").write_text(str(i))
     ps("db", "upgrade")
     process = subprocess.Popen(
-        ps.args("put", "--batch-size", "1", str(src), "d"),
+        _interruptible(ps.args("put", "--batch-size", "1", str(src), "d")),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
