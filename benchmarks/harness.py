@@ -15,7 +15,7 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,16 +174,28 @@ def _rotated(names: list[str], round_no: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def time_runs(sides: dict[str, Side], repeat: int, *, warmup: int = 1) -> dict[str, list[float]]:
+def time_runs(
+    sides: dict[str, Side],
+    repeat: int,
+    *,
+    warmup: int = 1,
+    slow: Collection[str] = (),
+    slow_rounds: int = 0,
+) -> dict[str, list[float]]:
     """Seconds per run for each side, ``repeat`` rounds, interleaved.
 
     Each round runs every side once, starting with a different side each round.
     ``warmup`` untimed rounds come first (page cache, pool, statement caches).
+    Sides named in ``slow`` skip the warm-up and run only in the first
+    ``slow_rounds`` timed rounds.
     """
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for round_no in range(warmup + repeat):
+        timed_round = round_no - warmup
         for name in _rotated(names, round_no):
+            if name in slow and not 0 <= timed_round < slow_rounds:
+                continue
             side = sides[name]
             state = side.prepare()
             try:
@@ -194,7 +206,7 @@ def time_runs(sides: dict[str, Side], repeat: int, *, warmup: int = 1) -> dict[s
                 side.check(state, result)
             finally:
                 side.cleanup(state)
-            if round_no >= warmup:
+            if timed_round >= 0:
                 times[name].append(elapsed)
     return times
 

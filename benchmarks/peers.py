@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import os
 import platform
 import shutil
@@ -68,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import Side, _rotated, format_seconds, log, median, step, time_calls
+from harness import Side, format_seconds, log, median, step, time_calls, time_runs
 
 from polystore import DiskBackend
 from polystore.backends.sql import SQLBackend
@@ -244,36 +243,6 @@ class Keeper:
         self.kept.clear()
 
 
-def interleaved(
-    sides: dict[str, Side], repeat: int, *, slow: set[str], slow_rounds: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per run of each side, rounds interleaved as in ``harness.time_runs``.
-
-    Sides named in ``slow`` skip the warm-up and run only in the first
-    ``slow_rounds`` timed rounds.
-    """
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for round_no in range(warmup + repeat):
-        timed_round = round_no - warmup
-        for name in _rotated(names, round_no):
-            if name in slow and not 0 <= timed_round < slow_rounds:
-                continue
-            side = sides[name]
-            state = side.prepare()
-            try:
-                gc.collect()
-                start = time.perf_counter()
-                result = side.run(state)
-                elapsed = time.perf_counter() - start
-                side.check(state, result)
-            finally:
-                side.cleanup(state)
-            if timed_round >= 0:
-                times[name].append(elapsed)
-    return times
-
-
 def per_call(
     bench: Bench,
     workload: str,
@@ -447,7 +416,7 @@ def small_arrays(bench: Bench) -> list[Result]:
     workload = f"save {n:,} x 4 KiB"
     try:
         with step(f"{workload}: {', '.join(sides)}"):
-            times = interleaved(
+            times = time_runs(
                 sides,
                 bench.repeat,
                 slow={PS_DISK, NPY_FSYNC, ZARR},
@@ -508,7 +477,7 @@ def _small_reads(
         sides[ZARR] = Side(run=lambda _: [zarr_read(store, p) for p in names], check=check)
     workload = f"load {n:,} x 4 KiB"
     with step(f"{workload}: {', '.join(sides)}"):
-        times = interleaved(sides, bench.repeat, slow={ZARR}, slow_rounds=bench.slow_rounds)
+        times = time_runs(sides, bench.repeat, slow={ZARR}, slow_rounds=bench.slow_rounds)
     out += results(
         workload,
         times,
@@ -714,7 +683,7 @@ def listing(bench: Bench) -> list[Result]:
             slow.add(ZARR)
         workload = f"list_dir of {n:,} entries"
         with step(f"{workload}: {', '.join(sides)}"):
-            times = interleaved(sides, bench.repeat, slow=slow, slow_rounds=bench.slow_rounds)
+            times = time_runs(sides, bench.repeat, slow=slow, slow_rounds=bench.slow_rounds)
         out += results(
             workload,
             times,
@@ -870,7 +839,7 @@ def large_array(bench: Bench) -> list[Result]:
     try:
         workload = f"save {size}"
         with step(f"{workload}: {', '.join(sides)}"):
-            times = interleaved(sides, repeat, slow=set(), slow_rounds=0, warmup=0)
+            times = time_runs(sides, repeat, warmup=0)
         out += results(
             workload,
             times,
@@ -912,7 +881,7 @@ def large_array(bench: Bench) -> list[Result]:
             loads[ZARR] = Side(run=lambda _: zarr_read(kept[ZARR][1], "big"), check=check_big)
         workload = f"load {size}"
         with step(f"{workload}: {', '.join(loads)}"):
-            times = interleaved(loads, repeat, slow=set(), slow_rounds=0, warmup=0)
+            times = time_runs(loads, repeat, warmup=0)
         out += results(
             workload,
             times,
