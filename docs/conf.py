@@ -51,8 +51,13 @@ pygments_style = "sphinx"
 def _drop_object_base(
     app: object, name: str, obj: object, options: object, bases: list[type]
 ) -> None:
-    # "Bases: object" on every plain class says nothing.
-    bases[:] = [base for base in bases if base is not object]
+    # "Bases: object" on every plain class says nothing, nor does a private
+    # mixin (a module whose name starts with "_").
+    bases[:] = [
+        base
+        for base in bases
+        if base is not object and not base.__module__.rpartition(".")[2].startswith("_")
+    ]
 
 
 def setup(app: object) -> None:

@@ -21,6 +21,26 @@ from polystore import errors, paths
 MAX_ATTRS_BYTES = 64 * 1024
 
 
+class KindLookups:
+    """``exists``, ``is_file`` and ``is_dir`` from one lookup, ``_kind(path)``:
+    ``"file"``, ``"dir"`` or None. Listed before the backend base class."""
+
+    def _kind(self, path: str) -> str | None:
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory exists at ``path``."""
+        return self._kind(path) is not None
+
+    def is_file(self, path: str) -> bool:
+        """Whether ``path`` is a file."""
+        return self._kind(path) == "file"
+
+    def is_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory."""
+        return self._kind(path) == "dir"
+
+
 def not_found(path: str) -> errors.NotFoundError:
     return errors.NotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 

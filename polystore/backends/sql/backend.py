@@ -20,7 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
-from polystore.backends._common import MAX_ATTRS_BYTES, not_a_directory, not_found, reject_kwargs
+from polystore.backends._common import (
+    MAX_ATTRS_BYTES,
+    KindLookups,
+    not_a_directory,
+    not_found,
+    reject_kwargs,
+)
 from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import edit, tree
@@ -54,7 +60,7 @@ nodes = nodes_table
 DEFAULT_INLINE_LIMIT = 1 << 20
 
 
-class SQLBackend(StorageBackend):
+class SQLBackend(KindLookups, StorageBackend):
     """A catalog of paths and metadata in SQLite or PostgreSQL, content in blobs.
 
     ``url`` defaults to ``POLYSTORE_URL`` or ``sqlite:///polystore.db``. A fresh
@@ -353,18 +359,6 @@ class SQLBackend(StorageBackend):
     def _kind(self, path: str) -> str | None:
         found = self._loader.lookup(paths.normalize(path))
         return None if found is None else found[1]
-
-    def exists(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) is not None
-
-    def is_file(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) == "file"
-
-    def is_dir(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) == "dir"
 
     def _dir_id(self, conn: Connection, path: str) -> int:
         row = tree.resolve(conn, path)

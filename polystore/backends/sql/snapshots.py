@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 
 from polystore import paths
 from polystore.backends._common import (
+    KindLookups,
     already_exists,
     not_a_directory,
     not_found,
@@ -159,7 +160,7 @@ def delete(catalog: Catalog, ref: SnapshotRef) -> None:
 # -- reading at a snapshot -------------------------------------------------------------
 
 
-class SnapshotView(ReadOnlyBackend):
+class SnapshotView(KindLookups, ReadOnlyBackend):
     """The catalog as it was at a snapshot: every read answers as then, every write is refused.
 
     Returned by :meth:`SQLBackend.at`. Each call reads one consistent state
@@ -196,18 +197,6 @@ class SnapshotView(ReadOnlyBackend):
     def _kind(self, path: str) -> str | None:
         row = self._resolve(paths.normalize(path))
         return None if row is None else str(row.kind)
-
-    def exists(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) is not None
-
-    def is_file(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) == "file"
-
-    def is_dir(self, path: str) -> bool:
-        # docstring inherited
-        return self._kind(path) == "dir"
 
     def open_array(self, path: str) -> LazyArray:
         """A lazy view of the array ``path`` held at the snapshot (see :mod:`polystore.arrays`).
