@@ -28,8 +28,10 @@ __all__ = [
     "Row",
     "Side",
     "Sizes",
+    "checkout",
     "format_seconds",
     "log",
+    "markdown_table",
     "median",
     "step",
     "time_calls",
@@ -271,3 +273,39 @@ def step(message: str) -> Iterator[Elapsed]:
     finally:
         elapsed.seconds = elapsed.so_far()
     log(f"  {message}: {elapsed.seconds:.1f} s")
+
+
+def checkout() -> str:
+    """The commit measured, ``+dirty`` when polystore/ or migrations/ have uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "polystore", "migrations"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def markdown_table(lines: list[list[str]]) -> str:
+    """Rows of cells (the first the header) as a Markdown table, columns padded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)

@@ -67,7 +67,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import Side, format_seconds, log, median, step, time_calls, time_runs
+from harness import (
+    Side,
+    checkout,
+    format_seconds,
+    log,
+    markdown_table,
+    median,
+    step,
+    time_calls,
+    time_runs,
+)
 
 from polystore import DiskBackend
 from polystore.backends.sql import SQLBackend
@@ -962,34 +972,7 @@ def table(found: list[Result]) -> str:
                 ratio = f"{r.seconds / ours:.2f}x" if ours else "-"
                 rounds = f"{r.rounds} x {r.calls} calls" if r.per_call else str(r.rounds)
             lines.append([workload if n == 0 else "", r.tool, time_cell, ratio, rounds, r.note])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
-        if n == 0:
-            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
-
-
-def checkout() -> str:
-    """The commit measured, ``+dirty`` when polystore/ or migrations/ have uncommitted changes."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = ["git", "-C", str(root)]
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "polystore", "migrations"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}+dirty" if dirty else commit
+    return markdown_table(lines)
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import FULL, QUICK, Bench, Row, format_seconds, log
+from harness import FULL, QUICK, Bench, Row, checkout, format_seconds, log, markdown_table
 from scenarios import SCENARIOS
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -122,31 +122,6 @@ def postgres_problem(url: str) -> str | None:
     return None
 
 
-def checkout() -> str:
-    """The commit measured, marked dirty when polystore/ has uncommitted changes."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "polystore", "migrations"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}+dirty" if dirty else commit
-
-
 def machine_note() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -194,13 +169,7 @@ def table(rows: list[Row]) -> str:
         else:
             goal = "-" if row.goal is None else f"<= {row.goal:g}x"
         lines.append([row.name, cell(row, "polystore"), cell(row, "raw"), ratio, goal, row.verdict])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
-        if n == 0:
-            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
