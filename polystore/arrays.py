@@ -34,6 +34,7 @@ the hash of the whole (:mod:`polystore.backends.sql.ranges`).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -133,10 +134,7 @@ class LazyArray:
 
     @property
     def size(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -253,9 +251,7 @@ def _read_c(
     itemsize = dtype.itemsize
     # k: the last axis not taken whole; the axes after it are read whole.
     k = max((i for i, (r, _, _) in enumerate(selections) if r != range(shape[i])), default=-1)
-    inner = itemsize
-    for d in shape[k + 1 :]:
-        inner *= d
+    inner = itemsize * math.prod(shape[k + 1 :])
     # Integer-indexed axes dropped; the trailing ``...`` keeps a 0-d result an
     # array (``a[0, 0]`` of a 2-d array would be a scalar).
     drop = (*(slice(None) if keep else 0 for _, _, keep in selections), ...)

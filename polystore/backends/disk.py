@@ -757,11 +757,10 @@ class _NpyFile:
         except FileNotFoundError:
             raise c.not_found(self.path) from None
         with place:
-            if place.name.startswith(TEMP_PREFIX) or stat_mod.S_ISDIR(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise (c.not_found if place.name.startswith(TEMP_PREFIX) else c.is_a_directory)(
-                    self.path
-                )
+            hidden = place.name.startswith(TEMP_PREFIX)  # a link to a temporary file
+        if hidden or stat_mod.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise c.not_found(self.path) if hidden else c.is_a_directory(self.path)
         return fd
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Any]:

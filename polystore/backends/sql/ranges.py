@@ -27,6 +27,7 @@ records and that the store returned all of it, and raises
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
@@ -317,17 +318,10 @@ def open_array(
     dtype, shape, order = array_layout(norm, row.serializer, meta)
     if blob is None:
         raise NotFoundError(f"content of {norm!r} is missing from the catalog")
-    if int(blob.size) != int(row.size) or int(row.size) != dtype.itemsize * _count(shape):
+    if int(blob.size) != int(row.size) or int(row.size) != dtype.itemsize * math.prod(shape):
         raise IntegrityError(
             f"content of {norm!r} is {blob.size} bytes, but the catalog records "
             f"{row.size} bytes for an array of shape {shape} and dtype {dtype}"
         )
     source = BlobSource(backend, _Blob(norm, row.blob_hash, blob.store, int(blob.size)))
     return LazyArray(source, norm, dtype, shape, order)
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
