@@ -574,10 +574,15 @@ def _write_at_0001(url: str) -> None:
 
 def _catalog_rows(url: str) -> dict[str, Any]:
     """Node and blob rows, without the nodes' kind ids (derived, since 0004), their
-    epochs (0 until a snapshot is taken, since 0006) and the catalog identity a
-    downgrade below 0005 keeps in the root's ``meta``."""
+    epochs (0 until a snapshot is taken, since 0006), the blobs' piece checksums
+    (NULL for rows written before 0007) and the catalog identity a downgrade
+    below 0005 keeps in the root's ``meta``."""
     full = snapshot(url)
     rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
+    blob_names = [name for name, _ in full["polystore_blobs"]["columns"]]
+    if "checksums" in blob_names:
+        at = blob_names.index("checksums")
+        rows["polystore_blobs"] = [row[:at] + row[at + 1 :] for row in rows["polystore_blobs"]]
     names = [name for name, _ in full["polystore_nodes"]["columns"]]
     meta = names.index("meta")
     nodes = [

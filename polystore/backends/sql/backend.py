@@ -123,7 +123,9 @@ class SQLBackend(KindLookups, StorageBackend):
                 self._catalog.close()
                 raise
             self._placement = placement
-            self._reader = ContentReader(self.blob_store, verify_inline=verify_inline)
+            self._reader = ContentReader(
+                self.blob_store, self._catalog, verify_inline=verify_inline
+            )
             self._loader = Loader(self._catalog, self._fast, self._reader)
             self._uploads = (
                 None if self.blob_store is None else Uploads(self._catalog, self.blob_store)

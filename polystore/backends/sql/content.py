@@ -35,6 +35,7 @@ __all__ = [
     "fetch_blobs",
     "lock_blobs",
     "release_blobs",
+    "stored_checksums",
 ]
 
 INLINE = "inline"
@@ -76,6 +77,11 @@ class ChunkSource(Protocol):
         ...
 
 
+def stored_checksums(conn: Connection, content_hash: str) -> bytes | None:
+    """The piece checksums a blob's row records (:mod:`.checksums`), if any."""
+    return conn.execute(sa.select(blobs.c.checksums).where(blobs.c.hash == content_hash)).scalar()
+
+
 @dataclass(frozen=True)
 class Content:
     """Bytes about to be stored (in memory, or a :class:`ChunkSource`), with their hash."""
@@ -93,6 +99,7 @@ def add_blobs(
     now: dt.datetime,
     external: Mapping[str, str] | None = None,
     existing: set[str] | None = None,
+    checksums: Mapping[str, bytes] | None = None,
 ) -> None:
     """Store each content (if new) and add one reference per entry.
 
@@ -100,12 +107,13 @@ def add_blobs(
     ``hashes[i]``; a hash may repeat (so may its reference). A blob that exists
     gets its count raised (and keeps its placement), a new one is inserted with
     the count: inline, or, for hashes in ``external`` (already uploaded), as a
-    row naming that store. ``existing`` is what :func:`lock_blobs` found: when
+    row naming that store and recording the hash's ``checksums``. ``existing`` is what :func:`lock_blobs` found: when
     known (PostgreSQL), new rows go in by binary COPY and existing ones get a
     plain UPDATE; otherwise one upsert per blob, streamed as a single
     executemany. Rows go in hash order.
     """
     where = external or {}
+    sums = checksums or {}
     first = dict(zip(hashes, range(len(hashes)), strict=True))  # hash -> an entry holding it
     counts: Counter[str] | None = None if len(first) == len(hashes) else Counter(hashes)
     statement = _UPSERT_BLOBS if existing is None else _INSERT_BLOBS
@@ -122,7 +130,7 @@ def add_blobs(
             if data is not None and data_processor is not None:
                 data = data_processor(data)
             count = 1 if counts is None else counts[h]
-            yield (h, sizes[i], where.get(h, INLINE), count, data, created)
+            yield (h, sizes[i], where.get(h, INLINE), count, data, created, sums.get(h))
 
     rows: Iterable[tuple[Any, ...]]
     if counts is None and not where and not existing:
@@ -136,10 +144,12 @@ def add_blobs(
         if conn.dialect.name == "sqlite":
             # Store, count and time are one value for every row: SQLite gets
             # them as literals, and binds only hash, size and bytes.
-            shared = {"store": INLINE, "refcount": 1, "created_at": created}
+            shared = {"store": INLINE, "refcount": 1, "created_at": created, "checksums": None}
             statement.execute_groups(conn, [(shared, zip(keys, lengths, contents, strict=True))])
             return
-        rows = zip(keys, lengths, repeat(INLINE), repeat(1), contents, repeat(created))
+        rows = zip(
+            keys, lengths, repeat(INLINE), repeat(1), contents, repeat(created), repeat(None)
+        )
     else:
         rows = some_rows()
     # A concurrent writer inserting the same new content makes the COPY fail on
@@ -166,6 +176,7 @@ _BLOB_COLUMNS = [
     blobs.c.refcount,
     blobs.c.data,
     blobs.c.created_at,
+    blobs.c.checksums,
 ]
 _UPSERT_BLOBS = BulkStatement(_upsert_blobs, _BLOB_COLUMNS)
 _INSERT_BLOBS = BulkStatement(

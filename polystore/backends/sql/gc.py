@@ -281,10 +281,11 @@ class _Mover:
 
         def switch(staged: Staged | None) -> bool:
             def work(conn: Connection) -> bool:
+                checksums = None if staged is None else staged.checksums.get(content_hash)
                 moved = conn.execute(
                     blobs.update()
                     .where(blobs.c.hash == content_hash, blobs.c.store == INLINE)
-                    .values(store=self.store_name, data=None)
+                    .values(store=self.store_name, data=None, checksums=checksums)
                 ).rowcount
                 if staged is not None:
                     promote(conn, staged)
@@ -321,7 +322,7 @@ class _Mover:
             moved = conn.execute(
                 blobs.update()
                 .where(blobs.c.hash == content_hash, blobs.c.store == store_name)
-                .values(store=INLINE, data=data)
+                .values(store=INLINE, data=data, checksums=None)
             ).rowcount
             if not moved:
                 return None

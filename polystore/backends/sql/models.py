@@ -11,7 +11,8 @@ migrations in ``migrations/``; these models are what those migrations must match
 * ``polystore_blobs`` -- content, keyed by its SHA-256, with a reference count
   kept in the same transaction as the nodes that point at it. ``store`` says
   where the bytes live: ``'inline'`` (the deferred ``data`` column) or the name
-  of an external blob store.
+  of an external blob store; external rows also record the checksums a load
+  checks (``checksums``, revision 0007).
 * ``polystore_upload_intents`` -- uploads to external blob stores in flight. An
   intent is committed before the upload starts and deleted in the transaction
   that commits the blob row, so ``gc()`` finds abandoned uploads without listing
@@ -129,6 +130,9 @@ class Blob(Base):
     refcount: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
     created_at: Mapped[Timestamp]
+    #: CRC-32 of each piece of external content, what a load checks (revision
+    #: 0007, :mod:`.checksums`); NULL inline and for rows written before.
+    checksums: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
 
     __table_args__ = (
         CheckConstraint("refcount >= 0", name="refcount_nonnegative"),

@@ -297,7 +297,8 @@ def write_batch(
         else None
     )
     placed = {} if staged is None else dict.fromkeys(staged.uploaded, staged.store)
-    add_blobs(conn, hashes, sizes, batch.datas, now, placed, stored)
+    sums = None if staged is None else staged.checksums
+    add_blobs(conn, hashes, sizes, batch.datas, now, placed, stored, sums)
     ensure_kinds(conn, batch.wanted)
     if staged is not None:
         promote(conn, staged)

@@ -51,6 +51,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore.backends.sql.catalog import Catalog, utcnow
+from polystore.backends.sql.checksums import Checksummer
 from polystore.backends.sql.content import ChunkSource, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
@@ -137,6 +138,26 @@ class Staged:
     uploaded: set[str] = field(default_factory=set)
     #: Intents the catalog transaction did not promote (see :func:`promote`).
     leftover: list[int] = field(default_factory=list)
+    #: hash -> piece checksums of the uploaded content, for its new blob row.
+    checksums: dict[str, bytes] = field(default_factory=dict)
+
+
+class _Checked:
+    """The pieces of a content for an upload, checksummed as the store takes them."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.summer: Checksummer | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        self.summer = summer = Checksummer()
+        for piece in _pieces(self.data):
+            summer.update(piece)
+            yield piece
+
+    def value(self) -> bytes | None:
+        """The checksums, if the store read every piece (None if it skipped the upload)."""
+        return None if self.summer is None else self.summer.value()
 
 
 def _pieces(data: Any) -> Iterator[Any]:
@@ -240,15 +261,20 @@ class Uploads:
                     continue
                 token = staged.intents.get(content.hash)
                 name = None if token is None else str(token)
-                wrote = self.store.put(
-                    content.hash, _pieces(content.data), content.size, token=name
-                )
-                if not wrote and where != self.store.name and not self._intact(content):
+                pieces = _Checked(content.data)
+                wrote = self.store.put(content.hash, pieces, content.size, token=name)
+                if not wrote and where != self.store.name:
                     # No blob row vouches for this object (a dead writer's, a
-                    # planted one) and its bytes are wrong: the caller's replace them.
-                    self.store.replace(
-                        content.hash, _pieces(content.data), content.size, token=name
-                    )
+                    # planted one): if its bytes are wrong, the caller's replace them.
+                    found = digest(self.store, content.hash)
+                    if found is not None and found[:2] == (content.size, content.hash):
+                        staged.checksums[content.hash] = found.checksums
+                    else:
+                        pieces = _Checked(content.data)
+                        self.store.replace(content.hash, pieces, content.size, token=name)
+                value = pieces.value()
+                if value is not None:
+                    staged.checksums[content.hash] = value
                 staged.uploaded.add(content.hash)
         except BaseException as exc:
             # An upload that failed because gc() took its intent (and with it
@@ -263,10 +289,6 @@ class Uploads:
                 ) from exc
             raise
         return staged
-
-    def _intact(self, content: Content) -> bool:
-        """Whether the stored object of ``content`` has its size and hash."""
-        return digest(self.store, content.hash) == (content.size, content.hash)
 
     def _lost(self, staged: Staged) -> bool:
         """Whether gc() has taken any of ``staged``'s intents."""

@@ -2,26 +2,40 @@
 
 Inline content is checked against its recorded size (and its hash with
 ``verify_inline``); external content is streamed from the blob store into one
-buffer and always hashed on the way, since other programs can write the
-directory or bucket it sits in. Any mismatch raises
-:class:`~polystore.errors.IntegrityError`.
+buffer and always checked, since other programs can write the directory or
+bucket it sits in: by its piece checksums where its row has them
+(:mod:`~polystore.backends.sql.checksums`), by its SHA-256 otherwise. Any
+mismatch raises :class:`~polystore.errors.IntegrityError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
-from polystore.backends.sql.content import INLINE
+from polystore.backends.sql.catalog import Catalog
+from polystore.backends.sql.checksums import Checksummer, Verifier, decode
+from polystore.backends.sql.content import INLINE, stored_checksums
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
 
-__all__ = ["ContentReader", "digest"]
+__all__ = ["ContentReader", "Digest", "digest"]
 
 
-def digest(store: BlobStore, content_hash: str) -> tuple[int, str] | None:
-    """Size and SHA-256 of the stored object, streamed through one small buffer.
+class Digest(NamedTuple):
+    """What :func:`digest` found of a stored object."""
+
+    size: int
+    #: Hex SHA-256 of the bytes.
+    hash: str
+    #: Their piece checksums, as a blob row records them (:mod:`.checksums`).
+    checksums: bytes
+
+
+def digest(store: BlobStore, content_hash: str) -> Digest | None:
+    """Size, SHA-256 and piece checksums of the stored object, streamed through one buffer.
 
     ``None`` when there is no such object.
     """
@@ -30,21 +44,27 @@ def digest(store: BlobStore, content_hash: str) -> tuple[int, str] | None:
     except NotFoundError:
         return None
     hasher = hashlib.sha256()
+    summer = Checksummer()
     size = 0
     buffer = bytearray(min(CHUNK_SIZE, max(reader.size, 1)))
     with reader, memoryview(buffer) as view:
         while n := reader.readinto(view):
             hasher.update(view[:n])
+            summer.update(view[:n])
             size += n
-    return size, hasher.hexdigest()
+    return Digest(size, hasher.hexdigest(), summer.value())
 
 
 class ContentReader:
     """Reads a file's content, inline or from the blob store, and checks it."""
 
-    def __init__(self, store: BlobStore | None, *, verify_inline: bool = False) -> None:
+    def __init__(
+        self, store: BlobStore | None, catalog: Catalog, *, verify_inline: bool = False
+    ) -> None:
         self.store = store
-        #: Hash inline content on every read too (external content always is).
+        #: Where the blob rows are, with their piece checksums.
+        self.catalog = catalog
+        #: Hash inline content on every read too (external content is always checked).
         self.verify_inline = verify_inline
 
     def content(
@@ -91,8 +111,10 @@ class ContentReader:
     def read(self, content_hash: str, size: int, path: str, *, into: str = "bytearray") -> Any:
         """The external object of ``content_hash`` in a new buffer, verified.
 
-        ``into`` says which buffer, so that no byte is zeroed or copied for
-        nothing:
+        Checked by the blob's piece checksums where its row records them
+        (:mod:`~polystore.backends.sql.checksums`, on worker threads while the
+        buffer fills), else by its SHA-256. ``into`` says which buffer, so
+        that no byte is zeroed or copied for nothing:
 
         * ``"bytearray"``: writeable, zeroed when made (any serializer);
         * ``"bytes"``: from the reader's own ``readall`` where it has one (a
@@ -102,6 +124,9 @@ class ContentReader:
           decoded from it views without a copy.
         """
         assert self.store is not None
+        recorded = decode(
+            self.catalog.read(partial(stored_checksums, content_hash=content_hash)), size
+        )
         try:
             reader = self.store.open(content_hash)
         except NotFoundError:
@@ -115,25 +140,41 @@ class ContentReader:
                     f"content of {path!r} is {reader.size} bytes in blob store "
                     f"{self.store.name!r}, the catalog records {size}"
                 )
-            data = _read_all(reader, size, into)
+            data, bad = _read_all(reader, size, into, recorded)
         if len(data) != size:
             raise IntegrityError(
                 f"content of {path!r} changed size while being read from blob store "
                 f"{self.store.name!r}"
             )
-        hasher = hashlib.sha256(data)
-        if hasher.hexdigest() != content_hash:
+        if recorded is None:
+            if hashlib.sha256(data).hexdigest() != content_hash:
+                raise IntegrityError(
+                    f"content of {path!r} does not match its hash {content_hash} "
+                    f"(blob store {self.store.name!r})"
+                )
+        elif bad is not None:
+            piece = recorded[0]
             raise IntegrityError(
-                f"content of {path!r} does not match its hash {content_hash} "
-                f"(blob store {self.store.name!r})"
+                f"content of {path!r} does not match its checksum at bytes "
+                f"{bad * piece}-{min(size, (bad + 1) * piece) - 1} (blob {content_hash} in "
+                f"blob store {self.store.name!r}); fsck(verify=True) checks every blob"
             )
         return data
 
 
-def _read_all(reader: BlobReader, size: int, into: str) -> Any:
-    """All of ``reader`` (one byte past ``size`` at most, if it holds more)."""
+def _read_all(
+    reader: BlobReader, size: int, into: str, recorded: tuple[int, list[int]] | None
+) -> tuple[Any, int | None]:
+    """All of ``reader`` (one byte past ``size`` at most, if it holds more).
+
+    With ``recorded`` checksums, also the index of the first piece that fails
+    them (None if all pass); pieces are checked while the buffer fills.
+    """
     if into == "bytes" and type(reader).readall is not io.RawIOBase.readall:
-        return reader.readall()
+        data = reader.readall()
+        if recorded is None or len(data) != size:
+            return data, None
+        return data, Verifier(recorded, data).bad_piece(size)
     # One spare byte: content that grew shows as too long.
     if into == "ndarray":
         import numpy as np
@@ -144,14 +185,22 @@ def _read_all(reader: BlobReader, size: int, into: str) -> Any:
     else:
         buffer = bytearray(size + 1)
         target = memoryview(buffer)
+    verifier = None if recorded is None else Verifier(recorded, target[:size])
     done = 0
-    with target as view:
-        while done <= size:
-            n = reader.readinto(view[done : done + CHUNK_SIZE])
-            if not n:
-                break
-            done += n
+    try:
+        with target as view:
+            while done <= size:
+                n = reader.readinto(view[done : done + CHUNK_SIZE])
+                if not n:
+                    break
+                done += n
+                if verifier is not None:
+                    verifier.filled(min(done, size))
+        bad = None if verifier is None or done != size else verifier.bad_piece(size)
+    finally:
+        if verifier is not None:
+            verifier.close()
     if into == "ndarray":
-        return buffer[:done]
+        return buffer[:done], bad
     del buffer[done:]
-    return buffer
+    return buffer, bad
