@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import threading
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,9 +37,13 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digests(data: bytes, piece: int = PIECE) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(data[i : i + piece]) for i in range(0, len(data), piece)]
+
+
 def expected(data: bytes, piece: int = PIECE) -> bytes:
-    crcs = [zlib.crc32(data[i : i + piece]) for i in range(0, len(data), piece)]
-    return bytes([1, piece.bit_length() - 1]) + struct.pack(f">{len(crcs)}I", *crcs)
+    found = digests(data, piece)
+    return bytes([1, piece.bit_length() - 1]) + struct.pack(f">{len(found)}Q", *found)
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -93,13 +96,12 @@ def test_chunked_checksums_match_whole_ones(data: bytes, cuts: list[int]) -> Non
     assert summer.value() == checksums.checksums(data) == expected(data)
 
 
-def test_large_content_is_checksummed_on_threads_the_same() -> None:
+def test_stored_values_decode_to_their_digests() -> None:
     data = payload(20 * PIECE + 5)
     assert checksums.checksums(data) == expected(data)
-    assert checksums.decode(expected(data), len(data)) == (
-        PIECE,
-        [zlib.crc32(data[i : i + PIECE]) for i in range(0, len(data), PIECE)],
-    )
+    assert checksums.decode(expected(data), len(data)) == (PIECE, digests(data))
+    # The piece size is read from the value, not assumed.
+    assert checksums.decode(expected(data, 1 << 20), len(data)) == (1 << 20, digests(data, 1 << 20))
 
 
 @pytest.mark.parametrize(
@@ -107,10 +109,10 @@ def test_large_content_is_checksummed_on_threads_the_same() -> None:
     [
         b"",
         b"\x01",
-        b"\x02\x0c" + bytes(4),  # an unknown format
-        b"\x01\x05" + bytes(4),  # a piece size out of range
-        b"\x01\x0c" + bytes(8),  # two pieces for content of one
-        b"\x01\x0c" + bytes(3),  # a piece cut short
+        b"\x02\x0c" + bytes(8),  # an unknown format
+        b"\x01\x05" + bytes(8),  # a piece size out of range
+        b"\x01\x0c" + bytes(16),  # two pieces for content of one
+        b"\x01\x0c" + bytes(7),  # a digest cut short
     ],
 )
 def test_values_this_version_cannot_check_are_not_used(value: bytes) -> None:
@@ -241,26 +243,21 @@ def test_rebalance_records_checksums_going_out_and_drops_them_coming_in(
     assert backend.load("f") == data
 
 
-def test_a_large_load_is_checked_piece_by_piece_on_threads(
+def test_a_load_checks_each_piece_once_as_it_is_read(
     backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Content of many pieces: each piece's CRC is computed once, by a worker.
     data = np.arange(40 * PIECE // 8, dtype=np.int64)
     backend.save(data, "big")
-    computed: list[int] = []
-    threads: set[int] = set()
-    crc32 = zlib.crc32
+    checked: list[int] = []
+    digest = checksums._digest
 
-    def counting(piece: Any, *args: Any) -> int:
-        computed.append(memoryview(piece).nbytes)
-        threads.add(threading.get_ident())
-        return crc32(piece, *args)
+    def counting(piece: Any) -> int:
+        checked.append(memoryview(piece).nbytes)
+        return digest(piece)
 
-    monkeypatch.setattr(checksums.zlib, "crc32", counting)
+    monkeypatch.setattr(checksums, "_digest", counting)
     assert np.array_equal(backend.load("big"), data)
-    assert sum(computed) == data.nbytes  # every byte once (arrays are stored as their bytes)
-    assert max(computed) <= PIECE
-    assert threading.get_ident() not in threads
+    assert checked == [PIECE] * 40  # every byte once (arrays are stored as their bytes)
 
 
 def test_s3_content_is_checked_by_its_checksums(

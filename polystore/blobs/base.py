@@ -50,6 +50,7 @@ __all__ = [
     "BlobReader",
     "BlobStore",
     "BytesReader",
+    "Staging",
     "StoreOwner",
     "StoredObject",
     "check_hash",
@@ -140,6 +141,18 @@ class StoredObject:
     size: int
     hash: str | None
     token: str | None = None
+    #: A staged file (:meth:`BlobStore.stage`): a save in progress, or one
+    #: that died, which ``gc()`` removes after the grace period.
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Content written by :meth:`BlobStore.stage`, not yet under its hash."""
+
+    #: Where the store keeps it (a key that :meth:`BlobStore.scan` lists as staged).
+    key: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,11 @@ class BlobStore(abc.ABC):
     #: :meth:`read_marker` and :meth:`create_marker`. A store that does not
     #: cannot tell two catalogs sharing it apart; give each its own.
     records_owner: ClassVar[bool] = False
+
+    #: Whether the store implements :meth:`stage`, :meth:`put_staged`,
+    #: :meth:`discard` and :meth:`sweep_staged`: content written before its
+    #: hash is known, so that a save hashes and writes at once.
+    can_stage: ClassVar[bool] = False
 
     @abc.abstractmethod
     def put(
@@ -315,6 +333,35 @@ class BlobStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 -- optional hook
         """Release connections or handles; the default has none."""
+
+    # -- staging (stores with can_stage) ----------------------------------------------
+
+    def stage(self, chunks: Iterable[Buffer], size: int) -> Staging:
+        """Write ``size`` bytes, durably, where no reader looks, before their hash is known.
+
+        :meth:`put_staged` then gives them their hash; :meth:`discard` drops
+        them. Whatever a killed writer leaves staged, :meth:`sweep_staged`
+        removes. The default raises
+        :class:`~polystore.errors.UnsupportedOperationError` (:attr:`can_stage`).
+        """
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot stage content")
+
+    def put_staged(self, content_hash: str, staging: Staging, *, replace: bool = False) -> bool:
+        """Make staged content the object of ``content_hash``, as :meth:`put` would.
+
+        Without ``replace``, an object of that size already there is kept and
+        the result is ``False`` (the staged copy stays, for :meth:`discard`).
+        :class:`~polystore.errors.NotFoundError` if the content must be moved
+        but is no longer staged (given its name already, or discarded).
+        """
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot stage content")
+
+    def discard(self, staging: Staging) -> None:  # noqa: B027 -- optional hook
+        """Remove staged content, if it is still staged."""
+
+    def sweep_staged(self, older_than: float) -> int:
+        """Remove staged content older than ``older_than`` seconds; how many were removed."""
+        return 0
 
     # -- the owner marker ------------------------------------------------------------
 

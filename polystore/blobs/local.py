@@ -16,6 +16,12 @@ commits -- a power cut can lose an upload, never leave a committed row pointing
 at a truncated object. ``fsync=False`` skips the syncs: faster for scratch data
 that a power cut may take with it.
 
+Staged content (:meth:`LocalBlobStore.stage`: a save writes large content
+while it hashes it) goes to ``<root>/incoming/<random>``, fsynced, and is
+renamed to its final name once the hash is known and the upload intent is
+committed; ``gc()`` removes what a killed writer left there after the grace
+period.
+
 The owner marker is ``<root>/polystore-owner.json``, created whole or not at
 all: written to a temporary file, then hard-linked to its name, which fails if
 the name exists (on a file system without hard links, ``O_EXCL`` creation).
@@ -27,6 +33,7 @@ import contextlib
 import errno
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,6 +44,7 @@ from polystore.blobs.base import (
     BlobReader,
     BlobStore,
     Buffer,
+    Staging,
     StoredObject,
     check_hash,
     check_range,
@@ -47,6 +55,9 @@ from polystore.errors import NotFoundError, ReadOnlyError, StorageFullError
 __all__ = ["LocalBlobStore"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Where staged content goes (:meth:`LocalBlobStore.stage`), beside the shards.
+_INCOMING = "incoming"
+_STAGED = re.compile(rf"{_INCOMING}/[0-9a-f]{{32}}")
 _OBJECT = re.compile(r"([0-9a-f]{2})/(\1[0-9a-f]{62})(?:\.tmp-([A-Za-z0-9_-]{1,64}))?")
 
 
@@ -83,6 +94,7 @@ class LocalBlobStore(BlobStore):
     """Objects under ``root`` (created by the first write or :meth:`claim`, not before)."""
 
     records_owner = True
+    can_stage = True
 
     def __init__(
         self, root: str | os.PathLike[str], *, name: str = "local", fsync: bool = True
@@ -140,9 +152,20 @@ class LocalBlobStore(BlobStore):
         """Write the object through a temporary file renamed over the final name."""
         final = self.path(content_hash)
         temp = self._temp_path(content_hash, token or uuid.uuid4().hex)
+        self._write_file(temp, chunks, size, content_hash)
+        try:
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(final.parent)
+
+    def _write_file(self, path: Path, chunks: Iterable[Buffer], size: int, what: str) -> None:
+        """Write ``size`` bytes to the new file ``path`` (fsynced), or leave no file."""
         written = 0
         try:
-            fd = self._create_temp(temp)
+            fd = self._create_temp(path)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
@@ -151,21 +174,72 @@ class LocalBlobStore(BlobStore):
                         written += n
                         view = view[n:]
                 if written != size:
-                    raise ValueError(f"upload of {content_hash} gave {written} bytes, not {size}")
+                    raise ValueError(f"upload of {what} gave {written} bytes, not {size}")
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, final)
         except BaseException as exc:
-            temp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise StorageFullError(
-                    errno.ENOSPC, f"blob store {self.name!r} is full: {exc}", str(final)
+                    errno.ENOSPC, f"blob store {self.name!r} is full: {exc}", str(path)
                 ) from exc
             raise
+
+    # -- staging ----------------------------------------------------------------------
+
+    def _staged_path(self, staging: Staging) -> Path:
+        if not _STAGED.fullmatch(staging.key):
+            raise ValueError(f"not a key of staged content: {staging.key!r}")
+        return self.root / staging.key
+
+    def stage(self, chunks: Iterable[Buffer], size: int) -> Staging:
+        # docstring inherited
+        staging = Staging(f"{_INCOMING}/{uuid.uuid4().hex}", size)
+        self._write_file(self._staged_path(staging), chunks, size, "staged content")
+        return staging
+
+    def put_staged(self, content_hash: str, staging: Staging, *, replace: bool = False) -> bool:
+        # docstring inherited
+        if not replace and self.size(content_hash) == staging.size:
+            return False
+        final, source = self.path(content_hash), self._staged_path(staging)
+        for _ in range(100):
+            self._make_shard(final.parent)
+            try:
+                os.replace(source, final)
+                break
+            except FileNotFoundError:
+                if not source.exists():
+                    raise NotFoundError(f"no staged content at {source}") from None
+                # the shard was removed between the two calls: make it again
+        else:
+            raise FileNotFoundError(errno.ENOENT, "shard directory keeps vanishing", str(final))
         if self.fsync:
             _fsync_dir(final.parent)
+        return True
+
+    def discard(self, staging: Staging) -> None:
+        # docstring inherited
+        self._staged_path(staging).unlink(missing_ok=True)
+
+    def sweep_staged(self, older_than: float) -> int:
+        # docstring inherited
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root / _INCOMING))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if _STAGED.fullmatch(f"{_INCOMING}/{entry.name}") and (
+                    entry.stat().st_mtime < cutoff
+                ):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
 
     def _create_temp(self, temp: Path) -> int:
         """Open a new temporary file in its shard, making the shard if need be.
@@ -308,7 +382,9 @@ class LocalBlobStore(BlobStore):
                 except FileNotFoundError:  # deleted while we walked
                     continue
                 match = _OBJECT.fullmatch(key)
-                if match is None:
+                if _STAGED.fullmatch(key):
+                    yield StoredObject(key, size, None, staged=True)
+                elif match is None:
                     yield StoredObject(key, size, None)
                 else:
                     yield StoredObject(key, size, check_hash(match[2]), match[3])

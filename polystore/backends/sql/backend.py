@@ -37,7 +37,7 @@ from polystore.backends.sql.identity import claim_store
 from polystore.backends.sql.load import Loader, json_column, reading
 from polystore.backends.sql.models import ROOT_ID, nodes_table
 from polystore.backends.sql.placement import Placement, resolve_blob_store
-from polystore.backends.sql.save import encode_batch, write_batch
+from polystore.backends.sql.save import Batch, encode_batch, write_batch
 from polystore.backends.sql.schema import ensure_schema
 from polystore.backends.sql.uploads import Staged, Uploads
 from polystore.backends.sql.verify import ContentReader
@@ -222,10 +222,22 @@ class SQLBackend(KindLookups, StorageBackend):
                 f"save_batch got {len(data_list)} values but {len(output_paths)} paths"
             )
         batch = encode_batch(
-            self.serializers, self.allow_pickle, data_list, output_paths, overwrite
+            self.serializers,
+            self.allow_pickle,
+            data_list,
+            output_paths,
+            overwrite,
+            stage_in=self.blob_store,
+            stage_over=self.inline_limit,
         )
         if not batch.index:
             return
+        try:
+            self._write_batch(batch, overwrite, attrs)
+        finally:
+            batch.discard(self.blob_store)
+
+    def _write_batch(self, batch: Batch, overwrite: bool, attrs: dict[str, Any] | None) -> None:
         external = self._placement.external(batch.contents(self.inline_limit), self.inline_limit)
 
         def write(staged: Staged | None) -> None:

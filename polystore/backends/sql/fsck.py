@@ -79,8 +79,8 @@ class FsckReport:
 
     For information only: ``blobs_checked``, ``objects_checked``, ``verified``;
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
-    ``pending_uploads`` (upload intents: in flight, or abandoned and awaiting
-    ``gc()``); ``without_kind`` (files with no kind id, written by something
+    ``pending_uploads`` (upload intents and staged content: in flight, or
+    abandoned and awaiting ``gc()``); ``without_kind`` (files with no kind id, written by something
     other than polystore: they load from their own columns, by the slower
     path); ``other_stores`` (store name -> blobs kept in a store this backend
     was not opened with, which it cannot check); ``history_versions`` (old
@@ -247,6 +247,9 @@ def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) ->
         in_flight = {h for _, h, s in pending if s == store.name}
         tokens = {str(i) for i, _, s in pending if s == store.name}
         for obj in objects:
+            if obj.staged:  # a save in progress, or a dead one's that gc() will remove
+                report.pending_uploads += 1
+                continue
             if obj.token is not None:
                 accounted = obj.token in tokens
             elif obj.hash is not None:

@@ -127,6 +127,8 @@ def collect_garbage(
             claimed, deleted = uploads.release_intents(part)
             intents_expired += claimed
             objects += deleted
+        # Content a killed save staged before it had a hash, so no intent.
+        objects += store.sweep_staged(_as_timedelta(grace).total_seconds())
         candidates = catalog.read(
             lambda conn: list(
                 conn.execute(

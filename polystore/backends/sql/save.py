@@ -33,7 +33,9 @@ from polystore.backends.sql.content import (
 )
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.staging import STAGE_OVER, Prestaged, hash_and_stage
 from polystore.backends.sql.uploads import Staged, promote
+from polystore.blobs.base import BlobStore
 from polystore.errors import SerializationError
 from polystore.serializers import Buffer, SerializerRegistry
 
@@ -129,7 +131,7 @@ class Batch:
     replaces its entry (the last value wins).
     """
 
-    __slots__ = ("datas", "hashes", "index", "kind_ids", "kinds", "sizes", "wanted")
+    __slots__ = ("datas", "hashes", "index", "kind_ids", "kinds", "prestaged", "sizes", "wanted")
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}  # path -> entry
@@ -139,6 +141,7 @@ class Batch:
         self.kinds: list[Kind] = []  # one shared tuple per distinct kind
         self.kind_ids: dict[int, int] = {}  # id() of a kind tuple -> its kind id
         self.wanted: dict[int, tuple[str, Kind]] = {}  # kind id -> (key, kind)
+        self.prestaged: dict[int, Prestaged] = {}  # entry -> its content, staged in a store
 
     def add_kind(self, kind: Kind) -> None:
         """Check a new kind tuple and give it its kind id."""
@@ -149,9 +152,40 @@ class Batch:
 
     def contents(self, over: int) -> Iterator[Content]:
         """The contents of more than ``over`` bytes."""
-        for h, size, data in zip(self.hashes, self.sizes, self.datas, strict=True):
+        staged = self.prestaged
+        for i, (h, size, data) in enumerate(zip(self.hashes, self.sizes, self.datas, strict=True)):
             if size > over:
-                yield Content(h, data, size)
+                yield Content(h, staged.get(i, data), size)
+
+    def hash(self, store: BlobStore | None, over: int) -> None:
+        """Hash every content; stage those over ``over`` bytes in ``store`` meanwhile.
+
+        Staging (:mod:`.staging`) needs a store that can, and content of
+        more than :data:`~.staging.STAGE_OVER` bytes; what the save does not
+        use of it, :meth:`discard` removes.
+        """
+        over = max(over, STAGE_OVER)
+        if store is None or not store.can_stage or all(size <= over for size in self.sizes):
+            self.hashes = content_hashes(self.datas)
+            return
+        hashes = []
+        try:
+            for i, (data, size) in enumerate(zip(self.datas, self.sizes, strict=True)):
+                if size > over:
+                    content_hash, self.prestaged[i] = hash_and_stage(store, data)
+                else:
+                    content_hash = content_hashes([data])[0]
+                hashes.append(content_hash)
+        except BaseException:
+            self.discard(store)
+            raise
+        self.hashes = hashes
+
+    def discard(self, store: BlobStore | None) -> None:
+        """Remove the staged content the save did not give a name."""
+        if store is not None:
+            for staged in self.prestaged.values():
+                store.discard(staged.staging)
 
 
 def encode_batch(
@@ -160,8 +194,16 @@ def encode_batch(
     data_list: list[Any],
     output_paths: list[str],
     overwrite: bool,
+    *,
+    stage_in: BlobStore | None = None,
+    stage_over: int = 0,
 ) -> Batch:
-    """Normalize, serialize and hash every value (the database is not touched)."""
+    """Normalize, serialize and hash every value (the database is not touched).
+
+    Content of more than ``stage_over`` bytes is staged in ``stage_in`` while
+    it is hashed (:meth:`Batch.hash`); the caller then owns what is staged
+    (:meth:`Batch.discard`).
+    """
     batch = Batch()
     index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
     shared: dict[tuple[Any, ...], Kind] = {}
@@ -201,7 +243,7 @@ def encode_batch(
             kinds.append(kind)
         else:
             sizes[at], datas[at], kinds[at] = size, data, kind
-    batch.hashes = content_hashes(datas)
+    batch.hash(stage_in, stage_over)
     return batch
 
 

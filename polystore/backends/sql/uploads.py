@@ -55,10 +55,11 @@ from polystore.backends.sql.checksums import Checksummer
 from polystore.backends.sql.content import ChunkSource, Content
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import intents_table as intents
+from polystore.backends.sql.staging import Prestaged
 from polystore.backends.sql.tree import chunks
 from polystore.backends.sql.verify import digest
 from polystore.blobs.base import CHUNK_SIZE, BlobStore
-from polystore.errors import ConflictError
+from polystore.errors import ConflictError, NotFoundError
 
 __all__ = [
     "LOCK_BATCH",
@@ -261,20 +262,9 @@ class Uploads:
                     continue
                 token = staged.intents.get(content.hash)
                 name = None if token is None else str(token)
-                pieces = _Checked(content.data)
-                wrote = self.store.put(content.hash, pieces, content.size, token=name)
-                if not wrote and where != self.store.name:
-                    # No blob row vouches for this object (a dead writer's, a
-                    # planted one): if its bytes are wrong, the caller's replace them.
-                    found = digest(self.store, content.hash)
-                    if found is not None and found[:2] == (content.size, content.hash):
-                        staged.checksums[content.hash] = found.checksums
-                    else:
-                        pieces = _Checked(content.data)
-                        self.store.replace(content.hash, pieces, content.size, token=name)
-                value = pieces.value()
-                if value is not None:
-                    staged.checksums[content.hash] = value
+                checksums = self._upload(content, name, vouched=where == self.store.name)
+                if checksums is not None:
+                    staged.checksums[content.hash] = checksums
                 staged.uploaded.add(content.hash)
         except BaseException as exc:
             # An upload that failed because gc() took its intent (and with it
@@ -289,6 +279,38 @@ class Uploads:
                 ) from exc
             raise
         return staged
+
+    def _upload(self, content: Content, token: str | None, *, vouched: bool) -> bytes | None:
+        """Put ``content`` in the store; the piece checksums of what is there now.
+
+        An object already there is trusted if a blob row in this store
+        (``vouched``) says it is whole; otherwise it is read back, and
+        replaced if its bytes are wrong (a dead writer's, a planted one).
+        ``None`` when the object was trusted unread.
+        """
+        data = content.data
+        prestaged = data if isinstance(data, Prestaged) else None
+        if prestaged is not None:  # written while it was hashed: give it its name
+            try:
+                if self.store.put_staged(content.hash, prestaged.staging):
+                    return prestaged.checksums
+            except NotFoundError:  # renamed by an earlier attempt of this save (gc took it)
+                prestaged = None
+        if prestaged is None:
+            pieces = _Checked(data)
+            if self.store.put(content.hash, pieces, content.size, token=token):
+                return pieces.value()
+        if vouched:
+            return None
+        found = digest(self.store, content.hash)
+        if found is not None and found[:2] == (content.size, content.hash):
+            return found.checksums
+        if prestaged is not None:
+            self.store.put_staged(content.hash, prestaged.staging, replace=True)
+            return prestaged.checksums
+        pieces = _Checked(data)
+        self.store.replace(content.hash, pieces, content.size, token=token)
+        return pieces.value()
 
     def _lost(self, staged: Staged) -> bool:
         """Whether gc() has taken any of ``staged``'s intents."""
