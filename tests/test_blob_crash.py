@@ -4,9 +4,13 @@
   one half-written, nothing committed) leaves only upload intents behind, which
   ``gc()`` turns into a clean store: ``fsck()`` finds nothing, every committed
   file loads.
+* A writer killed while it stages large content (half of it written to the
+  store's ``incoming/``, before its hash is known) leaves that file, which
+  ``fsck()`` counts as pending and ``gc()`` sweeps after the grace period.
 * ``gc()`` running in a loop while another process saves, overwrites, copies
   and deletes the same few contents (so reference counts keep touching zero)
-  never deletes a blob a file refers to.
+  never deletes a blob a file refers to, with content uploaded after hashing
+  and with content staged while hashed.
 """
 
 from __future__ import annotations
@@ -104,16 +108,92 @@ def test_sigkill_mid_batch_then_gc_leaves_a_clean_catalog(catalog_url: str, tmp_
                 np.testing.assert_array_equal(array, np.full(1000, batch * 100 + i, np.int64))
 
 
+_STAGER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from polystore import SQLBackend
+    from polystore.backends.sql import save
+    from polystore.blobs import LocalBlobStore
+
+    save.STAGE_OVER = 64 << 10
+
+    class Stalling(LocalBlobStore):
+        # The third staged content stops half-way, for the parent to kill.
+        staged = 0
+
+        def stage(self, chunks, size):
+            Stalling.staged += 1
+            if Stalling.staged == 3:
+                def half_then_stall(pieces):
+                    for chunk in pieces:
+                        view = memoryview(chunk)
+                        yield view[: view.nbytes // 2]
+                        print("stalled", flush=True)
+                        time.sleep(60)
+                        yield view[view.nbytes // 2 :]
+                chunks = half_then_stall(chunks)
+            return super().stage(chunks, size)
+
+    url, root = sys.argv[1], sys.argv[2]
+    backend = SQLBackend(url, blob_store=Stalling(root), inline_limit=1024)
+    for i in range(10):
+        backend.save(np.full(20_000, i, dtype=np.int64), f"big{i}.npy")
+        print(f"committed {i}", flush=True)
+    """
+)
+
+
+def test_sigkill_while_staging_then_gc_leaves_a_clean_catalog(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "blobs"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _STAGER, catalog_url, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    lines = []
+    try:
+        for line in writer.stdout:
+            lines.append(line.strip())
+            if line.strip() == "stalled":
+                break
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.communicate(timeout=30)
+    assert lines == ["committed 0", "committed 1", "stalled"]
+    store = LocalBlobStore(root)
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=1024) as backend:
+        assert backend.list_dir("") == ["big0.npy", "big1.npy"]
+        staged = [o for o in store.scan() if o.staged]
+        assert len(staged) == 1 and staged[0].size == 20_000 * 8 // 2  # half-written
+        before = backend.fsck()
+        assert before.ok and before.pending_uploads == 1  # accounted for, not yet collected
+        assert backend.gc().objects_deleted == 0  # too young to call abandoned
+        assert backend.gc(grace=0).objects_deleted == 1
+        after = backend.fsck(verify=True)
+        assert after.ok and after.pending_uploads == 0, str(after)
+        assert not [o for o in store.scan() if o.staged]
+        for i in range(2):
+            np.testing.assert_array_equal(
+                backend.load(f"big{i}.npy"), np.full(20_000, i, dtype=np.int64)
+            )
+
+
 _CHURN = textwrap.dedent(
     """
     import json, random, sys, time
     import numpy as np
     from polystore import SQLBackend
+    from polystore.backends.sql import save
+
+    url, root, seconds, size = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    save.STAGE_OVER = 64 << 10  # content over it is staged while hashed
 
     def content(k):
-        return np.random.default_rng(k).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+        return np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes()
 
-    url, root, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     backend = SQLBackend(url, blob_store=f"file://{root}", inline_limit=1024)
     rng = random.Random(0)
     state = {}  # path -> content number
@@ -150,18 +230,19 @@ _CHURN = textwrap.dedent(
 )
 
 
-def _content(k: int) -> bytes:
-    return np.random.default_rng(k).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+def _content(k: int, size: int) -> bytes:
+    return np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
+@pytest.mark.parametrize("size", [2048, 100 << 10], ids=["uploaded", "staged"])
 def test_gc_never_deletes_what_a_concurrent_writer_references(
-    catalog_url: str, tmp_path: Path
+    catalog_url: str, tmp_path: Path, size: int
 ) -> None:
     root = tmp_path / "blobs"
     with SQLBackend(catalog_url, blob_store=f"file://{root}", inline_limit=1024) as backend:
         backend.save(b"warm up the schema", "warm.bin")
         writer = subprocess.Popen(
-            [sys.executable, "-c", _CHURN, catalog_url, str(root), "2.5"],
+            [sys.executable, "-c", _CHURN, catalog_url, str(root), "2.5", str(size)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -176,7 +257,7 @@ def test_gc_never_deletes_what_a_concurrent_writer_references(
         assert runs > 10 and collected > 0  # gc really did work while the writer ran
         state = json.loads(out)["state"]
         for path, k in state.items():
-            assert backend.load(path) == _content(k)
+            assert backend.load(path) == _content(k, size)
         backend.gc(grace=0)
         report = backend.fsck(verify=True)
         assert report.ok and report.pending_uploads == 0, str(report)

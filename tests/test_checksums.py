@@ -1,8 +1,7 @@
 """Piece checksums of external content: recorded on save, checked on every load.
 
 The piece size is made 4 KiB here (the stored value says its piece size, so
-any size reads back), so that content of a few pieces -- and of enough to be
-checked on worker threads -- stays small.
+any size reads back), so that content of many pieces stays small.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 A load used to check external content by the SHA-256 of the whole object,
 on one core. The rows of external blobs written from this revision on also
-record the CRC-32 of each 8 MiB piece of their content, which a load checks
-on several cores while it reads (:mod:`polystore.backends.sql.checksums`
-describes the value). Existing rows keep ``NULL`` there and are checked by
+record an XXH3-64 digest of each 8 MiB piece of their content, which a load
+checks as it reads, at a small part of the cost
+(:mod:`polystore.backends.sql.checksums` describes the value). Existing rows keep ``NULL`` there and are checked by
 their SHA-256 as before; inline rows never have checksums.
 
 The downgrade drops the column: the older schema checks every object by its

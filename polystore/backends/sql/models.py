@@ -130,7 +130,7 @@ class Blob(Base):
     refcount: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
     created_at: Mapped[Timestamp]
-    #: CRC-32 of each piece of external content, what a load checks (revision
+    #: A digest of each piece of external content, what a load checks (revision
     #: 0007, :mod:`.checksums`); NULL inline and for rows written before.
     checksums: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
 
