@@ -113,10 +113,10 @@ _STAGER = textwrap.dedent(
     import sys, time
     import numpy as np
     from polystore import SQLBackend
-    from polystore.backends.sql import save
+    from polystore.backends.sql import staging
     from polystore.blobs import LocalBlobStore
 
-    save.STAGE_OVER = 64 << 10
+    staging.STAGE_OVER = 64 << 10
 
     class Stalling(LocalBlobStore):
         # The third staged content stops half-way, for the parent to kill.
@@ -186,10 +186,10 @@ _CHURN = textwrap.dedent(
     import json, random, sys, time
     import numpy as np
     from polystore import SQLBackend
-    from polystore.backends.sql import save
+    from polystore.backends.sql import staging
 
     url, root, seconds, size = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-    save.STAGE_OVER = 64 << 10  # content over it is staged while hashed
+    staging.STAGE_OVER = 64 << 10  # content over it is staged while hashed
 
     def content(k):
         return np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes()

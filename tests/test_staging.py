@@ -18,6 +18,7 @@ import pytest
 
 from polystore import SQLBackend
 from polystore.backends.sql import save as save_module
+from polystore.backends.sql import staging
 from polystore.backends.sql import uploads as uploads_module
 from polystore.blobs import LocalBlobStore, Staging, from_url
 from polystore.errors import IsADirectoryError, NotFoundError, UnsupportedOperationError
@@ -27,7 +28,7 @@ OVER = 64 << 10
 
 @pytest.fixture(autouse=True)
 def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(save_module, "STAGE_OVER", OVER)
+    monkeypatch.setattr(staging, "STAGE_OVER", OVER)
 
 
 def sha(data: bytes) -> str:
@@ -256,3 +257,33 @@ def test_content_a_dead_save_staged_is_swept_by_gc(
     assert len(staged_files(store)) == 1
     assert backend.gc(grace=0).objects_deleted == 1
     assert staged_files(store) == []
+
+
+def test_a_batch_of_large_contents_stages_them_a_few_at_once(
+    backend: SQLBackend, store: CountingStore
+) -> None:
+    values = [payload(2 * OVER, seed) for seed in range(6)]
+    backend.save_batch([*values, b"small"], [*(f"v{i}" for i in range(6)), "small"])
+    assert store.calls["stage"] == 6 and store.calls["put_staged"] == 6
+    assert backend.load_batch([f"v{i}" for i in range(6)]) == values
+    assert staged_files(store) == []
+    assert backend.fsck(verify=True).ok
+
+
+def test_one_failed_staging_fails_the_batch_and_leaves_nothing_staged(
+    catalog_url: str, tmp_path: Path, open_backend: Callable[..., SQLBackend]
+) -> None:
+    class FailingThird(CountingStore):
+        def stage(self, chunks: Any, size: int) -> Staging:
+            self.calls["stage"] += 1
+            if self.calls["stage"] == 3:
+                raise OSError("disk on fire")
+            return LocalBlobStore.stage(self, chunks, size)
+
+    store = FailingThird(tmp_path / "failing")
+    backend = open_backend(catalog_url, blob_store=store, inline_limit=1024)
+    with pytest.raises(OSError, match="disk on fire"):
+        backend.save_batch([payload(2 * OVER, seed) for seed in range(5)], list("abcde"))
+    assert store.calls["stage"] == 5  # the others ran to the end, and were discarded
+    assert staged_files(store) == [] and objects(store) == []
+    assert backend.list_dir("") == []

@@ -24,16 +24,10 @@ from polystore.backends._common import already_exists, is_a_directory, strict_js
 from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
 from polystore.backends.sql.catalog import utcnow
-from polystore.backends.sql.content import (
-    Content,
-    add_blobs,
-    content_hashes,
-    lock_blobs,
-    release_blobs,
-)
+from polystore.backends.sql.content import Content, add_blobs, lock_blobs, release_blobs
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
-from polystore.backends.sql.staging import STAGE_OVER, Prestaged, hash_and_stage
+from polystore.backends.sql.staging import Prestaged, hash_batch
 from polystore.backends.sql.uploads import Staged, promote
 from polystore.blobs.base import BlobStore
 from polystore.errors import SerializationError
@@ -158,28 +152,12 @@ class Batch:
                 yield Content(h, staged.get(i, data), size)
 
     def hash(self, store: BlobStore | None, over: int) -> None:
-        """Hash every content; stage those over ``over`` bytes in ``store`` meanwhile.
+        """Hash every content; stage the large ones over ``over`` bytes in ``store`` meanwhile.
 
-        Staging (:mod:`.staging`) needs a store that can, and content of
-        more than :data:`~.staging.STAGE_OVER` bytes; what the save does not
-        use of it, :meth:`discard` removes.
+        See :func:`~.staging.hash_batch`; what the save does not use of the
+        staged content, :meth:`discard` removes.
         """
-        over = max(over, STAGE_OVER)
-        if store is None or not store.can_stage or all(size <= over for size in self.sizes):
-            self.hashes = content_hashes(self.datas)
-            return
-        hashes = []
-        try:
-            for i, (data, size) in enumerate(zip(self.datas, self.sizes, strict=True)):
-                if size > over:
-                    content_hash, self.prestaged[i] = hash_and_stage(store, data)
-                else:
-                    content_hash = content_hashes([data])[0]
-                hashes.append(content_hash)
-        except BaseException:
-            self.discard(store)
-            raise
-        self.hashes = hashes
+        self.hashes, self.prestaged = hash_batch(self.datas, self.sizes, store, over)
 
     def discard(self, store: BlobStore | None) -> None:
         """Remove the staged content the save did not give a name."""

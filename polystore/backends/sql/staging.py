@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from polystore.backends.sql.checksums import Checksummer
+from polystore.backends.sql.content import content_hashes
 from polystore.blobs.base import CHUNK_SIZE, BlobStore, Staging
 from polystore.serializers import Buffer
 
-__all__ = ["STAGE_OVER", "Prestaged", "hash_and_stage"]
+__all__ = ["PARALLEL_MIN", "STAGE_OVER", "Prestaged", "hash_and_stage", "hash_batch"]
 
-#: Content up to this size is hashed, then uploaded: below it a thread costs
-#: more than the overlap gains.
-STAGE_OVER = 16 << 20
+#: Content up to this size (one checksummed piece) is hashed, then uploaded:
+#: below it a thread costs more than the overlap gains.
+STAGE_OVER = 8 << 20
+#: Contents of a batch this large or larger are hashed on worker threads, a
+#: few at once (hashlib lets go of the GIL); smaller ones on the caller's.
+PARALLEL_MIN = 1 << 20
+_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,54 @@ def hash_and_stage(store: BlobStore, data: Buffer) -> tuple[str, Prestaged]:
             raise
         staging = staged.result()
     return content_hash, Prestaged(data, staging, summer.value())
+
+
+def hash_batch(
+    datas: Sequence[Buffer], sizes: Sequence[int], store: BlobStore | None, over: int
+) -> tuple[list[str], dict[int, Prestaged]]:
+    """The SHA-256 of every content of a batch, and what was staged on the way.
+
+    Content of more than ``over`` and :data:`STAGE_OVER` bytes is staged in
+    ``store`` while it is hashed, where the store can stage. Contents of
+    :data:`PARALLEL_MIN` bytes or more are hashed (and staged) a few at once,
+    on worker threads; the rest on this one. Returns the hashes, in order, and
+    ``entry -> Prestaged``; on failure nothing stays staged.
+    """
+    can_stage = store is not None and store.can_stage
+    stage_over = max(over, STAGE_OVER)
+    big = [
+        i
+        for i, size in enumerate(sizes)
+        if size >= PARALLEL_MIN or (can_stage and size > stage_over)
+    ]
+    if not big:
+        return content_hashes(datas), {}
+
+    def one(i: int) -> tuple[str, Prestaged | None]:
+        if can_stage and sizes[i] > stage_over:
+            assert store is not None
+            return hash_and_stage(store, datas[i])
+        return hashlib.sha256(datas[i]).hexdigest(), None
+
+    done: dict[int, tuple[str, Prestaged | None]] = {}
+    failure: BaseException | None = None
+    if len(big) == 1:
+        done[big[0]] = one(big[0])  # (a failed staging leaves nothing staged)
+    else:
+        with ThreadPoolExecutor(min(_WORKERS, len(big)), "polystore-hash") as pool:
+            futures = [(i, pool.submit(one, i)) for i in big]
+            for i, future in futures:  # every one, even after a failure: each may have staged
+                try:
+                    done[i] = future.result()
+                except BaseException as exc:  # noqa: BLE001 -- raised once the others are discarded
+                    failure = failure or exc
+    staged = {i: p for i, (_, p) in done.items() if p is not None}
+    if failure is not None:
+        if store is not None:
+            for prestaged in staged.values():
+                store.discard(prestaged.staging)
+        raise failure
+    rest = [i for i in range(len(datas)) if i not in done]
+    hashes = dict(zip(rest, content_hashes([datas[i] for i in rest]), strict=True))
+    hashes.update((i, h) for i, (h, _) in done.items())
+    return [hashes[i] for i in range(len(datas))], staged
