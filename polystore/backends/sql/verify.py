@@ -112,8 +112,8 @@ class ContentReader:
         """The external object of ``content_hash`` in a new buffer, verified.
 
         Checked by the blob's piece checksums where its row records them
-        (:mod:`~polystore.backends.sql.checksums`, on worker threads while the
-        buffer fills), else by its SHA-256. ``into`` says which buffer, so
+        (:mod:`~polystore.backends.sql.checksums`, each piece as soon as it is
+        in the buffer), else by its SHA-256. ``into`` says which buffer, so
         that no byte is zeroed or copied for nothing:
 
         * ``"bytearray"``: writeable, zeroed when made (any serializer);
