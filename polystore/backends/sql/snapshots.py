@@ -37,6 +37,9 @@ from polystore.backends.base import ReadOnlyBackend, StatResult
 from polystore.backends.sql import epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.changes import changed_files
+from polystore.backends.sql.fast import FastReader
+from polystore.backends.sql.listing import stat_result
+from polystore.backends.sql.load import Loader
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import snapshots_table as snapshots
 from polystore.errors import NotFoundError, SerializationError
@@ -168,10 +171,13 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
     one raises :class:`~polystore.errors.NotFoundError`).
     """
 
-    def __init__(self, backend: Any, snapshot: Snapshot) -> None:
-        # (``backend``: the SQLBackend; not imported, nothing below the facade does)
+    def __init__(self, backend: Any, snapshot: Snapshot, fast: FastReader, loader: Loader) -> None:
+        # (``backend``: the SQLBackend, for its settings and for lazy arrays,
+        # which pickle as it does; not imported, nothing below the facade does)
         self._backend = backend
-        self._catalog: Catalog = backend._catalog
+        self._catalog: Catalog = loader.catalog
+        self._fast = fast
+        self._loader = loader
         #: The snapshot this view reads.
         self.snapshot = snapshot
         self._epoch = snapshot.epoch
@@ -243,8 +249,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         row, store = self._read(work)
         if row is None:
             raise not_found(norm)
-        result: StatResult = self._backend._stat_result(norm, row, store)
-        return result
+        return stat_result(norm, row, store)
 
     def _dir(self, conn: Connection, norm: str) -> Any:
         row = history.resolve(conn, self._epoch, norm)
@@ -278,7 +283,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         if self._catalog.in_transaction:
             return None
         dir_id = int(self._read(lambda conn: self._dir(conn, norm)).id)
-        fast = self._backend._fast
+        fast = self._fast
         dialect = self._catalog.dialect
         e = self._epoch
         with fast.snapshot() as ok:
@@ -350,7 +355,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                 continue
             if wanted and not _attrs_match(row.attrs, wanted):
                 continue
-            results.append(self._backend._stat_result(paths.join(norm, rel), row, store))
+            results.append(stat_result(paths.join(norm, rel), row, store))
             if limit is not None and len(results) >= limit:
                 break
         return results
@@ -366,13 +371,14 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         if kwargs:
             raise TypeError(f"load() got unexpected keyword arguments {sorted(kwargs)}")
         norm = paths.normalize_file(file_path)
-        loader = self._loader()
+        loader = self._decoding()
         return loader.decode_row(self._resolve(norm, with_content=True), norm)
 
-    def _loader(self) -> Any:
+    def _decoding(self) -> Loader:
+        """The loader, decoding with the backend's serializers as they are now."""
         backend = self._backend
-        backend._loader.use(backend.serializers, backend.allow_pickle)
-        return backend._loader
+        self._loader.decoders.use(backend.serializers, backend.allow_pickle)
+        return self._loader
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
         """Load every path in order, as at the snapshot, from one consistent read."""
@@ -392,7 +398,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             closer.clear()
             rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
             self._decode_lean(rows, values, closer)
-        loader = self._loader()
+        loader = self._decoding()
         for path in closer:
             values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
         for path in norm:
@@ -418,7 +424,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             prefix = f"{parent}/" if parent else ""
             for sql, args in self._lean_queries(int(row.id), names):
                 for lean in conn.exec_driver_sql(sql, tuple(args)):
-                    found[prefix + lean[3]] = lean
+                    found[prefix + lean.name] = lean
         return found
 
     def _lean_fast(
@@ -428,7 +434,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         (:meth:`_decode_lean`) as it arrives; False where the fast path is unavailable."""
         if self._catalog.in_transaction:
             return False
-        fast = self._backend._fast
+        fast = self._fast
         dialect = self._catalog.dialect
         e = self._epoch
         child = history.child_sql(dialect)
@@ -456,6 +462,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                     rows = fast.fetch_raw(sql, args)
                     if rows is None:
                         return False
+                    # (a lean row's last column is the name)
                     self._decode_lean({prefix + lean[3]: lean for lean in rows}, values, closer)
                     del rows
         return True
@@ -463,8 +470,8 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
     def _decode_lean(self, rows: dict[str, Any], values: dict[str, Any], closer: list[str]) -> None:
         """Decode lean rows into ``values``: inline files of a known kind a kind at a
         time; the paths of the others go to ``closer``, to be read in full."""
-        loader = self._loader()
-        verify = self._backend._reader.verify_inline
+        decoders = self._decoding().decoders
+        verify = self._loader.reader.verify_inline
         groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
         for path, (kind_id, size, data, _) in rows.items():
             if kind_id is None or data is None or verify or len(data) != size:
@@ -477,7 +484,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             group[1].append(data)
             group[2].append(size)
         for kind_id, (names, datas, sizes) in groups.items():
-            decoded = loader.decode_inline(kind_id, datas, max(sizes))
+            decoded = decoders.decode_inline(kind_id, datas, max(sizes))
             if decoded is None:
                 closer.extend(names)
             else:

@@ -42,17 +42,16 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from polystore import paths
-from polystore.backends._common import is_a_directory, not_found
+from polystore.backends._common import check_attrs, is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.models import blobs_table as blobs
-from polystore.backends.sql.save import Batch, write_batch
+from polystore.backends.sql.save import Batch, SaveOptions, Saver
 from polystore.blobs.base import CHUNK_SIZE
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
     from polystore.backends.sql.catalog import Catalog
-    from polystore.backends.sql.uploads import Staged, Uploads
     from polystore.blobs.base import BlobStore
     from polystore.serializers import SerializerRegistry
 
@@ -147,10 +146,8 @@ def _kind(serializers: SerializerRegistry, serializer: str) -> tuple[Any, ...]:
 
 
 def save_file(
-    catalog: Catalog,
-    uploads: Uploads,
-    pending: list[Staged] | None,
-    serializers: SerializerRegistry,
+    saver: Saver,
+    options: SaveOptions,
     local_path: str | os.PathLike[str],
     path: str,
     *,
@@ -160,35 +157,66 @@ def save_file(
     known: tuple[int, str] | None = None,
     advance: Advance | None = None,
 ) -> None:
-    """Store local file ``local_path`` at catalog ``path`` through the external store.
+    """Store local file ``local_path`` at catalog ``path`` (:meth:`SQLBackend.save_file`).
 
-    For content over the inline limit (the caller decides); ``known`` is the
-    file's ``(size, hash)`` if the caller has hashed it already. ``pending``
-    is the caller's transaction's list of uploads to settle, if one is open.
+    Content at or under the inline limit (or all content, without a blob
+    store) is read whole and saved as ``save`` saves it; larger content is
+    streamed to the blob store. ``known`` is the file's ``(size, hash)`` if
+    the caller has hashed it already; ``advance(n)`` is called as bytes are
+    stored.
     """
+    if serializer not in STREAMED_SERIALIZERS:
+        raise ValueError(f"save_file stores 'bytes' or 'str' content, not {serializer!r}")
+    attrs = check_attrs(attrs)
+    size = os.stat(local_path).st_size
+    if saver.uploads is None or size <= options.inline_limit:
+        value = _read_whole(local_path, serializer)
+        saver.save([value], [path], options, overwrite=overwrite, attrs=attrs)
+        if advance is not None:
+            advance(size)
+        return
+    with saver.catalog.errors():
+        _stream_in(saver, options, local_path, path, serializer, attrs, overwrite, known, advance)
+
+
+def _read_whole(local_path: str | os.PathLike[str], serializer: str) -> bytes | str:
+    """The value ``save`` is given for local file ``local_path``: its bytes, or its text."""
+    with open(local_path, "rb") as fh:
+        data = fh.read()
+    if serializer != "str":
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SerializationError(f"{local_path} is not UTF-8 text ({exc})") from exc
+
+
+def _stream_in(
+    saver: Saver,
+    options: SaveOptions,
+    local_path: str | os.PathLike[str],
+    path: str,
+    serializer: str,
+    attrs: dict[str, Any] | None,
+    overwrite: bool,
+    known: tuple[int, str] | None,
+    advance: Advance | None,
+) -> None:
+    """Store local file ``local_path`` at catalog ``path`` through the external store."""
     norm = paths.normalize_file(path)
     size, content_hash = known if known is not None else file_hash(local_path)
-    kind = _kind(serializers, serializer)
+    kind = _kind(options.serializers, serializer)
     batch = Batch()
     batch.add_kind(kind)
     batch.index = {norm: 0}
     batch.hashes, batch.sizes, batch.kinds = [content_hash], [size], [kind]
     source = FileSource(local_path, size, content_hash, text=serializer == "str", advance=advance)
     batch.datas = [b""]  # never read: the blob row of uploaded content holds no bytes
-
-    def write(staged: Staged | None) -> None:
-        catalog.write(lambda conn: write_batch(conn, batch, overwrite, attrs, staged))
-
     # force: upload even when the content already has a blob row elsewhere
     # (inline): the row then keeps its placement, the object is released, and
     # the catalog write never needs the bytes in memory.
-    uploads.run(
-        [Content(content_hash, source, size)],
-        write,
-        conn=catalog.connection,
-        pending=pending,
-        force=True,
-    )
+    external = [Content(content_hash, source, size)]
+    saver.write(batch, external, overwrite=overwrite, attrs=attrs, force=True)
 
 
 def _locate(catalog: Catalog, norm: str, resolve: Any) -> tuple[str, int, str]:
