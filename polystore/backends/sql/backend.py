@@ -8,7 +8,6 @@ in one database transaction (or in a savepoint of the caller's
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,19 +27,17 @@ from polystore.backends.sql.identity import claim_store
 from polystore.backends.sql.listing import Listing
 from polystore.backends.sql.load import Loader
 from polystore.backends.sql.load_batch import BatchLoader
+from polystore.backends.sql.maintenance_methods import MaintenanceMethods
 from polystore.backends.sql.placement import Placement, resolve_blob_store
 from polystore.backends.sql.save import SaveOptions, Saver
 from polystore.backends.sql.schema import ensure_schema
 from polystore.backends.sql.snapshot_methods import SnapshotMethods
-from polystore.backends.sql.uploads import Staged, Uploads
+from polystore.backends.sql.uploads import Uploads
 from polystore.backends.sql.verify import ContentReader
-from polystore.errors import UnsupportedOperationError
 from polystore.serializers import SerializerRegistry
 
 if TYPE_CHECKING:
     from polystore.arrays import LazyArray
-    from polystore.backends.sql.fsck import FsckReport
-    from polystore.backends.sql.gc import GCReport, RebalanceReport
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 
@@ -50,7 +47,7 @@ __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
 DEFAULT_INLINE_LIMIT = 1 << 20
 
 
-class SQLBackend(KindLookups, SnapshotMethods, StorageBackend):
+class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBackend):
     """A catalog of paths and metadata in SQLite or PostgreSQL, content in blobs.
 
     ``url`` defaults to ``POLYSTORE_URL`` or ``sqlite:///polystore.db``. A fresh
@@ -64,7 +61,7 @@ class SQLBackend(KindLookups, SnapshotMethods, StorageBackend):
     4 KiB). ``fsck(verify=True)`` hashes everything.
 
     The methods delegate to the modules of ``polystore/backends/sql``
-    (:doc:`architecture`); the snapshot methods come from a mixin.
+    (:doc:`architecture`); the snapshot and maintenance methods come from mixins.
     """
 
     _backend_type = "sql"
@@ -166,19 +163,8 @@ class SQLBackend(KindLookups, SnapshotMethods, StorageBackend):
             with self._catalog.transaction():
                 yield self
             return
-        staged: list[Staged] = []
-        try:
-            with self._catalog.transaction():
-                token = self._saver.pending.set(staged)
-                try:
-                    yield self
-                finally:
-                    self._saver.pending.reset(token)
-        finally:
-            # Committed or rolled back, and the connection (with SQLite's write
-            # lock) given back: drop the uploads the catalog did not keep.
-            if self._uploads is not None:
-                self._uploads.settle(staged, quiet=True)
+        with self._saver.transaction():
+            yield self
 
     # -- saving --------------------------------------------------------------------
 
@@ -405,65 +391,6 @@ class SQLBackend(KindLookups, SnapshotMethods, StorageBackend):
             attrs=attrs,
             limit=limit,
         )
-
-    # -- content maintenance ------------------------------------------------------------
-
-    def _outside_transaction(self, operation: str) -> None:
-        # Maintenance commits its own transactions, one per batch; inside the
-        # caller's (on SQLite, holding the only write lock) it could not.
-        if self._catalog.in_transaction:
-            raise UnsupportedOperationError(f"{operation}() cannot run inside transaction()")
-
-    def gc(self, *, grace: dt.timedelta | float | None = None) -> GCReport:
-        """Remove content nothing refers to, and uploads that were abandoned.
-
-        Unreferenced external blobs are deleted, and upload intents older than
-        ``grace`` (a timedelta or seconds; default 24 hours) with their objects:
-        uploads whose writer died or whose transaction rolled back. Works from
-        the catalog's records alone and never lists the blob store. Safe while
-        other processes read and write: a blob any file refers to is never
-        deleted. ``grace`` must outlast the longest save in progress, whose
-        upload would otherwise be taken (the save then fails and is retried;
-        nothing is lost).
-        """
-        from polystore.backends.sql.gc import DEFAULT_GRACE, collect_garbage
-
-        self._outside_transaction("gc")
-        with self._catalog.errors():
-            return collect_garbage(
-                self._catalog, self._uploads, grace=DEFAULT_GRACE if grace is None else grace
-            )
-
-    def fsck(self, *, verify: bool = False) -> FsckReport:
-        """Check the catalog against its content, both ways; see :class:`FsckReport`.
-
-        Every referenced blob exists with the recorded size (and, with
-        ``verify=True``, hash: this reads all content); every object in the
-        external store is referenced; every reference count is right. Lists
-        the external store (the only operation that does).
-        """
-        from polystore.backends.sql.fsck import check
-
-        with self._catalog.errors():
-            return check(self._catalog, self.blob_store, verify=verify)
-
-    def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
-        """Move blobs between inline and external placement to match the inline limit.
-
-        Blobs over the limit (``inline_limit``, default this backend's; capped,
-        like :attr:`inline_limit`, at what one database value holds) move to
-        the external store, the others into the database; each move is its own
-        transaction, so an interruption leaves every blob readable in one place.
-        Without an external store nothing moves.
-        """
-        from polystore.backends.sql.gc import rebalance
-
-        self._outside_transaction("rebalance")
-        limit = self.inline_limit
-        if inline_limit is not None:
-            limit = min(inline_limit, self._placement.max_inline())
-        with self._catalog.errors():
-            return rebalance(self._catalog, self._uploads, self._reader, limit)
 
     # -- for tests and tools -----------------------------------------------------------
 

@@ -57,7 +57,9 @@ class KindDef(NamedTuple):
     meta: str | None
 
 
-def decoder_meta(meta: dict[str, Any] | None, shape: Any, dtype: str | None) -> dict[str, Any]:
+def decoder_meta(
+    meta: dict[str, object] | None, shape: object, dtype: str | None
+) -> dict[str, object]:
     """What a serializer's decoder is given: its recorded meta, plus shape and dtype."""
     full = dict(meta or {})
     if shape is not None:
@@ -126,9 +128,9 @@ class Decoders:
         self.many: dict[int, Callable[[Any], list[Any]]] = {}
         #: Kind id -> what it means.
         self.defs: dict[int, KindDef] = {}
-        self._state: tuple[Any, ...] = ()
+        self._state: tuple[object, ...] = ()
         # (rows, largest id) of polystore_kinds when last read whole
-        self._counted: tuple[Any, ...] = ()
+        self._counted: tuple[object, ...] = ()
 
     def use(self, serializers: SerializerRegistry, allow_pickle: bool) -> None:
         """Decode with these (the backend's, as they are now); drop cached decoders if they changed."""
@@ -191,7 +193,7 @@ class Decoders:
             cache[kind_id] = decode
         return decode
 
-    def decode_inline(self, kind_id: int, datas: list[Any], size: int) -> list[Any] | None:
+    def decode_inline(self, kind_id: int, datas: list[object], size: int) -> list[object] | None:
         """The values of inline contents ``datas`` of files of kind ``kind_id``.
 
         One batch decoder call when every content is small (``size``, the
@@ -201,7 +203,7 @@ class Decoders:
         """
         try:
             if size <= SHARED_ARRAY_BYTES:
-                values: list[Any] = self.get(kind_id, many=True)(datas)
+                values: list[object] = self.get(kind_id, many=True)(datas)
                 return values
             decode = self.get(kind_id, many=False)
         except Unavailable:
@@ -234,7 +236,7 @@ class Decoders:
         """
         defs = self.defs
         dialect = self._dialect
-        queries: list[tuple[str, list[Any]]]
+        queries: list[tuple[str, list[object]]]
         if ids is None:
             queries = [(f"{kinds_sql(dialect, None)} LIMIT {MAX_DECODERS}", [])]
         else:

@@ -24,6 +24,7 @@ from polystore.backends.sql.decoders import json_column, reading
 from polystore.backends.sql.fast import FastReader, names_sql, resolve_args, resolve_sql
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.query import run_query
 
 __all__ = ["Listing", "stat_result"]
 
@@ -170,8 +171,6 @@ class Listing:
 
     def query(self, norm: str, **filters: Any) -> list[StatResult]:
         """The nodes under ``norm`` that pass ``filters`` (:func:`~.query.run_query`), by path."""
-        from polystore.backends.sql.query import run_query
-
         rows = self.catalog.read(lambda conn: run_query(conn, dir_id(conn, norm), **filters))
         return [stat_result(paths.join(norm, row.path), row, row.store, text=True) for row in rows]
 

@@ -42,7 +42,7 @@ from polystore.serializers import SHARED_ARRAY_BYTES
 __all__ = ["BatchLoader"]
 
 #: Small files of one kind: their paths, and their contents.
-Group = tuple[list[str], list[Any]]
+Group = tuple[list[str], list[object]]
 #: A directory to read children of: ``(prefix, id, names)``.
 Target = tuple[str, int, list[str]]
 
@@ -303,7 +303,7 @@ class BatchLoader:
         datas.clear()
 
     def _fetch_chunks(
-        self, queries: list[tuple[str, str, list[Any]]], stream: bool
+        self, queries: list[tuple[str, str, list[object]]], stream: bool
     ) -> Generator[tuple[str, list[Any]], None, None]:
         """``(prefix, rows)`` of each query, a chunk of rows at a time.
 
@@ -350,14 +350,14 @@ class BatchLoader:
 
     def _children_queries(
         self, targets: list[Target], stream: bool, lean: bool
-    ) -> list[tuple[str, str, list[Any]]]:
+    ) -> list[tuple[str, str, list[object]]]:
         """``(prefix, sql, args)`` fetching the named children of each of ``targets``.
 
         One query per directory if its results ``stream`` (PostgreSQL, all its
         names as one parameter), else one per chunk of names.
         """
         dialect = self._dialect
-        queries = []
+        queries: list[tuple[str, str, list[object]]] = []
         for prefix, parent_id, names in targets:
             if stream:
                 # (a count matters only to SQLite's IN lists)
@@ -365,7 +365,7 @@ class BatchLoader:
                 queries.append((prefix, sql, [parent_id, "/".join(names)]))
                 continue
             for part in tree.chunks(names):
-                args = [parent_id, "/".join(part)] if self._pg else [parent_id, *part]
+                args: list[object] = [parent_id, "/".join(part)] if self._pg else [parent_id, *part]
                 queries.append((prefix, children_sql(dialect, len(part), lean=lean), args))
         return queries
 

@@ -18,6 +18,7 @@ import datetime as dt
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -155,13 +156,13 @@ def encode_batch(
     """Normalize, serialize and hash every value (the database is not touched)."""
     batch = Batch()
     index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
-    shared: dict[tuple[Any, ...], Kind] = {}
+    shared: dict[tuple[object, ...], Kind] = {}
     encode = serializers.encoder(allow_pickle=allow_pickle)
     # A C-ordered ndarray of a (dtype, shape) already encoded in this batch
     # is encoded here: its bytes, and the kind of the first (what the
     # built-in serializer would give, for a third of the time).
     ndarray = _plain_ndarray(serializers, allow_pickle)
-    array_kinds: dict[tuple[Any, Any], Kind] = {}
+    array_kinds: dict[tuple[object, object], Kind] = {}
     for value, path in zip(data_list, paths.normalize_files(output_paths), strict=True):
         at = index.get(path)
         if at is not None and not overwrite:
@@ -296,9 +297,9 @@ class _FileRows:
             "epoch": epoch,
         }
         #: id(kind) -> (its constant columns, converted; rows of the other columns)
-        self.new: dict[int, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {}
+        self.new: dict[int, tuple[dict[str, object], list[tuple[object, ...]]]] = {}
         #: Rows of :data:`_UPDATE_FILES`.
-        self.updates: list[tuple[Any, ...]] = []
+        self.updates: list[tuple[object, ...]] = []
         #: Hash -> references the overwritten files held.
         self.released: Counter[str] = Counter()
 
@@ -340,7 +341,7 @@ class _FileRows:
             )
             self.released[row.blob_hash] += 1
 
-    def _kind_constants(self, kind: Kind) -> dict[str, Any]:
+    def _kind_constants(self, kind: Kind) -> dict[str, object]:
         """The columns every new file of ``kind`` in this batch holds alike, converted."""
         processors = self._processors
         serializer, version, dtype, shape, meta = kind
@@ -374,8 +375,8 @@ class SaveOptions:
 class Saver:
     """The save path of one backend: encode, stage external content, write, settle.
 
-    Holds the uploads made inside the caller's current ``transaction()``,
-    which its end settles (:attr:`pending`).
+    Holds the uploads made inside the caller's current ``transaction()``
+    (:attr:`pending`), which its end settles (:meth:`transaction`).
     """
 
     def __init__(self, catalog: Catalog, placement: Placement, uploads: Uploads | None) -> None:
@@ -387,6 +388,23 @@ class Saver:
         self.pending: ContextVar[list[Staged] | None] = ContextVar(
             f"polystore_staged_{id(self)}", default=None
         )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The caller's outermost transaction, whose uploads are settled when it ends."""
+        staged: list[Staged] = []
+        try:
+            with self.catalog.transaction():
+                token = self.pending.set(staged)
+                try:
+                    yield
+                finally:
+                    self.pending.reset(token)
+        finally:
+            # Committed or rolled back, and the connection (with SQLite's write
+            # lock) given back: drop the uploads the catalog did not keep.
+            if self.uploads is not None:
+                self.uploads.settle(staged, quiet=True)
 
     def save(
         self,

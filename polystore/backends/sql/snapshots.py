@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -31,7 +31,6 @@ from polystore.backends._common import (
     already_exists,
     not_a_directory,
     not_found,
-    strict_json,
 )
 from polystore.backends.base import ReadOnlyBackend, StatResult
 from polystore.backends.sql import epochs, history, tree
@@ -42,7 +41,8 @@ from polystore.backends.sql.listing import stat_result
 from polystore.backends.sql.load import Loader
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import snapshots_table as snapshots
-from polystore.errors import NotFoundError, SerializationError
+from polystore.backends.sql.query import attrs_filter
+from polystore.errors import NotFoundError
 
 if TYPE_CHECKING:
     from polystore.arrays import LazyArray
@@ -83,15 +83,23 @@ class Change:
 
 SnapshotRef = Snapshot | str | int
 
+T = TypeVar("T")
+
 
 def _snapshot(row: Any) -> Snapshot:
     return Snapshot(
         id=int(row.id),
         name=row.name,
-        created_at=tree.as_utc(row.created_at),  # type: ignore[arg-type]
+        created_at=_utc(row.created_at),
         message=row.message,
         epoch=int(row.epoch),
     )
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    utc = tree.as_utc(value)
+    assert utc is not None
+    return utc
 
 
 def find(conn: Connection, ref: SnapshotRef, *, lock: bool = False) -> Snapshot:
@@ -186,8 +194,8 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         label = self.snapshot.name if self.snapshot.name is not None else self.snapshot.id
         return f"{self._backend!r}.at({label!r})"
 
-    def _read(self, work: Any) -> Any:
-        def checked(conn: Connection) -> Any:
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        def checked(conn: Connection) -> T:
             find(conn, self.snapshot)
             return work(conn)
 
@@ -271,7 +279,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             rows = history.children(conn, self._epoch, [dir_id], columns=("name",))
             return sorted(row.name for row in rows)
 
-        return self._read(work)  # type: ignore[no-any-return]
+        return self._read(work)
 
     def _list_fast(self, norm: str) -> list[str] | None:
         """``list_dir`` on the read fast path (:mod:`.fast`), or None where it is unavailable.
@@ -337,7 +345,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         """:meth:`SQLBackend.query` as at the snapshot: the same filters, the same results."""
         if kind is not None and kind not in ("file", "dir"):
             raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
-        wanted = _attrs_filter(attrs)
+        wanted = attrs_filter(attrs)
         norm = paths.normalize(under)
 
         def work(conn: Connection) -> list[tuple[str, Any, str | None]]:
@@ -406,11 +414,11 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                 raise not_found(path)
         return [values[path] for path in norm]
 
-    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[Any]]]:
+    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[object]]]:
         dialect = self._catalog.dialect
         e = self._epoch
         for part in tree.chunks(names):
-            named: list[Any] = ["/".join(part)] if dialect == "postgresql" else list(part)
+            named: list[object] = ["/".join(part)] if dialect == "postgresql" else list(part)
             args = [parent_id, *named, e, parent_id, *named, e, e]
             yield history.lean_children_sql(dialect, len(part)), args
 
@@ -472,7 +480,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         time; the paths of the others go to ``closer``, to be read in full."""
         decoders = self._decoding().decoders
         verify = self._loader.reader.verify_inline
-        groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
+        groups: dict[int, tuple[list[str], list[object], list[int]]] = {}
         for path, (kind_id, size, data, _) in rows.items():
             if kind_id is None or data is None or verify or len(data) != size:
                 closer.append(path)
@@ -500,20 +508,7 @@ def _stores(conn: Connection, hashes: Iterable[str]) -> dict[str, str]:
     return found
 
 
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def _attrs_filter(attrs: dict[str, Any] | None) -> dict[str, Any]:
-    for key, value in (attrs or {}).items():
-        if not isinstance(key, str) or not isinstance(value, _SCALARS):
-            raise SerializationError(
-                f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
-            )
-        strict_json({key: value}, f"attrs filter {key!r}")
-    return dict(attrs or {})
-
-
-def _attrs_match(attrs: Any, wanted: dict[str, Any]) -> bool:
+def _attrs_match(attrs: object, wanted: Mapping[str, object]) -> bool:
     """Whether ``attrs`` holds every wanted key with that value, of that JSON type."""
     if not isinstance(attrs, dict):
         return False
