@@ -47,6 +47,10 @@ Group = tuple[list[str], list[object]]
 Target = tuple[str, int, list[str]]
 
 
+def _new_group() -> Group:
+    return [], []
+
+
 class _Loading:
     """What one fast-path ``load_batch`` has decoded so far, and what waits."""
 
@@ -171,7 +175,7 @@ class BatchLoader:
         """
         repeated, decoded = loading.repeated, loading.decoded
         decoders = self.decoders
-        groups: dict[int, Group] = {}
+        groups: defaultdict[int, Group] = defaultdict(_new_group)
         closer: list[str] = []
         rows.reverse()
         pop = rows.pop
@@ -184,9 +188,7 @@ class BatchLoader:
                 and len(data) == size <= SHARED_ARRAY_BYTES
                 and path not in repeated
             ):  # the common case, first and with the fewest tests
-                group = groups.get(kind_id)
-                if group is None:
-                    group = groups[kind_id] = ([], [])
+                group = groups[kind_id]
                 group[0].append(path)
                 group[1].append(data)
             elif kind_id is None or data is None or len(data) != size or path in repeated:
@@ -225,7 +227,7 @@ class BatchLoader:
         known = self.decoders.known
         decode_fast = self.single.decode_fast
         repeated, decoded, later = loading.repeated, loading.decoded, loading.later
-        groups: dict[int, Group] = {}
+        groups: defaultdict[int, Group] = defaultdict(_new_group)
         rows.reverse()
         pop = rows.pop
         while rows:
@@ -240,9 +242,7 @@ class BatchLoader:
                 and kind == "file"
                 and path not in repeated
             ):  # the common case, first and with the fewest tests
-                group = groups.get(kind_id)
-                if group is None:
-                    group = groups[kind_id] = ([], [])
+                group = groups[kind_id]
                 group[0].append(path)
                 group[1].append(data)
             elif (
