@@ -128,6 +128,11 @@ class PolystoreFileSystem(AbstractFileSystem):  # type: ignore[misc]
     share (which :meth:`close` then leaves open). ``options`` are those of
     ``SQLBackend`` (``blob_store``, ``inline_limit``, ``allow_pickle``...). The
     catalog opens on first use.
+
+    The class is long because it is fsspec's ``AbstractFileSystem`` interface
+    (about thirty methods that fsspec's own tests expect), each a few lines
+    over the backend; files opened for reading and writing are the classes
+    beside it.
     """
 
     protocol: ClassVar[str] = "polystore"

@@ -424,6 +424,11 @@ class PolystoreStore(Store):
     backend URL (or, for a backend without one, the backend itself), ``path``
     and ``read_only`` are.
 
+    The class is long because it is zarr's whole ``Store`` interface (about
+    twenty-five methods, the synchronous ones included) over one set of
+    private helpers; its state lives in the small classes beside it (the
+    catalog it opens, the writes of a transaction, their group commit).
+
     >>> import zarr
     >>> store = PolystoreStore("sqlite:///catalog.db", "experiments/run1")  # doctest: +SKIP
     >>> zarr.create_array(store, shape=(100,), chunks=(10,), dtype="f4")  # doctest: +SKIP

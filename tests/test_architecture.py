@@ -4,7 +4,8 @@
 ``__init__``, and ``reopen``, which rebuilds backends from pickles), and the
 import graph has no cycle, so a save or a load visits
 each module once and never climbs back into the module that called it.
-docs/architecture.rst draws the layers this test pins.
+docs/architecture.rst draws the layers this test pins, and lists the modules in an
+order it checks: each above every module it imports.
 """
 
 from __future__ import annotations
@@ -81,3 +82,29 @@ def test_only_the_catalog_runs_transactions_and_translates_errors() -> None:
         )
     )
     assert users == []
+
+
+def _documented_order() -> list[str]:
+    """The modules of ``docs/architecture.rst``'s list, from the top (a line may name two)."""
+    text = (ROOT.parents[2] / "docs" / "architecture.rst").read_text(encoding="utf-8")
+    listing = text.split("The modules\n-----------", 1)[1].split("\nA save\n", 1)[0]
+    order: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith("* "):
+            head = line.split(" -- ", 1)[0]
+            order += [part.strip("`*, ")[: -len(".py")] for part in head.split(" and ")]
+    return order
+
+
+def test_the_docs_list_every_module_above_the_modules_it_imports() -> None:
+    """docs/architecture.rst lists each module once, above every module it imports
+    (``reopen``, named on the façade's line, rebuilds backends above it)."""
+    order = _documented_order()
+    graph = _imports()
+    assert sorted(order) == sorted(set(order)), "a module listed twice"
+    assert sorted(order) == sorted(set(graph) - {"__init__", "reopen"})
+    for name, deps in graph.items():
+        if name in ("__init__", "reopen"):
+            continue
+        above = order[: order.index(name) + 1]
+        assert not deps & set(above), f"{name} imports {sorted(deps & set(above))}, listed above it"

@@ -143,8 +143,6 @@ def demo(state: State, directory: Path, plates: int, sites: int, size: int) -> N
     a sample back and checks it. The demo always makes its own catalog in
     --path, whatever --url says.
     """
-    import numpy as np
-
     from polystore import FileManager
     from polystore.cli.sql import run_readonly
 
@@ -160,48 +158,58 @@ def demo(state: State, directory: Path, plates: int, sites: int, size: int) -> N
     )
 
     with FileManager(url) as fm:
-        fm.save(
-            f"Synthetic screen made by `polystore demo`: {plates} plates, {sites} sites per "
-            "well.\nImages: plateN/<well>/siteK.npy; metadata: plateN/<well>/metadata.json\n",
-            "README.txt",
-        )
-        with progress(state, plates * len(wells), "saving wells") as advance:
-            for plate in range(1, plates + 1):
-                # One transaction per plate: a plate appears whole or not at all.
-                with fm.transaction():
-                    for row, column in wells:
-                        _save_well(fm, plate, row, column, sites, size)
-                        advance(1)
+        _save_screen(state, fm, plates, wells, sites, size)
         saved = time.perf_counter() - started
         click.echo(
             f"Saved {n_images + plates * len(wells) + 1} files in {saved:.1f} s into {catalog}"
         )
-
         for title, sql in QUERIES:
             _heading(title)
             click.echo("  " + sql.replace("\n", "\n  "))
             result = run_readonly(url, sql)
             print_table(result.columns, result.rows)
-
-        _heading("Back in Python")
-        backend: Any = fm.get_backend()
-        hits = backend.query(kind="file", attrs={"compound": "staurosporine"})
-        click.echo(
-            f"  SQLBackend.query(attrs={{'compound': 'staurosporine'}}) -> {len(hits)} files"
-        )
-        sample = f"plate{plates}/H12/site{sites}.npy"
-        loaded = fm.load(sample)
-        expected, _ = _image(plates, 7, 12, sites, size)
-        if not (loaded.dtype == np.uint16 and np.array_equal(loaded, expected)):
-            raise click.ClickException(f"{sample} did not load back as saved")
-        click.echo(
-            f"  fm.load({sample!r}) -> {loaded.dtype} array {loaded.shape}, identical to "
-            "the image generated: verified"
-        )
-        meta = fm.load(f"plate{plates}/H12/metadata.json")
-        click.echo(f"  fm.load('plate{plates}/H12/metadata.json') -> {meta}")
+        _back_in_python(fm, plates, sites, size)
 
     _next_steps(catalog, time.perf_counter() - started)
+
+
+def _save_screen(
+    state: State, fm: Any, plates: int, wells: list[tuple[int, int]], sites: int, size: int
+) -> None:
+    """Save the README, then each plate's wells, a plate a transaction."""
+    fm.save(
+        f"Synthetic screen made by `polystore demo`: {plates} plates, {sites} sites per "
+        "well.\nImages: plateN/<well>/siteK.npy; metadata: plateN/<well>/metadata.json\n",
+        "README.txt",
+    )
+    with progress(state, plates * len(wells), "saving wells") as advance:
+        for plate in range(1, plates + 1):
+            # One transaction per plate: a plate appears whole or not at all.
+            with fm.transaction():
+                for row, column in wells:
+                    _save_well(fm, plate, row, column, sites, size)
+                    advance(1)
+
+
+def _back_in_python(fm: Any, plates: int, sites: int, size: int) -> None:
+    """Query and load from Python, and check the last image against the one generated."""
+    import numpy as np
+
+    _heading("Back in Python")
+    backend: Any = fm.get_backend()
+    hits = backend.query(kind="file", attrs={"compound": "staurosporine"})
+    click.echo(f"  SQLBackend.query(attrs={{'compound': 'staurosporine'}}) -> {len(hits)} files")
+    sample = f"plate{plates}/H12/site{sites}.npy"
+    loaded = fm.load(sample)
+    expected, _ = _image(plates, 7, 12, sites, size)
+    if not (loaded.dtype == np.uint16 and np.array_equal(loaded, expected)):
+        raise click.ClickException(f"{sample} did not load back as saved")
+    click.echo(
+        f"  fm.load({sample!r}) -> {loaded.dtype} array {loaded.shape}, identical to "
+        "the image generated: verified"
+    )
+    meta = fm.load(f"plate{plates}/H12/metadata.json")
+    click.echo(f"  fm.load('plate{plates}/H12/metadata.json') -> {meta}")
 
 
 def _save_well(fm: Any, plate: int, row: int, column: int, sites: int, size: int) -> None:

@@ -35,6 +35,7 @@ import re
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,6 @@ _PROGRESS_STEPS = 10_000
 
 
 def _run_sqlite(url: str, path: str, sql: str, timeout: float | None) -> QueryResult:
-    from polystore.backends.sql.engine import damaged_catalog
-
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     busy = 30.0 if timeout is None else min(30.0, timeout)
     try:
@@ -151,6 +150,28 @@ def _run_sqlite(url: str, path: str, sql: str, timeout: float | None) -> QueryRe
             stopped.append(True)
             return 1
         return 0
+
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.set_authorizer(_authorizer(denied))
+        if deadline is not None:
+            conn.set_progress_handler(progress, _PROGRESS_STEPS)
+        try:
+            cursor = conn.execute(sql)
+            rows = cursor.fetchall()
+        except (sqlite3.Error, sqlite3.Warning) as exc:
+            if stopped:
+                assert timeout is not None
+                raise _timed_out(timeout) from exc
+            raise _sqlite_error(url, exc, denied) from exc
+        columns = [d[0] for d in cursor.description or ()]
+        return QueryResult(columns, [tuple(row) for row in rows])
+    finally:
+        conn.close()
+
+
+def _authorizer(denied: list[str]) -> Callable[..., int]:
+    """An SQLite authorizer that allows reads only, noting what it denied in ``denied``."""
 
     def authorize(
         action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
@@ -171,30 +192,21 @@ def _run_sqlite(url: str, path: str, sql: str, timeout: float | None) -> QueryRe
         denied.append(f"{what} {target}" if target else what)
         return sqlite3.SQLITE_DENY
 
-    try:
-        conn.execute("PRAGMA query_only = ON")
-        conn.set_authorizer(authorize)
-        if deadline is not None:
-            conn.set_progress_handler(progress, _PROGRESS_STEPS)
-        try:
-            cursor = conn.execute(sql)
-            rows = cursor.fetchall()
-        except (sqlite3.Error, sqlite3.Warning) as exc:
-            if stopped:
-                assert timeout is not None
-                raise _timed_out(timeout) from exc
-            if denied:
-                raise _refused(denied[0]) from exc
-            damaged = damaged_catalog(url, exc)
-            if damaged is not None:
-                raise damaged from exc
-            if any(text in str(exc) for text in ("readonly", "query_only", "may not be modified")):
-                raise _refused("write") from exc
-            raise click.ClickException(f"SQL error: {exc}") from exc
-        columns = [d[0] for d in cursor.description or ()]
-        return QueryResult(columns, [tuple(row) for row in rows])
-    finally:
-        conn.close()
+    return authorize
+
+
+def _sqlite_error(url: str, exc: Exception, denied: list[str]) -> Exception:
+    """What a failed read-only statement on SQLite raises: a refusal, damage, or its error."""
+    from polystore.backends.sql.engine import damaged_catalog
+
+    if denied:
+        return _refused(denied[0])
+    damaged = damaged_catalog(url, exc)
+    if damaged is not None:
+        return damaged
+    if any(text in str(exc) for text in ("readonly", "query_only", "may not be modified")):
+        return _refused("write")
+    return click.ClickException(f"SQL error: {exc}")
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------

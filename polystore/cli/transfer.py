@@ -315,110 +315,123 @@ def put(
       polystore put --dry-run --exclude '*.tmp' ./screen data/screen
     """
     user_attrs = _parse_attrs(attr_pairs)
-    backend: SQLBackend | None
-    if dry_run:
-        # A dry run creates nothing, not even the catalog.
-        try:
-            backend = state.backend()
-        except NotFoundError:
-            backend = None
-    else:
-        backend = state.backend(create=True)
+    backend = _put_backend(state, dry_run)
     plan = _plan_put(backend, sources, dest, Filters(include, exclude))
     for skipped in plan.skipped:
         note(state, f"skipped {skipped} (not a regular file or directory)")
     tally = _Tally(files=len(plan.files))
-    existing = _Existing(backend)
     sizes = {local: local.stat().st_size for local, _ in plan.files}
     try:
         with (
             backend.transaction() if atomic and backend is not None else nullcontext(),
             transfer_progress(state, len(plan.files), sum(sizes.values()), "put") as meter,
         ):
-            if backend is not None and not dry_run:
-                for path in plan.empty_dirs():
-                    backend.ensure_directory(path)
-            _put_files(state, backend, plan, raw, user_attrs, batch_size, dry_run, as_json,
-                       existing, sizes, tally, meter)  # fmt: skip
+            options = _PutOptions(raw, user_attrs, batch_size, dry_run, as_json)
+            _Putter(state, backend, options, sizes, tally, meter).run(plan)
     except BaseException:
         if tally.copied and not atomic and not dry_run:
-            message = (
-                f"{tally.copied} of {len(plan.files)} files were put; run put again to "
-                "finish (unchanged files are skipped)"
-            )
-            state.interrupted_note = message
+            message = state.interrupted_note = _progress_note(tally)
             if not interrupted(sys.exc_info()[1]):
                 note(state, message)
         raise
     if tally.big_inline and backend is not None and backend.blob_store is not None:
-        note(
-            state,
-            f"{_plural(tally.big_inline, 'file')} over the inline limit "
-            f"({human_size(backend.inline_limit)}) stayed inline: the catalog already held "
-            "that content in the database (content is stored once). "
-            "`polystore rebalance` moves it to the blob store",
-        )
+        _note_big_inline(state, backend, tally.big_inline)
     if as_json:
         echo_json(tally.as_json(dry_run))
     else:
         info(state, tally.summary("put", f"into {dest}", dry_run))
 
 
-def _put_files(
-    state: State,
-    backend: SQLBackend | None,
-    plan: _PutPlan,
-    raw: bool,
-    user_attrs: dict[str, Any],
-    batch_size: int,
-    dry_run: bool,
-    as_json: bool,
-    existing: _Existing,
-    sizes: dict[Path, int],
-    tally: _Tally,
-    meter: Meter,
-) -> None:
-    pending: list[tuple[Any, str, dict[str, Any]]] = []
-    pending_bytes = 0
-    counted: list[Path] = []
+def _put_backend(state: State, dry_run: bool) -> SQLBackend | None:
+    """The catalog to put into, created if missing; a dry run creates nothing (None)."""
+    if not dry_run:
+        return state.backend(create=True)
+    try:
+        return state.backend()
+    except NotFoundError:
+        return None
 
-    def flush() -> None:
-        nonlocal pending_bytes
-        if pending:
-            assert backend is not None
-            _flush(state, backend, pending, user_attrs)
-        for local in counted:
-            meter.bytes(sizes[local])
-        meter.file(len(counted))
-        tally.copied += len(counted)
-        pending.clear()
-        counted.clear()
-        pending_bytes = 0
 
-    for local, target in plan.files:
-        size = sizes[local]
-        streamed = stored_as_bytes(local, raw=raw)
-        found = existing.get(target)
+def _note_big_inline(state: State, backend: SQLBackend, count: int) -> None:
+    note(
+        state,
+        f"{_plural(count, 'file')} over the inline limit "
+        f"({human_size(backend.inline_limit)}) stayed inline: the catalog already held "
+        "that content in the database (content is stored once). "
+        "`polystore rebalance` moves it to the blob store",
+    )
+
+
+@dataclass(frozen=True)
+class _PutOptions:
+    """How ``put`` was asked to store files."""
+
+    raw: bool
+    attrs: dict[str, Any]
+    batch_size: int
+    dry_run: bool
+    as_json: bool
+
+
+class _Putter:
+    """Puts the files of one plan: each skipped, streamed, or parsed and saved in batches.
+
+    Holds the batch being gathered (the parsed values, the local files they
+    came from, their bytes) and flushes it in order: before a file that
+    streams, when it is full, and at the end.
+    """
+
+    def __init__(
+        self,
+        state: State,
+        backend: SQLBackend | None,
+        options: _PutOptions,
+        sizes: dict[Path, int],
+        tally: _Tally,
+        meter: Meter,
+    ) -> None:
+        self.state, self.backend, self.options = state, backend, options
+        self.sizes, self.tally, self.meter = sizes, tally, meter
+        self.existing = _Existing(backend)
+        self.pending: list[tuple[Any, str, dict[str, Any]]] = []
+        self.counted: list[Path] = []
+        self.pending_bytes = 0
+
+    def run(self, plan: _PutPlan) -> None:
+        """Create the plan's empty directories, then put its files."""
+        if self.backend is not None and not self.options.dry_run:
+            for path in plan.empty_dirs():
+                self.backend.ensure_directory(path)
+        for local, target in plan.files:
+            self.put(local, target)
+        self.flush()
+
+    def put(self, local: Path, target: str) -> None:
+        """Skip, stream, or queue one file (a dry run only counts it)."""
+        backend, options, tally = self.backend, self.options, self.tally
+        size = self.sizes[local]
+        streamed = stored_as_bytes(local, raw=options.raw)
+        found = self.existing.get(target)
         copy, described = (
             (True, None)
             if backend is None
-            else _put_one(backend, local, raw, user_attrs, found, streamed)
+            else _put_one(backend, local, options.raw, options.attrs, found, streamed)
         )
         if not copy:
             assert backend is not None and found is not None
             if found.store == "inline" and size > backend.inline_limit:
                 tally.big_inline += 1
             tally.skipped += 1
-            meter.bytes(size)
-            meter.file()
-            continue
+            self.meter.bytes(size)
+            self.meter.file()
+            return
         tally.bytes += size
-        if dry_run:
-            if not as_json:  # (--json: stdout is the one JSON object)
-                info(state, f"would put {local} -> {target}")
+        if options.dry_run:
+            if not options.as_json:  # (--json: stdout is the one JSON object)
+                info(self.state, f"would put {local} -> {target}")
             tally.copied += 1
-            meter.file()
-            continue
+            self.meter.file()
+            return
         assert backend is not None
         if (
             streamed is not None
@@ -426,34 +439,62 @@ def _put_files(
             and backend.blob_store is not None
             and size > backend.inline_limit
         ):
-            flush()  # in order: what is before this file is saved before it
-            backend.save_file(
-                local,
-                target,
-                serializer=streamed,
-                attrs=user_attrs or None,
-                known=None if described is None else (size, described.hash),
-                advance=meter.bytes,
-            )
-            tally.copied += 1
-            meter.file()
-            state.interrupted_note = _progress_note(tally)
-            if backend.stat(target).store == "inline":  # the content was there already
-                tally.big_inline += 1
-            continue
+            self.stream(backend, local, target, streamed, described)
+        else:
+            self.queue(local, target, described)
+
+    def stream(
+        self,
+        backend: SQLBackend,
+        local: Path,
+        target: str,
+        streamed: str,
+        described: LocalContent | None,
+    ) -> None:
+        """Save a large plain file a chunk at a time, after the batch before it."""
+        self.flush()  # in order: what is before this file is saved before it
+        size = self.sizes[local]
+        backend.save_file(
+            local,
+            target,
+            serializer=streamed,
+            attrs=self.options.attrs or None,
+            known=None if described is None else (size, described.hash),
+            advance=self.meter.bytes,
+        )
+        self.tally.copied += 1
+        self.meter.file()
+        self.state.interrupted_note = _progress_note(self.tally)
+        if backend.stat(target).store == "inline":  # the content was there already
+            self.tally.big_inline += 1
+
+    def queue(self, local: Path, target: str, described: LocalContent | None) -> None:
+        """Parse a file into the batch; flush the batch once it is full."""
         if described is not None and described.value is not None:
             value, extra, remark = described.value, described.attrs, described.remark
         else:
-            value, extra, remark = read_local(local, raw=raw)
+            value, extra, remark = read_local(local, raw=self.options.raw)
         if remark is not None:
-            note(state, remark)
-        pending.append((value, target, extra))
-        counted.append(local)
-        pending_bytes += size
-        if len(pending) >= batch_size or pending_bytes >= BATCH_BYTES:
-            flush()
-            state.interrupted_note = _progress_note(tally)
-    flush()
+            note(self.state, remark)
+        self.pending.append((value, target, extra))
+        self.counted.append(local)
+        self.pending_bytes += self.sizes[local]
+        if len(self.pending) >= self.options.batch_size or self.pending_bytes >= BATCH_BYTES:
+            self.flush()
+            self.state.interrupted_note = _progress_note(self.tally)
+
+    def flush(self) -> None:
+        """Save the batch gathered so far, in one transaction, and count it."""
+        if self.pending:
+            assert self.backend is not None
+            _flush(self.state, self.backend, self.pending, self.options.attrs)
+        for local in self.counted:
+            self.meter.bytes(self.sizes[local])
+        self.meter.file(len(self.counted))
+        self.tally.copied += len(self.counted)
+        self.pending.clear()
+        self.counted.clear()
+        self.pending_bytes = 0
 
 
 def _progress_note(tally: _Tally) -> str:

@@ -44,7 +44,12 @@ ALL_OPTIONAL_OPERATIONS = frozenset({"delete", "move", "copy", "ensure_directory
 
 
 class BackendTests:
-    """Conformance tests every read-write backend passes."""
+    """Conformance tests every read-write backend passes.
+
+    One class, long because it holds every test, so that a backend's test is
+    one subclass of about twenty lines (a ``backend`` fixture and the
+    capability flags below); each test is short and stands alone.
+    """
 
     #: Value kinds the backend round-trips (see :mod:`polystore.testing.samples`).
     value_kinds: ClassVar[frozenset[str]] = frozenset(KIND_EXTENSIONS)

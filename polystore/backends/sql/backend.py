@@ -8,51 +8,38 @@ in one database transaction (or in a savepoint of the caller's
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import sqlalchemy as sa
-from sqlalchemy import Connection
-
 from polystore import paths
-from polystore.backends._common import (
-    MAX_ATTRS_BYTES,
-    KindLookups,
-    not_a_directory,
-    not_found,
-    reject_kwargs,
-)
+from polystore.backends._common import MAX_ATTRS_BYTES, KindLookups, reject_kwargs
 from polystore.backends._common import check_attrs as _check_attrs
 from polystore.backends.base import StatResult, StorageBackend
 from polystore.backends.sql import edit, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
+from polystore.backends.sql.decoders import Decoders
 from polystore.backends.sql.engine import default_url, load_json_column
-from polystore.backends.sql.fast import FastReader, names_sql
+from polystore.backends.sql.fast import FastReader
 from polystore.backends.sql.identity import claim_store
-from polystore.backends.sql.load import Loader, json_column, reading
-from polystore.backends.sql.models import ROOT_ID, nodes_table
+from polystore.backends.sql.listing import Listing
+from polystore.backends.sql.load import Loader
+from polystore.backends.sql.load_batch import BatchLoader
+from polystore.backends.sql.maintenance_methods import MaintenanceMethods
 from polystore.backends.sql.placement import Placement, resolve_blob_store
-from polystore.backends.sql.save import Batch, encode_batch, write_batch
+from polystore.backends.sql.save import SaveOptions, Saver
 from polystore.backends.sql.schema import ensure_schema
-from polystore.backends.sql.uploads import Staged, Uploads
+from polystore.backends.sql.snapshot_methods import SnapshotMethods
+from polystore.backends.sql.uploads import Uploads
 from polystore.backends.sql.verify import ContentReader
-from polystore.errors import SerializationError, UnsupportedOperationError
 from polystore.serializers import SerializerRegistry
 
 if TYPE_CHECKING:
     from polystore.arrays import LazyArray
-    from polystore.backends.sql.fsck import FsckReport
-    from polystore.backends.sql.gc import GCReport, RebalanceReport
-    from polystore.backends.sql.snapshots import Change, Snapshot, SnapshotView
 
 __all__ = ["DEFAULT_INLINE_LIMIT", "MAX_ATTRS_BYTES", "SQLBackend"]
-
-nodes = nodes_table
 
 #: Content up to this many bytes is stored in the database itself; larger content
 #: goes to the blob store. Where saving externally stops costing more than inline,
@@ -60,7 +47,7 @@ nodes = nodes_table
 DEFAULT_INLINE_LIMIT = 1 << 20
 
 
-class SQLBackend(KindLookups, StorageBackend):
+class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBackend):
     """A catalog of paths and metadata in SQLite or PostgreSQL, content in blobs.
 
     ``url`` defaults to ``POLYSTORE_URL`` or ``sqlite:///polystore.db``. A fresh
@@ -72,6 +59,9 @@ class SQLBackend(KindLookups, StorageBackend):
     external blob store against its SHA-256 as well; ``verify_inline=True``
     hashes content stored in the database on every load too (about 3 µs per
     4 KiB). ``fsck(verify=True)`` hashes everything.
+
+    The methods delegate to the modules of ``polystore/backends/sql``
+    (:doc:`architecture`); the snapshot and maintenance methods come from mixins.
     """
 
     _backend_type = "sql"
@@ -93,10 +83,6 @@ class SQLBackend(KindLookups, StorageBackend):
         self.allow_pickle = allow_pickle
         self.inline_limit = inline_limit
         self.serializers = serializers or SerializerRegistry.default()
-        # Uploads made inside the current transaction(), settled when it ends.
-        self._staged: ContextVar[list[Staged] | None] = ContextVar(
-            f"polystore_staged_{id(self)}", default=None
-        )
         self._engine_options = engine_options  # (carried by pickling: reopen.py)
         # Text another program left in a JSON column raises CatalogDamagedError.
         self._catalog = Catalog(
@@ -105,8 +91,6 @@ class SQLBackend(KindLookups, StorageBackend):
         #: The SQLAlchemy engine of the catalog database.
         self.engine = self._catalog.engine
         self._fast = FastReader(self.engine)
-        self._dialect = self._catalog.dialect
-        self._pg = self._catalog.postgresql
         with self._catalog.errors():
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
@@ -126,10 +110,14 @@ class SQLBackend(KindLookups, StorageBackend):
             self._reader = ContentReader(
                 self.blob_store, self._catalog, verify_inline=verify_inline
             )
-            self._loader = Loader(self._catalog, self._fast, self._reader)
             self._uploads = (
                 None if self.blob_store is None else Uploads(self._catalog, self.blob_store)
             )
+            self._saver = Saver(self._catalog, placement, self._uploads)
+            self._decoders = Decoders(self._fast, self._catalog.dialect)
+            self._loader = Loader(self._catalog, self._fast, self._reader, self._decoders)
+            self._batch_loader = BatchLoader(self._loader)
+            self._listing = Listing(self._catalog, self._fast)
 
     @property
     def inline_limit(self) -> int:
@@ -177,19 +165,8 @@ class SQLBackend(KindLookups, StorageBackend):
             with self._catalog.transaction():
                 yield self
             return
-        staged: list[Staged] = []
-        try:
-            with self._catalog.transaction():
-                token = self._staged.set(staged)
-                try:
-                    yield self
-                finally:
-                    self._staged.reset(token)
-        finally:
-            # Committed or rolled back, and the connection (with SQLite's write
-            # lock) given back: drop the uploads the catalog did not keep.
-            if self._uploads is not None:
-                self._uploads.settle(staged, quiet=True)
+        with self._saver.transaction():
+            yield self
 
     # -- saving --------------------------------------------------------------------
 
@@ -221,35 +198,12 @@ class SQLBackend(KindLookups, StorageBackend):
             raise ValueError(
                 f"save_batch got {len(data_list)} values but {len(output_paths)} paths"
             )
-        batch = encode_batch(
-            self.serializers,
-            self.allow_pickle,
-            data_list,
-            output_paths,
-            overwrite,
-            stage_in=self.blob_store,
-            stage_over=self.inline_limit,
+        self._saver.save(
+            data_list, output_paths, self._save_options(), overwrite=overwrite, attrs=attrs
         )
-        if not batch.index:
-            return
-        try:
-            self._write_batch(batch, overwrite, attrs)
-        finally:
-            batch.discard(self.blob_store)
 
-    def _write_batch(self, batch: Batch, overwrite: bool, attrs: dict[str, Any] | None) -> None:
-        external = self._placement.external(batch.contents(self.inline_limit), self.inline_limit)
-
-        def write(staged: Staged | None) -> None:
-            self._catalog.write(lambda conn: write_batch(conn, batch, overwrite, attrs, staged))
-
-        if not external:
-            write(None)
-            return
-        assert self._uploads is not None  # (content goes external only to a store)
-        self._uploads.run(
-            external, write, conn=self._catalog.connection, pending=self._staged.get()
-        )
+    def _save_options(self) -> SaveOptions:
+        return SaveOptions(self.serializers, self.allow_pickle, self.inline_limit)
 
     # -- loading -------------------------------------------------------------------
 
@@ -258,7 +212,7 @@ class SQLBackend(KindLookups, StorageBackend):
         if kwargs:
             reject_kwargs(self, "load", kwargs)
         path = paths.normalize_file(file_path)
-        self._loader.use(self.serializers, self.allow_pickle)
+        self._decoders.use(self.serializers, self.allow_pickle)
         return self._loader.load(path)
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
@@ -266,8 +220,8 @@ class SQLBackend(KindLookups, StorageBackend):
         if kwargs:
             reject_kwargs(self, "load_batch", kwargs)
         norm = paths.normalize_files(file_paths)
-        self._loader.use(self.serializers, self.allow_pickle)
-        return self._loader.load_batch(norm)
+        self._decoders.use(self.serializers, self.allow_pickle)
+        return self._batch_loader.load_batch(norm)
 
     # -- ranged reads ------------------------------------------------------------------
 
@@ -323,39 +277,19 @@ class SQLBackend(KindLookups, StorageBackend):
         ``known`` is the file's ``(size, sha256 hex)`` if already computed;
         ``advance(n)`` is called as bytes are uploaded.
         """
-        from polystore.backends.sql.stream import STREAMED_SERIALIZERS, save_file
+        from polystore.backends.sql.stream import save_file
 
-        if serializer not in STREAMED_SERIALIZERS:
-            raise ValueError(f"save_file stores 'bytes' or 'str' content, not {serializer!r}")
-        attrs = _check_attrs(attrs)
-        size = os.stat(local_path).st_size
-        if self._uploads is None or size <= self.inline_limit:
-            with open(local_path, "rb") as fh:
-                data = fh.read()
-            value: Any = data
-            if serializer == "str":
-                try:
-                    value = data.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise SerializationError(f"{local_path} is not UTF-8 text ({exc})") from exc
-            self.save(value, file_path, attrs=attrs, overwrite=overwrite)
-            if advance is not None:
-                advance(size)
-            return
-        with self._catalog.errors():
-            save_file(
-                self._catalog,
-                self._uploads,
-                self._staged.get(),
-                self.serializers,
-                local_path,
-                file_path,
-                serializer=serializer,
-                attrs=attrs,
-                overwrite=overwrite,
-                known=known,
-                advance=advance,
-            )
+        save_file(
+            self._saver,
+            self._save_options(),
+            local_path,
+            file_path,
+            serializer=serializer,
+            attrs=attrs,
+            overwrite=overwrite,
+            known=known,
+            advance=advance,
+        )
 
     def iter_content(self, file_path: str, *, chunk_size: int = 8 << 20) -> Iterator[bytes]:
         """The stored content of ``file_path`` (its serializer's bytes), a chunk at a time.
@@ -371,38 +305,12 @@ class SQLBackend(KindLookups, StorageBackend):
     # -- inspecting ------------------------------------------------------------------
 
     def _kind(self, path: str) -> str | None:
-        found = self._loader.lookup(paths.normalize(path))
+        found = self._listing.lookup(paths.normalize(path))
         return None if found is None else found[1]
-
-    def _dir_id(self, conn: Connection, path: str) -> int:
-        row = tree.resolve(conn, path)
-        if row is None:
-            raise not_found(path)
-        if row.kind != "dir":
-            raise not_a_directory(path)
-        return int(row.id)
 
     def list_dir(self, path: str) -> list[str]:
         # docstring inherited
-        norm = paths.normalize(path)
-        if not self._catalog.in_transaction:
-            with self._fast.snapshot() as fast:
-                if fast:
-                    found = self._loader.lookup(norm)
-                    if found is None:
-                        raise not_found(norm)
-                    if found[1] != "dir":
-                        raise not_a_directory(norm)
-                    rows = self._fast.fetch_raw(names_sql(self._dialect), [found[0]])
-                    if rows is not None:
-                        return [name for (name,) in rows]
-
-        def work(conn: Connection) -> list[str]:
-            dir_id = self._dir_id(conn, norm)
-            stmt = sa.select(nodes.c.name).where(nodes.c.parent_id == dir_id)
-            return list(conn.execute(stmt.order_by(nodes.c.name)).scalars())
-
-        return self._catalog.read(work)
+        return self._listing.list_dir(paths.normalize(path))
 
     def iter_dir(self, path: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Yield the names in directory ``path`` in code-point order, a page at a time.
@@ -410,17 +318,7 @@ class SQLBackend(KindLookups, StorageBackend):
         Each page is one indexed query that starts after the last name seen, so
         memory stays flat for directories of millions of entries.
         """
-        norm = paths.normalize(path)
-        dir_id = self._catalog.read(lambda conn: self._dir_id(conn, norm))
-        after: str | None = None
-        while True:
-            page = self._catalog.read(
-                partial(tree.iter_names, parent_id=dir_id, after=after, limit=page_size)
-            )
-            yield from page
-            if len(page) < page_size:
-                return
-            after = page[-1]
+        return self._listing.iter_dir(paths.normalize(path), page_size)
 
     def list_files(
         self,
@@ -431,66 +329,19 @@ class SQLBackend(KindLookups, StorageBackend):
         **kwargs: Any,
     ) -> list[str]:
         # docstring inherited
-        norm = paths.normalize(directory)
-        exts = paths.normalize_extensions(extensions)
-
-        def work(conn: Connection) -> list[str]:
-            dir_id = self._dir_id(conn, norm)
-            if recursive:
-                sql = tree.subtree_sql(
-                    conn.dialect.name, select="sub.path", where="WHERE sub.kind = 'file'"
-                )
-                rel = list(conn.execute(sa.text(sql), {"root": dir_id}).scalars())
-            else:
-                stmt = sa.select(nodes.c.name).where(
-                    nodes.c.parent_id == dir_id, nodes.c.kind == "file"
-                )
-                rel = list(conn.execute(stmt).scalars())
-            return rel
-
-        # Resolving the directory and listing it must see one state of the catalog.
-        found = self._catalog.read(work, snapshot=True)
-        return sorted(
-            paths.join(norm, rel)
-            for rel in found
-            if paths.match_name(rel.rpartition("/")[2], pattern, exts)
-        )
+        return self._listing.list_files(paths.normalize(directory), pattern, extensions, recursive)
 
     def stat(self, path: str) -> StatResult:
         # docstring inherited
-        norm = paths.normalize(path)
-        with reading(norm):
-            row = self._catalog.read(lambda conn: tree.resolve(conn, norm, with_content=False))
-        if row is None:
-            raise not_found(norm)
-        store = None
-        if row.blob_hash is not None:
-            store = self._catalog.read(
-                lambda conn: conn.execute(
-                    sa.select(tree.blobs.c.store).where(tree.blobs.c.hash == row.blob_hash)
-                ).scalar()
-            )
-        return self._stat_result(norm, row, store)
+        return self._listing.stat(paths.normalize(path))
 
-    @staticmethod
-    def _stat_result(path: str, row: Any, store: str | None, *, text: bool = False) -> StatResult:
-        """``path``'s StatResult from its ``row`` (JSON columns as ``text``, or parsed)."""
-        json_column(path, row, "meta", text=text)  # (a damaged row is damaged for stat too)
-        shape = json_column(path, row, "shape", text=text)
-        attrs = json_column(path, row, "attrs", text=text)
-        return StatResult(
-            path=path,
-            kind=row.kind,
-            size=row.size,
-            created_at=tree.as_utc(row.created_at),
-            modified_at=tree.as_utc(row.modified_at),
-            serializer=row.serializer,
-            dtype=row.dtype,
-            shape=tuple(shape) if shape is not None else None,
-            attrs=dict(attrs or {}),
-            hash=row.blob_hash,
-            store=store,
-        )
+    def scan_dir(self, path: str = "") -> list[StatResult]:
+        """What :meth:`stat` says of each entry of directory ``path``, in name order.
+
+        One query however many entries there are (like :func:`os.scandir`):
+        ``list_dir`` and a ``stat`` for each name would be a query per entry.
+        """
+        return self._listing.scan_dir(paths.normalize(path))
 
     # -- changing the tree -------------------------------------------------------------
 
@@ -534,153 +385,20 @@ class SQLBackend(KindLookups, StorageBackend):
         NUL characters, lone surrogates) raises
         :class:`~polystore.errors.SerializationError`.
         """
-        from polystore.backends.sql.query import run_query
-
-        norm = paths.normalize(under)
-        rows = self._catalog.read(
-            lambda conn: run_query(
-                conn,
-                self._dir_id(conn, norm),
-                kind=kind,
-                serializer=serializer,
-                dtype=dtype,
-                attrs=attrs,
-                limit=limit,
-            )
+        return self._listing.query(
+            paths.normalize(under),
+            kind=kind,
+            serializer=serializer,
+            dtype=dtype,
+            attrs=attrs,
+            limit=limit,
         )
-        return [
-            self._stat_result(paths.join(norm, row.path), row, row.store, text=True) for row in rows
-        ]
-
-    # -- content maintenance ------------------------------------------------------------
-
-    def _outside_transaction(self, operation: str) -> None:
-        # Maintenance commits its own transactions, one per batch; inside the
-        # caller's (on SQLite, holding the only write lock) it could not.
-        if self._catalog.in_transaction:
-            raise UnsupportedOperationError(f"{operation}() cannot run inside transaction()")
-
-    def gc(self, *, grace: dt.timedelta | float | None = None) -> GCReport:
-        """Remove content nothing refers to, and uploads that were abandoned.
-
-        Unreferenced external blobs are deleted, and upload intents older than
-        ``grace`` (a timedelta or seconds; default 24 hours) with their objects:
-        uploads whose writer died or whose transaction rolled back. Works from
-        the catalog's records alone and never lists the blob store. Safe while
-        other processes read and write: a blob any file refers to is never
-        deleted. ``grace`` must outlast the longest save in progress, whose
-        upload would otherwise be taken (the save then fails and is retried;
-        nothing is lost).
-        """
-        from polystore.backends.sql.gc import DEFAULT_GRACE, collect_garbage
-
-        self._outside_transaction("gc")
-        with self._catalog.errors():
-            return collect_garbage(
-                self._catalog, self._uploads, grace=DEFAULT_GRACE if grace is None else grace
-            )
-
-    def fsck(self, *, verify: bool = False) -> FsckReport:
-        """Check the catalog against its content, both ways; see :class:`FsckReport`.
-
-        Every referenced blob exists with the recorded size (and, with
-        ``verify=True``, hash: this reads all content); every object in the
-        external store is referenced; every reference count is right. Lists
-        the external store (the only operation that does).
-        """
-        from polystore.backends.sql.fsck import check
-
-        with self._catalog.errors():
-            return check(self._catalog, self.blob_store, verify=verify)
-
-    def rebalance(self, inline_limit: int | None = None) -> RebalanceReport:
-        """Move blobs between inline and external placement to match the inline limit.
-
-        Blobs over the limit (``inline_limit``, default this backend's; capped,
-        like :attr:`inline_limit`, at what one database value holds) move to
-        the external store, the others into the database; each move is its own
-        transaction, so an interruption leaves every blob readable in one place.
-        Without an external store nothing moves.
-        """
-        from polystore.backends.sql.gc import rebalance
-
-        self._outside_transaction("rebalance")
-        limit = self.inline_limit
-        if inline_limit is not None:
-            limit = min(inline_limit, self._placement.max_inline())
-        with self._catalog.errors():
-            return rebalance(self._catalog, self._uploads, self._reader, limit)
-
-    # -- snapshots (polystore.backends.sql.snapshots) ----------------------------------
-
-    def snapshot(self, name: str | None = None, *, message: str | None = None) -> Snapshot:
-        """Record the catalog as it is now, under a unique ``name`` (or none: known by id).
-
-        Writes two rows whatever the catalog's size, copies no content, and
-        holds every transaction committed before it whole, none after it.
-        A taken name raises :class:`~polystore.errors.AlreadyExistsError`.
-        """
-        from polystore.backends.sql.snapshots import take
-
-        return take(self._catalog, name, message)
-
-    def snapshots(self) -> list[Snapshot]:
-        """The kept snapshots, oldest first."""
-        from polystore.backends.sql.snapshots import list_snapshots
-
-        return list_snapshots(self._catalog)
-
-    def delete_snapshot(self, snapshot: Snapshot | str | int) -> None:
-        """Forget a snapshot (a Snapshot, name or id); ``gc()`` then frees what only it kept."""
-        from polystore.backends.sql.snapshots import delete
-
-        delete(self._catalog, snapshot)
-
-    def at(self, snapshot: Snapshot | str | int) -> SnapshotView:
-        """A read-only backend answering every read as at ``snapshot`` (a Snapshot, name or id).
-
-        Writes raise :class:`~polystore.errors.ReadOnlyError`; an unknown
-        snapshot raises :class:`~polystore.errors.NotFoundError`.
-        """
-        from polystore.backends.sql.snapshots import SnapshotView, find
-
-        found = self._catalog.read(lambda conn: find(conn, snapshot))
-        return SnapshotView(self, found)
-
-    def diff(
-        self,
-        old: Snapshot | str | int,
-        new: Snapshot | str | int | None = None,
-        path: str = "",
-    ) -> list[Change]:
-        """Files added, deleted or modified under ``path`` from ``old`` to ``new`` (None: now).
-
-        Sorted by path; a moved file is deleted at its old path and added at its new one.
-        """
-        from polystore.backends.sql.snapshots import diff
-
-        return diff(self._catalog, old, new, path)
-
-    def restore(self, snapshot: Snapshot | str | int, path: str = "") -> None:
-        """Make ``path`` (a file or a whole tree; default everything) what it was at ``snapshot``.
-
-        One transaction; content is not copied; everything outside ``path`` is untouched.
-        """
-        from polystore.backends.sql.restore import restore
-
-        restore(self._catalog, snapshot, path)
 
     # -- for tests and tools -----------------------------------------------------------
 
     def count_nodes(self) -> int:
         """Files and directories in the catalog, the root excluded."""
-        return int(
-            self._catalog.read(
-                lambda conn: conn.execute(
-                    sa.select(sa.func.count()).select_from(nodes).where(nodes.c.id != ROOT_ID)
-                ).scalar_one()
-            )
-        )
+        return self._listing.count_nodes()
 
     # -- pickling ------------------------------------------------------------------------
 
@@ -692,27 +410,3 @@ class SQLBackend(KindLookups, StorageBackend):
         from polystore.backends.sql.reopen import reduce_backend
 
         return reduce_backend(self)
-
-    # -- listing with details ------------------------------------------------------------
-
-    def scan_dir(self, path: str = "") -> list[StatResult]:
-        """What :meth:`stat` says of each entry of directory ``path``, in name order.
-
-        One query however many entries there are (like :func:`os.scandir`):
-        ``list_dir`` and a ``stat`` for each name would be a query per entry.
-        """
-        norm = paths.normalize(path)
-        blobs = tree.blobs
-
-        def work(conn: Connection) -> list[Any]:
-            stmt = (
-                sa.select(*tree.NODE_COLUMNS, blobs.c.store)
-                .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
-                .where(nodes.c.parent_id == self._dir_id(conn, norm))
-                .order_by(nodes.c.name)
-            )
-            return list(conn.execute(stmt))
-
-        # Resolving the directory and listing it must see one state of the catalog.
-        rows = self._catalog.read(work, snapshot=True)
-        return [self._stat_result(paths.join(norm, row.name), row, row.store) for row in rows]

@@ -297,7 +297,7 @@ def open_array(
     by default; a snapshot's view passes its own.
     """
     from polystore.arrays import LazyArray, array_layout
-    from polystore.backends.sql.load import _decoder_meta, json_column, reading
+    from polystore.backends.sql.decoders import decoder_meta, json_column, reading
 
     norm = paths.normalize_file(path)
 
@@ -314,7 +314,7 @@ def open_array(
 
     with reading(norm):
         row, blob = backend._catalog.read(locate, snapshot=True)
-        meta = _decoder_meta(json_column(norm, row, "meta"), json_column(norm, row, "shape"), None)
+        meta = decoder_meta(json_column(norm, row, "meta"), json_column(norm, row, "shape"), None)
     dtype, shape, order = array_layout(norm, row.serializer, meta)
     if blob is None:
         raise NotFoundError(f"content of {norm!r} is missing from the catalog")

@@ -111,9 +111,9 @@ def _check_picklable(value: Any, what: str) -> None:
 
 def configuration(backend: SQLBackend) -> Config:
     """The :class:`Config` of an open (or still unopened) backend."""
-    unopened = backend.__dict__.get("_reopen")
+    unopened: Config | None = backend.__dict__.get("_reopen")
     if unopened is not None:
-        return unopened  # type: ignore[no-any-return]
+        return unopened
     serializers = None if _is_built_in(backend.serializers) else backend.serializers
     if serializers is not None:
         _check_picklable(serializers, "serializers= registry")

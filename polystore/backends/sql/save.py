@@ -1,5 +1,8 @@
-"""Saving: a batch encoded in Python, then its rows written in one transaction.
+"""Saving: a batch encoded in Python, external content staged, rows written, uploads settled.
 
+:class:`Saver` runs a save top to bottom: :func:`encode_batch`, then the
+external content staged under the upload protocol (:mod:`.uploads`), then
+:func:`write_batch` in one catalog transaction, then the uploads settled.
 :func:`encode_batch` serializes and hashes every value before the database
 is touched, so a value that cannot be stored fails the batch with nothing
 written. :func:`write_batch` then writes, inside the caller's transaction:
@@ -11,9 +14,13 @@ the upload protocol (:mod:`polystore.backends.sql.uploads`).
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,41 +30,26 @@ from polystore import paths
 from polystore.backends._common import already_exists, is_a_directory, strict_json
 from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
-from polystore.backends.sql.catalog import utcnow
+from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import Content, add_blobs, lock_blobs, release_blobs
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.placement import Placement
 from polystore.backends.sql.staging import Prestaged, hash_batch
-from polystore.backends.sql.uploads import Staged, promote
+from polystore.backends.sql.uploads import Staged, Uploads, promote
 from polystore.blobs.base import BlobStore
 from polystore.errors import SerializationError
 from polystore.serializers import Buffer, SerializerRegistry
 
-__all__ = ["Batch", "encode_batch", "write_batch"]
+__all__ = ["Batch", "SaveOptions", "Saver", "encode_batch", "write_batch"]
 
+#: What a save writes of a new file row: every node column
+#: (:data:`~.tree.NODE_COLUMNS`, in the table's order, which is the order the
+#: compiled INSERT binds them) but the id, and the epoch it is stamped with.
+_INSERT_COLUMNS = [*tree.NODE_COLUMNS[1:], nodes.c.epoch]
+#: What overwriting a file changes: all but where it is and when it was created.
 _FILE_VALUES = [
-    nodes.c.size,
-    nodes.c.serializer,
-    nodes.c.serializer_version,
-    nodes.c.dtype,
-    nodes.c.shape,
-    nodes.c.meta,
-    nodes.c.attrs,
-    nodes.c.blob_hash,
-    nodes.c.modified_at,
-    nodes.c.kind_id,
-    nodes.c.epoch,
-]
-# In the table's order, which is the order the compiled INSERT binds them.
-_INSERT_COLUMNS = [
-    nodes.c.parent_id,
-    nodes.c.name,
-    nodes.c.kind,
-    *_FILE_VALUES[:-3],
-    nodes.c.created_at,
-    nodes.c.modified_at,
-    nodes.c.kind_id,
-    nodes.c.epoch,
+    c for c in _INSERT_COLUMNS if c.key not in ("parent_id", "name", "kind", "created_at")
 ]
 # New file rows cannot conflict (their names were just checked under lock;
 # a concurrent insert of the same name fails the transaction, which is retried).
@@ -184,13 +176,13 @@ def encode_batch(
     """
     batch = Batch()
     index, sizes, datas, kinds = batch.index, batch.sizes, batch.datas, batch.kinds
-    shared: dict[tuple[Any, ...], Kind] = {}
+    shared: dict[tuple[object, ...], Kind] = {}
     encode = serializers.encoder(allow_pickle=allow_pickle)
     # A C-ordered ndarray of a (dtype, shape) already encoded in this batch
     # is encoded here: its bytes, and the kind of the first (what the
     # built-in serializer would give, for a third of the time).
     ndarray = _plain_ndarray(serializers, allow_pickle)
-    array_kinds: dict[tuple[Any, Any], Kind] = {}
+    array_kinds: dict[tuple[object, object], Kind] = {}
     for value, path in zip(data_list, paths.normalize_files(output_paths), strict=True):
         at = index.get(path)
         if at is not None and not overwrite:
@@ -241,87 +233,250 @@ def write_batch(
     epoch = epochs.current(conn)  # (first: see epochs.py)
     now = utcnow()
     cache = tree.DirCache()
-    # parent path -> name -> entry; each distinct parent is resolved once, in
-    # the order the batch first names it, and every directory exists before
-    # any name is looked up (a batch may name "a" and "a/x").
+    by_dir, parent_ids = _resolve_parents(conn, batch, now, cache)
+    rows = _FileRows(conn, batch, overwrite, attrs, now, epoch)
+    for parent, entries in by_dir.items():
+        parent_id = parent_ids[parent]
+        rows.plan(parent, parent_id, entries, _existing(conn, parent, parent_id, entries, cache))
+    # Node rows are locked above; blob rows are locked next, in hash order, so
+    # writers sharing content queue instead of deadlocking.
+    hashes = batch.hashes
+    stored = (
+        lock_blobs(conn, set(hashes) | rows.released.keys())
+        if conn.dialect.name == "postgresql"
+        else None
+    )
+    placed = {} if staged is None else dict.fromkeys(staged.uploaded, staged.store)
+    sums = None if staged is None else staged.checksums
+    add_blobs(conn, hashes, batch.sizes, batch.datas, now, placed, stored, sums)
+    ensure_kinds(conn, batch.wanted)
+    if staged is not None:
+        promote(conn, staged)
+    rows.write(conn)
+
+
+def _resolve_parents(
+    conn: Connection, batch: Batch, now: dt.datetime, cache: tree.DirCache
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """``parent path -> name -> entry`` of ``batch``, and each parent's id, created if missing.
+
+    Each distinct parent is resolved once, in the order the batch first names
+    it, and every directory exists before any name is looked up (a batch may
+    name "a" and "a/x"). The parents that existed are held against deletion.
+    """
     by_dir: dict[str, dict[str, int]] = defaultdict(dict)
     for path, i in batch.index.items():
         parent, name = paths.split(path)
         by_dir[parent][name] = i
     parent_ids = {parent: tree.ensure_dirs(conn, parent, now, cache) for parent in by_dir}
     tree.hold_dirs(conn, {i for i in parent_ids.values() if i not in cache.created})
+    return by_dir, parent_ids
 
-    # New rows get their values as the driver takes them, each distinct value
-    # (the timestamp, a kind's JSON documents) converted once: a row then holds
-    # only strings and numbers, which the garbage collector does not track.
-    processors = _INSERT_FILES.processors(conn)
-    created, modified = (
-        bound(processors, "created_at", now),
-        bound(processors, "modified_at", now),
-    )
-    bound_attrs = bound(processors, "attrs", attrs)
-    hashes, sizes, kinds, kind_ids = batch.hashes, batch.sizes, batch.kinds, batch.kind_ids
-    released: Counter[str] = Counter()
-    # id(kind) -> (its constant columns, converted; rows of the other columns)
-    new_files: dict[int, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {}
-    updates: list[tuple[Any, ...]] = []
-    for parent, entries in by_dir.items():
-        parent_id = parent_ids[parent]
-        if parent_id in cache.created:
-            # Created by this very transaction: nothing to replace in it, but
-            # it may hold a directory the batch also names as a file.
-            existing = {}
-            clash = cache.subdirectories(parent) & entries.keys()
-            if clash:
-                raise is_a_directory(paths.join(parent, next(n for n in entries if n in clash)))
-        else:
-            existing = tree.children(conn, parent_id, list(entries), for_update=True)
+
+def _existing(
+    conn: Connection, parent: str, parent_id: int, entries: dict[str, int], cache: tree.DirCache
+) -> dict[str, Any]:
+    """The rows already at ``entries``' names in directory ``parent``, locked."""
+    if parent_id not in cache.created:
+        return tree.children(conn, parent_id, list(entries), for_update=True)
+    # Created by this very transaction: nothing to replace in it, but it may
+    # hold a directory the batch also names as a file.
+    clash = cache.subdirectories(parent) & entries.keys()
+    if clash:
+        raise is_a_directory(paths.join(parent, next(n for n in entries if n in clash)))
+    return {}
+
+
+class _FileRows:
+    """The file rows one batch writes: new rows grouped by kind, updates of existing
+    rows, and the references the overwritten content loses."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        batch: Batch,
+        overwrite: bool,
+        attrs: dict[str, Any] | None,
+        now: dt.datetime,
+        epoch: int,
+    ) -> None:
+        self._batch = batch
+        self._overwrite = overwrite
+        self._attrs = attrs
+        self._now = now
+        self._epoch = epoch
+        # New rows get their values as the driver takes them, each distinct
+        # value (the timestamp, a kind's JSON documents) converted once: a row
+        # then holds only strings and numbers, which the garbage collector
+        # does not track.
+        self._processors = processors = _INSERT_FILES.processors(conn)
+        self._constants = {
+            "kind": "file",
+            "attrs": bound(processors, "attrs", attrs),
+            "created_at": bound(processors, "created_at", now),
+            "modified_at": bound(processors, "modified_at", now),
+            "epoch": epoch,
+        }
+        #: id(kind) -> (its constant columns, converted; rows of the other columns)
+        self.new: dict[int, tuple[dict[str, object], list[tuple[object, ...]]]] = {}
+        #: Rows of :data:`_UPDATE_FILES`.
+        self.updates: list[tuple[object, ...]] = []
+        #: Hash -> references the overwritten files held.
+        self.released: Counter[str] = Counter()
+
+    def plan(
+        self, parent: str, parent_id: int, entries: dict[str, int], existing: dict[str, Any]
+    ) -> None:
+        """Plan the rows of ``entries`` (name -> entry) in directory ``parent``.
+
+        ``existing``: the rows already at those names. Overwriting a directory,
+        or a file with ``overwrite=False``, raises.
+        """
+        batch, new = self._batch, self.new
+        hashes, sizes, kinds, kind_ids = batch.hashes, batch.sizes, batch.kinds, batch.kind_ids
         for name, i in entries.items():
             kind = kinds[i]
             row = existing.get(name) if existing else None
             if row is None:
-                group = new_files.get(id(kind))
+                group = new.get(id(kind))
                 if group is None:
-                    group = new_files[id(kind)] = (
-                        {
-                            "kind": "file",
-                            "serializer": kind[0],
-                            "serializer_version": kind[1],
-                            "dtype": kind[2],
-                            "shape": bound(processors, "shape", kind[3]),
-                            "meta": bound(processors, "meta", kind[4]),
-                            "attrs": bound_attrs,
-                            "created_at": created,
-                            "modified_at": modified,
-                            "kind_id": kind_ids[id(kind)],
-                            "epoch": epoch,
-                        },
-                        [],
-                    )
+                    group = new[id(kind)] = (self._kind_constants(kind), [])
                 group[1].append((parent_id, name, sizes[i], hashes[i]))
                 continue
             path = paths.join(parent, name)
             if row.kind == "dir":
                 raise is_a_directory(path)
-            if not overwrite:
+            if not self._overwrite:
                 raise already_exists(path)
-            updates.append(
-                (sizes[i], *kind, attrs, hashes[i], now, kind_ids[id(kind)], epoch, row.id)
+            self.updates.append(
+                (
+                    sizes[i],
+                    *kind,
+                    self._attrs,
+                    hashes[i],
+                    self._now,
+                    kind_ids[id(kind)],
+                    self._epoch,
+                    row.id,
+                )
             )
-            released[row.blob_hash] += 1
-    # Node rows are locked above; blob rows are locked next, in hash order, so
-    # writers sharing content queue instead of deadlocking.
-    stored = (
-        lock_blobs(conn, set(hashes) | released.keys())
-        if conn.dialect.name == "postgresql"
-        else None
-    )
-    placed = {} if staged is None else dict.fromkeys(staged.uploaded, staged.store)
-    sums = None if staged is None else staged.checksums
-    add_blobs(conn, hashes, sizes, batch.datas, now, placed, stored, sums)
-    ensure_kinds(conn, batch.wanted)
-    if staged is not None:
-        promote(conn, staged)
-    _INSERT_FILES.execute_groups(conn, new_files.values())
-    _UPDATE_FILES.execute(conn, updates)
-    release_blobs(conn, released)
+            self.released[row.blob_hash] += 1
+
+    def _kind_constants(self, kind: Kind) -> dict[str, object]:
+        """The columns every new file of ``kind`` in this batch holds alike, converted."""
+        processors = self._processors
+        serializer, version, dtype, shape, meta = kind
+        return {
+            **self._constants,
+            "serializer": serializer,
+            "serializer_version": version,
+            "dtype": dtype,
+            "shape": bound(processors, "shape", shape),
+            "meta": bound(processors, "meta", meta),
+            "kind_id": self._batch.kind_ids[id(kind)],
+        }
+
+    def write(self, conn: Connection) -> None:
+        """Insert the new rows, update the existing ones, release what they held."""
+        _INSERT_FILES.execute_groups(conn, self.new.values())
+        _UPDATE_FILES.execute(conn, self.updates)
+        release_blobs(conn, self.released)
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """What a save takes from its backend's settings, as they are when it starts."""
+
+    serializers: SerializerRegistry
+    allow_pickle: bool
+    #: Content over this many bytes goes to the blob store.
+    inline_limit: int
+
+
+class Saver:
+    """The save path of one backend: encode, stage external content, write, settle.
+
+    Holds the uploads made inside the caller's current ``transaction()``
+    (:attr:`pending`), which its end settles (:meth:`transaction`).
+    """
+
+    def __init__(self, catalog: Catalog, placement: Placement, uploads: Uploads | None) -> None:
+        self.catalog = catalog
+        self.placement = placement
+        #: The upload protocol, if the backend has a blob store.
+        self.uploads = uploads
+        #: Uploads made inside the current transaction(), settled when it ends.
+        self.pending: ContextVar[list[Staged] | None] = ContextVar(
+            f"polystore_staged_{id(self)}", default=None
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The caller's outermost transaction, whose uploads are settled when it ends."""
+        staged: list[Staged] = []
+        try:
+            with self.catalog.transaction():
+                token = self.pending.set(staged)
+                try:
+                    yield
+                finally:
+                    self.pending.reset(token)
+        finally:
+            # Committed or rolled back, and the connection (with SQLite's write
+            # lock) given back: drop the uploads the catalog did not keep.
+            if self.uploads is not None:
+                self.uploads.settle(staged, quiet=True)
+
+    def save(
+        self,
+        values: list[Any],
+        output_paths: list[str],
+        options: SaveOptions,
+        *,
+        overwrite: bool,
+        attrs: dict[str, Any] | None,
+    ) -> None:
+        """Save ``values`` at ``output_paths``, all or nothing (:meth:`SQLBackend.save_batch`)."""
+        store, limit = self.placement.store, options.inline_limit
+        batch = encode_batch(
+            options.serializers,
+            options.allow_pickle,
+            values,
+            output_paths,
+            overwrite,
+            stage_in=store,
+            stage_over=limit,
+        )
+        if not batch.index:
+            return
+        try:
+            external = self.placement.external(batch.contents(limit), limit)
+            self.write(batch, external, overwrite=overwrite, attrs=attrs)
+        finally:
+            batch.discard(store)
+
+    def write(
+        self,
+        batch: Batch,
+        external: Sequence[Content],
+        *,
+        overwrite: bool,
+        attrs: dict[str, Any] | None,
+        force: bool = False,
+    ) -> None:
+        """Upload ``external`` (if any) under the upload protocol, then write ``batch``.
+
+        ``force``: upload even content that already has a blob row
+        (:meth:`.Uploads.run`).
+        """
+
+        def write(staged: Staged | None) -> None:
+            self.catalog.write(lambda conn: write_batch(conn, batch, overwrite, attrs, staged))
+
+        if not external:
+            write(None)
+            return
+        assert self.uploads is not None  # (content goes external only to a store)
+        self.uploads.run(
+            external, write, conn=self.catalog.connection, pending=self.pending.get(), force=force
+        )

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -31,15 +31,18 @@ from polystore.backends._common import (
     already_exists,
     not_a_directory,
     not_found,
-    strict_json,
 )
 from polystore.backends.base import ReadOnlyBackend, StatResult
 from polystore.backends.sql import epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.changes import changed_files
+from polystore.backends.sql.fast import FastReader
+from polystore.backends.sql.listing import stat_result
+from polystore.backends.sql.load import Loader
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import snapshots_table as snapshots
-from polystore.errors import NotFoundError, SerializationError
+from polystore.backends.sql.query import attrs_filter
+from polystore.errors import NotFoundError
 
 if TYPE_CHECKING:
     from polystore.arrays import LazyArray
@@ -80,15 +83,23 @@ class Change:
 
 SnapshotRef = Snapshot | str | int
 
+T = TypeVar("T")
+
 
 def _snapshot(row: Any) -> Snapshot:
     return Snapshot(
         id=int(row.id),
         name=row.name,
-        created_at=tree.as_utc(row.created_at),  # type: ignore[arg-type]
+        created_at=_utc(row.created_at),
         message=row.message,
         epoch=int(row.epoch),
     )
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    utc = tree.as_utc(value)
+    assert utc is not None
+    return utc
 
 
 def find(conn: Connection, ref: SnapshotRef, *, lock: bool = False) -> Snapshot:
@@ -168,10 +179,13 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
     one raises :class:`~polystore.errors.NotFoundError`).
     """
 
-    def __init__(self, backend: Any, snapshot: Snapshot) -> None:
-        # (``backend``: the SQLBackend; not imported, nothing below the facade does)
+    def __init__(self, backend: Any, snapshot: Snapshot, fast: FastReader, loader: Loader) -> None:
+        # (``backend``: the SQLBackend, for its settings and for lazy arrays,
+        # which pickle as it does; not imported, nothing below the facade does)
         self._backend = backend
-        self._catalog: Catalog = backend._catalog
+        self._catalog: Catalog = loader.catalog
+        self._fast = fast
+        self._loader = loader
         #: The snapshot this view reads.
         self.snapshot = snapshot
         self._epoch = snapshot.epoch
@@ -180,8 +194,8 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         label = self.snapshot.name if self.snapshot.name is not None else self.snapshot.id
         return f"{self._backend!r}.at({label!r})"
 
-    def _read(self, work: Any) -> Any:
-        def checked(conn: Connection) -> Any:
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        def checked(conn: Connection) -> T:
             find(conn, self.snapshot)
             return work(conn)
 
@@ -243,8 +257,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         row, store = self._read(work)
         if row is None:
             raise not_found(norm)
-        result: StatResult = self._backend._stat_result(norm, row, store)
-        return result
+        return stat_result(norm, row, store)
 
     def _dir(self, conn: Connection, norm: str) -> Any:
         row = history.resolve(conn, self._epoch, norm)
@@ -266,7 +279,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             rows = history.children(conn, self._epoch, [dir_id], columns=("name",))
             return sorted(row.name for row in rows)
 
-        return self._read(work)  # type: ignore[no-any-return]
+        return self._read(work)
 
     def _list_fast(self, norm: str) -> list[str] | None:
         """``list_dir`` on the read fast path (:mod:`.fast`), or None where it is unavailable.
@@ -278,7 +291,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         if self._catalog.in_transaction:
             return None
         dir_id = int(self._read(lambda conn: self._dir(conn, norm)).id)
-        fast = self._backend._fast
+        fast = self._fast
         dialect = self._catalog.dialect
         e = self._epoch
         with fast.snapshot() as ok:
@@ -332,7 +345,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         """:meth:`SQLBackend.query` as at the snapshot: the same filters, the same results."""
         if kind is not None and kind not in ("file", "dir"):
             raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
-        wanted = _attrs_filter(attrs)
+        wanted = attrs_filter(attrs)
         norm = paths.normalize(under)
 
         def work(conn: Connection) -> list[tuple[str, Any, str | None]]:
@@ -350,7 +363,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                 continue
             if wanted and not _attrs_match(row.attrs, wanted):
                 continue
-            results.append(self._backend._stat_result(paths.join(norm, rel), row, store))
+            results.append(stat_result(paths.join(norm, rel), row, store))
             if limit is not None and len(results) >= limit:
                 break
         return results
@@ -366,13 +379,14 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         if kwargs:
             raise TypeError(f"load() got unexpected keyword arguments {sorted(kwargs)}")
         norm = paths.normalize_file(file_path)
-        loader = self._loader()
+        loader = self._decoding()
         return loader.decode_row(self._resolve(norm, with_content=True), norm)
 
-    def _loader(self) -> Any:
+    def _decoding(self) -> Loader:
+        """The loader, decoding with the backend's serializers as they are now."""
         backend = self._backend
-        backend._loader.use(backend.serializers, backend.allow_pickle)
-        return backend._loader
+        self._loader.decoders.use(backend.serializers, backend.allow_pickle)
+        return self._loader
 
     def load_batch(self, file_paths: Sequence[str], **kwargs: Any) -> list[Any]:
         """Load every path in order, as at the snapshot, from one consistent read."""
@@ -392,7 +406,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             closer.clear()
             rows = self._read(lambda conn: self._lean_rows(conn, by_parent))
             self._decode_lean(rows, values, closer)
-        loader = self._loader()
+        loader = self._decoding()
         for path in closer:
             values[path] = loader.decode_row(self._resolve(path, with_content=True), path)
         for path in norm:
@@ -400,11 +414,11 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                 raise not_found(path)
         return [values[path] for path in norm]
 
-    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[Any]]]:
+    def _lean_queries(self, parent_id: int, names: list[str]) -> Iterator[tuple[str, list[object]]]:
         dialect = self._catalog.dialect
         e = self._epoch
         for part in tree.chunks(names):
-            named: list[Any] = ["/".join(part)] if dialect == "postgresql" else list(part)
+            named: list[object] = ["/".join(part)] if dialect == "postgresql" else list(part)
             args = [parent_id, *named, e, parent_id, *named, e, e]
             yield history.lean_children_sql(dialect, len(part)), args
 
@@ -418,7 +432,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             prefix = f"{parent}/" if parent else ""
             for sql, args in self._lean_queries(int(row.id), names):
                 for lean in conn.exec_driver_sql(sql, tuple(args)):
-                    found[prefix + lean[3]] = lean
+                    found[prefix + lean.name] = lean
         return found
 
     def _lean_fast(
@@ -428,7 +442,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         (:meth:`_decode_lean`) as it arrives; False where the fast path is unavailable."""
         if self._catalog.in_transaction:
             return False
-        fast = self._backend._fast
+        fast = self._fast
         dialect = self._catalog.dialect
         e = self._epoch
         child = history.child_sql(dialect)
@@ -456,6 +470,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
                     rows = fast.fetch_raw(sql, args)
                     if rows is None:
                         return False
+                    # (a lean row's last column is the name)
                     self._decode_lean({prefix + lean[3]: lean for lean in rows}, values, closer)
                     del rows
         return True
@@ -463,9 +478,9 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
     def _decode_lean(self, rows: dict[str, Any], values: dict[str, Any], closer: list[str]) -> None:
         """Decode lean rows into ``values``: inline files of a known kind a kind at a
         time; the paths of the others go to ``closer``, to be read in full."""
-        loader = self._loader()
-        verify = self._backend._reader.verify_inline
-        groups: dict[int, tuple[list[str], list[Any], list[int]]] = {}
+        decoders = self._decoding().decoders
+        verify = self._loader.reader.verify_inline
+        groups: dict[int, tuple[list[str], list[object], list[int]]] = {}
         for path, (kind_id, size, data, _) in rows.items():
             if kind_id is None or data is None or verify or len(data) != size:
                 closer.append(path)
@@ -477,7 +492,7 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
             group[1].append(data)
             group[2].append(size)
         for kind_id, (names, datas, sizes) in groups.items():
-            decoded = loader.decode_inline(kind_id, datas, max(sizes))
+            decoded = decoders.decode_inline(kind_id, datas, max(sizes))
             if decoded is None:
                 closer.extend(names)
             else:
@@ -493,20 +508,7 @@ def _stores(conn: Connection, hashes: Iterable[str]) -> dict[str, str]:
     return found
 
 
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def _attrs_filter(attrs: dict[str, Any] | None) -> dict[str, Any]:
-    for key, value in (attrs or {}).items():
-        if not isinstance(key, str) or not isinstance(value, _SCALARS):
-            raise SerializationError(
-                f"attrs filters take str keys and scalar values, not {key!r}: {value!r}"
-            )
-        strict_json({key: value}, f"attrs filter {key!r}")
-    return dict(attrs or {})
-
-
-def _attrs_match(attrs: Any, wanted: dict[str, Any]) -> bool:
+def _attrs_match(attrs: object, wanted: Mapping[str, object]) -> bool:
     """Whether ``attrs`` holds every wanted key with that value, of that JSON type."""
     if not isinstance(attrs, dict):
         return False

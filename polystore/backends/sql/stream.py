@@ -40,19 +40,20 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 
 from polystore import paths
-from polystore.backends._common import is_a_directory, not_found
+from polystore.backends._common import check_attrs, is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE, Content
+from polystore.backends.sql.kinds import Kind
 from polystore.backends.sql.models import blobs_table as blobs
-from polystore.backends.sql.save import Batch, write_batch
+from polystore.backends.sql.save import Batch, SaveOptions, Saver
 from polystore.blobs.base import CHUNK_SIZE
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
     from polystore.backends.sql.catalog import Catalog
-    from polystore.backends.sql.uploads import Staged, Uploads
     from polystore.blobs.base import BlobStore
     from polystore.serializers import SerializerRegistry
 
@@ -123,7 +124,7 @@ class FileSource:
         if size == 0:
             self._check_whole(size, hasher.hexdigest())
 
-    def _check_text(self, decoder: Any, chunk: bytes, *, final: bool) -> None:
+    def _check_text(self, decoder: codecs.IncrementalDecoder, chunk: bytes, *, final: bool) -> None:
         try:
             decoder.decode(chunk, final)
         except UnicodeDecodeError as exc:
@@ -137,7 +138,7 @@ class FileSource:
             )
 
 
-def _kind(serializers: SerializerRegistry, serializer: str) -> tuple[Any, ...]:
+def _kind(serializers: SerializerRegistry, serializer: str) -> Kind:
     """The kind tuple ``save`` records for plain content of ``serializer``."""
     if serializer not in STREAMED_SERIALIZERS:
         raise ValueError(f"only {STREAMED_SERIALIZERS} content streams, not {serializer!r}")
@@ -147,10 +148,8 @@ def _kind(serializers: SerializerRegistry, serializer: str) -> tuple[Any, ...]:
 
 
 def save_file(
-    catalog: Catalog,
-    uploads: Uploads,
-    pending: list[Staged] | None,
-    serializers: SerializerRegistry,
+    saver: Saver,
+    options: SaveOptions,
     local_path: str | os.PathLike[str],
     path: str,
     *,
@@ -160,41 +159,65 @@ def save_file(
     known: tuple[int, str] | None = None,
     advance: Advance | None = None,
 ) -> None:
-    """Store local file ``local_path`` at catalog ``path`` through the external store.
+    """Store local file ``local_path`` at catalog ``path`` (:meth:`SQLBackend.save_file`).
 
-    For content over the inline limit (the caller decides); ``known`` is the
-    file's ``(size, hash)`` if the caller has hashed it already. ``pending``
-    is the caller's transaction's list of uploads to settle, if one is open.
+    Content at or under the inline limit (or all content, without a blob
+    store) is read whole and saved as ``save`` saves it; larger content is
+    streamed to the blob store. ``known`` is the file's ``(size, hash)`` if
+    the caller has hashed it already; ``advance(n)`` is called as bytes are
+    stored.
     """
-    norm = paths.normalize_file(path)
-    size, content_hash = known if known is not None else file_hash(local_path)
+    if serializer not in STREAMED_SERIALIZERS:
+        raise ValueError(f"save_file stores 'bytes' or 'str' content, not {serializer!r}")
+    attrs = check_attrs(attrs)
+    size = os.stat(local_path).st_size
+    if saver.uploads is None or size <= options.inline_limit:
+        value = _read_whole(local_path, serializer)
+        saver.save([value], [path], options, overwrite=overwrite, attrs=attrs)
+        if advance is not None:
+            advance(size)
+        return
+    with saver.catalog.errors():
+        size, content_hash = known if known is not None else file_hash(local_path)
+        text = serializer == "str"
+        source = FileSource(local_path, size, content_hash, text=text, advance=advance)
+        batch = _file_batch(options.serializers, serializer, path, source)
+        # force: upload even when the content already has a blob row elsewhere
+        # (inline): the row then keeps its placement, the object is released,
+        # and the catalog write never needs the bytes in memory.
+        external = [Content(content_hash, source, size)]
+        saver.write(batch, external, overwrite=overwrite, attrs=attrs, force=True)
+
+
+def _read_whole(local_path: str | os.PathLike[str], serializer: str) -> bytes | str:
+    """The value ``save`` is given for local file ``local_path``: its bytes, or its text."""
+    with open(local_path, "rb") as fh:
+        data = fh.read()
+    if serializer != "str":
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SerializationError(f"{local_path} is not UTF-8 text ({exc})") from exc
+
+
+def _file_batch(
+    serializers: SerializerRegistry, serializer: str, path: str, source: FileSource
+) -> Batch:
+    """The batch of one local file saved at ``path``, its content to be uploaded from ``source``."""
     kind = _kind(serializers, serializer)
     batch = Batch()
     batch.add_kind(kind)
-    batch.index = {norm: 0}
-    batch.hashes, batch.sizes, batch.kinds = [content_hash], [size], [kind]
-    source = FileSource(local_path, size, content_hash, text=serializer == "str", advance=advance)
+    batch.index = {paths.normalize_file(path): 0}
+    batch.hashes, batch.sizes, batch.kinds = [source.hash], [source.size], [kind]
     batch.datas = [b""]  # never read: the blob row of uploaded content holds no bytes
-
-    def write(staged: Staged | None) -> None:
-        catalog.write(lambda conn: write_batch(conn, batch, overwrite, attrs, staged))
-
-    # force: upload even when the content already has a blob row elsewhere
-    # (inline): the row then keeps its placement, the object is released, and
-    # the catalog write never needs the bytes in memory.
-    uploads.run(
-        [Content(content_hash, source, size)],
-        write,
-        conn=catalog.connection,
-        pending=pending,
-        force=True,
-    )
+    return batch
 
 
 def _locate(catalog: Catalog, norm: str, resolve: Any) -> tuple[str, int, str]:
     """``(hash, size, store)`` of the content of file ``norm``, found by ``resolve``."""
 
-    def work(conn: Any) -> tuple[str, int, str] | None:
+    def work(conn: Connection) -> tuple[str, int, str | None] | None:
         row = resolve(conn, norm)
         if row is None:
             return None
@@ -241,43 +264,14 @@ def iter_content(
     """
     norm = paths.normalize_file(path)
     content_hash, size, where = _locate(catalog, norm, resolve)
+    if where == INLINE:
+        pieces = _inline_pieces(catalog, norm, content_hash, size, chunk_size)
+    else:
+        pieces = _external_pieces(store, where, norm, content_hash, chunk_size)
     hasher = hashlib.sha256()
     done = 0
-
-    def pieces() -> Iterator[bytes]:
-        if where == INLINE:
-            position = 0
-            while position < size:
-                piece = _inline_piece(catalog, content_hash, position, chunk_size)
-                if piece is None:
-                    raise NotFoundError(
-                        f"content of {norm!r} was removed while it was read (the file "
-                        "changed); try again"
-                    )
-                if not piece:
-                    return
-                yield piece
-                position += len(piece)
-            return
-        if store is None or where != store.name:
-            here = "no blob store" if store is None else f"blob store {store.name!r}"
-            raise NotFoundError(
-                f"content of {norm!r} is in blob store {where!r}, but this backend has "
-                f"{here}; open it with that store (blob_store=...)"
-            )
-        try:
-            reader = store.open(content_hash)
-        except NotFoundError:
-            raise IntegrityError(
-                f"content of {norm!r} is missing: blob {content_hash} is not in blob store "
-                f"{store.name!r}"
-            ) from None
-        with reader:
-            while piece := reader.read(chunk_size):
-                yield piece
-
     held: bytes | None = None
-    for piece in pieces():
+    for piece in pieces:
         hasher.update(piece)
         done += len(piece)
         if held is not None:
@@ -290,3 +284,42 @@ def iter_content(
         )
     if held is not None:
         yield held
+
+
+def _inline_pieces(
+    catalog: Catalog, norm: str, content_hash: str, size: int, chunk_size: int
+) -> Iterator[bytes]:
+    """Inline content ``content_hash`` of file ``norm``, a ``substr`` at a time."""
+    position = 0
+    while position < size:
+        piece = _inline_piece(catalog, content_hash, position, chunk_size)
+        if piece is None:
+            raise NotFoundError(
+                f"content of {norm!r} was removed while it was read (the file changed); try again"
+            )
+        if not piece:
+            return
+        yield piece
+        position += len(piece)
+
+
+def _external_pieces(
+    store: BlobStore | None, where: str, norm: str, content_hash: str, chunk_size: int
+) -> Iterator[bytes]:
+    """Content ``content_hash`` of file ``norm`` from blob store ``where``, a read at a time."""
+    if store is None or where != store.name:
+        here = "no blob store" if store is None else f"blob store {store.name!r}"
+        raise NotFoundError(
+            f"content of {norm!r} is in blob store {where!r}, but this backend has "
+            f"{here}; open it with that store (blob_store=...)"
+        )
+    try:
+        reader = store.open(content_hash)
+    except NotFoundError:
+        raise IntegrityError(
+            f"content of {norm!r} is missing: blob {content_hash} is not in blob store "
+            f"{store.name!r}"
+        ) from None
+    with reader:
+        while piece := reader.read(chunk_size):
+            yield piece
