@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from drivers import fresh_file, fresh_name, profile_side, remove_sqlite
-from harness import Bench, Row, Side, median, step, time_runs
+from drivers import bulk_row, fresh_file, fresh_name, profile_side, remove_sqlite
+from harness import Bench, Row, Side, step, time_runs
 
 from polystore.backends.sql import SQLBackend
 
@@ -50,17 +50,6 @@ def _np_save(path: Path, data: np.ndarray) -> None:
         np.save(f, data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _row(name: str, what: str, times: dict[str, list[float]]) -> Row:
-    return Row(
-        name=name,
-        what=what,
-        polystore=median(times["polystore"]),
-        raw=median(times["raw"]),
-        goal=GOAL,
-        samples=times,
-    )
 
 
 def large_save(bench: Bench) -> list[Row]:
@@ -97,7 +86,7 @@ def large_save(bench: Bench) -> list[Row]:
         f"save of one {mib} MiB float64 array into a fresh SQLite catalog (default blob store: "
         "SHA-256, piece checksums, fsync) vs np.save to a .npy file + fsync"
     )
-    return [_row("large_save", what, times)]
+    return [bulk_row("large_save", what, times, GOAL)]
 
 
 def large_load(bench: Bench) -> list[Row]:
@@ -127,4 +116,4 @@ def large_load(bench: Bench) -> list[Row]:
         f"load of one {mib} MiB float64 array from the default blob store (checked by its "
         "piece checksums) vs np.load of a .npy file; both from the page cache"
     )
-    return [_row("large_load", what, times)]
+    return [bulk_row("large_load", what, times, GOAL)]

@@ -66,12 +66,10 @@ _WRITER = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_batch_then_gc_leaves_a_clean_catalog(catalog_url: str, tmp_path: Path) -> None:
-    root = tmp_path / "blobs"
+def _kill_when_stalled(script: str, catalog_url: str, root: Path) -> list[str]:
+    """Run ``script``, SIGKILL it once it prints ``stalled``; the lines it printed."""
     writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, catalog_url, str(root)],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", script, catalog_url, str(root)], stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout is not None
     lines = []
@@ -84,6 +82,12 @@ def test_sigkill_mid_batch_then_gc_leaves_a_clean_catalog(catalog_url: str, tmp_
     finally:
         writer.kill()
         writer.communicate(timeout=30)
+    return lines
+
+
+def test_sigkill_mid_batch_then_gc_leaves_a_clean_catalog(catalog_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    lines = _kill_when_stalled(_WRITER, catalog_url, root)
     # Batches 0-2 committed; batch 3 had 5 uploads done and a 6th half-written.
     assert lines == ["committed 0", "committed 1", "committed 2", "stalled"]
     store = LocalBlobStore(root)
@@ -148,20 +152,7 @@ def test_sigkill_while_staging_then_gc_leaves_a_clean_catalog(
     catalog_url: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "blobs"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", _STAGER, catalog_url, str(root)], stdout=subprocess.PIPE, text=True
-    )
-    assert writer.stdout is not None
-    lines = []
-    try:
-        for line in writer.stdout:
-            lines.append(line.strip())
-            if line.strip() == "stalled":
-                break
-        os.kill(writer.pid, signal.SIGKILL)
-    finally:
-        writer.kill()
-        writer.communicate(timeout=30)
+    lines = _kill_when_stalled(_STAGER, catalog_url, root)
     assert lines == ["committed 0", "committed 1", "stalled"]
     store = LocalBlobStore(root)
     with SQLBackend(catalog_url, blob_store=store, inline_limit=1024) as backend:
