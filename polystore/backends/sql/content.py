@@ -132,33 +132,46 @@ def add_blobs(
             count = 1 if counts is None else counts[h]
             yield (h, sizes[i], where.get(h, INLINE), count, data, created, sums.get(h))
 
-    rows: Iterable[tuple[Any, ...]]
     if counts is None and not where and not existing:
-        # The common batch: distinct new contents, all inline. The rows are
-        # zipped together in C: no Python code runs per row.
-        order = sorted(range(len(hashes)), key=hashes.__getitem__)
-        keys, lengths = map(hashes.__getitem__, order), map(sizes.__getitem__, order)
-        contents = map(datas.__getitem__, order)
-        if data_processor is not None:
-            contents = map(data_processor, contents)
-        if conn.dialect.name == "sqlite":
-            # Store, count and time are one value for every row: SQLite gets
-            # them as literals, and binds only hash, size and bytes.
-            shared = {"store": INLINE, "refcount": 1, "created_at": created, "checksums": None}
-            statement.execute_groups(conn, [(shared, zip(keys, lengths, contents, strict=True))])
-            return
-        rows = zip(
-            keys, lengths, repeat(INLINE), repeat(1), contents, repeat(created), repeat(None)
-        )
-    else:
-        rows = some_rows()
+        _add_distinct_inline(conn, statement, hashes, sizes, datas, created, data_processor)
+        return
     # A concurrent writer inserting the same new content makes the COPY fail on
     # the primary key; the whole transaction is then retried and finds it.
-    statement.execute_processed(conn, rows)
+    statement.execute_processed(conn, some_rows())
     if existing:
         add_references(
             conn, Counter({h: 1 if counts is None else counts[h] for h in existing if h in first})
         )
+
+
+def _add_distinct_inline(
+    conn: Connection,
+    statement: BulkStatement,
+    hashes: Sequence[str],
+    sizes: Sequence[int],
+    datas: Sequence[Buffer],
+    created: Any,
+    data_processor: Any,
+) -> None:
+    """:func:`add_blobs` of the common batch: distinct new contents, all inline.
+
+    The rows are zipped together in C: no Python code runs per row.
+    """
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    keys, lengths = map(hashes.__getitem__, order), map(sizes.__getitem__, order)
+    contents = map(datas.__getitem__, order)
+    if data_processor is not None:
+        contents = map(data_processor, contents)
+    if conn.dialect.name == "sqlite":
+        # Store, count and time are one value for every row: SQLite gets
+        # them as literals, and binds only hash, size and bytes.
+        shared = {"store": INLINE, "refcount": 1, "created_at": created, "checksums": None}
+        statement.execute_groups(conn, [(shared, zip(keys, lengths, contents, strict=True))])
+        return
+    # (A concurrent writer inserting the same content fails the COPY: retried.)
+    statement.execute_processed(
+        conn, zip(keys, lengths, repeat(INLINE), repeat(1), contents, repeat(created), repeat(None))
+    )
 
 
 def _upsert_blobs(dialect: str) -> Any:

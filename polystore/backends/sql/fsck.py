@@ -174,96 +174,131 @@ def _hash_inline(conn: Connection, content_hash: str) -> str | None:
 def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) -> FsckReport:
     """Run the checks; see :class:`FsckReport`."""
     report = FsckReport(verified=verify)
-    listed: dict[str, StoredObject] = {}
-    objects: list[StoredObject] = []
-    if store is not None:
-        objects = list(store.scan())
-        listed = {o.hash: o for o in objects if o.hash is not None and o.token is None}
+    objects = [] if store is None else list(store.scan())
     report.objects_checked = len(objects)
-
     with catalog.engine.connect() as conn:
+        facts = _Facts.read(conn)
+        report.history_versions = facts.history_versions
+        report.missing.extend(facts.kept - {row.hash for row in facts.rows})
+        report.blobs_checked = len(facts.rows)
+        report.pending_uploads = len(facts.pending)
+        ours = _check_blobs(conn, store, report, facts, objects, verify)
+        _check_kinds(conn, report)
+        damaged = [h for h in facts.counted if h is not None and not is_content_hash(h)]
+        _check_nodes(conn, report, damaged)
+    if store is not None:
+        _check_objects(store, report, objects, facts.pending, ours)
+    for name in (
+        "missing",
+        "size_mismatch",
+        "hash_mismatch",
+        "checksum_mismatch",
+        "unreferenced",
+        "damaged_blobs",
+    ):
+        getattr(report, name).sort()
+    report.refcount_mismatch = dict(sorted(report.refcount_mismatch.items()))
+    return report
+
+
+@dataclass
+class _Facts:
+    """What the checks compare, read from the catalog at the start."""
+
+    rows: list[Any]  # blob rows: hash, size, store, refcount, stored (inline length), checksums
+    pending: list[Any]  # upload intents: id, hash, store
+    counted: dict[str | None, int]  # blob hash -> files referring to it
+    kept: set[str]  # blob hashes that old versions kept for snapshots refer to
+    history_versions: int
+
+    @classmethod
+    def read(cls, conn: Connection) -> _Facts:
+        inline_length = sa.case((blobs.c.store == INLINE, sa.func.length(blobs.c.data)))
         rows = conn.execute(
             sa.select(
                 blobs.c.hash,
                 blobs.c.size,
                 blobs.c.store,
                 blobs.c.refcount,
-                sa.case((blobs.c.store == INLINE, sa.func.length(blobs.c.data)), else_=None).label(
-                    "stored"
-                ),
+                inline_length.label("stored"),
                 blobs.c.checksums,
             )
         ).all()
         pending = conn.execute(sa.select(intents.c.id, intents.c.hash, intents.c.store)).all()
-        counted = {
-            h: int(n)
-            for h, n in conn.execute(
-                sa.select(nodes.c.blob_hash, sa.func.count())
-                .where(nodes.c.kind == "file")
-                .group_by(nodes.c.blob_hash)
-            )
-        }
+        files = (
+            sa.select(nodes.c.blob_hash, sa.func.count())
+            .where(nodes.c.kind == "file")
+            .group_by(nodes.c.blob_hash)
+        )
+        counted = {h: int(n) for h, n in conn.execute(files)}
         # Old versions kept for snapshots hold their content without counting.
-        kept = set(
-            conn.execute(
-                sa.select(history.c.blob_hash).where(history.c.blob_hash.is_not(None)).distinct()
-            ).scalars()
-        )
-        report.history_versions = int(
-            conn.execute(sa.select(sa.func.count()).select_from(history)).scalar_one()
-        )
-        report.missing.extend(kept - {row.hash for row in rows})
-        report.blobs_checked = len(rows)
-        report.pending_uploads = len(pending)
-        others: Counter[str] = Counter()
-        ours: set[str] = set()
-        for row in rows:
-            actual = counted.get(row.hash, 0)
-            if actual != row.refcount:
-                report.refcount_mismatch[row.hash] = (int(row.refcount), actual)
-            if not is_content_hash(row.hash):
-                report.damaged_blobs.append(row.hash)
-                continue  # (no store object can have that name)
-            if store is not None and row.store == store.name:
-                ours.add(row.hash)
-            referenced = actual > 0 or row.refcount > 0 or row.hash in kept
-            if not referenced:
-                report.garbage += 1
-                continue
-            if row.store == INLINE:
-                if row.stored != row.size:
-                    report.size_mismatch.append(row.hash)
-                elif verify and _hash_inline(conn, row.hash) != row.hash:
-                    report.hash_mismatch.append(row.hash)
-            elif store is not None and row.store == store.name:
-                _check_object(store, report, row, listed.get(row.hash), verify)
-            else:
-                others[row.store] += 1
-        report.other_stores = dict(others)
-        _check_kinds(conn, report)
-        _check_nodes(conn, report, [h for h in counted if h is not None and not is_content_hash(h)])
+        kept_hashes = sa.select(history.c.blob_hash).where(history.c.blob_hash.is_not(None))
+        kept = set(conn.execute(kept_hashes.distinct()).scalars())
+        versions = conn.execute(sa.select(sa.func.count()).select_from(history)).scalar_one()
+        return cls(list(rows), list(pending), counted, kept, int(versions))
 
-    if store is not None:
-        in_flight = {h for _, h, s in pending if s == store.name}
-        tokens = {str(i) for i, _, s in pending if s == store.name}
-        for obj in objects:
-            if obj.staged:  # a save in progress, or a dead one's that gc() will remove
-                report.pending_uploads += 1
-                continue
-            if obj.token is not None:
-                accounted = obj.token in tokens
-            elif obj.hash is not None:
-                accounted = obj.hash in ours or obj.hash in in_flight
-                if not accounted and not store.exists(obj.hash):
-                    continue  # deleted since the listing (gc at work)
-            else:
-                accounted = False
-            if not accounted:
-                report.unreferenced.append(obj.key)
-    for name in ("missing", "size_mismatch", "hash_mismatch", "unreferenced", "damaged_blobs"):
-        getattr(report, name).sort()
-    report.refcount_mismatch = dict(sorted(report.refcount_mismatch.items()))
-    return report
+
+def _check_blobs(
+    conn: Connection,
+    store: BlobStore | None,
+    report: FsckReport,
+    facts: _Facts,
+    objects: list[StoredObject],
+    verify: bool,
+) -> set[str]:
+    """Check every blob row against its files and its content; the hashes kept in ``store``."""
+    listed = {o.hash: o for o in objects if o.hash is not None and o.token is None}
+    others: Counter[str] = Counter()
+    ours: set[str] = set()
+    for row in facts.rows:
+        actual = facts.counted.get(row.hash, 0)
+        if actual != row.refcount:
+            report.refcount_mismatch[row.hash] = (int(row.refcount), actual)
+        if not is_content_hash(row.hash):
+            report.damaged_blobs.append(row.hash)
+            continue  # (no store object can have that name)
+        if store is not None and row.store == store.name:
+            ours.add(row.hash)
+        if not (actual > 0 or row.refcount > 0 or row.hash in facts.kept):
+            report.garbage += 1
+            continue
+        if row.store == INLINE:
+            if row.stored != row.size:
+                report.size_mismatch.append(row.hash)
+            elif verify and _hash_inline(conn, row.hash) != row.hash:
+                report.hash_mismatch.append(row.hash)
+        elif store is not None and row.store == store.name:
+            _check_object(store, report, row, listed.get(row.hash), verify)
+        else:
+            others[row.store] += 1
+    report.other_stores = dict(others)
+    return ours
+
+
+def _check_objects(
+    store: BlobStore,
+    report: FsckReport,
+    objects: list[StoredObject],
+    pending: list[Any],
+    ours: set[str],
+) -> None:
+    """Name the objects in ``store`` that no blob row, intent or save in progress accounts for."""
+    in_flight = {h for _, h, s in pending if s == store.name}
+    tokens = {str(i) for i, _, s in pending if s == store.name}
+    for obj in objects:
+        if obj.staged:  # a save in progress, or a dead one's that gc() will remove
+            report.pending_uploads += 1
+            continue
+        if obj.token is not None:
+            accounted = obj.token in tokens
+        elif obj.hash is not None:
+            accounted = obj.hash in ours or obj.hash in in_flight
+            if not accounted and not store.exists(obj.hash):
+                continue  # deleted since the listing (gc at work)
+        else:
+            accounted = False
+        if not accounted:
+            report.unreferenced.append(obj.key)
 
 
 def _check_kinds(conn: Connection, report: FsckReport) -> None:
