@@ -32,6 +32,7 @@ from polystore.backends.sql.fast import (
     STREAM_ROWS,
     FastReader,
     Unavailable,
+    cached_kind_sql,
     cached_load_sql,
     children_sql,
     parse_json,
@@ -348,13 +349,25 @@ class Loader:
     def lookup(self, path: str) -> tuple[int, str] | None:
         """``(id, kind)`` of the node at normal ``path``, or None."""
         if not self.catalog.in_transaction:
+            parent, name = paths.split(path)
+            known = self._dirs.get(parent) if parent else None
+            if known is not None:  # one indexed lookup, whatever the depth
+                rows = self._fast.fetch_raw(cached_kind_sql(self._dialect), [known[0], name])
+                if rows and rows[0][0] == known[1]:
+                    _, node_id, kind = rows[0]
+                    return None if node_id is None else (node_id, kind)
             parts = paths.split_parts(path)
             rows = self._fast.fetch_raw(
-                resolve_sql(self._dialect, len(parts), "kind"),
+                resolve_sql(self._dialect, len(parts), "place" if parent else "kind"),
                 resolve_args(self._dialect, parts),
             )
             if rows is not None:
-                return (rows[0][0], rows[0][1]) if rows else None
+                if not rows:
+                    return None
+                row = rows[0]
+                if parent and row[3] is not None:  # (no version row: no cache)
+                    self._remember_dir(parent, row[2], row[3])
+                return (row[0], row[1])
         row = self.catalog.read(lambda conn: tree.resolve(conn, path))
         return None if row is None else (int(row.id), str(row.kind))
 
