@@ -31,7 +31,8 @@ from harness import Bench, Row, Side, step, time_runs
 
 from polystore.backends.sql import SQLBackend
 
-SAVE_GOAL = LOAD_GOAL = 2.0
+#: Issue 19: within 1.5x of the raw driver (issue 3 asked 2x).
+SAVE_GOAL = LOAD_GOAL = 1.5
 
 
 # -- 1, 2: save_batch ------------------------------------------------------------------------

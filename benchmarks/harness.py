@@ -67,8 +67,12 @@ class Row:
     what: str
     polystore: float | None = None  # seconds (median), or a growth factor for kind="growth"
     raw: float | None = None
-    goal: float | None = None  # polystore/raw must be <= goal; None: informational
-    kind: str = "ratio"  # "ratio", "growth", "bytes" (values in bytes), "info" or "skip"
+    #: polystore/raw must be <= goal (for kind="budget": polystore's seconds must
+    #: be); None: informational
+    goal: float | None = None
+    #: "ratio", "budget" (an absolute goal in seconds), "growth", "bytes" (values in
+    #: bytes), "info" or "skip"
+    kind: str = "ratio"
     per_call: bool = False
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -85,6 +89,8 @@ class Row:
     def verdict(self) -> str:
         if self.kind == "skip":
             return "SKIP"
+        if self.kind == "budget" and self.goal is not None and self.polystore is not None:
+            return "PASS" if self.polystore <= self.goal else "MISS"
         if self.goal is None or self.ratio is None:
             return "info"
         return "PASS" if self.ratio <= self.goal else "MISS"
@@ -114,13 +120,26 @@ class Sizes:
     listing: int  # entries in the list_dir directory
     small_catalog: int  # files in the smaller catalog of the exists scenario
     large_catalog: int  # files in the larger one
+    delete_files: int  # files in the tree delete_tree saves and deletes (--delete-files)
     files_per_dir: int = 1000
 
 
 FULL = Sizes(
-    batch=10_000, calls=2_000, listing=100_000, small_catalog=10_000, large_catalog=1_000_000
+    batch=10_000,
+    calls=2_000,
+    listing=100_000,
+    small_catalog=10_000,
+    large_catalog=1_000_000,
+    delete_files=100_000,
 )
-QUICK = Sizes(batch=1_000, calls=200, listing=10_000, small_catalog=1_000, large_catalog=100_000)
+QUICK = Sizes(
+    batch=1_000,
+    calls=200,
+    listing=10_000,
+    small_catalog=1_000,
+    large_catalog=100_000,
+    delete_files=10_000,
+)
 
 
 @dataclass
@@ -136,6 +155,8 @@ class Bench:
     #: Seconds the exists scenario may spend building its large catalog through
     #: the public API before it bulk-inserts the rest with SQL.
     build_budget: float = 300.0
+    #: Most rounds of delete_tree (each saves and deletes the whole tree).
+    delete_rounds: int = 3
 
     def profile(self, name: str, work: Callable[[], Any]) -> None:
         """Run ``work`` once more under the profiler, if asked to, and keep the report."""

@@ -32,7 +32,8 @@ from harness import Bench, Row, Side, log, median, step, time_calls, time_runs
 
 from polystore.backends.sql import SQLBackend
 
-LOAD_ONE_GOAL = EXISTS_GOAL = 3.0
+#: Issue 19: within 2x of a raw sqlite3 lookup (issue 3 asked 3x).
+LOAD_ONE_GOAL = EXISTS_GOAL = 2.0
 LIST_DIR_GOAL = 1.5
 #: "Must not grow with the catalog": 1M-node time over 10k-node time. Some
 #: growth is inherent (a B-tree one level deeper) and the machine is noisy.

@@ -1,4 +1,4 @@
-"""The scenarios of issue 3's "Performance" section, by name, in running order.
+"""The scenarios of issues 3 and 19 ("Performance"), by name, in running order.
 
 polystore is always driven through its public API (``SQLBackend``) and compared
 with a raw baseline doing the same job in the same process (see drivers.py).
@@ -20,6 +20,7 @@ from snapshots import (
     snapshot_save_postgres,
     snapshot_save_sqlite,
 )
+from tree_ops import delete_tree, move_dir
 from zarr_store import zarr_sqlite
 
 __all__ = ["SCENARIOS", "Scenario"]
@@ -42,6 +43,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(load_one),
         Scenario(list_dir),
         Scenario(exists),
+        Scenario(move_dir),
+        Scenario(delete_tree),
         Scenario(zarr_sqlite),
         Scenario(zarr_small),
         Scenario(zarr_large),

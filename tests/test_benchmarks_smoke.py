@@ -23,7 +23,9 @@ def test_quick_benchmark_prints_a_table(tmp_path: Path) -> None:
             "1",
             "--no-postgres",
             "--only",
-            "load_one",
+            "load_one,move_dir,delete_tree",
+            "--delete-rounds",
+            "1",
             "--workdir",
             str(tmp_path),
             "--json",
@@ -39,10 +41,11 @@ def test_quick_benchmark_prints_a_table(tmp_path: Path) -> None:
     header = next(line for line in lines if line.startswith("| scenario"))
     for column in ("polystore", "raw", "ratio", "goal", "result"):
         assert column in header
-    row = next(line for line in lines if line.startswith("| load_one"))
-    cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
-    assert len(cells) == 6
-    assert cells[-1] in ("PASS", "MISS")
+    for name in ("load_one", "move_dir", "delete_tree"):
+        row = next(line for line in lines if line.startswith(f"| {name} "))
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert len(cells) == 6
+        assert cells[-1] in ("PASS", "MISS")
     assert (tmp_path / "results.json").is_file()
 
 

@@ -399,6 +399,43 @@ def test_load_in_a_cached_directory_is_one_indexed_lookup(sqlite_url: str) -> No
         assert statements[0].count("polystore_nodes") == 1  # no join per level
 
 
+def test_exists_in_a_cached_directory_follows_another_writer(catalog_url: str) -> None:
+    """exists/is_file/is_dir use the reader's cache of directory ids, and see every change."""
+    with SQLBackend(catalog_url) as reader, SQLBackend(catalog_url) as writer:
+        writer.save(b"one", "a/b/x.bin")
+        assert reader.exists("a/b/x.bin")  # resolves the path, caches a/b
+        assert reader.is_file("a/b/x.bin") and not reader.exists("a/b/y.bin")
+        writer.save(b"two", "a/b/y.bin")
+        assert reader.exists("a/b/y.bin")  # a new file in a cached directory
+        writer.move("a/b", "a/c")
+        assert not reader.exists("a/b/x.bin") and reader.is_file("a/c/x.bin")
+        writer.save(b"three", "a/b/x.bin")  # a new directory at the old path
+        assert reader.is_file("a/b/x.bin") and not reader.exists("a/b/y.bin")
+        writer.delete("a/b/x.bin")
+        assert not reader.exists("a/b/x.bin")
+        writer.ensure_directory("a/b/x.bin")
+        assert reader.is_dir("a/b/x.bin")
+        writer.delete("a", recursive=True)
+        assert not reader.exists("a/b/x.bin") and not reader.exists("a/c/x.bin")
+
+
+def test_exists_in_a_cached_directory_is_one_indexed_lookup(sqlite_url: str) -> None:
+    """Counted on the reader's own SQLite connection: the path is not walked again."""
+    with SQLBackend(sqlite_url) as b:
+        b.save_batch([b"x", b"y"], ["d1/d2/d3/d4/d5/x.bin", "d1/d2/d3/d4/d5/y.bin"])
+        assert b.exists("d1/d2/d3/d4/d5/x.bin")
+        statements: list[str] = []
+        conn = b._fast._connection()  # this thread's read connection (internal, for counting)
+        conn.set_trace_callback(statements.append)
+        try:
+            assert b.is_file("d1/d2/d3/d4/d5/y.bin")
+            assert not b.exists("d1/d2/d3/d4/d5/z.bin")
+        finally:
+            conn.set_trace_callback(None)
+        assert len(statements) == 2
+        assert all(s.count("polystore_nodes") == 1 for s in statements)  # no join per level
+
+
 def test_move_rules(backend: SQLBackend) -> None:
     backend.save(b"1", "a/x.bin")
     backend.save(b"2", "b.bin")

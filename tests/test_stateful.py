@@ -228,6 +228,10 @@ def clear_catalog(backend: SQLBackend) -> None:
     """Empty a catalog and its blob store between examples (cheaper than a new one)."""
     with backend.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM polystore_nodes WHERE id <> 0"))
+        # Directories deleted: raise the tree version as polystore's own deletes
+        # do, or a reader's cache of directory ids (SQLite reuses ids) would
+        # take a new directory for the old one of that path.
+        conn.execute(sa.text("UPDATE polystore_tree_version SET version = version + 1"))
         conn.execute(sa.text("DELETE FROM polystore_blobs"))
         conn.execute(sa.text("DELETE FROM polystore_upload_intents"))
     root = getattr(backend.blob_store, "root", None)

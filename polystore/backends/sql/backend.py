@@ -117,7 +117,7 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
             self._decoders = Decoders(self._fast, self._catalog.dialect)
             self._loader = Loader(self._catalog, self._fast, self._reader, self._decoders)
             self._batch_loader = BatchLoader(self._loader)
-            self._listing = Listing(self._catalog, self._fast)
+            self._listing = Listing(self._catalog, self._fast, self._loader)
 
     @property
     def inline_limit(self) -> int:

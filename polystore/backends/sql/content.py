@@ -242,21 +242,46 @@ def release_blobs(conn: Connection, counts: Counter[str]) -> None:
     counts = Counter({h: n for h, n in counts.items() if h is not None and n})
     if not counts:
         return
-    conn.execute(
-        blobs.update()
-        .where(blobs.c.hash == sa.bindparam("h"))
-        .values(refcount=blobs.c.refcount - sa.bindparam("n")),
-        [{"h": h, "n": n} for h, n in sorted(counts.items())],
-    )
+    if conn.dialect.name == "postgresql":
+        # One row at a time in hash order: the order every writer locks blob
+        # rows in (docs/reliability.rst), which an IN list does not promise.
+        conn.execute(
+            blobs.update()
+            .where(blobs.c.hash == sa.bindparam("h"))
+            .values(refcount=blobs.c.refcount - sa.bindparam("n")),
+            [{"h": h, "n": n} for h, n in sorted(counts.items())],
+        )
+    else:
+        # SQLite writers run one at a time: no lock order to keep. The hashes
+        # dropping the same count (nearly always 1) go as IN lists, one
+        # statement per 500 instead of one per hash (a recursive delete of
+        # 100,000 files: ~0.6 s less).
+        by_count: dict[int, list[str]] = {}
+        for h, n in sorted(counts.items()):
+            by_count.setdefault(n, []).append(h)
+        for n, group in by_count.items():
+            for part in chunks(group):
+                conn.execute(_DROP_REFERENCES, {"n": n, "hashes": part})
     for part in chunks(sorted(counts)):
         conn.execute(
             blobs.delete().where(
                 blobs.c.hash.in_(part),
-                blobs.c.refcount == 0,
+                # Not "refcount = 0": the planners then read the partial index
+                # of unreferenced blobs, which every blob this delete freed is
+                # in, for each chunk (SQLite: a recursive delete of 1,000,000
+                # files read ~10**9 entries), instead of the primary key.
+                blobs.c.refcount + 0 == 0,
                 blobs.c.store == INLINE,
                 ~sa.exists().where(history_table.c.blob_hash == blobs.c.hash),
             )
         )
+
+
+_DROP_REFERENCES = (
+    blobs.update()
+    .where(blobs.c.hash.in_(sa.bindparam("hashes", expanding=True)))
+    .values(refcount=blobs.c.refcount - sa.bindparam("n"))
+)
 
 
 def fetch_blobs(conn: Connection, hashes: list[str]) -> dict[str, Any]:

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
-from polystore.backends._common import already_exists, directory_not_empty, not_found
+from polystore.backends._common import (
+    already_exists,
+    directory_not_empty,
+    not_a_directory,
+    not_found,
+)
 from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.catalog import utcnow
 from polystore.backends.sql.content import add_references, release_blobs
@@ -79,20 +85,10 @@ def delete(conn: Connection, norm: str, recursive: bool) -> None:
     release_blobs(conn, Counter(released))
 
 
-def _prepare_target(
-    conn: Connection, src: str, dst: str, now: dt.datetime, *, moving: bool = False
-) -> tuple[Any, int, str]:
+def _prepare_target(conn: Connection, src: str, dst: str, now: dt.datetime) -> tuple[Any, int, str]:
     row = tree.resolve(conn, src)
     if row is None:
         raise not_found(src)
-    if moving and row.kind == "dir":
-        # Directory moves and deletes queue here, before they lock any node
-        # row; then the source is looked up again, as it is now (a move
-        # that checked a stale tree could put a directory inside itself).
-        tree.bump_version(conn)
-        row = tree.resolve(conn, src)
-        if row is None:
-            raise not_found(src)
     if src == dst:
         raise already_exists(dst)
     if row.kind == "dir" and dst.startswith(src + "/"):
@@ -104,21 +100,70 @@ def _prepare_target(
 
 
 def move(conn: Connection, src: str, dst: str) -> None:
-    """Move ``src`` to ``dst`` (normal paths); a directory move rewrites one row."""
+    """Move ``src`` to ``dst`` (normal paths); a directory move rewrites one row.
+
+    The per-call cost is the point here (a directory move is O(1) rows):
+    source, destination and the destination's parent are located in one
+    statement, and the statements are plain SQL with driver placeholders,
+    compiled by nobody.
+    """
     epoch = epochs.current(conn)  # (before any lock: see epochs.py)
+    parent, name = paths.split(dst)
+    row, target, home = tree.locate(conn, (src, dst, parent))
+    if row is None:
+        raise not_found(src)
+    if row.kind == "dir":
+        # Directory moves and deletes queue here, before they lock any node
+        # row. On PostgreSQL every path is then located again, as it is now
+        # (a move that checked a stale tree could put a directory inside
+        # itself); a SQLite writer holds the database's only write lock
+        # since its BEGIN IMMEDIATE, so what it located cannot have changed.
+        tree.bump_version(conn)
+        if conn.dialect.name == "postgresql":
+            row, target, home = tree.locate(conn, (src, dst, parent))
+            if row is None:
+                raise not_found(src)
+    if src == dst:
+        raise already_exists(dst)
+    if row.kind == "dir" and dst.startswith(src + "/"):
+        raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
+    if target is not None:
+        raise already_exists(dst)
     now = utcnow()
-    row, parent_id, name = _prepare_target(conn, src, dst, now, moving=True)
-    moved = conn.execute(
-        nodes.update()
-        .where(
-            nodes.c.id == row.id,
-            nodes.c.parent_id == row.parent_id,
-            nodes.c.name == row.name,
-        )
-        .values(parent_id=parent_id, name=name, modified_at=now, epoch=epoch)
+    if home is None:
+        parent_id = tree.ensure_dirs(conn, parent, now, tree.DirCache())
+    elif home.kind != "dir":
+        raise not_a_directory(parent)
+    else:
+        parent_id = home.id
+    # The row must still be where it was located: under READ COMMITTED a
+    # concurrent move or delete may have taken it since.
+    moved = conn.exec_driver_sql(
+        _move_sql(conn.dialect.name),
+        (parent_id, name, _timestamp(conn, now), epoch, row.id, row.parent_id, row.name),
     ).rowcount
     if not moved:
         raise CatalogChanged(f"{src!r} was moved or deleted meanwhile")
+
+
+@lru_cache(maxsize=2)
+def _move_sql(dialect: str) -> str:
+    mark = "%s" if dialect == "postgresql" else "?"
+    return (
+        f"UPDATE polystore_nodes SET parent_id = {mark}, name = {mark}, modified_at = {mark}, "
+        f"epoch = {mark} WHERE id = {mark} AND parent_id = {mark} AND name = {mark}"
+    )
+
+
+def _timestamp(conn: Connection, now: dt.datetime) -> Any:
+    """``now`` as the driver takes it for a timestamp column (SQLite: text)."""
+    process = _timestamp_processor(conn.dialect)
+    return now if process is None else process(now)
+
+
+@lru_cache(maxsize=4)
+def _timestamp_processor(dialect: sa.Dialect) -> Any:
+    return nodes.c.modified_at.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 def copy(conn: Connection, src: str, dst: str) -> None:

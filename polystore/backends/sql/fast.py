@@ -32,6 +32,7 @@ __all__ = [
     "STREAM_ROWS",
     "FastReader",
     "Unavailable",
+    "cached_kind_sql",
     "cached_load_sql",
     "children_sql",
     "load_columns",
@@ -150,10 +151,11 @@ def walk_sql(dialect: str, select: str, *, with_content: bool, named: bool = Fal
 def resolve_sql(dialect: str, depth: int, what: str = "kind") -> str:
     """SQL for the node at a path of ``depth`` names; see :func:`resolve_args`.
 
-    ``what`` is ``"kind"`` (``id, kind`` only: ``exists``, ``list_dir`` and
-    friends) or ``"load"`` (:func:`load_columns`: what a load needs, with the
-    blob's placement and inline bytes; then the parent's id and the tree
-    version, for :func:`cached_load_sql`).
+    ``what`` is ``"kind"`` (``id, kind`` only), ``"place"`` (``id, kind``,
+    then the parent's id and the tree version, for :func:`cached_kind_sql`:
+    ``exists`` and friends) or ``"load"`` (:func:`load_columns`: what a load
+    needs, with the blob's placement and inline bytes; then the parent's id
+    and the tree version, for :func:`cached_load_sql`).
     """
     with_content = what == "load"
     if depth > JOIN_DEPTH:
@@ -177,6 +179,8 @@ def resolve_sql(dialect: str, depth: int, what: str = "kind") -> str:
 def _select(dialect: str, what: str, node: str) -> str:
     if what == "kind":
         return f"{node}.id, {node}.kind"
+    if what == "place":
+        return f"{node}.id, {node}.kind, {node}.parent_id, {_TREE_VERSION}"
     # A load also reads where its directory is, for the cache of cached_load_sql.
     return f"{load_columns(node)}, {node}.parent_id, {_TREE_VERSION}"
 
@@ -194,6 +198,23 @@ def cached_load_sql(dialect: str) -> str:
     """
     p = _placeholder(dialect)
     return _child_load_sql(dialect, load_columns("n"), f"= {p} AND {_TREE_VERSION} = {p}")
+
+
+@lru_cache(maxsize=2)
+def cached_kind_sql(dialect: str) -> str:
+    """SQL for ``[parent_id, name]``: the tree version, and the child's ``id, kind`` if any.
+
+    Always one row: ``(version, None, None)`` when the directory holds no such
+    name. While the version is the one the directory's id was read at, that
+    is the answer: one indexed lookup instead of a join per level. Otherwise
+    resolve the whole path.
+    """
+    p = _placeholder(dialect)
+    return (
+        "SELECT v.version, n.id, n.kind FROM polystore_tree_version AS v "
+        f"LEFT JOIN polystore_nodes AS n ON n.parent_id = {p} AND n.name = {p} "
+        "WHERE v.id = 1"
+    )
 
 
 @lru_cache(maxsize=8)

@@ -21,7 +21,14 @@ from polystore.backends.base import StatResult
 from polystore.backends.sql import tree
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.decoders import json_column, reading
-from polystore.backends.sql.fast import FastReader, names_sql, resolve_args, resolve_sql
+from polystore.backends.sql.fast import (
+    FastReader,
+    cached_kind_sql,
+    names_sql,
+    resolve_args,
+    resolve_sql,
+)
+from polystore.backends.sql.load import Loader
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.query import run_query
@@ -62,21 +69,35 @@ def dir_id(conn: Connection, path: str) -> int:
 class Listing:
     """The read-only inspections of :class:`~polystore.SQLBackend`, on normal paths."""
 
-    def __init__(self, catalog: Catalog, fast: FastReader) -> None:
+    def __init__(self, catalog: Catalog, fast: FastReader, dirs: Loader) -> None:
         self.catalog = catalog
         self._fast = fast
         self._dialect = catalog.dialect
+        #: Whose cache of directory ids (by tree version) lookups use and fill.
+        self._dirs = dirs
 
     def lookup(self, path: str) -> tuple[int, str] | None:
         """``(id, kind)`` of the node at normal ``path``, or None."""
         if not self.catalog.in_transaction:
+            parent, name = paths.split(path)
+            known = self._dirs.known_dir(parent) if parent else None
+            if known is not None:  # one indexed lookup, whatever the depth
+                rows = self._fast.fetch_raw(cached_kind_sql(self._dialect), [known[0], name])
+                if rows and rows[0][0] == known[1]:
+                    _, node_id, kind = rows[0]
+                    return None if node_id is None else (node_id, kind)
             parts = paths.split_parts(path)
             rows = self._fast.fetch_raw(
-                resolve_sql(self._dialect, len(parts), "kind"),
+                resolve_sql(self._dialect, len(parts), "place" if parent else "kind"),
                 resolve_args(self._dialect, parts),
             )
             if rows is not None:
-                return (rows[0][0], rows[0][1]) if rows else None
+                if not rows:
+                    return None
+                row = rows[0]
+                if parent and row[3] is not None:  # (no version row: no cache)
+                    self._dirs.remember_dir(parent, row[2], row[3])
+                return (row[0], row[1])
         row = self.catalog.read(lambda conn: tree.resolve(conn, path))
         return None if row is None else (int(row.id), str(row.kind))
 

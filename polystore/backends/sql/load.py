@@ -159,10 +159,14 @@ class Loader:
         row = rows[0]
         parent_id, version = row[6:8]
         if parent and version is not None:  # (no version row: no cache)
-            self._remember_dir(parent, parent_id, version)
+            self.remember_dir(parent, parent_id, version)
         return self.decode_fast(row, path)
 
-    def _remember_dir(self, path: str, dir_id: int, version: int) -> None:
+    def known_dir(self, path: str) -> tuple[int, int] | None:
+        """``(id, tree version read at)`` of directory ``path`` if cached."""
+        return self._dirs.get(path)
+
+    def remember_dir(self, path: str, dir_id: int, version: int) -> None:
         """Cache directory ``path``'s id as read at tree version ``version``.
 
         Each entry keeps its own version, and a lookup passes that version to

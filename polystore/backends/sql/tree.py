@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Collection, Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from polystore import paths
 from polystore.backends._common import not_a_directory
 from polystore.backends.sql import epochs
+from polystore.backends.sql.bulk import driver_fetch
 from polystore.backends.sql.engine import CatalogChanged
 from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
@@ -28,6 +29,7 @@ from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tre
 __all__ = [
     "NODE_COLUMNS",
     "DirCache",
+    "Place",
     "bump_version",
     "children",
     "chunks",
@@ -35,6 +37,7 @@ __all__ = [
     "ensure_dirs",
     "hold_dirs",
     "iter_names",
+    "locate",
     "lock_dir",
     "lock_subtree",
     "resolve",
@@ -131,6 +134,73 @@ def resolve(conn: Connection, path: str, *, with_content: bool = False) -> sa.Ro
         return conn.execute(_walk_statement(dialect, with_content), params).first()
     params = {f"p{i}": name for i, name in enumerate(parts)}
     return conn.execute(_resolve_statement(len(parts), with_content), params).first()
+
+
+class Place(NamedTuple):
+    """Where a node is: what a tree edit needs of a path (:func:`locate`)."""
+
+    id: int
+    parent_id: int | None
+    name: str
+    kind: str
+
+
+@lru_cache(maxsize=256)
+def _locate_sql(dialect: str, depths: tuple[int, ...]) -> str:
+    """One statement for the nodes at paths of these depths (each <= JOIN_DEPTH).
+
+    One ``SELECT`` per path, each a chain of joins as in :func:`resolve`,
+    glued by ``UNION ALL`` and told apart by their first column; the
+    parameters are each path's names in :func:`~.fast.resolve_args` order.
+    """
+    mark = "%s" if dialect == "postgresql" else "?"
+    arms = []
+    for slot, depth in enumerate(depths):
+        if not depth:
+            arms.append(
+                f"SELECT {slot}, id, parent_id, name, kind FROM polystore_nodes WHERE id = {ROOT_ID}"
+            )
+            continue
+        last = f"n{depth - 1}"
+        sql = [f"SELECT {slot}, {last}.id, {last}.parent_id, {last}.name, {last}.kind"]
+        sql.append("FROM polystore_nodes AS n0")
+        for i in range(1, depth):
+            sql.append(
+                f"JOIN polystore_nodes AS n{i} ON n{i}.parent_id = n{i - 1}.id "
+                f"AND n{i}.name = {mark}"
+            )
+        sql.append(f"WHERE n0.parent_id = {ROOT_ID} AND n0.name = {mark}")
+        arms.append(" ".join(sql))
+    return "\nUNION ALL\n".join(arms)
+
+
+def locate(conn: Connection, normal_paths: Sequence[str]) -> list[Place | None]:
+    """Where each of these normal paths is (None: nothing there), in one statement.
+
+    A tree edit asks of its source, its destination and the destination's
+    parent at once: one round trip, on the driver's cursor (no statement
+    compilation, no result object), where three :func:`resolve` calls cost
+    three of each. Paths deeper than :data:`JOIN_DEPTH` names are resolved
+    on their own.
+    """
+    found: list[Place | None] = [None] * len(normal_paths)
+    slots: list[int] = []
+    params: list[str] = []
+    for slot, path in enumerate(normal_paths):
+        parts = paths.split_parts(path)
+        if len(parts) > JOIN_DEPTH:
+            row = resolve(conn, path)
+            if row is not None:
+                found[slot] = Place(row.id, row.parent_id, row.name, row.kind)
+            continue
+        slots.append(slot)
+        params += [*parts[1:], *parts[:1]]
+    if slots:
+        depths = tuple(len(paths.split_parts(normal_paths[s])) for s in slots)
+        sql = _locate_sql(conn.dialect.name, depths)
+        for arm, *row in driver_fetch(conn, sql, params):
+            found[slots[arm]] = Place(*row)
+    return found
 
 
 def children(
@@ -242,11 +312,9 @@ def bump_version(conn: Connection) -> None:
     the database may have to break a deadlock: the aborted transaction raises
     :class:`~polystore.errors.ConflictError`.
     """
-    conn.execute(
-        tree_version.update()
-        .where(tree_version.c.id == 1)
-        .values(version=tree_version.c.version + 1)
-    )
+    # Plain SQL: built and compiled by SQLAlchemy, this statement cost a
+    # directory move about a tenth of its time.
+    conn.exec_driver_sql("UPDATE polystore_tree_version SET version = version + 1 WHERE id = 1")
 
 
 def _lock_dirs(conn: Connection, ids: Collection[int], *, key_share: bool = False) -> list[int]:
