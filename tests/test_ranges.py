@@ -217,7 +217,7 @@ def test_ranges_check_sizes_not_hashes(
     # Same size, other bytes: a range cannot tell (a full load can).
     object_path.write_bytes(b"x" * len(CONTENT))
     assert backend.read_range("f", 0, 4) == b"xxxx"
-    with pytest.raises(IntegrityError, match="does not match its hash"):
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
         backend.load("f")
     # Shorter than the catalog records: a range reaching past it is refused.
     object_path.write_bytes(CONTENT[:100])
