@@ -162,6 +162,14 @@ class ContentReader:
         return data
 
 
+#: Where an array read from a file starts in its buffer. The kernel copies
+#: from the page cache at half speed here (AMD EPYC) when source and target
+#: are both page-aligned: a 512 MiB load from the page cache took 0.149 s into
+#: a page-aligned buffer and 0.078 s 64 bytes in (``np.load`` 0.093 s, whose
+#: data starts 128 bytes into its file). 64 keeps every dtype aligned.
+_SHIFT = 64
+
+
 def _read_all(
     reader: BlobReader, size: int, into: str, recorded: tuple[int, list[int]] | None
 ) -> tuple[Any, int | None]:
@@ -179,9 +187,9 @@ def _read_all(
     if into == "ndarray":
         import numpy as np
 
-        array = np.empty(size + 1, np.uint8)
-        buffer: Any = array
-        target = memoryview(array.data)
+        array = np.empty(_SHIFT + size + 1, np.uint8)
+        buffer: Any = array[_SHIFT:]
+        target = memoryview(array.data)[_SHIFT:]
     else:
         buffer = bytearray(size + 1)
         target = memoryview(buffer)
