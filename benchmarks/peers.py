@@ -8,8 +8,8 @@ The peers (``pip install 'polystore[bench]'``; a missing one is a SKIP line):
 
 * **polystore**: ``SQLBackend`` on a SQLite file with default options (content
   up to 1 MiB inline in the catalog, larger content in the default blob store
-  ``<file>.blobs/``, hashed with SHA-256 and fsynced; every load of external
-  content verifies its hash), and ``DiskBackend`` (one ``.npy`` file per array,
+  ``<file>.blobs/``, named by its SHA-256 and fsynced; every load of external
+  content checks its piece checksums), and ``DiskBackend`` (one ``.npy`` file per array,
   written to a temporary file, fsynced, renamed) where the workload applies.
 * **np.save files**: one ``.npy`` file per array in a directory tree; saving
   also as a second variant that fsyncs each file (``np.save`` alone leaves the
