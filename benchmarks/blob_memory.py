@@ -34,8 +34,8 @@ CHILD = textwrap.dedent(
     def peak():  # bytes; ru_maxrss is in KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    url, store, mode, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    backend = SQLBackend(url, blob_store=store)
+    url, options, mode, size = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    backend = SQLBackend(url, **options)
     backend.save(np.zeros(1 << 16), "warm.npy")  # imports and caches, not content
     backend.load("warm.npy")
     if mode == "save":
@@ -57,7 +57,7 @@ CHILD = textwrap.dedent(
 
 def measure(url: str, store: str, mode: str, size: int) -> dict[str, float]:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, url, store, mode, str(size)],
+        [sys.executable, "-c", CHILD, url, json.dumps({"blob_store": store}), mode, str(size)],
         check=True,
         capture_output=True,
         text=True,

@@ -25,43 +25,24 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import uuid
 from typing import Any
 
-CHILD = textwrap.dedent(
-    """
-    import json, resource, sys, time
-    import numpy as np
-    from polystore import SQLBackend
-
-    def peak():  # bytes; ru_maxrss is in KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    url, mode, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    backend = SQLBackend(url, inline_limit=size + (1 << 20))
-    backend.save(np.zeros(1 << 16), "warm.npy")  # imports and caches, not content
-    backend.load("warm.npy")
-    if mode == "save":
-        array = np.ones(size, dtype=np.uint8)  # every page touched: part of the baseline
-        array[:: 1 << 20] = 7
-        before = peak()
-        start = time.perf_counter()
-        backend.save(array, "big.npy")
-    else:
-        before = peak()
-        start = time.perf_counter()
-        array = backend.load("big.npy")
-        assert array.nbytes == size and array[1 << 20] == 7 and array[1] == 1
-    seconds = time.perf_counter() - start
-    print(json.dumps({"before": before, "after": peak(), "seconds": seconds}))
-    """
-)
+from blob_memory import CHILD
 
 
 def measure(url: str, mode: str, size: int) -> dict[str, float]:
+    """blob_memory.py's child, its backend opened with ``inline_limit`` above ``size``."""
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, url, mode, str(size)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            url,
+            json.dumps({"inline_limit": size + (1 << 20)}),
+            mode,
+            str(size),
+        ],
         check=True,
         capture_output=True,
         text=True,

@@ -85,16 +85,21 @@ def delete(conn: Connection, norm: str, recursive: bool) -> None:
     release_blobs(conn, Counter(released))
 
 
-def _prepare_target(conn: Connection, src: str, dst: str, now: dt.datetime) -> tuple[Any, int, str]:
-    row = tree.resolve(conn, src)
+def _check_target(row: Any, src: str, dst: str, target: Any) -> None:
+    """Refuse a move or copy of ``row`` (at ``src``) to ``dst``, where ``target`` is."""
     if row is None:
         raise not_found(src)
     if src == dst:
         raise already_exists(dst)
     if row.kind == "dir" and dst.startswith(src + "/"):
         raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
-    if tree.resolve(conn, dst) is not None:
+    if target is not None:
         raise already_exists(dst)
+
+
+def _prepare_target(conn: Connection, src: str, dst: str, now: dt.datetime) -> tuple[Any, int, str]:
+    row = tree.resolve(conn, src)
+    _check_target(row, src, dst, tree.resolve(conn, dst))
     parent, name = paths.split(dst)
     return row, tree.ensure_dirs(conn, parent, now, tree.DirCache()), name
 
@@ -123,12 +128,7 @@ def move(conn: Connection, src: str, dst: str) -> None:
             row, target, home = tree.locate(conn, (src, dst, parent))
             if row is None:
                 raise not_found(src)
-    if src == dst:
-        raise already_exists(dst)
-    if row.kind == "dir" and dst.startswith(src + "/"):
-        raise InvalidPathError(f"cannot put directory {src!r} inside itself: {dst!r}")
-    if target is not None:
-        raise already_exists(dst)
+    _check_target(row, src, dst, target)
     now = utcnow()
     if home is None:
         parent_id = tree.ensure_dirs(conn, parent, now, tree.DirCache())
