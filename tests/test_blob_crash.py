@@ -32,7 +32,23 @@ from polystore.blobs import LocalBlobStore, hash_key
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
-_WRITER = textwrap.dedent(
+# The pieces of an upload, cut off half-way through the first: the child
+# prints "stalled" there and waits to be killed.
+_HALF_THEN_STALL = textwrap.dedent(
+    """
+    import time
+
+    def half_then_stall(pieces):
+        for chunk in pieces:
+            view = memoryview(chunk)
+            yield view[: view.nbytes // 2]
+            print("stalled", flush=True)
+            time.sleep(60)
+            yield view[view.nbytes // 2 :]
+    """
+)
+
+_WRITER = _HALF_THEN_STALL + textwrap.dedent(
     """
     import sys, time
     import numpy as np
@@ -46,13 +62,6 @@ _WRITER = textwrap.dedent(
         def put(self, content_hash, chunks, size, *, token=None):
             Stalling.uploads += 1
             if Stalling.uploads == 36:
-                def half_then_stall(pieces):
-                    for chunk in pieces:
-                        view = memoryview(chunk)
-                        yield view[: view.nbytes // 2]
-                        print("stalled", flush=True)
-                        time.sleep(60)
-                        yield view[view.nbytes // 2 :]
                 chunks = half_then_stall(chunks)
             return super().put(content_hash, chunks, size, token=token)
 
@@ -112,7 +121,7 @@ def test_sigkill_mid_batch_then_gc_leaves_a_clean_catalog(catalog_url: str, tmp_
                 np.testing.assert_array_equal(array, np.full(1000, batch * 100 + i, np.int64))
 
 
-_STAGER = textwrap.dedent(
+_STAGER = _HALF_THEN_STALL + textwrap.dedent(
     """
     import sys, time
     import numpy as np
@@ -129,13 +138,6 @@ _STAGER = textwrap.dedent(
         def stage(self, chunks, size):
             Stalling.staged += 1
             if Stalling.staged == 3:
-                def half_then_stall(pieces):
-                    for chunk in pieces:
-                        view = memoryview(chunk)
-                        yield view[: view.nbytes // 2]
-                        print("stalled", flush=True)
-                        time.sleep(60)
-                        yield view[view.nbytes // 2 :]
                 chunks = half_then_stall(chunks)
             return super().stage(chunks, size)
 
