@@ -176,6 +176,21 @@ def walk(
     return found
 
 
+def _visible_sql(columns: str, where: str, p: str) -> str:
+    """SQL text of :func:`_visible`: ``columns`` of the rows passing ``where``
+    that the epoch parameter ``p`` sees, live and kept.
+
+    Parameters: ``where``'s, then the epoch, for the live table; ``where``'s,
+    then the epoch twice, for the history.
+    """
+    return (
+        f"SELECT {columns} FROM polystore_nodes WHERE {where} AND epoch <= {p} "
+        "UNION ALL "
+        f"SELECT {columns} FROM polystore_node_history WHERE {where} "
+        f"AND epoch <= {p} AND valid_to > {p}"
+    )
+
+
 def lean_children_sql(dialect: str, count: int) -> str:
     """SQL for named children of one directory at an epoch, as a batch load reads them.
 
@@ -193,25 +208,15 @@ def lean_children_sql(dialect: str, count: int) -> str:
     return (
         "SELECT CASE WHEN b.store = 'inline' AND n.kind = 'file' THEN n.kind_id END, "
         "n.size, b.data, n.name FROM ("
-        f"SELECT {columns} FROM polystore_nodes WHERE parent_id = {p} AND name {names} "
-        f"AND epoch <= {p} "
-        "UNION ALL "
-        f"SELECT {columns} FROM polystore_node_history WHERE parent_id = {p} AND name {names} "
-        f"AND epoch <= {p} AND valid_to > {p}"
-        ") AS n LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash"
+        + _visible_sql(columns, f"parent_id = {p} AND name {names}", p)
+        + ") AS n LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash"
     )
 
 
 def child_sql(dialect: str) -> str:
     """SQL for ``id, kind`` of child ``[parent, name, epoch, parent, name, epoch, epoch]``."""
     p = "%s" if dialect == "postgresql" else "?"
-    return (
-        f"SELECT id, kind FROM polystore_nodes WHERE parent_id = {p} AND name = {p} "
-        f"AND epoch <= {p} "
-        "UNION ALL "
-        f"SELECT id, kind FROM polystore_node_history WHERE parent_id = {p} AND name = {p} "
-        f"AND epoch <= {p} AND valid_to > {p}"
-    )
+    return _visible_sql("id, kind", f"parent_id = {p} AND name = {p}", p)
 
 
 def names_sql(dialect: str) -> str:
@@ -221,13 +226,7 @@ def names_sql(dialect: str) -> str:
     ``(parent_id, name)`` index in order, and the database merges the two.
     """
     p = "%s" if dialect == "postgresql" else "?"
-    return (
-        f"SELECT name FROM polystore_nodes WHERE parent_id = {p} AND epoch <= {p} "
-        "UNION ALL "
-        f"SELECT name FROM polystore_node_history WHERE parent_id = {p} AND epoch <= {p} "
-        f"AND valid_to > {p} "
-        "ORDER BY name"
-    )
+    return _visible_sql("name", f"parent_id = {p}", p) + " ORDER BY name"
 
 
 def exists_sql(dialect: str) -> str:
