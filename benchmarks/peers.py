@@ -854,7 +854,7 @@ def large_array(bench: Bench) -> list[Result]:
             workload,
             times,
             notes={
-                POLYSTORE: "save: SHA-256, write, fsync (default blob store)",
+                POLYSTORE: "save: SHA-256 while writing, fsync (default blob store)",
                 PS_DISK: "save: temp file, fsync, rename, fsync dir",
                 H5PY: "contiguous dataset, then close",
                 DISKCACHE: "pickled into a file (size_limit raised)",
@@ -896,7 +896,7 @@ def large_array(bench: Bench) -> list[Result]:
             workload,
             times,
             notes={
-                POLYSTORE: "load: reads and verifies the SHA-256",
+                POLYSTORE: "load: reads, checks piece checksums",
                 NPY: "np.load",
                 H5PY: "open the file, ds[()]",
                 DISKCACHE: "unpickled from its file",
