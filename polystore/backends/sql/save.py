@@ -35,7 +35,7 @@ from polystore.backends.sql.content import Content, add_blobs, lock_blobs, relea
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.placement import Placement
-from polystore.backends.sql.staging import Prestaged, hash_batch
+from polystore.backends.sql.staging import Prestaged, discard, hash_batch
 from polystore.backends.sql.uploads import Staged, Uploads, promote
 from polystore.blobs.base import BlobStore
 from polystore.errors import SerializationError
@@ -153,9 +153,7 @@ class Batch:
 
     def discard(self, store: BlobStore | None) -> None:
         """Remove the staged content the save did not give a name."""
-        if store is not None:
-            for staged in self.prestaged.values():
-                store.discard(staged.staging)
+        discard(store, self.prestaged.values())
 
 
 def encode_batch(

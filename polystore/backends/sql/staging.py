@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from polystore.backends.sql.content import content_hashes
 from polystore.blobs.base import CHUNK_SIZE, BlobStore, Staging
 from polystore.serializers import Buffer
 
-__all__ = ["PARALLEL_MIN", "STAGE_OVER", "Prestaged", "hash_and_stage", "hash_batch"]
+__all__ = ["PARALLEL_MIN", "STAGE_OVER", "Prestaged", "discard", "hash_and_stage", "hash_batch"]
 
 #: Content up to this size (one checksummed piece) is hashed, then uploaded:
 #: below it a thread costs more than the overlap gains.
@@ -80,6 +80,13 @@ def hash_and_stage(store: BlobStore, data: Buffer) -> tuple[str, Prestaged]:
     return content_hash, Prestaged(data, staging, summer.value())
 
 
+def discard(store: BlobStore | None, staged: Iterable[Prestaged]) -> None:
+    """Remove from ``store`` what is still staged of ``staged``."""
+    if store is not None:
+        for prestaged in staged:
+            store.discard(prestaged.staging)
+
+
 def hash_batch(
     datas: Sequence[Buffer], sizes: Sequence[int], store: BlobStore | None, over: int
 ) -> tuple[list[str], dict[int, Prestaged]]:
@@ -121,9 +128,7 @@ def hash_batch(
                     failure = failure or exc
     staged = {i: p for i, (_, p) in done.items() if p is not None}
     if failure is not None:
-        if store is not None:
-            for prestaged in staged.values():
-                store.discard(prestaged.staging)
+        discard(store, staged.values())
         raise failure
     rest = [i for i in range(len(datas)) if i not in done]
     hashes = dict(zip(rest, content_hashes([datas[i] for i in rest]), strict=True))
