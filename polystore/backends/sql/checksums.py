@@ -32,7 +32,7 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["PIECE", "Checksummer", "Verifier", "checksums", "decode"]
+__all__ = ["PIECE", "Checksummer", "Verifier", "decode"]
 
 #: Bytes per checksummed piece.
 PIECE = 8 << 20
@@ -62,12 +62,6 @@ def decode(value: Any, size: int) -> tuple[int, list[int]] | None:
     if len(value) != 2 + 8 * count:
         return None
     return piece, list(struct.unpack(f">{count}Q", value[2:]))
-
-
-def checksums(data: Any) -> bytes:
-    """The stored value for content ``data`` (a buffer)."""
-    with memoryview(data) as whole, whole.cast("B") as view:
-        return _encode([_digest(view[i : i + PIECE]) for i in range(0, view.nbytes, PIECE)])
 
 
 class Checksummer:
