@@ -26,6 +26,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.pool import StaticPool
 
+from polystore.backends.sql.inline import data_sql
+
 __all__ = [
     "JOIN_DEPTH",
     "LEAN_COLUMNS",
@@ -84,9 +86,11 @@ def load_columns(node: str) -> str:
     Every column costs a Python object per row, so the serializer, dtype,
     shape and meta are read as one integer, the file's ``kind_id``, which
     keys a cache of decoders (:mod:`~polystore.backends.sql.kinds`). Rows are
-    ``kind, kind_id, size, blob_hash, store, data``.
+    ``kind, kind_id, size, blob_hash, store, data``; ``data`` is ``NULL`` for
+    inline content over :data:`~.inline.WHOLE` bytes, read in pieces
+    (:mod:`~polystore.backends.sql.inline`).
     """
-    return f"{node}.kind, {node}.kind_id, {node}.size, {node}.blob_hash, b.store, b.data"
+    return f"{node}.kind, {node}.kind_id, {node}.size, {node}.blob_hash, b.store, {data_sql(node)}"
 
 
 def _placeholder(dialect: str) -> str:
@@ -228,9 +232,10 @@ def names_sql(dialect: str) -> str:
 #: What a batch load reads of each file first (:func:`children_sql` with
 #: ``lean``): the kind id where the content is inline -- ``NULL`` for a
 #: directory, content in a blob store or a file without a kind id, all of which
-#: are read again in full -- then the size, the inline bytes and the name. Three
+#: are read again in full -- then the size, the inline bytes (``NULL`` over
+#: :data:`~.inline.WHOLE`: read again too) and the name. Three
 #: text columns fewer than :func:`load_columns` per row.
-LEAN_COLUMNS = "CASE WHEN b.store = 'inline' THEN n.kind_id END, n.size, b.data, n.name"
+LEAN_COLUMNS = f"CASE WHEN b.store = 'inline' THEN n.kind_id END, n.size, {data_sql('n')}, n.name"
 
 
 @lru_cache(maxsize=128)

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
+from polystore.backends.sql.inline import data_column, data_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, history_table, nodes_table
 from polystore.backends.sql.models import snapshots_table as snapshots
 from polystore.backends.sql.tree import NODE_COLUMNS, chunks
@@ -83,7 +84,7 @@ def _rows(
     stmt = _visible(epoch, where, columns)
     if with_content:
         sub = stmt.subquery()
-        stmt = sa.select(sub, blobs.c.store, blobs.c.data).select_from(
+        stmt = sa.select(sub, blobs.c.store, data_column(sub.c.size)).select_from(
             sub.outerjoin(blobs, blobs.c.hash == sub.c.blob_hash)
         )
     return list(conn.execute(stmt))
@@ -207,7 +208,7 @@ def lean_children_sql(dialect: str, count: int) -> str:
     columns = "kind, kind_id, size, blob_hash, name"
     return (
         "SELECT CASE WHEN b.store = 'inline' AND n.kind = 'file' THEN n.kind_id END, "
-        "n.size, b.data, n.name FROM ("
+        f"n.size, {data_sql('n')}, n.name FROM ("
         + _visible_sql(columns, f"parent_id = {p} AND name {names}", p)
         + ") AS n LEFT JOIN polystore_blobs AS b ON b.hash = n.blob_hash"
     )

@@ -40,13 +40,18 @@ from polystore.backends.sql.fast import (
     resolve_args,
     resolve_sql,
 )
+from polystore.backends.sql.inline import ContentGone
 from polystore.backends.sql.verify import ContentReader
 from polystore.blobs.base import is_content_hash
 
-__all__ = ["Loader", "check_file"]
+__all__ = ["ATTEMPTS", "Loader", "check_file"]
 
 #: Directory ids each backend keeps for single loads.
 _MAX_DIRS = 4096
+
+#: Reads of a file (or a batch) whose large inline content keeps leaving the
+#: catalog (:meth:`Loader.load`) before its :class:`~.inline.ContentGone` is raised.
+ATTEMPTS = 5
 
 
 def check_file(row: Any, path: str) -> None:
@@ -129,7 +134,20 @@ class Loader:
         return self.reader.content(store, size, blob_hash, data, path, into=into)
 
     def load(self, path: str) -> Any:
-        """The value of file ``path`` (normal)."""
+        """The value of file ``path`` (normal).
+
+        Large inline content is read after its file's row: if the file
+        changed in between and its content left the catalog
+        (:class:`~.inline.ContentGone`), the file is read again.
+        """
+        for _ in range(ATTEMPTS - 1):
+            try:
+                return self._load(path)
+            except ContentGone:
+                pass
+        return self._load(path)
+
+    def _load(self, path: str) -> Any:
         if not self.catalog.in_transaction:
             try:
                 return self._load_fast(path)

@@ -34,7 +34,8 @@ from polystore.backends.sql.fast import (
     resolve_args,
     resolve_sql,
 )
-from polystore.backends.sql.load import Loader, check_file
+from polystore.backends.sql.inline import ContentGone, data_column
+from polystore.backends.sql.load import ATTEMPTS, Loader, check_file
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.serializers import SHARED_ARRAY_BYTES
@@ -79,7 +80,21 @@ class BatchLoader:
         self._pg = single.catalog.postgresql
 
     def load_batch(self, norm: list[str]) -> list[Any]:
-        """The values of files ``norm`` (normal), in order, from one snapshot of the catalog."""
+        """The values of files ``norm`` (normal), in order, from one snapshot of the catalog.
+
+        Large inline content is read after the snapshot: if a file changed
+        meanwhile and its content left the catalog
+        (:class:`~.inline.ContentGone`), the batch is read again, from a new
+        snapshot.
+        """
+        for _ in range(ATTEMPTS - 1):
+            try:
+                return self._load_batch(norm)
+            except ContentGone:
+                pass
+        return self._load_batch(norm)
+
+    def _load_batch(self, norm: list[str]) -> list[Any]:
         by_parent: dict[str, list[str]] = defaultdict(list)
         for path in dict.fromkeys(norm):
             parent, _, name = path.rpartition("/")  # paths.split, inlined
@@ -380,7 +395,7 @@ def _fetch_many(conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, 
             continue
         for part in tree.chunks(names):
             stmt = (
-                sa.select(*tree.NODE_COLUMNS, blobs.c.store, blobs.c.data)
+                sa.select(*tree.NODE_COLUMNS, blobs.c.store, data_column(nodes.c.size))
                 .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
                 .where(nodes.c.parent_id == parent_row.id, nodes.c.name.in_(part))
             )

@@ -24,6 +24,7 @@ from polystore.backends.sql import epochs
 from polystore.backends.sql.bulk import driver_fetch
 from polystore.backends.sql.engine import CatalogChanged
 from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
+from polystore.backends.sql.inline import data_column, data_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
 
 __all__ = [
@@ -93,7 +94,7 @@ def _resolve_statement(depth: int, with_content: bool) -> sa.Select[Any]:
         )
     if with_content:
         joined = joined.outerjoin(blobs, blobs.c.hash == last.c.blob_hash)
-        columns += [blobs.c.store, blobs.c.data]
+        columns += [blobs.c.store, data_column(last.c.size)]
     return (
         sa.select(*columns)
         .select_from(joined)
@@ -114,7 +115,10 @@ def _walk_statement(dialect: str, with_content: bool) -> sa.TextClause:
     columns: list[Any] = list(NODE_COLUMNS)
     if with_content:
         columns += [blobs.c.store, blobs.c.data]
-    select = ", ".join(f"{'b' if col.table is blobs else 'n'}.{col.name}" for col in columns)
+    select = ", ".join(
+        data_sql("n") if col is blobs.c.data else f"{'b' if col.table is blobs else 'n'}.{col.name}"
+        for col in columns
+    )
     sql = walk_sql(dialect, select, with_content=with_content, named=True)
     return sa.text(sql).columns(*columns)  # type: ignore[return-value]
 

@@ -15,9 +15,12 @@ import io
 from functools import partial
 from typing import Any, NamedTuple
 
+from sqlalchemy import Connection
+
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.checksums import Checksummer, Verifier, decode
 from polystore.backends.sql.content import INLINE, stored_checksums
+from polystore.backends.sql.inline import WHOLE, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
 
@@ -89,7 +92,9 @@ class ContentReader:
             raise NotFoundError(f"content of {path!r} is missing from the catalog")
         if store == INLINE:
             if data is None:
-                raise NotFoundError(f"content of {path!r} is missing from the catalog")
+                if size <= WHOLE:
+                    raise NotFoundError(f"content of {path!r} is missing from the catalog")
+                data = self.read_inline(content_hash, int(size), path, into=into)
             view = memoryview(data)
             if view.nbytes != size:
                 raise IntegrityError(
@@ -107,6 +112,26 @@ class ContentReader:
                 f"{here}; open it with that store (blob_store=...)"
             )
         return self.read(content_hash, int(size), path, into=into)
+
+    def read_inline(
+        self, content_hash: str, size: int, path: str, *, into: str = "bytearray"
+    ) -> Any:
+        """Inline content over :data:`~.inline.WHOLE` bytes, read in pieces (:mod:`.inline`).
+
+        Raises :class:`~.inline.ContentGone` if it has left the catalog since
+        its file's row was read.
+        """
+
+        def work(conn: Connection) -> Any:
+            with InlineReader(conn, content_hash, size) as reader:
+                if reader.size != size:
+                    raise IntegrityError(
+                        f"content of {path!r} is {reader.size} bytes inline, "
+                        f"the catalog records {size}"
+                    )
+                return _read_all(reader, size, into, None)[0]
+
+        return self.catalog.read(work, snapshot=True)
 
     def read(self, content_hash: str, size: int, path: str, *, into: str = "bytearray") -> Any:
         """The external object of ``content_hash`` in a new buffer, verified.

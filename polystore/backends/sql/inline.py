@@ -1,0 +1,175 @@
+"""Large inline content, read in pieces: never a second whole copy in memory.
+
+Inline content of up to :data:`WHOLE` bytes travels with its file's row, as
+one value. A larger value would cost two or three copies of itself on the way
+(the driver's, the database library's, the buffer it is returned in), so the
+rows of loads carry ``NULL`` for it (:func:`data_sql`, :func:`data_column`)
+and an :class:`InlineReader` reads it in pieces of :data:`WHOLE` bytes into
+the buffer it is returned in:
+
+* SQLite: through an incremental BLOB handle (``blobopen``). While it reads,
+  the connection's memory map and page cache are turned down: the pages of a
+  value read once would otherwise fill both (a memory map's pages count as
+  the process's memory), and the cache keeps nothing worth keeping.
+* PostgreSQL: ``substring()`` of the value, which reads only the TOAST chunks
+  of the piece for a value stored uncompressed (``STORAGE EXTERNAL``,
+  revision 0008), in binary (not as hex text). A value compressed before
+  that revision is read whole.
+
+The pieces are read in one transaction (one snapshot on PostgreSQL), but not
+the one that read the file's row: if the file changed meanwhile and its
+content left the catalog, :class:`ContentGone` is raised, and the loader reads
+the file again.
+
+Saves are left as they are. PostgreSQL's binary ``COPY`` takes one copy of
+the content. SQLite binds it by copying it, then copies it again into the
+record it writes; a BLOB handle cannot help there: ``zeroblob(size)`` is
+materialised in full unless ``data`` is the last column of its table, and in
+``polystore_blobs`` it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from polystore.backends.sql.models import blobs_table
+from polystore.blobs.base import CHUNK_SIZE, BlobReader, Buffer
+from polystore.errors import NotFoundError
+
+__all__ = ["WHOLE", "ContentGone", "InlineReader", "data_column", "data_sql"]
+
+#: Inline content up to this size is read with its row; larger, in pieces this size.
+WHOLE = CHUNK_SIZE
+
+#: The page cache while a BLOB handle reads (KiB, as ``PRAGMA cache_size`` counts
+#: negative values): the handle reads overflow pages past it, straight into the
+#: caller's buffer.
+_READ_CACHE_KIB = 2048
+
+
+class ContentGone(NotFoundError):
+    """The inline content a file's row named left the catalog before it was read.
+
+    The file was overwritten or deleted (and its content freed) between the
+    read of its row and the read of its content: reading the file again gives
+    its current value.
+    """
+
+
+def data_sql(node: str) -> str:
+    """SQL for the inline bytes of blob ``b`` where they are read with the row of ``node``."""
+    return f"CASE WHEN {node}.size <= {WHOLE} THEN b.data END"
+
+
+def data_column(size: Any) -> Any:
+    """:func:`data_sql` for SQLAlchemy: ``data``, for a file whose size column is ``size``."""
+    return sa.case((size <= WHOLE, blobs_table.c.data)).label("data")
+
+
+class InlineReader(BlobReader):
+    """The inline content of one blob, read in pieces on ``conn``.
+
+    Raises :class:`ContentGone` when made if the blob is no longer inline in
+    the catalog. Close it (it is a context manager) to give the connection
+    back its settings.
+    """
+
+    def __init__(self, conn: Connection, content_hash: str, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self._position = 0
+        #: Bytes ``(start, length)`` of the content (fewer at its end).
+        self._piece: Callable[[int, int], Buffer]
+        #: What closing the reader undoes.
+        self._undo: Callable[[], None] = lambda: None
+        driver: Any = conn.connection.driver_connection
+        if conn.dialect.name == "sqlite":
+            self._open_sqlite(driver, content_hash)
+        else:
+            self._open_postgresql(driver, content_hash)
+
+    def _open_sqlite(self, driver: Any, content_hash: str) -> None:
+        found = driver.execute(
+            "SELECT rowid FROM polystore_blobs WHERE hash = ? AND store = 'inline'",
+            [content_hash],
+        ).fetchone()
+        if found is None:
+            raise ContentGone(content_hash)
+        settings = [
+            (name, driver.execute(f"PRAGMA {name}").fetchone()[0])
+            for name in ("mmap_size", "cache_size")
+        ]
+        driver.execute("PRAGMA mmap_size=0")
+        driver.execute(f"PRAGMA cache_size=-{_READ_CACHE_KIB}")
+
+        def restore() -> None:
+            for name, value in settings:
+                driver.execute(f"PRAGMA {name}={value}")
+
+        try:
+            blob = driver.blobopen("polystore_blobs", "data", found[0], readonly=True)
+        except BaseException:
+            restore()
+            raise
+
+        def piece(start: int, length: int) -> Buffer:
+            blob.seek(start)
+            return blob.read(length)  # type: ignore[no-any-return]
+
+        def undo() -> None:
+            try:
+                blob.close()
+            finally:
+                restore()
+
+        self.size, self._piece, self._undo = len(blob), piece, undo
+
+    def _open_postgresql(self, driver: Any, content_hash: str) -> None:
+        found = driver.execute(
+            "SELECT octet_length(data), pg_column_size(data) < octet_length(data) "
+            "FROM polystore_blobs WHERE hash = %s AND store = 'inline'",
+            [content_hash],
+        ).fetchone()
+        if found is None:
+            raise ContentGone(content_hash)
+        self.size, compressed = found
+        if compressed:  # each piece would decompress the value up to it: read it once
+            whole = memoryview(
+                driver.execute(
+                    "SELECT data FROM polystore_blobs WHERE hash = %s", [content_hash], binary=True
+                ).fetchone()[0]
+            )
+            self._piece = lambda start, length: whole[start : start + length]
+            self._undo = whole.release
+            return
+
+        def substring(start: int, length: int) -> Buffer:
+            return driver.execute(  # type: ignore[no-any-return]
+                "SELECT substring(data FROM %s FOR %s) FROM polystore_blobs WHERE hash = %s",
+                [start + 1, length, content_hash],
+                binary=True,
+            ).fetchone()[0]
+
+        self._piece = substring
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        length = min(out.nbytes, WHOLE, self.size - self._position)
+        if length <= 0:
+            return 0
+        piece = self._piece(self._position, length)
+        n = memoryview(piece).nbytes
+        out[:n] = piece
+        self._position += n
+        return n
+
+    def close(self) -> None:
+        undo, self._undo = self._undo, lambda: None
+        try:
+            undo()
+        finally:
+            super().close()

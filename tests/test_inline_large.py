@@ -1,0 +1,265 @@
+"""Inline content over ``inline.WHOLE`` bytes: read in pieces, never with its row.
+
+Every load path (single, batch, inside a transaction, at a snapshot) must give
+the same value as for small content; a file overwritten between the read of
+its row and the read of its pieces is read again; damage is still caught; and
+on PostgreSQL, revision 0008 stores inline content uncompressed while values
+compressed before it still load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from polystore import SQLBackend, migrate
+from polystore.backends.sql import inline, verify
+from polystore.errors import IntegrityError, NotFoundError
+
+LARGE = inline.WHOLE + 12_345  # two pieces, the second short
+
+
+def array(seed: int, size: int = LARGE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+@pytest.fixture
+def backend(catalog_url: str, open_backend: Callable[..., SQLBackend]) -> SQLBackend:
+    return open_backend(catalog_url, inline_limit=4 * inline.WHOLE)
+
+
+def stored_inline(backend: SQLBackend, path: str) -> int:
+    """The length of ``path``'s content as stored inline (fails if it is not inline)."""
+    with backend.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT length(b.data) FROM polystore_catalog AS c "
+                    "JOIN polystore_blobs AS b ON b.hash = c.hash "
+                    "WHERE c.path = :p AND b.store = 'inline'"
+                ),
+                {"p": path},
+            ).scalar_one()
+        )
+
+
+@pytest.fixture
+def pieces(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every piece an InlineReader hands over, as loads run."""
+    seen: list[int] = []
+    readinto = inline.InlineReader.readinto
+
+    def counting(self: inline.InlineReader, buffer: Any) -> int:
+        n = readinto(self, buffer)
+        seen.append(n)
+        return n
+
+    monkeypatch.setattr(inline.InlineReader, "readinto", counting)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(array(1), id="uint8"),
+        pytest.param(np.random.default_rng(2).random((LARGE // 32 + 1, 4)), id="float64-2d"),
+        pytest.param(array(3).tobytes(), id="bytes"),
+        pytest.param("é" * (LARGE // 2), id="str"),
+    ],
+)
+def test_every_load_path_reads_it_in_pieces(
+    backend: SQLBackend, value: Any, pieces: list[int]
+) -> None:
+    backend.save(value, "big/value")
+    size = backend.stat("big/value").size
+    assert size > inline.WHOLE and stored_inline(backend, "big/value") == size
+
+    loads: list[Callable[[], Any]] = [
+        lambda: backend.load("big/value"),
+        lambda: backend.load_batch(["big/value"])[0],
+    ]
+    for load in loads:
+        pieces.clear()
+        loaded = load()
+        assert type(loaded) is type(value)
+        if isinstance(value, np.ndarray):
+            assert loaded.dtype == value.dtype and np.array_equal(loaded, value)
+            assert loaded.flags.writeable
+        else:
+            assert loaded == value
+        assert pieces and max(pieces) <= inline.WHOLE and sum(pieces) == size
+    with backend.transaction():
+        pieces.clear()
+        assert backend.load_batch(["big/value"])[0] is not None
+        assert sum(pieces) == size
+
+
+def test_in_a_transaction_it_reads_the_transactions_own_write(backend: SQLBackend) -> None:
+    before, after = array(4), array(5)
+    backend.save(before, "big.npy")
+    with backend.transaction():
+        backend.save(after, "big.npy")
+        assert np.array_equal(backend.load("big.npy"), after)
+        assert np.array_equal(backend.load_batch(["big.npy"])[0], after)
+    assert np.array_equal(backend.load("big.npy"), after)
+
+
+def test_snapshot_reads_the_old_content_after_an_overwrite(backend: SQLBackend) -> None:
+    old, new = array(6), array(7)
+    backend.save(old, "big.npy")
+    snap = backend.snapshot("before")
+    backend.save(new, "big.npy")
+    view = backend.at(snap)
+    assert np.array_equal(view.load("big.npy"), old)
+    assert np.array_equal(view.load_batch(["big.npy"])[0], old)
+    assert np.array_equal(backend.load("big.npy"), new)
+
+
+def test_a_file_overwritten_before_its_pieces_are_read_is_read_again(
+    backend: SQLBackend,
+    catalog_url: str,
+    open_backend: Callable[..., SQLBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old, new = array(8), array(9)
+    backend.save(old, "big.npy")
+    other = open_backend(catalog_url, inline_limit=4 * inline.WHOLE)
+    real = verify.InlineReader
+    opened: list[str] = []
+
+    def racing(conn: Any, content_hash: str, size: int) -> inline.InlineReader:
+        if not opened:  # another process overwrites it, which frees the old content
+            other.save(new, "big.npy")
+        opened.append(content_hash)
+        return real(conn, content_hash, size)
+
+    monkeypatch.setattr(verify, "InlineReader", racing)
+    assert np.array_equal(backend.load("big.npy"), new)
+    assert len(opened) == 2 and opened[0] != opened[1]
+
+    opened.clear()
+    other.save(old, "big.npy")
+    assert np.array_equal(backend.load_batch(["big.npy"])[0], new)  # (racing saved new)
+    assert len(opened) == 2
+
+
+def test_a_file_whose_content_keeps_leaving_raises_not_found(
+    backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.save(array(10), "big.npy")
+
+    def gone(conn: Any, content_hash: str, size: int) -> inline.InlineReader:
+        raise inline.ContentGone(content_hash)
+
+    monkeypatch.setattr(verify, "InlineReader", gone)
+    with pytest.raises(NotFoundError):
+        backend.load("big.npy")
+    with pytest.raises(NotFoundError):
+        backend.load_batch(["big.npy"])
+
+
+def test_damage_is_caught(backend: SQLBackend, catalog_url: str) -> None:
+    value = array(11)
+    backend.save(value, "big.npy")
+    content_hash = backend.stat("big.npy").hash
+    # One byte changed behind polystore's back, and the recorded size with it.
+    with backend.engine.begin() as conn:
+        data = bytearray(value.tobytes())
+        data[inline.WHOLE + 5] ^= 0xFF
+        conn.execute(
+            sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+            {"d": bytes(data), "h": content_hash},
+        )
+    # Unhashed by default, as all inline content is...
+    assert not np.array_equal(backend.load("big.npy"), value)
+    # ...and hashed with verify_inline.
+    with SQLBackend(catalog_url, inline_limit=4 * inline.WHOLE, verify_inline=True) as checked:
+        with pytest.raises(IntegrityError, match="does not match its hash"):
+            checked.load("big.npy")
+        with pytest.raises(IntegrityError, match="does not match its hash"):
+            checked.load_batch(["big.npy"])
+    with backend.engine.begin() as conn:  # a value shorter than the row says
+        conn.execute(
+            sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+            {"d": bytes(data[:-1]), "h": content_hash},
+        )
+    with pytest.raises(IntegrityError, match="bytes inline, the catalog records"):
+        backend.load("big.npy")
+
+
+def test_sqlite_reader_gives_the_connection_its_settings_back(
+    sqlite_url: str, open_backend: Callable[..., SQLBackend]
+) -> None:
+    backend = open_backend(sqlite_url, inline_limit=4 * inline.WHOLE)
+    backend.save(array(12), "big.npy")
+    with backend.engine.connect() as conn:
+        settings = [
+            conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")
+        ]
+        content_hash = backend.stat("big.npy").hash
+        with inline.InlineReader(conn, content_hash, LARGE) as reader:
+            assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() == 0
+            assert reader.readinto(bytearray(10)) == 10
+        after = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]
+    assert after == settings and settings[0] > 0
+
+
+def _storage(url: str) -> str:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(
+                conn.execute(
+                    sa.text(
+                        "SELECT attstorage FROM pg_attribute "
+                        "WHERE attrelid = 'polystore_blobs'::regclass AND attname = 'data'"
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def _compressed(backend: SQLBackend, path: str) -> bool:
+    with backend.engine.connect() as conn:
+        return bool(
+            conn.execute(
+                sa.text(
+                    "SELECT pg_column_size(b.data) < octet_length(b.data) FROM polystore_catalog "
+                    "AS c JOIN polystore_blobs AS b ON b.hash = c.hash WHERE c.path = :p"
+                ),
+                {"p": path},
+            ).scalar_one()
+        )
+
+
+@pytest.mark.postgres
+def test_postgresql_stores_inline_content_uncompressed_since_0008(pg_url: str) -> None:
+    migrate.upgrade(pg_url, "0007")
+    assert _storage(pg_url) == "x"  # EXTENDED: compressed where it can be
+    migrate.upgrade(pg_url)
+    assert _storage(pg_url) == "e"  # EXTERNAL: never compressed
+    with SQLBackend(pg_url, inline_limit=4 * inline.WHOLE) as backend:
+        backend.save(np.zeros(LARGE, np.uint8), "zeros.npy")
+        assert not _compressed(backend, "zeros.npy")
+    migrate.downgrade(pg_url, "0007")
+    assert _storage(pg_url) == "x"
+
+
+@pytest.mark.postgres
+def test_postgresql_loads_content_compressed_before_0008(
+    pg_url: str, open_backend: Callable[..., SQLBackend], pieces: list[int]
+) -> None:
+    backend = open_backend(pg_url, inline_limit=4 * inline.WHOLE)
+    with backend.engine.begin() as conn:  # as 0007 left it
+        conn.execute(sa.text("ALTER TABLE polystore_blobs ALTER COLUMN data SET STORAGE EXTENDED"))
+    value = np.arange(LARGE // 8, dtype=np.int64)
+    backend.save(value, "old.npy")
+    assert _compressed(backend, "old.npy")
+    assert np.array_equal(backend.load("old.npy"), value)
+    assert np.array_equal(backend.load_batch(["old.npy"])[0], value)
+    assert max(pieces) <= inline.WHOLE and sum(pieces) == 2 * value.nbytes
