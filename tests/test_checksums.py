@@ -169,6 +169,33 @@ def test_external_content_records_checksums_and_a_damaged_byte_is_refused(
     assert report.ok, report
 
 
+def test_loads_read_the_checksums_with_the_files_row(backend: SQLBackend) -> None:
+    """No load looks a blob's checksums up on their own (one query per file)."""
+    data = payload(3 * PIECE + 1)
+    backend.save(data, "d/x.bin")
+    backend.save(b"small", "d/inline.bin")
+    lookups: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if " ".join(statement.split()).startswith("SELECT polystore_blobs.checksums"):
+            lookups.append(statement)
+
+    sa.event.listen(backend.engine, "before_cursor_execute", seen)
+    try:
+        assert backend.load("d/x.bin") == data
+        assert backend.load("d/x.bin") == data  # (the directory's id cached)
+        assert backend.load_batch(["d/inline.bin", "d/x.bin"]) == [b"small", data]
+        with backend.transaction():  # the slow path, through SQLAlchemy
+            assert backend.load("d/x.bin") == data
+            assert backend.load_batch(["d/x.bin"]) == [data]
+        snap = backend.snapshot()
+        assert backend.at(snap).load("d/x.bin") == data
+        assert backend.at(snap).load_batch(["d/x.bin"]) == [data]
+    finally:
+        sa.event.remove(backend.engine, "before_cursor_execute", seen)
+    assert lookups == []
+
+
 def test_rows_without_checksums_are_checked_by_sha256(backend: SQLBackend) -> None:
     # As a row written before revision 0007, or by another program.
     data = payload(3 * PIECE)

@@ -86,11 +86,15 @@ def load_columns(node: str) -> str:
     Every column costs a Python object per row, so the serializer, dtype,
     shape and meta are read as one integer, the file's ``kind_id``, which
     keys a cache of decoders (:mod:`~polystore.backends.sql.kinds`). Rows are
-    ``kind, kind_id, size, blob_hash, store, data``; ``data`` is ``NULL`` for
-    inline content over :data:`~.inline.WHOLE` bytes, read in pieces
-    (:mod:`~polystore.backends.sql.inline`).
+    ``kind, kind_id, size, blob_hash, store, data, checksums``: ``data`` is
+    ``NULL`` for inline content over :data:`~.inline.WHOLE` bytes, read in
+    pieces (:mod:`~polystore.backends.sql.inline`), and ``checksums`` are
+    those of external content (:mod:`~polystore.backends.sql.checksums`).
     """
-    return f"{node}.kind, {node}.kind_id, {node}.size, {node}.blob_hash, b.store, {data_sql(node)}"
+    return (
+        f"{node}.kind, {node}.kind_id, {node}.size, {node}.blob_hash, b.store, {data_sql(node)}, "
+        "b.checksums"
+    )
 
 
 def _placeholder(dialect: str) -> str:

@@ -84,9 +84,9 @@ def _rows(
     stmt = _visible(epoch, where, columns)
     if with_content:
         sub = stmt.subquery()
-        stmt = sa.select(sub, blobs.c.store, data_column(sub.c.size)).select_from(
-            sub.outerjoin(blobs, blobs.c.hash == sub.c.blob_hash)
-        )
+        stmt = sa.select(
+            sub, blobs.c.store, data_column(sub.c.size), blobs.c.checksums
+        ).select_from(sub.outerjoin(blobs, blobs.c.hash == sub.c.blob_hash))
     return list(conn.execute(stmt))
 
 

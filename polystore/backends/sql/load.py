@@ -10,7 +10,8 @@ the backend's :class:`~.decoders.Decoders`.
 Fast-path rows are read by position, unpacked into names where they are
 read: each is a driver's tuple, and naming its columns (a named tuple per
 row) would cost a Python object per file. The layouts are
-:func:`~.fast.load_columns` (``kind, kind_id, size, blob_hash, store, data``),
+:func:`~.fast.load_columns` (``kind, kind_id, size, blob_hash, store, data,
+checksums``),
 followed by ``parent_id, version`` in :func:`~.fast.resolve_sql`'s ``"load"``
 rows and by ``name`` in :func:`~.fast.children_sql`'s.
 """
@@ -85,7 +86,7 @@ class Loader:
         """The value of file ``row`` as SQLAlchemy reads it (JSON columns parsed)."""
         shape, meta = json_column(path, row, "shape"), json_column(path, row, "meta")
         into = buffer_for(row.serializer)
-        data = self.content(row.store, row.size, row.blob_hash, row.data, path, into)
+        data = self.content(row.store, row.size, row.blob_hash, row.data, path, into, row.checksums)
         full = decoder_meta(meta, shape, row.dtype)
         decoders = self.decoders
         return decoders.serializers.decode(
@@ -93,7 +94,9 @@ class Loader:
         )
 
     def decode_row(self, row: Any, path: str) -> Any:
-        """The value of file ``row``: node columns, ``store`` and ``data``, as SQLAlchemy reads them.
+        """The value of file ``row``: node columns, ``store``, ``data`` and ``checksums``.
+
+        As SQLAlchemy reads them (:func:`~.inline.data_column` for ``data``).
 
         For readers of other relations than the live tree (:mod:`.snapshots`).
         """
@@ -105,14 +108,15 @@ class Loader:
 
         Raises :class:`~.fast.Unavailable` if the file's kind cannot be read.
         """
-        kind, kind_id, size, blob_hash, store, data = raw[:6]
+        kind, kind_id, size, blob_hash, store, data, checksums = raw[:7]
         if kind != "file":
             raise is_a_directory(path)
         # (the decoder first: no content is read for a file the slow path must load)
         decoders = self.decoders
         decode = decoders.single.get(kind_id) or decoders.get(kind_id, many=False)
         if store != INLINE or data is None or self.reader.verify_inline or len(data) != size:
-            data = self.content(store, size, blob_hash, data, path, decoders.buffer(kind_id))
+            into = decoders.buffer(kind_id)
+            data = self.content(store, size, blob_hash, data, path, into, checksums)
         return decode(data)
 
     def content(
@@ -122,7 +126,8 @@ class Loader:
         blob_hash: str,
         data: Any,
         path: str,
-        into: str = "bytearray",
+        into: str,
+        checksums: bytes | None,
     ) -> Any:
         """The verified content of file ``path`` (see :meth:`.ContentReader.content`).
 
@@ -131,7 +136,9 @@ class Loader:
         """
         if store is not None and store != INLINE and not is_content_hash(blob_hash):
             raise damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
-        return self.reader.content(store, size, blob_hash, data, path, into=into)
+        return self.reader.content(
+            store, size, blob_hash, data, path, into=into, checksums=checksums
+        )
 
     def load(self, path: str) -> Any:
         """The value of file ``path`` (normal).
@@ -175,7 +182,7 @@ class Loader:
         if not rows:
             raise not_found(path)
         row = rows[0]
-        parent_id, version = row[6:8]
+        parent_id, version = row[7:9]
         if parent and version is not None:  # (no version row: no cache)
             self.remember_dir(parent, parent_id, version)
         return self.decode_fast(row, path)

@@ -247,7 +247,7 @@ class BatchLoader:
         pop = rows.pop
         while rows:
             row = pop()
-            kind, kind_id, size, _, store, data, name = row
+            kind, kind_id, size, _, store, data, _, name = row
             path = prefix + name
             if (
                 store == INLINE
@@ -395,7 +395,9 @@ def _fetch_many(conn: Connection, by_parent: dict[str, list[str]]) -> dict[str, 
             continue
         for part in tree.chunks(names):
             stmt = (
-                sa.select(*tree.NODE_COLUMNS, blobs.c.store, data_column(nodes.c.size))
+                sa.select(
+                    *tree.NODE_COLUMNS, blobs.c.store, data_column(nodes.c.size), blobs.c.checksums
+                )
                 .select_from(nodes.outerjoin(blobs, blobs.c.hash == nodes.c.blob_hash))
                 .where(nodes.c.parent_id == parent_row.id, nodes.c.name.in_(part))
             )

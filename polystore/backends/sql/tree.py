@@ -94,7 +94,7 @@ def _resolve_statement(depth: int, with_content: bool) -> sa.Select[Any]:
         )
     if with_content:
         joined = joined.outerjoin(blobs, blobs.c.hash == last.c.blob_hash)
-        columns += [blobs.c.store, data_column(last.c.size)]
+        columns += [blobs.c.store, data_column(last.c.size), blobs.c.checksums]
     return (
         sa.select(*columns)
         .select_from(joined)
@@ -106,7 +106,7 @@ def _resolve_statement(depth: int, with_content: bool) -> sa.Select[Any]:
 def _root_statement(with_content: bool) -> sa.Select[Any]:
     columns: list[Any] = list(NODE_COLUMNS)
     if with_content:
-        columns += [sa.null().label("store"), sa.null().label("data")]
+        columns += [sa.null().label(name) for name in ("store", "data", "checksums")]
     return sa.select(*columns).where(nodes.c.id == ROOT_ID)
 
 
@@ -114,7 +114,7 @@ def _root_statement(with_content: bool) -> sa.Select[Any]:
 def _walk_statement(dialect: str, with_content: bool) -> sa.TextClause:
     columns: list[Any] = list(NODE_COLUMNS)
     if with_content:
-        columns += [blobs.c.store, blobs.c.data]
+        columns += [blobs.c.store, blobs.c.data, blobs.c.checksums]
     select = ", ".join(
         data_sql("n") if col is blobs.c.data else f"{'b' if col.table is blobs else 'n'}.{col.name}"
         for col in columns

@@ -10,6 +10,7 @@ mismatch raises :class:`~polystore.errors.IntegrityError`.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 from functools import partial
@@ -24,7 +25,17 @@ from polystore.backends.sql.inline import WHOLE, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
 
-__all__ = ["ContentReader", "Digest", "digest"]
+__all__ = ["UNKNOWN", "ContentReader", "Digest", "digest"]
+
+
+class Unknown(enum.Enum):
+    """The type of :data:`UNKNOWN`."""
+
+    UNKNOWN = "unknown"
+
+
+#: A blob's piece checksums not read with its file's row: looked up by hash.
+UNKNOWN = Unknown.UNKNOWN
 
 
 class Digest(NamedTuple):
@@ -79,6 +90,7 @@ class ContentReader:
         path: str,
         *,
         into: str = "bytearray",
+        checksums: bytes | Unknown | None = UNKNOWN,
     ) -> Any:
         """The verified content of the file at ``path`` (inline ``data`` or from ``store``).
 
@@ -86,7 +98,8 @@ class ContentReader:
         ``verify_inline``); external content is read from the store into one
         buffer and hashed. Any mismatch raises
         :class:`~polystore.errors.IntegrityError`. ``into``: the buffer the
-        caller's serializer wants external content in, see :meth:`read`.
+        caller's serializer wants external content in, see :meth:`read`;
+        ``checksums``: the blob row's, if read with the file's row.
         """
         if store is None:
             raise NotFoundError(f"content of {path!r} is missing from the catalog")
@@ -111,7 +124,7 @@ class ContentReader:
                 f"content of {path!r} is in blob store {store!r}, but this backend has "
                 f"{here}; open it with that store (blob_store=...)"
             )
-        return self.read(content_hash, int(size), path, into=into)
+        return self.read(content_hash, int(size), path, into=into, checksums=checksums)
 
     def read_inline(
         self, content_hash: str, size: int, path: str, *, into: str = "bytearray"
@@ -133,12 +146,22 @@ class ContentReader:
 
         return self.catalog.read(work, snapshot=True)
 
-    def read(self, content_hash: str, size: int, path: str, *, into: str = "bytearray") -> Any:
+    def read(
+        self,
+        content_hash: str,
+        size: int,
+        path: str,
+        *,
+        into: str = "bytearray",
+        checksums: bytes | Unknown | None = UNKNOWN,
+    ) -> Any:
         """The external object of ``content_hash`` in a new buffer, verified.
 
         Checked by the blob's piece checksums where its row records them
         (:mod:`~polystore.backends.sql.checksums`, each piece as soon as it is
-        in the buffer), else by its SHA-256. ``into`` says which buffer, so
+        in the buffer), else by its SHA-256. ``checksums`` is the row's value
+        where the caller read it (one query less), else it is looked up.
+        ``into`` says which buffer, so
         that no byte is zeroed or copied for nothing:
 
         * ``"bytearray"``: writeable, zeroed when made (any serializer);
@@ -149,9 +172,9 @@ class ContentReader:
           decoded from it views without a copy.
         """
         assert self.store is not None
-        recorded = decode(
-            self.catalog.read(partial(stored_checksums, content_hash=content_hash)), size
-        )
+        if checksums is UNKNOWN:
+            checksums = self.catalog.read(partial(stored_checksums, content_hash=content_hash))
+        recorded = decode(checksums, size)
         try:
             reader = self.store.open(content_hash)
         except NotFoundError:
