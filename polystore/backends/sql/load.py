@@ -147,23 +147,24 @@ class Loader:
         changed in between and its content left the catalog
         (:class:`~.inline.ContentGone`), the file is read again.
         """
-        for _ in range(ATTEMPTS - 1):
+        attempts = ATTEMPTS
+        while True:  # (no call of its own: a load takes a few µs)
             try:
-                return self._load(path)
+                if not self.catalog.in_transaction:
+                    try:
+                        return self._load_fast(path)
+                    except Unavailable:
+                        pass
+                with reading(path):
+                    row = self.catalog.read(
+                        lambda conn: tree.resolve(conn, path, with_content=True)
+                    )
+                check_file(row, path)
+                return self.decode(row, path)
             except ContentGone:
-                pass
-        return self._load(path)
-
-    def _load(self, path: str) -> Any:
-        if not self.catalog.in_transaction:
-            try:
-                return self._load_fast(path)
-            except Unavailable:
-                pass
-        with reading(path):
-            row = self.catalog.read(lambda conn: tree.resolve(conn, path, with_content=True))
-        check_file(row, path)
-        return self.decode(row, path)
+                attempts -= 1
+                if not attempts:
+                    raise
 
     def _load_fast(self, path: str) -> Any:
         """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""
