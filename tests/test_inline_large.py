@@ -32,19 +32,17 @@ def backend(catalog_url: str, open_backend: Callable[..., SQLBackend]) -> SQLBac
     return open_backend(catalog_url, inline_limit=4 * inline.WHOLE)
 
 
-def stored_inline(backend: SQLBackend, path: str) -> int:
-    """The length of ``path``'s content as stored inline (fails if it is not inline)."""
+def inline_blob(backend: SQLBackend, path: str, expression: str) -> Any:
+    """``expression`` over the inline blob ``b`` of file ``path`` (fails if it is not inline)."""
     with backend.engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT length(b.data) FROM polystore_catalog AS c "
-                    "JOIN polystore_blobs AS b ON b.hash = c.hash "
-                    "WHERE c.path = :p AND b.store = 'inline'"
-                ),
-                {"p": path},
-            ).scalar_one()
-        )
+        return conn.execute(
+            sa.text(
+                f"SELECT {expression} FROM polystore_catalog AS c "
+                "JOIN polystore_blobs AS b ON b.hash = c.hash "
+                "WHERE c.path = :p AND b.store = 'inline'"
+            ),
+            {"p": path},
+        ).scalar_one()
 
 
 @pytest.fixture
@@ -76,7 +74,7 @@ def test_every_load_path_reads_it_in_pieces(
 ) -> None:
     backend.save(value, "big/value")
     size = backend.stat("big/value").size
-    assert size > inline.WHOLE and stored_inline(backend, "big/value") == size
+    assert size > inline.WHOLE and inline_blob(backend, "big/value", "length(b.data)") == size
 
     loads: list[Callable[[], Any]] = [
         lambda: backend.load("big/value"),
@@ -225,16 +223,7 @@ def _storage(url: str) -> str:
 
 
 def _compressed(backend: SQLBackend, path: str) -> bool:
-    with backend.engine.connect() as conn:
-        return bool(
-            conn.execute(
-                sa.text(
-                    "SELECT pg_column_size(b.data) < octet_length(b.data) FROM polystore_catalog "
-                    "AS c JOIN polystore_blobs AS b ON b.hash = c.hash WHERE c.path = :p"
-                ),
-                {"p": path},
-            ).scalar_one()
-        )
+    return bool(inline_blob(backend, path, "pg_column_size(b.data) < octet_length(b.data)"))
 
 
 @pytest.mark.postgres
