@@ -4,23 +4,31 @@ Every load path (single, batch, inside a transaction, at a snapshot) must give
 the same value as for small content; a file overwritten between the read of
 its row and the read of its pieces is read again; damage is still caught; and
 on PostgreSQL, revision 0008 stores inline content uncompressed while values
-compressed before it still load.
+compressed before it still load. Separate processes overwrite, read and
+collect garbage at once (``POLYSTORE_LONG=1``: 30 seconds instead of 3).
 """
 
 from __future__ import annotations
 
+import os
+import struct
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import assert_refcounts_consistent
+from processes import run_together
 
 from polystore import SQLBackend, migrate
 from polystore.backends.sql import inline, verify
 from polystore.errors import IntegrityError, NotFoundError
 
 LARGE = inline.WHOLE + 12_345  # two pieces, the second short
+SECONDS = 30.0 if os.environ.get("POLYSTORE_LONG", "").lower() in ("1", "true", "yes") else 3.0
 
 
 def array(seed: int, size: int = LARGE) -> np.ndarray:
@@ -252,3 +260,72 @@ def test_postgresql_loads_content_compressed_before_0008(
     assert np.array_equal(backend.load("old.npy"), value)
     assert np.array_equal(backend.load_batch(["old.npy"])[0], value)
     assert max(pieces) <= inline.WHOLE and sum(pieces) == 2 * value.nbytes
+
+
+# -- processes at once -------------------------------------------------------------
+
+
+def stamped(writer: int, generation: int) -> bytes:
+    """Content of ``LARGE`` bytes whose every 8 bytes name who wrote it, and when."""
+    stamp = struct.pack(">II", writer, generation)
+    return (stamp * (LARGE // 8 + 1))[:LARGE]
+
+
+def check_stamped(value: bytes) -> tuple[int, int]:
+    """``(writer, generation)`` of a :func:`stamped` value; fails if it is anything else."""
+    writer, generation = struct.unpack(">II", value[:8])
+    assert value == stamped(writer, generation), "a value mixed from several contents"
+    return writer, generation
+
+
+def _worker(config: dict[str, Any], role: str, number: int, ready: Any, go: Any, out: Any) -> None:
+    report: dict[str, Any] = {"role": role, "written": [], "reads": 0, "errors": []}
+    try:
+        backend = SQLBackend(config["url"], inline_limit=4 * inline.WHOLE)
+    except BaseException:  # noqa: BLE001 -- reported; the parent fails the test
+        report["errors"].append(traceback.format_exc())
+        ready.put(number)
+        out.put(report)
+        return
+    ready.put(number)
+    go.wait()
+    stop = time.monotonic() + config["seconds"]
+    try:
+        generation = 0
+        while time.monotonic() < stop:
+            if role == "writer":
+                generation += 1
+                backend.save(stamped(number, generation), "big/hot.bin")
+                report["written"].append((number, generation))
+            elif role == "reader":
+                check_stamped(backend.load("big/hot.bin"))
+                check_stamped(backend.load_batch(["big/hot.bin"])[0])
+                report["reads"] += 2
+            else:
+                backend.gc(grace=0)
+    except BaseException:  # noqa: BLE001 -- reported; the parent fails the test
+        report["errors"].append(traceback.format_exc())
+    finally:
+        backend.close()
+    out.put(report)
+
+
+def test_readers_get_whole_values_while_writers_overwrite_them(catalog_url: str) -> None:
+    """Two writers overwrite one large inline file (each overwrite frees the old content),
+    two readers load it whole in pieces, and gc runs; every read is one value some
+    writer saved, and the catalog ends consistent."""
+    with SQLBackend(catalog_url, inline_limit=4 * inline.WHOLE) as setup:
+        setup.save(stamped(0, 0), "big/hot.bin")
+    roles = ["writer", "writer", "reader", "reader", "gc"]
+    reports = run_together(
+        _worker, {"url": catalog_url, "seconds": SECONDS}, roles, seconds=SECONDS
+    )
+    errors = [error for report in reports for error in report["errors"]]
+    assert not errors, "\n".join(errors)
+    written = {(0, 0)} | {tuple(w) for report in reports for w in report["written"]}
+    assert len(written) > 2 and sum(report["reads"] for report in reports) > 0
+    with SQLBackend(catalog_url, inline_limit=4 * inline.WHOLE) as backend:
+        assert check_stamped(backend.load("big/hot.bin")) in written
+        assert_refcounts_consistent(backend)
+        report = backend.fsck(verify=True)
+        assert report.ok, str(report)
