@@ -153,19 +153,46 @@ def test_a_file_overwritten_before_its_pieces_are_read_is_read_again(
     assert len(opened) == 2
 
 
+@pytest.mark.postgres
+def test_in_a_transaction_content_leaving_between_pieces_is_read_again(
+    pg_url: str, open_backend: Callable[..., SQLBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's transaction reads at READ COMMITTED: another writer's overwrite
+    commits between two pieces of the old content, which is then gone."""
+    backend = open_backend(pg_url, inline_limit=4 * inline.WHOLE)
+    other = open_backend(pg_url, inline_limit=4 * inline.WHOLE)
+    old, new = array(13), array(14)
+    backend.save(old, "big.npy")
+    readinto = inline.InlineReader.readinto
+    calls: list[int] = []
+
+    def racing(self: inline.InlineReader, buffer: Any) -> int:
+        calls.append(len(calls))
+        if len(calls) == 2:  # after the first piece
+            other.save(new, "big.npy")
+        return readinto(self, buffer)
+
+    monkeypatch.setattr(inline.InlineReader, "readinto", racing)
+    with backend.transaction():
+        assert np.array_equal(backend.load("big.npy"), new)
+    assert len(calls) > 3  # the old content's first piece, then the new content
+
+
 def test_a_file_whose_content_keeps_leaving_raises_not_found(
     backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend.save(array(10), "big.npy")
 
     def gone(conn: Any, content_hash: str, size: int) -> inline.InlineReader:
-        raise inline.ContentGone(content_hash)
+        raise inline._gone(content_hash)
 
     monkeypatch.setattr(verify, "InlineReader", gone)
     with pytest.raises(NotFoundError):
         backend.load("big.npy")
     with pytest.raises(NotFoundError):
         backend.load_batch(["big.npy"])
+    with pytest.raises(NotFoundError, match="left the catalog before it was read"):
+        backend.load("big.npy")
 
 
 def test_damage_is_caught(backend: SQLBackend, catalog_url: str) -> None:

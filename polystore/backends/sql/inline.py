@@ -60,6 +60,13 @@ class ContentGone(NotFoundError):
     """
 
 
+def _gone(content_hash: str) -> ContentGone:
+    return ContentGone(
+        f"inline content {content_hash} left the catalog before it was read: the file that "
+        "held it changed meanwhile; load it again"
+    )
+
+
 def data_sql(node: str) -> str:
     """SQL for the inline bytes of blob ``b`` where they are read with the row of ``node``."""
     return f"CASE WHEN {node}.size <= {WHOLE} THEN b.data END"
@@ -98,7 +105,7 @@ class InlineReader(BlobReader):
             [content_hash],
         ).fetchone()
         if found is None:
-            raise ContentGone(content_hash)
+            raise _gone(content_hash)
         settings = [
             (name, driver.execute(f"PRAGMA {name}").fetchone()[0])
             for name in ("mmap_size", "cache_size")
@@ -135,26 +142,27 @@ class InlineReader(BlobReader):
             [content_hash],
         ).fetchone()
         if found is None:
-            raise ContentGone(content_hash)
+            raise _gone(content_hash)
         self.size, compressed = found
+
+        def value(sql: str, *params: int) -> Buffer:
+            # (In a caller's READ COMMITTED transaction, each statement sees
+            # what has committed since: the row may be gone.)
+            row = driver.execute(sql, [*params, content_hash], binary=True).fetchone()
+            if row is None or row[0] is None:
+                raise _gone(content_hash)
+            return row[0]  # type: ignore[no-any-return]
+
         if compressed:  # each piece would decompress the value up to it: read it once
-            whole = memoryview(
-                driver.execute(
-                    "SELECT data FROM polystore_blobs WHERE hash = %s", [content_hash], binary=True
-                ).fetchone()[0]
-            )
+            whole = memoryview(value("SELECT data FROM polystore_blobs WHERE hash = %s"))
             self._piece = lambda start, length: whole[start : start + length]
             self._undo = whole.release
             return
-
-        def substring(start: int, length: int) -> Buffer:
-            return driver.execute(  # type: ignore[no-any-return]
-                "SELECT substring(data FROM %s FOR %s) FROM polystore_blobs WHERE hash = %s",
-                [start + 1, length, content_hash],
-                binary=True,
-            ).fetchone()[0]
-
-        self._piece = substring
+        self._piece = lambda start, length: value(
+            "SELECT substring(data FROM %s FOR %s) FROM polystore_blobs WHERE hash = %s",
+            start + 1,
+            length,
+        )
 
     def readinto(self, buffer: Any) -> int:
         out = memoryview(buffer).cast("B")
