@@ -57,6 +57,7 @@ from zarr.abc.store import (
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.buffer.core import default_buffer_prototype
 from zarr.core.common import concurrent_map
+from zarr.core.config import config as zarr_config
 
 from polystore import paths
 from polystore.backends._common import check_attrs
@@ -303,6 +304,14 @@ class _Pending:
 # -- byte ranges ---------------------------------------------------------------------
 
 
+#: Queued writes holding more bytes than this are committed in groups of half
+#: zarr's writes in flight (:meth:`_GroupCommit._take`).
+SPLIT_OVER = 64 << 20
+#: A write waiting for its group commit: key, bytes (None: delete), the
+#: caller's loop and the future it awaits.
+_Queued = tuple[str, _Bytes | None, asyncio.AbstractEventLoop, asyncio.Future[None]]
+
+
 class _GroupCommit:
     """Writes that arrive while one commits are applied together, in the next commit.
 
@@ -318,10 +327,7 @@ class _GroupCommit:
     def __init__(self, apply: Any) -> None:
         self._apply = apply
         self._lock = threading.Lock()
-        self._queue: list[
-            tuple[str, _Bytes | None, asyncio.AbstractEventLoop, asyncio.Future[None]]
-        ]
-        self._queue = []
+        self._queue: list[_Queued] = []
         self._busy = False
 
     async def submit(self, key: str, data: _Bytes | None) -> None:
@@ -338,7 +344,7 @@ class _GroupCommit:
     def _drain(self) -> None:
         while True:
             with self._lock:
-                group, self._queue = self._queue, []
+                group = self._take()
                 if not group:
                     self._busy = False
                     return
@@ -351,6 +357,30 @@ class _GroupCommit:
             for (_, _, loop, done), outcome in zip(group, outcomes, strict=True):
                 with suppress(RuntimeError):  # the caller's loop has closed
                     loop.call_soon_threadsafe(_settle, done, outcome)
+
+    def _take(self) -> list[_Queued]:
+        """The next group (under the lock): the whole queue, or half of zarr's
+        writes in flight when they are large.
+
+        zarr keeps ``async.concurrency`` writes in flight (ten by default) and
+        starts the next one only when one returns. Committed together, ten
+        large chunks all return at once, and this thread then waits while zarr
+        prepares ten more (copying each out of the caller's array: about 0.1 s
+        per 160 MiB here). In groups of half that many, one group is hashed,
+        written and fsynced while zarr prepares the chunks that replace the
+        other (1 GiB in 16 MiB chunks, fsynced, on a busy 2-core machine:
+        medians 2.5-2.8 s -> 1.7-2.4 s in four interleaved runs). Small writes
+        still share one commit: a commit costs more than they do.
+        """
+        queue = self._queue
+        taken = len(queue)
+        if taken > 1:
+            size = sum(0 if data is None else memoryview(data).nbytes for _, data, _, _ in queue)
+            if size > SPLIT_OVER:
+                in_flight = zarr_config.get("async.concurrency") or 10
+                taken = min(taken, max(1, (in_flight + 1) // 2))
+        group, self._queue = queue[:taken], queue[taken:]
+        return group
 
     def _alone(self, key: str, data: _Bytes | None) -> BaseException | None:
         try:

@@ -647,3 +647,36 @@ def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
     array[:] = data
     np.testing.assert_array_equal(zarr.open_array(PolystoreStore(backend), mode="r")[:], data)
     assert 0 < commits < 400  # 400 chunks, written up to zarr's concurrency at a time
+
+
+def test_large_concurrent_writes_commit_in_groups_of_half_of_those_in_flight(
+    open_backend: Callable[..., SQLBackend],
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Large chunks are committed half of zarr's writes in flight at a time, so
+    # that zarr prepares the next chunks while the other half is written.
+    import polystore.zarr
+
+    backend = open_backend(sqlite_url, blob_store=LocalBlobStore(tmp_path / "b"), inline_limit=0)
+    batches: list[int] = []
+    save_batch = backend.save_batch
+
+    def counted(values: list[Any], paths: list[str], **kwargs: Any) -> None:
+        batches.append(len(values))
+        save_batch(values, paths, **kwargs)
+
+    monkeypatch.setattr(backend, "save_batch", counted)
+    data = np.arange(64 * 256, dtype="f4")  # 64 chunks of 1 KiB
+    store = PolystoreStore(backend)
+    with zarr.config.set({"async.concurrency": 8}):
+        array = zarr.create_array(store, shape=data.shape, chunks=(256,), dtype="f4")
+        array[:] = data  # small: whatever queued shares a commit
+        assert len(batches) < 64
+        batches.clear()
+        monkeypatch.setattr(polystore.zarr, "SPLIT_OVER", 2048)  # now "large"
+        array[:] = data + 1
+    assert sum(batches) == 64
+    assert max(batches) <= 4
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data + 1)
