@@ -298,6 +298,14 @@ def _tuplify(descr: Any) -> Any:
     return descr
 
 
+def _byte_view(value: Any) -> Buffer:
+    """The bytes of a buffer: a view of a C-contiguous one, else a copy in C order."""
+    view = memoryview(value)
+    if view.c_contiguous:
+        return view.cast("B")
+    return view.tobytes()  # (copies any buffer, contiguous or not, in C order)
+
+
 class BytesSerializer(Serializer):
     name = "bytes"
 
@@ -305,8 +313,7 @@ class BytesSerializer(Serializer):
         return isinstance(value, bytes | bytearray | memoryview)
 
     def encode(self, value: Any) -> Encoded:
-        # tobytes() copies any buffer, contiguous or not, in C order.
-        data = value if isinstance(value, bytes) else memoryview(value).tobytes()
+        data = value if isinstance(value, bytes) else _byte_view(value)
         return Encoded(self.name, self.version, data)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:

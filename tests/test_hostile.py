@@ -765,6 +765,24 @@ def test_non_contiguous_memoryview(subject: Subject) -> None:
         assert subject.backend.load("strided.bin") == bytes([0, 2, 4, 6, 8])
 
 
+def test_buffers_saved_whole_and_small_are_their_bytes(subject: Subject) -> None:
+    """A bytearray and a 2-D float view are bytes too, inline or in a blob store (or
+    refused with SerializationError), and the bytes are those of the save: the
+    buffer changing afterwards changes nothing."""
+    array = np.arange(300_000, dtype=np.float32).reshape(600, 500)  # 1.2 MB
+    values = {"ba.bin": bytearray(b"\x00\x01\x02"), "f4.bin": memoryview(array)}
+    expected = {name: bytes(value) for name, value in values.items()}
+    try:
+        subject.backend.save_batch(list(values.values()), list(values))
+    except SerializationError:
+        assert not any(subject.backend.exists(name) for name in values)
+        return
+    values["ba.bin"][0] = 9
+    array[:] = 0
+    for name, data in expected.items():
+        assert subject.backend.load(name) == data
+
+
 # -- pickle ---------------------------------------------------------------------------------------
 
 

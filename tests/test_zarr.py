@@ -332,6 +332,42 @@ def test_a_failure_while_committing_leaves_nothing(
     assert _count_blobs(catalog) == 0
 
 
+@pytest.mark.parametrize("where", ["inline", "blob store"])
+def test_a_write_stores_the_bytes_its_buffer_held_when_set(
+    catalog_url: str, tmp_path: Path, where: str
+) -> None:
+    # The store hands an SQL catalog a view of zarr's buffer, not a copy: the
+    # save must have copied the bytes out by the time set() returns, and a
+    # transaction must keep its own copy until it commits.
+    options: dict[str, Any] = {}
+    if where == "blob store":
+        options = {"blob_store": LocalBlobStore(tmp_path / "blobs"), "inline_limit": 0}
+    backend = SQLBackend(catalog_url, **options)
+    store = PolystoreStore(backend, "views")
+    source = np.arange(4096, dtype="u1")
+    buffer = cpu.Buffer.from_array_like(source)
+    sync(store.set("direct", buffer))
+    source[:] = 1  # the caller reuses its buffer once set() has returned
+    with store.transaction():
+        sync(store.set("in_block", buffer))
+        store.set_sync("in_block_sync", buffer)
+        source[:] = 2  # before the block commits
+    assert backend.load("views/direct") == bytes(np.arange(4096, dtype="u1"))
+    assert backend.load("views/in_block") == bytes([1] * 4096)
+    assert backend.load("views/in_block_sync") == bytes([1] * 4096)
+    assert backend.fsck(verify=True).ok
+    backend.close()
+
+
+def test_other_backends_get_their_own_bytes() -> None:
+    backend = MemoryBackend()  # keeps what it is given
+    store = PolystoreStore(backend)
+    source = np.zeros(16, dtype="u1")
+    sync(store.set("k", cpu.Buffer.from_array_like(source)))
+    source[:] = 9
+    assert backend.load("k") == bytes(16)
+
+
 def test_nested_transactions_discard_only_the_inner_block(catalog: SQLBackend) -> None:
     store = PolystoreStore(catalog)
     one = cpu.Buffer.from_bytes(b"1")
@@ -611,3 +647,36 @@ def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
     array[:] = data
     np.testing.assert_array_equal(zarr.open_array(PolystoreStore(backend), mode="r")[:], data)
     assert 0 < commits < 400  # 400 chunks, written up to zarr's concurrency at a time
+
+
+def test_large_concurrent_writes_commit_in_groups_of_half_of_those_in_flight(
+    open_backend: Callable[..., SQLBackend],
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Large chunks are committed half of zarr's writes in flight at a time, so
+    # that zarr prepares the next chunks while the other half is written.
+    import polystore.zarr
+
+    backend = open_backend(sqlite_url, blob_store=LocalBlobStore(tmp_path / "b"), inline_limit=0)
+    batches: list[int] = []
+    save_batch = backend.save_batch
+
+    def counted(values: list[Any], paths: list[str], **kwargs: Any) -> None:
+        batches.append(len(values))
+        save_batch(values, paths, **kwargs)
+
+    monkeypatch.setattr(backend, "save_batch", counted)
+    data = np.arange(64 * 256, dtype="f4")  # 64 chunks of 1 KiB
+    store = PolystoreStore(backend)
+    with zarr.config.set({"async.concurrency": 8}):
+        array = zarr.create_array(store, shape=data.shape, chunks=(256,), dtype="f4")
+        array[:] = data  # small: whatever queued shares a commit
+        assert len(batches) < 64
+        batches.clear()
+        monkeypatch.setattr(polystore.zarr, "SPLIT_OVER", 2048)  # now "large"
+        array[:] = data + 1
+    assert sum(batches) == 64
+    assert max(batches) <= 4
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data + 1)
