@@ -95,16 +95,18 @@ class InlineReader(BlobReader):
         self._undo: Callable[[], None] = lambda: None
         driver: Any = conn.connection.driver_connection
         if conn.dialect.name == "sqlite":
-            self._open_sqlite(driver, content_hash)
+            self._open_sqlite(conn, driver, content_hash)
         else:
-            self._open_postgresql(driver, content_hash)
+            self._open_postgresql(conn, driver, content_hash)
 
-    def _open_sqlite(self, driver: Any, content_hash: str) -> None:
-        found = driver.execute(
-            "SELECT rowid FROM polystore_blobs WHERE hash = ? AND store = 'inline'",
-            [content_hash],
-        ).fetchone()
-        if found is None:
+    def _open_sqlite(self, conn: Connection, driver: Any, content_hash: str) -> None:
+        # Through SQLAlchemy, which begins the read transaction the BLOB handle
+        # then reads in: the row cannot go between this query and the handle.
+        rowid = conn.execute(
+            sa.text("SELECT rowid FROM polystore_blobs WHERE hash = :h AND store = 'inline'"),
+            {"h": content_hash},
+        ).scalar()
+        if rowid is None:
             raise _gone(content_hash)
         settings = [
             (name, driver.execute(f"PRAGMA {name}").fetchone()[0])
@@ -118,7 +120,7 @@ class InlineReader(BlobReader):
                 driver.execute(f"PRAGMA {name}={value}")
 
         try:
-            blob = driver.blobopen("polystore_blobs", "data", found[0], readonly=True)
+            blob = driver.blobopen("polystore_blobs", "data", rowid, readonly=True)
         except BaseException:
             restore()
             raise
@@ -135,12 +137,15 @@ class InlineReader(BlobReader):
 
         self.size, self._piece, self._undo = len(blob), piece, undo
 
-    def _open_postgresql(self, driver: Any, content_hash: str) -> None:
-        found = driver.execute(
-            "SELECT octet_length(data), pg_column_size(data) < octet_length(data) "
-            "FROM polystore_blobs WHERE hash = %s AND store = 'inline'",
-            [content_hash],
-        ).fetchone()
+    def _open_postgresql(self, conn: Connection, driver: Any, content_hash: str) -> None:
+        # (Through SQLAlchemy, which begins the transaction the pieces are read in.)
+        found = conn.execute(
+            sa.text(
+                "SELECT octet_length(data), pg_column_size(data) < octet_length(data) "
+                "FROM polystore_blobs WHERE hash = :h AND store = 'inline'"
+            ),
+            {"h": content_hash},
+        ).first()
         if found is None:
             raise _gone(content_hash)
         self.size, compressed = found
