@@ -42,10 +42,11 @@ import asyncio
 import json
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
 
 from zarr.abc.store import (
     ByteRequest,
@@ -307,60 +308,106 @@ class _Pending:
 #: Queued writes holding more bytes than this are committed in groups of half
 #: zarr's writes in flight (:meth:`_GroupCommit._take`).
 SPLIT_OVER = 64 << 20
-#: A write waiting for its group commit: key, bytes (None: delete), the
-#: caller's loop and the future it awaits.
-_Queued = tuple[str, _Bytes | None, asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 
-class _GroupCommit:
-    """Writes that arrive while one commits are applied together, in the next commit.
+class _Group:
+    """Calls that arrive while a worker thread is busy with others are run together, next.
 
-    zarr writes an array's chunks concurrently (``set`` calls, up to its
-    ``async.concurrency``), each expecting its own durable commit. Committing
-    each alone costs one transaction per chunk; here a write waits for the
-    commit in flight (if any) and then goes in one transaction with every
-    write that queued meanwhile. Each ``set`` still returns only once its
-    write is committed. When a group fails, its writes are applied again one
-    by one, so each caller gets its own outcome, not a neighbour's.
+    zarr reads and writes an array's chunks concurrently (up to its
+    ``async.concurrency`` calls in flight). Sending each to a worker thread of
+    its own costs a thread hop per chunk (about 65 µs here, several times the
+    read of a small chunk from an SQL catalog) and, for a write, a commit per
+    chunk. Here a call waits for the group in flight (if any) and then goes,
+    in one worker-thread call, with every call that queued meanwhile. Each
+    caller gets its own outcome, its own result or exception.
     """
 
-    def __init__(self, apply: Any) -> None:
-        self._apply = apply
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: list[_Queued] = []
+        self._queue: list[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._busy = False
 
-    async def submit(self, key: str, data: _Bytes | None) -> None:
+    async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[Any] = loop.create_future()
         with self._lock:
-            self._queue.append((key, data, loop, done))
+            self._queue.append((item, loop, done))
             start, self._busy = not self._busy, True
         if start:
-            await asyncio.sleep(0)  # let the writes zarr started with this one queue too
+            await asyncio.sleep(0)  # let the calls zarr started with this one queue too
             loop.run_in_executor(None, self._drain)  # (not awaited: `done` is)
-        await done
+        return await done
 
     def _drain(self) -> None:
         while True:
             with self._lock:
-                group = self._take()
+                group = self._take(self._queue)
                 if not group:
                     self._busy = False
                     return
-            outcomes: list[BaseException | None]
+                del self._queue[: len(group)]
             try:
-                self._apply({key: data for key, data, _, _ in group})
-                outcomes = [None] * len(group)
-            except BaseException:  # noqa: BLE001 -- each waiting caller must hear an outcome
-                outcomes = [self._alone(key, data) for key, data, _, _ in group]
-            for (_, _, loop, done), outcome in zip(group, outcomes, strict=True):
+                outcomes = self._run([item for item, _, _ in group])
+            except BaseException as exc:  # noqa: BLE001 -- each waiting caller must hear one
+                outcomes = [_Outcome(None, exc)] * len(group)
+            for (_, loop, done), outcome in zip(group, outcomes, strict=True):
                 with suppress(RuntimeError):  # the caller's loop has closed
                     loop.call_soon_threadsafe(_settle, done, outcome)
 
-    def _take(self) -> list[_Queued]:
-        """The next group (under the lock): the whole queue, or half of zarr's
-        writes in flight when they are large.
+    def _take(self, queue: list[Any]) -> list[Any]:
+        """The next group, from the front of ``queue`` (under the lock): all of it."""
+        return queue[:]
+
+    def _run(self, items: list[Any]) -> list[_Outcome]:
+        """The outcome of each of ``items``, in order (in a worker thread)."""
+        raise NotImplementedError
+
+
+class _Outcome(NamedTuple):
+    """What one call of a :class:`_Group` returns to its caller, or raises there."""
+
+    result: Any
+    error: BaseException | None = None
+
+
+def _attempt(call: Callable[[], Any]) -> _Outcome:
+    try:
+        return _Outcome(call())
+    except BaseException as exc:  # noqa: BLE001 -- handed to the caller, raised there
+        return _Outcome(None, exc)
+
+
+def _settle(done: asyncio.Future[Any], outcome: _Outcome) -> None:
+    if done.cancelled():
+        return
+    if outcome.error is None:
+        done.set_result(outcome.result)
+    else:
+        done.set_exception(outcome.error)
+
+
+class _GroupCommit(_Group):
+    """Writes (``(key, bytes or None to delete)``) applied together, in one commit.
+
+    Each ``set`` still returns only once its write is committed. When a group
+    fails, its writes are applied again one by one, so each caller gets its
+    own outcome, not a neighbour's.
+    """
+
+    def __init__(self, apply: Callable[[dict[str, _Bytes | None]], None]) -> None:
+        super().__init__()
+        self._apply = apply
+
+    def _run(self, items: list[tuple[str, _Bytes | None]]) -> list[_Outcome]:
+        try:
+            self._apply(dict(items))
+        except BaseException:  # noqa: BLE001 -- then each write on its own
+            return [_attempt(partial(self._apply, {key: data})) for key, data in items]
+        return [_Outcome(None)] * len(items)
+
+    def _take(self, queue: list[Any]) -> list[Any]:
+        """The next group: the whole queue, or half of zarr's writes in flight
+        when they are large.
 
         zarr keeps ``async.concurrency`` writes in flight (ten by default) and
         starts the next one only when one returns. Committed together, ten
@@ -372,31 +419,40 @@ class _GroupCommit:
         medians 2.5-2.8 s -> 1.7-2.4 s in four interleaved runs). Small writes
         still share one commit: a commit costs more than they do.
         """
-        queue = self._queue
         taken = len(queue)
         if taken > 1:
-            size = sum(0 if data is None else memoryview(data).nbytes for _, data, _, _ in queue)
+            size = sum(0 if data is None else memoryview(data).nbytes for (_, data), _, _ in queue)
             if size > SPLIT_OVER:
                 in_flight = zarr_config.get("async.concurrency") or 10
                 taken = min(taken, max(1, (in_flight + 1) // 2))
-        group, self._queue = queue[:taken], queue[taken:]
-        return group
-
-    def _alone(self, key: str, data: _Bytes | None) -> BaseException | None:
-        try:
-            self._apply({key: data})
-        except BaseException as exc:  # noqa: BLE001 -- handed to the caller, raised there
-            return exc
-        return None
+        return queue[:taken]
 
 
-def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if outcome is None:
-        done.set_result(None)
-    else:
-        done.set_exception(outcome)
+class _GroupRead(_Group):
+    """Whole reads of keys, read together: one ``load_batch`` on an SQL catalog.
+
+    10,000 chunks of 4 KiB read back through zarr took 2.06 s with a thread
+    hop each, 1.39 s read in zarr's event loop itself, 1.23 s from zarr's
+    ``MemoryStore`` (its own cost), and 1.78 s from ``LocalStore``.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], bytes | None],
+        load_many: Callable[[list[str]], list[bytes] | None],
+    ) -> None:
+        super().__init__()
+        self._load = load
+        self._load_many = load_many
+
+    def _run(self, items: list[str]) -> list[_Outcome]:
+        values = None
+        if len(items) > 1:
+            with suppress(Exception):  # (a missing key, say: then one by one)
+                values = self._load_many(items)
+        if values is None:
+            return [_attempt(partial(self._load, key)) for key in items]
+        return [_Outcome(value) for value in values]
 
 
 def _buffer(data: bytes | None, prototype: BufferPrototype | None) -> Buffer | None:
@@ -481,6 +537,7 @@ class PolystoreStore(Store):
     _catalog: _Catalog
     _pending: _Pending
     _commits: _GroupCommit
+    _reads: _GroupRead
 
     def __init__(
         self, backend: StorageBackend | str, path: str = "", *, read_only: bool = False
@@ -497,7 +554,7 @@ class PolystoreStore(Store):
         #: The directory of the backend that holds the keys ("" for its root).
         self.path = paths.normalize(path)
         self._pending = _Pending()
-        self._commits = _GroupCommit(self._apply)
+        self._groups()
 
     @classmethod
     def _over(cls, catalog: _Catalog, pending: _Pending, path: str, read_only: bool) -> Self:
@@ -506,8 +563,12 @@ class PolystoreStore(Store):
         store._catalog = catalog
         store._pending = pending
         store.path = path
-        store._commits = _GroupCommit(store._apply)
+        store._groups()
         return store
+
+    def _groups(self) -> None:
+        self._commits = _GroupCommit(self._apply)
+        self._reads = _GroupRead(partial(self._load, byte_range=None), self._load_many)
 
     @property
     def backend(self) -> StorageBackend:
@@ -601,6 +662,17 @@ class PolystoreStore(Store):
             return sql.read_suffix(path, byte_range.suffix, serializer="bytes")
         except _MISSING:
             return None
+
+    def _load_many(self, keys: list[str]) -> list[bytes] | None:
+        """Whole values of ``keys``, in order, by one ``load_batch`` of an SQL catalog.
+
+        None for other backends. Raises whatever one of the keys raises (a
+        missing key, say): the caller then reads each alone.
+        """
+        if not self._catalog.is_sql:
+            return None
+        files = [self._file(key) for key in keys]
+        return [_as_bytes(v, f) for v, f in zip(self.backend.load_batch(files), files, strict=True)]
 
     def _size(self, key: str) -> int:
         backend = self.backend
@@ -772,7 +844,10 @@ class PolystoreStore(Store):
         # docstring inherited
         decided, data = self._decided(key, byte_range)
         if not decided:
-            data = await asyncio.to_thread(self._load, key, byte_range)
+            if byte_range is None:
+                data = await self._reads.submit(key)
+            else:
+                data = await asyncio.to_thread(self._load, key, byte_range)
         return _buffer(data, prototype)
 
     def get_sync(
@@ -858,7 +933,7 @@ class PolystoreStore(Store):
         data = self._data(value)
         self._file(key)  # a bad key fails now, not when a transaction ends
         if not self._pending.write(key, data):
-            await self._commits.submit(key, data)
+            await self._commits.submit((key, data))
 
     def set_sync(self, key: str, value: Buffer) -> None:
         """:meth:`set`, in the calling thread (zarr's synchronous write protocol)."""
@@ -900,7 +975,7 @@ class PolystoreStore(Store):
         # docstring inherited; deleting a key that names a directory deletes it all
         self._check_writable()
         if not self._pending.write(key, None):
-            await self._commits.submit(key, None)
+            await self._commits.submit((key, None))
 
     def delete_sync(self, key: str) -> None:
         """:meth:`delete`, in the calling thread (zarr's synchronous delete protocol)."""

@@ -615,9 +615,9 @@ def test_writes_arriving_during_a_commit_share_the_next_one() -> None:
     commits = _GroupCommit(apply)
 
     async def main() -> list[Any]:
-        first = asyncio.ensure_future(commits.submit("a", b"1"))
+        first = asyncio.ensure_future(commits.submit(("a", b"1")))
         await asyncio.to_thread(first_started.wait, 10)
-        rest = [asyncio.ensure_future(commits.submit(k, b"2")) for k in ("b", "bad", "c")]
+        rest = [asyncio.ensure_future(commits.submit((k, b"2"))) for k in ("b", "bad", "c")]
         await asyncio.sleep(0.05)  # all three queued behind the commit in flight
         release.set()
         return await asyncio.gather(first, *rest, return_exceptions=True)
@@ -647,6 +647,46 @@ def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
     array[:] = data
     np.testing.assert_array_equal(zarr.open_array(PolystoreStore(backend), mode="r")[:], data)
     assert 0 < commits < 400  # 400 chunks, written up to zarr's concurrency at a time
+
+
+def test_concurrent_chunk_reads_share_batch_loads(
+    open_backend: Callable[..., SQLBackend], catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend(catalog_url)
+    data = np.arange(4000, dtype="f4")
+    store = PolystoreStore(backend)
+    array = zarr.create_array(store, shape=data.shape, chunks=(10,), dtype="f4", fill_value=-1)
+    array[:2000] = data[:2000]  # the last 200 chunks are never written
+    batches: list[int] = []
+    load_batch = backend.load_batch
+
+    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
+        batches.append(len(paths))
+        return load_batch(paths, **kwargs)
+
+    monkeypatch.setattr(backend, "load_batch", counted)
+    read = zarr.open_array(store, mode="r")[:]
+    np.testing.assert_array_equal(read[:2000], data[:2000])
+    assert (read[2000:] == -1).all()  # missing chunks: the fill value
+    assert batches and max(batches) > 1 and len(batches) < 400
+
+
+def test_reads_in_one_group_each_get_their_own_outcome(
+    open_backend: Callable[..., SQLBackend], catalog_url: str
+) -> None:
+    backend = open_backend(catalog_url)
+    backend.save(b"bytes", "s/k1")
+    backend.save(np.zeros(3), "s/k2")  # not written by a zarr store
+    store = PolystoreStore(backend, "s")
+
+    async def main() -> list[Any]:
+        gets = [store.get(key) for key in ("k1", "k2", "k3", "k1")]
+        return await asyncio.gather(*gets, return_exceptions=True)
+
+    first, second, third, again = asyncio.run(main())
+    assert first.to_bytes() == again.to_bytes() == b"bytes"
+    assert isinstance(second, SerializationError)
+    assert third is None
 
 
 def test_large_concurrent_writes_commit_in_groups_of_half_of_those_in_flight(
