@@ -132,6 +132,10 @@ class _Catalog:
         # SQLite's busy handler (a little faster, measured: medians 0.93 s
         # against 1.0 s for 400 chunks).
         self._writer = threading.Lock()
+        #: Whether the last chunk read through a store over it was large
+        #: (:class:`_GroupRead`): shared with the store's copies, which zarr
+        #: makes on every ``open_array(..., mode="r")``.
+        self.large_values = False
 
     @property
     def backend(self) -> StorageBackend:
@@ -305,6 +309,8 @@ class _Pending:
 # -- byte ranges ---------------------------------------------------------------------
 
 
+#: Values over this size are read each on a worker thread of its own (:class:`_GroupRead`).
+GROUP_UNDER = 1 << 20
 #: Queued writes holding more bytes than this are committed in groups of half
 #: zarr's writes in flight (:meth:`_GroupCommit._take`).
 SPLIT_OVER = 64 << 20
@@ -438,25 +444,50 @@ class _GroupRead(_Group):
     without a worker thread, they took 1.39 s: the worker and the loop take
     turns at the GIL. But a read can be long (a large chunk, a remote
     database), and it must not stop zarr's other I/O.
+
+    Large values are better read each on a worker thread of its own, several
+    at once (1 GiB in 16 MiB chunks: 0.71 s, against 1.21 s in groups), so
+    :attr:`large` says whether the last chunk read was over
+    :data:`GROUP_UNDER` bytes, and the store then reads alone (:meth:`saw`).
     """
 
     def __init__(
         self,
         load: Callable[[str], bytes | None],
         load_many: Callable[[list[str]], list[bytes] | None],
+        catalog: _Catalog,
     ) -> None:
         super().__init__()
         self._load = load
         self._load_many = load_many
+        self._catalog = catalog
+
+    @property
+    def large(self) -> bool:
+        """Whether the values last read were large: read them each alone."""
+        return self._catalog.large_values
 
     def _run(self, items: list[str]) -> list[_Outcome]:
         values = None
         if len(items) > 1:
             with suppress(Exception):  # (a missing key, say: then one by one)
                 values = self._load_many(items)
-        if values is None:
-            return [_attempt(partial(self._load, key)) for key in items]
-        return [_Outcome(value) for value in values]
+        outcomes = (
+            [_attempt(partial(self._load, key)) for key in items]
+            if values is None
+            else [_Outcome(value) for value in values]
+        )
+        for key, outcome in zip(items, outcomes, strict=True):
+            self.saw(key, outcome.result)
+        return outcomes
+
+    def saw(self, key: str, value: bytes | None) -> None:
+        """Note the size of the value of ``key`` just read.
+
+        Metadata documents do not count: they are small whatever the chunks are.
+        """
+        if value is not None and not key.endswith(METADATA_KEY):
+            self._catalog.large_values = len(value) > GROUP_UNDER
 
 
 def _buffer(data: bytes | None, prototype: BufferPrototype | None) -> Buffer | None:
@@ -572,7 +603,9 @@ class PolystoreStore(Store):
 
     def _groups(self) -> None:
         self._commits = _GroupCommit(self._apply)
-        self._reads = _GroupRead(partial(self._load, byte_range=None), self._load_many)
+        self._reads = _GroupRead(
+            partial(self._load, byte_range=None), self._load_many, self._catalog
+        )
 
     @property
     def backend(self) -> StorageBackend:
@@ -848,10 +881,13 @@ class PolystoreStore(Store):
         # docstring inherited
         decided, data = self._decided(key, byte_range)
         if not decided:
-            if byte_range is None:
-                data = await self._reads.submit(key)
+            reads = self._reads
+            if byte_range is None and not reads.large:
+                data = await reads.submit(key)
             else:
                 data = await asyncio.to_thread(self._load, key, byte_range)
+                if byte_range is None:
+                    reads.saw(key, data)
         return _buffer(data, prototype)
 
     def get_sync(

@@ -671,6 +671,37 @@ def test_concurrent_chunk_reads_share_batch_loads(
     assert batches and max(batches) > 1 and len(batches) < 400
 
 
+def test_once_a_large_chunk_is_read_chunks_are_read_each_alone(
+    open_backend: Callable[..., SQLBackend], sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large values are read several at once, each on a thread of its own.
+    import polystore.zarr
+
+    backend = open_backend(sqlite_url)
+    data = np.arange(8000, dtype="f4")
+    store = PolystoreStore(backend)
+    array = zarr.create_array(store, shape=data.shape, chunks=(1000,), dtype="f4", compressors=None)
+    array[:] = data
+    monkeypatch.setattr(polystore.zarr, "GROUP_UNDER", 3000)  # chunks of 4000 bytes: "large"
+    batches: list[int] = []
+    load_batch = backend.load_batch
+
+    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
+        batches.append(len(paths))
+        return load_batch(paths, **kwargs)
+
+    monkeypatch.setattr(backend, "load_batch", counted)
+    # (The reads queued before the first chunk was seen are still read together.)
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
+    batches.clear()
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
+    assert batches == []
+    monkeypatch.setattr(polystore.zarr, "GROUP_UNDER", 1 << 20)  # small again
+    for _ in range(2):  # (the first read's chunks are all asked for before one is seen)
+        np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
+    assert batches
+
+
 def test_reads_in_one_group_each_get_their_own_outcome(
     open_backend: Callable[..., SQLBackend], catalog_url: str
 ) -> None:
