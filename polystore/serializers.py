@@ -301,7 +301,7 @@ def _tuplify(descr: Any) -> Any:
 def _byte_view(value: Any) -> Buffer:
     """The bytes of a buffer: a view of a C-contiguous one, else a copy in C order."""
     view = memoryview(value)
-    if view.c_contiguous:
+    if view.c_contiguous and view.nbytes:  # (an empty view with a 0 in its shape cannot cast)
         return view.cast("B")
     return view.tobytes()  # (copies any buffer, contiguous or not, in C order)
 

@@ -136,6 +136,24 @@ class _Catalog:
         #: (:class:`_GroupRead`): shared with the store's copies, which zarr
         #: makes on every ``open_array(..., mode="r")``.
         self.large_values = False
+        self._reads_in_groups: bool | None = None
+
+    @property
+    def reads_in_groups(self) -> bool:
+        """Whether reads of small values go to :class:`_GroupRead`.
+
+        Only an SQL catalog reads many values at once (``load_batch``), and only
+        values in the catalog itself: those in a blob store are read one after
+        another, where a thread each reads them at once (on S3, a round trip
+        each). So not where values up to :data:`GROUP_UNDER` may be external.
+        """
+        if self._reads_in_groups is None:
+            backend = self.backend
+            self._reads_in_groups = self.is_sql and (
+                getattr(backend, "blob_store", None) is None
+                or getattr(backend, "inline_limit", 0) >= GROUP_UNDER
+            )
+        return self._reads_in_groups
 
     @property
     def backend(self) -> StorageBackend:
@@ -340,18 +358,37 @@ class _Group:
             self._queue.append((item, loop, done))
             start, self._busy = not self._busy, True
         if start:
-            await asyncio.sleep(0)  # let the calls zarr started with this one queue too
-            loop.run_in_executor(None, self._drain)  # (not awaited: `done` is)
+            # On the loop's next round, so that the calls zarr started with
+            # this one queue too -- and whatever happens to this caller meanwhile.
+            loop.call_soon(self._start, loop)
         return await done
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_in_executor(None, self._drain)  # (not awaited: each caller's future is)
+        except BaseException as exc:  # noqa: BLE001 -- a closing loop: fail what waits
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Give every queued call ``exc``, and let the next call start a drain."""
+        with self._lock:
+            queued, self._queue, self._busy = self._queue, [], False
+        for _, loop, done in queued:
+            with suppress(RuntimeError):  # the caller's loop has closed
+                loop.call_soon_threadsafe(_settle, done, _Outcome(None, exc))
 
     def _drain(self) -> None:
         while True:
-            with self._lock:
-                group = self._take(self._queue)
-                if not group:
-                    self._busy = False
-                    return
-                del self._queue[: len(group)]
+            try:
+                with self._lock:
+                    group = self._take(self._queue)
+                    if not group:
+                        self._busy = False
+                        return
+                    del self._queue[: len(group)]
+            except BaseException as exc:  # noqa: BLE001 -- never leave callers waiting
+                self._fail_all(exc)
+                return
             try:
                 outcomes = self._run([item for item, _, _ in group])
             except BaseException as exc:  # noqa: BLE001 -- each waiting caller must hear one
@@ -454,7 +491,7 @@ class _GroupRead(_Group):
     def __init__(
         self,
         load: Callable[[str], bytes | None],
-        load_many: Callable[[list[str]], list[bytes] | None],
+        load_many: Callable[[list[str]], list[bytes]],
         catalog: _Catalog,
     ) -> None:
         super().__init__()
@@ -700,14 +737,12 @@ class PolystoreStore(Store):
         except _MISSING:
             return None
 
-    def _load_many(self, keys: list[str]) -> list[bytes] | None:
-        """Whole values of ``keys``, in order, by one ``load_batch`` of an SQL catalog.
+    def _load_many(self, keys: list[str]) -> list[bytes]:
+        """Whole values of ``keys``, in order, by one ``load_batch`` (an SQL catalog).
 
-        None for other backends. Raises whatever one of the keys raises (a
-        missing key, say): the caller then reads each alone.
+        Raises whatever one of the keys raises (a missing key, say): the
+        caller then reads each alone.
         """
-        if not self._catalog.is_sql:
-            return None
         files = [self._file(key) for key in keys]
         return [_as_bytes(v, f) for v, f in zip(self.backend.load_batch(files), files, strict=True)]
 
@@ -882,7 +917,7 @@ class PolystoreStore(Store):
         decided, data = self._decided(key, byte_range)
         if not decided:
             reads = self._reads
-            if byte_range is None and not reads.large:
+            if byte_range is None and self._catalog.reads_in_groups and not reads.large:
                 data = await reads.submit(key)
             else:
                 data = await asyncio.to_thread(self._load, key, byte_range)

@@ -770,7 +770,11 @@ def test_buffers_saved_whole_and_small_are_their_bytes(subject: Subject) -> None
     refused with SerializationError), and the bytes are those of the save: the
     buffer changing afterwards changes nothing."""
     array = np.arange(300_000, dtype=np.float32).reshape(600, 500)  # 1.2 MB
-    values = {"ba.bin": bytearray(b"\x00\x01\x02"), "f4.bin": memoryview(array)}
+    values = {
+        "ba.bin": bytearray(b"\x00\x01\x02"),
+        "f4.bin": memoryview(array),
+        "empty.bin": memoryview(np.zeros((0, 3))),  # (no view of it casts to bytes)
+    }
     expected = {name: bytes(value) for name, value in values.items()}
     try:
         subject.backend.save_batch(list(values.values()), list(values))

@@ -661,14 +661,33 @@ def test_concurrent_chunk_reads_share_batch_loads(
     load_batch = backend.load_batch
 
     def counted(paths: list[str], **kwargs: Any) -> list[Any]:
-        batches.append(len(paths))
-        return load_batch(paths, **kwargs)
+        values = load_batch(paths, **kwargs)
+        batches.append(len(paths))  # (only the batches that loaded)
+        return values
 
     monkeypatch.setattr(backend, "load_batch", counted)
     read = zarr.open_array(store, mode="r")[:]
     np.testing.assert_array_equal(read[:2000], data[:2000])
     assert (read[2000:] == -1).all()  # missing chunks: the fill value
     assert batches and max(batches) > 1 and len(batches) < 400
+
+
+def test_a_read_cancelled_as_it_starts_does_not_stop_the_store(
+    open_backend: Callable[..., SQLBackend], catalog_url: str
+) -> None:
+    backend = open_backend(catalog_url)
+    backend.save(b"bytes", "k")
+    store = PolystoreStore(backend)
+
+    async def main() -> Any:
+        first = asyncio.ensure_future(store.get("k"))
+        await asyncio.sleep(0)  # it has queued its read, and is cancelled at once
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await asyncio.wait_for(store.get("k"), timeout=30)
+
+    assert asyncio.run(main()).to_bytes() == b"bytes"
 
 
 def test_once_a_large_chunk_is_read_chunks_are_read_each_alone(
@@ -703,18 +722,27 @@ def test_once_a_large_chunk_is_read_chunks_are_read_each_alone(
 
 
 def test_reads_in_one_group_each_get_their_own_outcome(
-    open_backend: Callable[..., SQLBackend], catalog_url: str
+    open_backend: Callable[..., SQLBackend], catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = open_backend(catalog_url)
     backend.save(b"bytes", "s/k1")
     backend.save(np.zeros(3), "s/k2")  # not written by a zarr store
     store = PolystoreStore(backend, "s")
+    groups: list[list[str]] = []
+    load_batch = backend.load_batch
+
+    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
+        groups.append(list(paths))
+        return load_batch(paths, **kwargs)
+
+    monkeypatch.setattr(backend, "load_batch", counted)
 
     async def main() -> list[Any]:
         gets = [store.get(key) for key in ("k1", "k2", "k3", "k1")]
         return await asyncio.gather(*gets, return_exceptions=True)
 
     first, second, third, again = asyncio.run(main())
+    assert groups == [["s/k1", "s/k2", "s/k3", "s/k1"]]  # one group, which failed
     assert first.to_bytes() == again.to_bytes() == b"bytes"
     assert isinstance(second, SerializationError)
     assert third is None

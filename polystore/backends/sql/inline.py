@@ -16,10 +16,13 @@ the buffer it is returned in:
   revision 0008), in binary (not as hex text). A value compressed before
   that revision is read whole.
 
-The pieces are read in one transaction (one snapshot on PostgreSQL), but not
-the one that read the file's row: if the file changed meanwhile and its
-content left the catalog, :class:`ContentGone` is raised, and the loader reads
-the file again.
+Outside a caller's transaction the pieces are read in one read transaction
+(one snapshot on PostgreSQL), but not the one that read the file's row; in a
+caller's transaction on PostgreSQL (``READ COMMITTED``) each piece sees what
+has committed since the last. Either way, if the file changed meanwhile and
+its content left the catalog, :class:`ContentGone` is raised, and the loader
+reads the file again. Driver errors are raised as SQLAlchemy's, as on every
+other path, so that they are translated to polystore's.
 
 Saves are left as they are. PostgreSQL's binary ``COPY`` takes one copy of
 the content. SQLite binds it by copying it, then copies it again into the
@@ -30,7 +33,8 @@ materialised in full unless ``data`` is the last column of its table, and in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -63,8 +67,20 @@ class ContentGone(NotFoundError):
 def _gone(content_hash: str) -> ContentGone:
     return ContentGone(
         f"inline content {content_hash} left the catalog before it was read: the file that "
-        "held it changed meanwhile; load it again"
+        "held it changed meanwhile"
     )
+
+
+@contextmanager
+def _sqlalchemy_errors(conn: Connection, what: str) -> Iterator[None]:
+    """Raise the driver's errors in the block as SQLAlchemy raises them (see :func:`.bulk.driver_fetch`)."""
+    error_class = conn.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error_class as error:
+        raise sa.exc.DBAPIError.instance(
+            what, None, error, error_class, dialect=conn.dialect
+        ) from error
 
 
 def data_sql(node: str) -> str:
@@ -93,11 +109,13 @@ class InlineReader(BlobReader):
         self._piece: Callable[[int, int], Buffer]
         #: What closing the reader undoes.
         self._undo: Callable[[], None] = lambda: None
+        self._conn = conn
         driver: Any = conn.connection.driver_connection
-        if conn.dialect.name == "sqlite":
-            self._open_sqlite(conn, driver, content_hash)
-        else:
-            self._open_postgresql(conn, driver, content_hash)
+        with _sqlalchemy_errors(conn, "reading large inline content"):
+            if conn.dialect.name == "sqlite":
+                self._open_sqlite(conn, driver, content_hash)
+            else:
+                self._open_postgresql(conn, driver, content_hash)
 
     def _open_sqlite(self, conn: Connection, driver: Any, content_hash: str) -> None:
         # Through SQLAlchemy, which begins the read transaction the BLOB handle
@@ -108,18 +126,18 @@ class InlineReader(BlobReader):
         ).scalar()
         if rowid is None:
             raise _gone(content_hash)
-        settings = [
-            (name, driver.execute(f"PRAGMA {name}").fetchone()[0])
-            for name in ("mmap_size", "cache_size")
-        ]
-        driver.execute("PRAGMA mmap_size=0")
-        driver.execute(f"PRAGMA cache_size=-{_READ_CACHE_KIB}")
+        changed: list[tuple[str, Any]] = []  # (setting, value before)
 
         def restore() -> None:
-            for name, value in settings:
+            while changed:
+                name, value = changed.pop()
                 driver.execute(f"PRAGMA {name}={value}")
 
         try:
+            for name, value in (("mmap_size", 0), ("cache_size", -_READ_CACHE_KIB)):
+                before = driver.execute(f"PRAGMA {name}").fetchone()[0]
+                driver.execute(f"PRAGMA {name}={value}")
+                changed.append((name, before))
             blob = driver.blobopen("polystore_blobs", "data", rowid, readonly=True)
         except BaseException:
             restore()
@@ -174,7 +192,8 @@ class InlineReader(BlobReader):
         length = min(out.nbytes, WHOLE, self.size - self._position)
         if length <= 0:
             return 0
-        piece = self._piece(self._position, length)
+        with _sqlalchemy_errors(self._conn, "reading large inline content"):
+            piece = self._piece(self._position, length)
         n = memoryview(piece).nbytes
         out[:n] = piece
         self._position += n
@@ -183,6 +202,7 @@ class InlineReader(BlobReader):
     def close(self) -> None:
         undo, self._undo = self._undo, lambda: None
         try:
-            undo()
+            with _sqlalchemy_errors(self._conn, "reading large inline content"):
+                undo()
         finally:
             super().close()
