@@ -919,9 +919,10 @@ def large_array(bench: Bench) -> list[Result]:
             slices[H5PY] = lambda: h5file["big"][where : where + 4]
         if ZARR in kept:
             slices[ZARR] = lambda: zarr_read(kept[ZARR][1], "big", slice(where, where + 4))
+        workload = f"4-row slice of the {size} array (per call)"
         out += per_call(
             bench,
-            f"4-row slice of the {size} array (per call)",
+            workload,
             slices,
             expected,
             notes={

@@ -649,6 +649,23 @@ def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
     assert 0 < commits < 400  # 400 chunks, written up to zarr's concurrency at a time
 
 
+def batch_loads(
+    backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[list[str], bool]]:
+    """Each ``load_batch`` call from now on: its paths, and whether it loaded (or raised)."""
+    calls: list[tuple[list[str], bool]] = []
+    load_batch = backend.load_batch
+
+    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
+        calls.append((list(paths), False))
+        values = load_batch(paths, **kwargs)
+        calls[-1] = (calls[-1][0], True)
+        return values
+
+    monkeypatch.setattr(backend, "load_batch", counted)
+    return calls
+
+
 def test_concurrent_chunk_reads_share_batch_loads(
     open_backend: Callable[..., SQLBackend], catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -657,18 +674,11 @@ def test_concurrent_chunk_reads_share_batch_loads(
     store = PolystoreStore(backend)
     array = zarr.create_array(store, shape=data.shape, chunks=(10,), dtype="f4", fill_value=-1)
     array[:2000] = data[:2000]  # the last 200 chunks are never written
-    batches: list[int] = []
-    load_batch = backend.load_batch
-
-    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
-        values = load_batch(paths, **kwargs)
-        batches.append(len(paths))  # (only the batches that loaded)
-        return values
-
-    monkeypatch.setattr(backend, "load_batch", counted)
+    calls = batch_loads(backend, monkeypatch)
     read = zarr.open_array(store, mode="r")[:]
     np.testing.assert_array_equal(read[:2000], data[:2000])
     assert (read[2000:] == -1).all()  # missing chunks: the fill value
+    batches = [len(paths) for paths, loaded in calls if loaded]
     assert batches and max(batches) > 1 and len(batches) < 400
 
 
@@ -702,14 +712,7 @@ def test_once_a_large_chunk_is_read_chunks_are_read_each_alone(
     array = zarr.create_array(store, shape=data.shape, chunks=(1000,), dtype="f4", compressors=None)
     array[:] = data
     monkeypatch.setattr(polystore.zarr, "GROUP_UNDER", 3000)  # chunks of 4000 bytes: "large"
-    batches: list[int] = []
-    load_batch = backend.load_batch
-
-    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
-        batches.append(len(paths))
-        return load_batch(paths, **kwargs)
-
-    monkeypatch.setattr(backend, "load_batch", counted)
+    batches = batch_loads(backend, monkeypatch)
     # (The reads queued before the first chunk was seen are still read together.)
     np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
     batches.clear()
@@ -728,21 +731,14 @@ def test_reads_in_one_group_each_get_their_own_outcome(
     backend.save(b"bytes", "s/k1")
     backend.save(np.zeros(3), "s/k2")  # not written by a zarr store
     store = PolystoreStore(backend, "s")
-    groups: list[list[str]] = []
-    load_batch = backend.load_batch
-
-    def counted(paths: list[str], **kwargs: Any) -> list[Any]:
-        groups.append(list(paths))
-        return load_batch(paths, **kwargs)
-
-    monkeypatch.setattr(backend, "load_batch", counted)
+    calls = batch_loads(backend, monkeypatch)
 
     async def main() -> list[Any]:
         gets = [store.get(key) for key in ("k1", "k2", "k3", "k1")]
         return await asyncio.gather(*gets, return_exceptions=True)
 
     first, second, third, again = asyncio.run(main())
-    assert groups == [["s/k1", "s/k2", "s/k3", "s/k1"]]  # one group, which failed
+    assert calls == [(["s/k1", "s/k2", "s/k3", "s/k1"], False)]  # one group, which failed
     assert first.to_bytes() == again.to_bytes() == b"bytes"
     assert isinstance(second, SerializationError)
     assert third is None
