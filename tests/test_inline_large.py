@@ -244,7 +244,13 @@ def test_sqlite_reader_gives_the_connection_its_settings_back(
             assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() == 0
             assert reader.readinto(bytearray(10)) == 10
         after = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]
-    assert after == settings and settings[0] > 0
+        assert after == settings and settings[0] > 0
+        # Also when the reading stops half-way on an error.
+        with pytest.raises(RuntimeError), inline.InlineReader(conn, content_hash, LARGE) as reader:
+            reader.readinto(bytearray(10))
+            raise RuntimeError("the caller's buffer ran out")
+        after = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]
+        assert after == settings
 
 
 def _storage(url: str) -> str:
