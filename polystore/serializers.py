@@ -298,7 +298,7 @@ def _tuplify(descr: Any) -> Any:
     return descr
 
 
-def _byte_view(value: Any) -> Buffer:
+def byte_view(value: Any) -> bytes | memoryview:
     """The bytes of a buffer: a view of a C-contiguous one, else a copy in C order."""
     view = memoryview(value)
     if view.c_contiguous and view.nbytes:  # (an empty view with a 0 in its shape cannot cast)
@@ -313,7 +313,7 @@ class BytesSerializer(Serializer):
         return isinstance(value, bytes | bytearray | memoryview)
 
     def encode(self, value: Any) -> Encoded:
-        data = value if isinstance(value, bytes) else _byte_view(value)
+        data = value if isinstance(value, bytes) else byte_view(value)
         return Encoded(self.name, self.version, data)
 
     def decode(self, data: Buffer, meta: dict[str, Any]) -> Any:

@@ -70,6 +70,7 @@ from polystore.errors import (
     SerializationError,
     UnsupportedOperationError,
 )
+from polystore.serializers import byte_view
 
 if TYPE_CHECKING:
     from polystore.backends.sql.backend import SQLBackend
@@ -1000,8 +1001,7 @@ class PolystoreStore(Store):
             )
         if not self._catalog.is_sql:
             return value.to_bytes()
-        view = memoryview(value.as_numpy_array())  # type: ignore[arg-type]
-        return view.cast("B") if view.c_contiguous else view.tobytes()
+        return byte_view(value.as_numpy_array())
 
     async def set(self, key: str, value: Buffer) -> None:
         # docstring inherited
