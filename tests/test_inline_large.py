@@ -143,11 +143,11 @@ def test_a_file_overwritten_before_its_pieces_are_read_is_read_again(
     real = verify.InlineReader
     opened: list[str] = []
 
-    def racing(conn: Any, content_hash: str, size: int) -> inline.InlineReader:
+    def racing(conn: Any, content_hash: str) -> inline.InlineReader:
         if not opened:  # another process overwrites it, which frees the old content
             other.save(new, "big.npy")
         opened.append(content_hash)
-        return real(conn, content_hash, size)
+        return real(conn, content_hash)
 
     monkeypatch.setattr(verify, "InlineReader", racing)
     assert np.array_equal(backend.load("big.npy"), new)
@@ -189,7 +189,7 @@ def test_a_file_whose_content_keeps_leaving_raises_not_found(
 ) -> None:
     backend.save(array(10), "big.npy")
 
-    def gone(conn: Any, content_hash: str, size: int) -> inline.InlineReader:
+    def gone(conn: Any, content_hash: str) -> inline.InlineReader:
         raise inline._gone(content_hash)
 
     monkeypatch.setattr(verify, "InlineReader", gone)
@@ -240,13 +240,13 @@ def test_sqlite_reader_gives_the_connection_its_settings_back(
             conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")
         ]
         content_hash = backend.stat("big.npy").hash
-        with inline.InlineReader(conn, content_hash, LARGE) as reader:
+        with inline.InlineReader(conn, content_hash) as reader:
             assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() == 0
             assert reader.readinto(bytearray(10)) == 10
         after = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]
         assert after == settings and settings[0] > 0
         # Also when the reading stops half-way on an error.
-        with pytest.raises(RuntimeError), inline.InlineReader(conn, content_hash, LARGE) as reader:
+        with pytest.raises(RuntimeError), inline.InlineReader(conn, content_hash) as reader:
             reader.readinto(bytearray(10))
             raise RuntimeError("the caller's buffer ran out")
         after = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]

@@ -94,16 +94,15 @@ def data_column(size: Any) -> Any:
 
 
 class InlineReader(BlobReader):
-    """The inline content of one blob, read in pieces on ``conn``.
+    """The inline content of one blob, read in pieces on ``conn``; ``size`` is its length.
 
     Raises :class:`ContentGone` when made if the blob is no longer inline in
     the catalog. Close it (it is a context manager) to give the connection
     back its settings.
     """
 
-    def __init__(self, conn: Connection, content_hash: str, size: int) -> None:
+    def __init__(self, conn: Connection, content_hash: str) -> None:
         super().__init__()
-        self.size = size
         self._position = 0
         #: Bytes ``(start, length)`` of the content (fewer at its end).
         self._piece: Callable[[int, int], Buffer]

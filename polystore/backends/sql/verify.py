@@ -136,7 +136,7 @@ class ContentReader:
         """
 
         def work(conn: Connection) -> Any:
-            with InlineReader(conn, content_hash, size) as reader:
+            with InlineReader(conn, content_hash) as reader:
                 if reader.size != size:
                     raise IntegrityError(
                         f"content of {path!r} is {reader.size} bytes inline, "
