@@ -39,6 +39,7 @@ is never imported by ``import polystore``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import sys
 import threading
@@ -138,6 +139,8 @@ class _Catalog:
         #: makes on every ``open_array(..., mode="r")``.
         self.large_values = False
         self._reads_in_groups: bool | None = None
+        self._local: bool | None = None
+        self._inline_up_to: float | None = None
 
     @property
     def reads_in_groups(self) -> bool:
@@ -155,6 +158,27 @@ class _Catalog:
                 or getattr(backend, "inline_limit", 0) >= GROUP_UNDER
             )
         return self._reads_in_groups
+
+    @property
+    def local(self) -> bool:
+        """Whether the catalog is an SQLite database: its calls take this process's CPU
+        and local disk, never a network round trip (False until the catalog is open:
+        opening it is no short call)."""
+        if self._local is None:
+            if self._backend is None:
+                return False
+            engine = getattr(self.backend, "engine", None) if self.is_sql else None
+            self._local = engine is not None and engine.dialect.name == "sqlite"
+        return self._local
+
+    @property
+    def inline_up_to(self) -> float:
+        """The largest value an SQL catalog keeps in itself (not in its blob store)."""
+        if self._inline_up_to is None:
+            backend = self.backend
+            external = getattr(backend, "blob_store", None) is not None
+            self._inline_up_to = getattr(backend, "inline_limit", 0) if external else float("inf")
+        return self._inline_up_to
 
     @property
     def backend(self) -> StorageBackend:
@@ -366,7 +390,10 @@ class _Group:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            loop.run_in_executor(None, self._drain)  # (not awaited: each caller's future is)
+            # On the loop itself, in a context of its own: the one this
+            # callback inherits may be a caller's thread's (zarr's sync API
+            # hands its calls over with it), and a worker thread's has nothing.
+            contextvars.Context().run(self._drain, loop)
         except BaseException as exc:  # noqa: BLE001 -- a closing loop: fail what waits
             self._fail_all(exc)
 
@@ -378,7 +405,12 @@ class _Group:
             with suppress(RuntimeError):  # the caller's loop has closed
                 loop.call_soon_threadsafe(_settle, done, _Outcome(None, exc))
 
-    def _drain(self) -> None:
+    def _drain(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Run the queued groups until none is left.
+
+        Called with ``loop``, on that loop's own thread: groups run there while
+        :meth:`_here` takes them, and the rest go to a worker thread.
+        """
         while True:
             try:
                 with self._lock:
@@ -386,7 +418,13 @@ class _Group:
                     if not group:
                         self._busy = False
                         return
-                    del self._queue[: len(group)]
+                    leave = loop is not None and not self._here([item for item, _, _ in group])
+                    if not leave:
+                        del self._queue[: len(group)]
+                if leave:
+                    assert loop is not None
+                    loop.run_in_executor(None, self._drain)  # (not awaited: each caller's is)
+                    return
             except BaseException as exc:  # noqa: BLE001 -- never leave callers waiting
                 self._fail_all(exc)
                 return
@@ -394,9 +432,23 @@ class _Group:
                 outcomes = self._run([item for item, _, _ in group])
             except BaseException as exc:  # noqa: BLE001 -- each waiting caller must hear one
                 outcomes = [_Outcome(None, exc)] * len(group)
-            for (_, loop, done), outcome in zip(group, outcomes, strict=True):
+            for (_, caller, done), outcome in zip(group, outcomes, strict=True):
+                if caller is loop:
+                    _settle(done, outcome)
+                    continue
                 with suppress(RuntimeError):  # the caller's loop has closed
-                    loop.call_soon_threadsafe(_settle, done, outcome)
+                    caller.call_soon_threadsafe(_settle, done, outcome)
+
+    def _here(self, items: list[Any]) -> bool:
+        """Whether ``items`` are better run on the event loop than on a worker thread.
+
+        A worker thread costs a hop there and back, and takes turns at the GIL
+        with zarr's loop, which meanwhile prepares the next chunks. For short
+        calls (small values, a local catalog) the loop's own thread is faster;
+        long ones (large values, a database over a network) would keep zarr's
+        other I/O waiting.
+        """
+        return False
 
     def _take(self, queue: list[Any]) -> list[Any]:
         """The next group, from the front of ``queue`` (under the lock): all of it."""
@@ -438,9 +490,32 @@ class _GroupCommit(_Group):
     own outcome, not a neighbour's.
     """
 
-    def __init__(self, apply: Callable[[dict[str, _Bytes | None]], None]) -> None:
+    def __init__(
+        self, apply: Callable[[dict[str, _Bytes | None]], None], catalog: _Catalog
+    ) -> None:
         super().__init__()
         self._apply = apply
+        self._catalog = catalog
+
+    def _here(self, items: list[tuple[str, _Bytes | None]]) -> bool:
+        """Small writes to a local catalog, kept in it: on the loop (:meth:`_Group._here`).
+
+        10,000 chunks of 4 KiB written through zarr on SQLite: 10.4 s
+        committed from a worker thread (in groups of 6 on average), 5.2 s from
+        zarr's loop (in groups of 10: zarr prepares no chunk while a group
+        commits, so all ten it keeps in flight are queued by then).
+        """
+        catalog = self._catalog
+        if not catalog.local:
+            return False
+        inline = catalog.inline_up_to
+        total = 0
+        for _, data in items:
+            size = 0 if data is None else memoryview(data).nbytes
+            if size > inline:
+                return False
+            total += size
+        return total <= GROUP_UNDER
 
     def _run(self, items: list[tuple[str, _Bytes | None]]) -> list[_Outcome]:
         try:
@@ -504,6 +579,10 @@ class _GroupRead(_Group):
     def large(self) -> bool:
         """Whether the values last read were large: read them each alone."""
         return self._catalog.large_values
+
+    def _here(self, items: list[str]) -> bool:
+        """Reads of small values from a local catalog: on the loop (:meth:`_Group._here`)."""
+        return self._catalog.local and not self._catalog.large_values
 
     def _run(self, items: list[str]) -> list[_Outcome]:
         values = None
@@ -640,7 +719,7 @@ class PolystoreStore(Store):
         return store
 
     def _groups(self) -> None:
-        self._commits = _GroupCommit(self._apply)
+        self._commits = _GroupCommit(self._apply, self._catalog)
         self._reads = _GroupRead(
             partial(self._load, byte_range=None), self._load_many, self._catalog
         )

@@ -10,6 +10,7 @@ I/O thread, where zarr runs every store call its synchronous API makes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import json
@@ -19,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -612,7 +614,7 @@ def test_writes_arriving_during_a_commit_share_the_next_one() -> None:
         if "bad" in writes:
             raise SerializationError("bad value")
 
-    commits = _GroupCommit(apply)
+    commits = _GroupCommit(apply, SimpleNamespace(local=False))  # (on a worker thread)
 
     async def main() -> list[Any]:
         first = asyncio.ensure_future(commits.submit(("a", b"1")))
@@ -628,6 +630,58 @@ def test_writes_arriving_during_a_commit_share_the_next_one() -> None:
     # One commit alone, one for the three queued together (it failed), then each again.
     assert applied[:2] == [{"a": b"1"}, {"b": b"2", "bad": b"2", "c": b"2"}]
     assert sorted(map(tuple, applied[2:])) == [("b",), ("bad",), ("c",)]
+
+
+def test_a_group_on_the_loop_runs_outside_the_callers_context() -> None:
+    # zarr's sync API hands each call to its loop with the calling thread's
+    # context; a group run on the loop must not see it (a worker thread does not).
+    from polystore.zarr import _GroupCommit
+
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
+    seen: list[tuple[str, int]] = []
+    commits = _GroupCommit(
+        lambda writes: seen.append((marker.get(), threading.get_ident())),
+        SimpleNamespace(local=True, inline_up_to=float("inf")),
+    )
+
+    async def main() -> None:
+        marker.set("the caller's")
+        await asyncio.gather(*(commits.submit((k, b"v")) for k in "abc"))
+
+    asyncio.run(main())
+    assert seen == [("unset", threading.get_ident())]  # one group, on the loop's thread
+
+
+def test_small_writes_to_an_sqlite_catalog_go_on_zarrs_loop_others_on_workers(
+    open_backend: Callable[..., SQLBackend],
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = open_backend(sqlite_url, blob_store=LocalBlobStore(tmp_path / "b"), inline_limit=2048)
+    saved: dict[str, list[tuple[str, ...]]] = {}  # thread name -> batches of paths
+    save_batch = backend.save_batch
+
+    def recorded(values: list[Any], paths: list[str], **kwargs: Any) -> None:
+        saved.setdefault(threading.current_thread().name, []).append(tuple(paths))
+        save_batch(values, paths, **kwargs)
+
+    monkeypatch.setattr(backend, "save_batch", recorded)
+    store = PolystoreStore(backend)
+    with zarr.config.set({"async.concurrency": 8}):
+        for chunk in (256, 1024):  # chunks of 1 KiB (in the catalog), then 4 KiB (not)
+            data = np.arange(64 * chunk, dtype="f4")
+            array = zarr.create_array(
+                store, name=str(chunk), shape=data.shape, chunks=(chunk,), dtype="f4"
+            )
+            array[:] = data
+            np.testing.assert_array_equal(zarr.open_array(store, path=str(chunk))[:], data)
+    on_loop = saved.pop("zarr_io")
+    on_workers = [path for batches in saved.values() for batch in batches for path in batch]
+    assert sorted(p for p in on_workers if "/c/" in p) == sorted(f"1024/c/{i}" for i in range(64))
+    on_loop_paths = [path for batch in on_loop for path in batch]
+    assert sorted(p for p in on_loop_paths if "/c/" in p) == sorted(f"256/c/{i}" for i in range(64))
+    assert len(on_loop) < 64  # chunks written at once shared commits
 
 
 def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
@@ -650,13 +704,16 @@ def test_concurrent_chunk_writes_take_fewer_commits_than_chunks(
 
 
 def batch_loads(
-    backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
+    backend: SQLBackend, monkeypatch: pytest.MonkeyPatch, threads: list[str] | None = None
 ) -> list[tuple[list[str], bool]]:
-    """Each ``load_batch`` call from now on: its paths, and whether it loaded (or raised)."""
+    """Each ``load_batch`` call from now on: its paths, and whether it loaded (or raised);
+    the name of the thread of each, in ``threads``."""
     calls: list[tuple[list[str], bool]] = []
     load_batch = backend.load_batch
 
     def counted(paths: list[str], **kwargs: Any) -> list[Any]:
+        if threads is not None:
+            threads.append(threading.current_thread().name)
         calls.append((list(paths), False))
         values = load_batch(paths, **kwargs)
         calls[-1] = (calls[-1][0], True)
@@ -674,12 +731,16 @@ def test_concurrent_chunk_reads_share_batch_loads(
     store = PolystoreStore(backend)
     array = zarr.create_array(store, shape=data.shape, chunks=(10,), dtype="f4", fill_value=-1)
     array[:2000] = data[:2000]  # the last 200 chunks are never written
-    calls = batch_loads(backend, monkeypatch)
+    threads: list[str] = []
+    calls = batch_loads(backend, monkeypatch, threads)
     read = zarr.open_array(store, mode="r")[:]
     np.testing.assert_array_equal(read[:2000], data[:2000])
     assert (read[2000:] == -1).all()  # missing chunks: the fill value
     batches = [len(paths) for paths, loaded in calls if loaded]
     assert batches and max(batches) > 1 and len(batches) < 400
+    # On SQLite, on zarr's loop itself; a database server is read from worker threads.
+    local = backend.engine.dialect.name == "sqlite"
+    assert {name == "zarr_io" for name in threads} == {local}
 
 
 def test_a_read_cancelled_as_it_starts_does_not_stop_the_store(
