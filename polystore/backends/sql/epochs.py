@@ -31,6 +31,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends.sql.bulk import driver_fetch
+
 __all__ = ["close_epoch", "current"]
 
 _KEY = "polystore_epoch"
@@ -63,8 +65,8 @@ def current(conn: Connection) -> int:
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("LOCK TABLE polystore_epoch IN ROW SHARE MODE")
         epoch = int(conn.exec_driver_sql(_READ_AND_PUBLISH).first()[0])  # type: ignore[index]
-    else:
-        epoch = int(conn.exec_driver_sql(_READ).scalar_one())
+    else:  # (on the driver's cursor: every save runs this)
+        epoch = int(driver_fetch(conn, _READ, ())[0][0])
     _remember(conn, epoch)
     return epoch
 

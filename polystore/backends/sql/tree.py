@@ -29,6 +29,7 @@ from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tre
 
 __all__ = [
     "NODE_COLUMNS",
+    "Child",
     "DirCache",
     "Place",
     "bump_version",
@@ -207,21 +208,40 @@ def locate(conn: Connection, normal_paths: Sequence[str]) -> list[Place | None]:
     return found
 
 
+class Child(NamedTuple):
+    """What a save needs of a row it may replace (:func:`children`)."""
+
+    id: int
+    kind: str
+    blob_hash: str | None
+
+
+@lru_cache(maxsize=256)
+def _children_sql(dialect: str, count: int, for_update: bool) -> str:
+    mark = "%s" if dialect == "postgresql" else "?"
+    sql = (
+        "SELECT name, id, kind, blob_hash FROM polystore_nodes "
+        f"WHERE parent_id = {mark} AND name IN ({', '.join([mark] * count)})"
+    )
+    # Concurrent overwrites of one path then queue here and each sees the
+    # other's committed row, so no blob reference is dropped twice.
+    return f"{sql} FOR UPDATE" if for_update and dialect == "postgresql" else sql
+
+
 def children(
     conn: Connection, parent_id: int, names: Sequence[str], *, for_update: bool = False
-) -> dict[str, sa.Row[Any]]:
-    """Existing children of ``parent_id`` among ``names``, by name."""
-    found: dict[str, Any] = {}
+) -> dict[str, Child]:
+    """Existing children of ``parent_id`` among ``names``, by name (locked, if
+    ``for_update``, on PostgreSQL).
+
+    On the driver's cursor: every save runs this, even of one file.
+    """
+    found: dict[str, Child] = {}
+    dialect = conn.dialect.name
     for part in chunks(sorted(set(names))):
-        stmt = sa.select(*NODE_COLUMNS).where(
-            nodes.c.parent_id == parent_id, nodes.c.name.in_(part)
-        )
-        if for_update and conn.dialect.name == "postgresql":
-            # Concurrent overwrites of one path then queue here and each sees
-            # the other's committed row, so no blob reference is dropped twice.
-            stmt = stmt.with_for_update()
-        for row in conn.execute(stmt):
-            found[row.name] = row
+        sql = _children_sql(dialect, len(part), for_update)
+        for name, *row in driver_fetch(conn, sql, (parent_id, *part)):
+            found[name] = Child(*row)
     return found
 
 
@@ -270,7 +290,7 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
         return cached
     parent_path, name = paths.split(path)
     if cache.get(parent_path) not in cache.created:  # (else there is nothing to find)
-        row = resolve(conn, path)
+        row = locate(conn, [path])[0]
         if row is not None:
             if row.kind != "dir":
                 raise not_a_directory(path)
