@@ -173,6 +173,13 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
         try:
             if not memory:
                 _set_wal(cursor)
+                # The commit that fills the WAL past this many pages copies
+                # them into the database and fsyncs: 1,000 (SQLite's default,
+                # 4 MiB) made that a commit in 30 of small saves, each ~10 ms,
+                # 40% of their commit time. At 16 MiB, batches of 10 small
+                # files: 2.2-3.5 ms -> 1.4-2.2 ms each. What a power cut can
+                # lose is still "the last transactions" (synchronous=NORMAL).
+                cursor.execute("PRAGMA wal_autocheckpoint=4000")
             cursor.execute("PRAGMA synchronous=NORMAL")
             # Batch loads touch node, index and blob pages all over the file: a
             # 64 MiB page cache (allocated only as used) and reads through a
