@@ -135,12 +135,11 @@ class _Catalog:
         # against 1.0 s for 400 chunks).
         self._writer = threading.Lock()
         #: Whether the last chunk read through a store over it was large
-        #: (:class:`_GroupRead`): shared with the store's copies, which zarr
-        #: makes on every ``open_array(..., mode="r")``.
-        self.large_values = False
+        #: (:class:`_GroupRead`; None: no chunk read yet): shared with the
+        #: store's copies, which zarr makes on every ``open_array(..., mode="r")``.
+        self.large_values: bool | None = None
         self._reads_in_groups: bool | None = None
         self._local: bool | None = None
-        self._inline_up_to: float | None = None
 
     @property
     def reads_in_groups(self) -> bool:
@@ -161,24 +160,29 @@ class _Catalog:
 
     @property
     def local(self) -> bool:
-        """Whether the catalog is an SQLite database: its calls take this process's CPU
-        and local disk, never a network round trip (False until the catalog is open:
-        opening it is no short call)."""
+        """Whether the catalog is an open SQLite database: its calls take this process's
+        CPU and local disk, never a network round trip. (False while the catalog is
+        not open: opening it is no short call.)"""
+        backend = self._backend
+        if backend is None:
+            return False
         if self._local is None:
-            if self._backend is None:
-                return False
-            engine = getattr(self.backend, "engine", None) if self.is_sql else None
+            engine = getattr(backend, "engine", None) if self.is_sql else None
             self._local = engine is not None and engine.dialect.name == "sqlite"
         return self._local
 
     @property
     def inline_up_to(self) -> float:
-        """The largest value an SQL catalog keeps in itself (not in its blob store)."""
-        if self._inline_up_to is None:
-            backend = self.backend
-            external = getattr(backend, "blob_store", None) is not None
-            self._inline_up_to = getattr(backend, "inline_limit", 0) if external else float("inf")
-        return self._inline_up_to
+        """The largest value an SQL catalog keeps in itself (not in its blob store), now."""
+        backend = self.backend
+        if getattr(backend, "blob_store", None) is None:
+            return float("inf")
+        return float(getattr(backend, "inline_limit", 0))
+
+    @property
+    def writer_busy(self) -> bool:
+        """Whether a write through a store over this catalog holds its writer lock now."""
+        return self._writer.locked()
 
     @property
     def backend(self) -> StorageBackend:
@@ -438,6 +442,15 @@ class _Group:
                     continue
                 with suppress(RuntimeError):  # the caller's loop has closed
                     caller.call_soon_threadsafe(_settle, done, outcome)
+            if loop is not None:
+                # One group at a time on the loop: its other callbacks run
+                # before the next (which calls from other threads may fill).
+                with self._lock:
+                    if not self._queue:
+                        self._busy = False
+                        return
+                loop.call_soon(self._start, loop)
+                return
 
     def _here(self, items: list[Any]) -> bool:
         """Whether ``items`` are better run on the event loop than on a worker thread.
@@ -506,8 +519,8 @@ class _GroupCommit(_Group):
         commits, so all ten it keeps in flight are queued by then).
         """
         catalog = self._catalog
-        if not catalog.local:
-            return False
+        if not catalog.local or catalog.writer_busy:
+            return False  # (busy: another thread's write; waiting for it would hold the loop)
         inline = catalog.inline_up_to
         total = 0
         for _, data in items:
@@ -578,11 +591,13 @@ class _GroupRead(_Group):
     @property
     def large(self) -> bool:
         """Whether the values last read were large: read them each alone."""
-        return self._catalog.large_values
+        return bool(self._catalog.large_values)
 
     def _here(self, items: list[str]) -> bool:
-        """Reads of small values from a local catalog: on the loop (:meth:`_Group._here`)."""
-        return self._catalog.local and not self._catalog.large_values
+        """Reads of values known to be small from a local catalog: on the loop
+        (:meth:`_Group._here`). Until a chunk is read, its size is unknown: the
+        first group goes to a worker thread."""
+        return self._catalog.large_values is False and self._catalog.local
 
     def _run(self, items: list[str]) -> list[_Outcome]:
         values = None

@@ -291,20 +291,18 @@ def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]
 
     For small lookups on the hot path of a write: no execution context, no
     result object (on SQLite ~10 µs a statement instead of ~100). ``sql``
-    uses the driver's placeholders. The statement events
-    (``before_cursor_execute``, ``after_cursor_execute``) fire when something
-    listens, without an execution context; what a listener returns is not used.
+    uses the driver's placeholders. When something listens to the
+    connection's statement events (a tracer, a test counting
+    statements), the statement goes through SQLAlchemy instead, so that
+    listeners get a real execution context and see failures too.
     """
+    if conn._has_events or conn.engine._has_events:
+        return list(conn.exec_driver_sql(sql, tuple(params)).all())
     dbapi_conn: Any = conn.connection.dbapi_connection
     error_class = conn.dialect.loaded_dbapi.Error
     cursor = dbapi_conn.cursor()
-    events = conn._has_events or conn.engine._has_events
     try:
-        if events:
-            conn.dispatch.before_cursor_execute(conn, cursor, sql, params, None, False)
         cursor.execute(sql, params)
-        if events:
-            conn.dispatch.after_cursor_execute(conn, cursor, sql, params, None, False)
         return cursor.fetchall()  # type: ignore[no-any-return]
     except error_class as error:
         raise sa.exc.DBAPIError.instance(
