@@ -410,10 +410,11 @@ class _Group:
                 loop.call_soon_threadsafe(_settle, done, _Outcome(None, exc))
 
     def _drain(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Run the queued groups until none is left.
+        """Run the queued groups until none is left (on a worker thread).
 
-        Called with ``loop``, on that loop's own thread: groups run there while
-        :meth:`_here` takes them, and the rest go to a worker thread.
+        Called with ``loop``, on that loop's own thread: the next group runs
+        there if :meth:`_here` takes it, and the drain goes on at the loop's
+        next turn; otherwise the queue goes to a worker thread.
         """
         while True:
             try:
