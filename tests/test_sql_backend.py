@@ -353,6 +353,26 @@ def test_statement_listeners_get_an_execution_context(backend: SQLBackend) -> No
     assert any(" name IN (" in statement for statement in seen)
 
 
+def test_a_saves_lookups_skip_sqlalchemys_execution_when_no_one_listens(
+    backend: SQLBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # polystore's engines listen to connect and begin themselves; only a
+    # listener of the cursor-level statement events sends the lookups that
+    # every save makes through SQLAlchemy's execution (~10x their cost).
+    through_sqlalchemy: list[str] = []
+    exec_driver_sql = sa.Connection.exec_driver_sql
+
+    def recorded(conn: sa.Connection, statement: str, *args: Any, **kwargs: Any) -> Any:
+        through_sqlalchemy.append(statement)
+        return exec_driver_sql(conn, statement, *args, **kwargs)
+
+    backend.save(b"1", "d/a.bin")
+    monkeypatch.setattr(sa.Connection, "exec_driver_sql", recorded)
+    backend.save(b"2", "d/a.bin")  # an overwrite: the names it replaces are looked up
+    assert not [text for text in through_sqlalchemy if " name IN (" in text]
+    assert backend.load("d/a.bin") == b"2"
+
+
 def tree_version(backend: SQLBackend) -> int:
     with backend.engine.connect() as conn:
         return int(conn.execute(sa.text("SELECT version FROM polystore_tree_version")).scalar_one())

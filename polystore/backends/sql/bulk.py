@@ -296,7 +296,7 @@ def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]
     statements), the statement goes through SQLAlchemy instead, so that
     listeners get a real execution context and see failures too.
     """
-    if conn._has_events or conn.engine._has_events:
+    if _statement_listeners(conn):
         return list(conn.exec_driver_sql(sql, tuple(params)).all())
     dbapi_conn: Any = conn.connection.dbapi_connection
     error_class = conn.dialect.loaded_dbapi.Error
@@ -310,6 +310,21 @@ def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]
         ) from error
     finally:
         cursor.close()
+
+
+def _statement_listeners(conn: Connection) -> bool:
+    """Whether anything listens to ``conn``'s cursor-level statement events.
+
+    Not ``engine._has_events``: that is true of every polystore engine, which
+    listens to ``connect`` and ``begin`` itself. (Any listener on the
+    connection itself counts, to be safe.)
+    """
+    dispatch = conn.engine.dispatch
+    return (
+        conn._has_events
+        or bool(dispatch.before_cursor_execute)
+        or bool(dispatch.after_cursor_execute)
+    )
 
 
 def _sqlite_executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
