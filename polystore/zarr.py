@@ -151,11 +151,7 @@ class _Catalog:
         each). So not where values up to :data:`GROUP_UNDER` may be external.
         """
         if self._reads_in_groups is None:
-            backend = self.backend
-            self._reads_in_groups = self.is_sql and (
-                getattr(backend, "blob_store", None) is None
-                or getattr(backend, "inline_limit", 0) >= GROUP_UNDER
-            )
+            self._reads_in_groups = self.is_sql and self.inline_up_to >= GROUP_UNDER
         return self._reads_in_groups
 
     @property
@@ -199,10 +195,8 @@ class _Catalog:
 
     def writing(self) -> AbstractContextManager[Any]:
         """Held while the store writes: one writer at a time on SQLite, any number elsewhere."""
-        engine = getattr(self.backend, "engine", None) if self.is_sql else None
-        if engine is not None and engine.dialect.name == "sqlite":
-            return self._writer
-        return nullcontext()
+        self.backend  # noqa: B018 -- (opened first: :attr:`local` is False until it is)
+        return self._writer if self.local else nullcontext()
 
     def identity(self) -> tuple[str, Any]:
         """What two equal stores share: the catalog's URL, or the very backend."""
@@ -480,6 +474,11 @@ class _Outcome(NamedTuple):
     error: BaseException | None = None
 
 
+def _nbytes(data: _Bytes | None) -> int:
+    """The size of a write's value (0: a delete)."""
+    return 0 if data is None else memoryview(data).nbytes
+
+
 def _attempt(call: Callable[[], Any]) -> _Outcome:
     try:
         return _Outcome(call())
@@ -525,7 +524,7 @@ class _GroupCommit(_Group):
         inline = catalog.inline_up_to
         total = 0
         for _, data in items:
-            size = 0 if data is None else memoryview(data).nbytes
+            size = _nbytes(data)
             if size > inline:
                 return False
             total += size
@@ -554,7 +553,7 @@ class _GroupCommit(_Group):
         """
         taken = len(queue)
         if taken > 1:
-            size = sum(0 if data is None else memoryview(data).nbytes for (_, data), _, _ in queue)
+            size = sum(_nbytes(data) for (_, data), _, _ in queue)
             if size > SPLIT_OVER:
                 in_flight = zarr_config.get("async.concurrency") or 10
                 taken = min(taken, max(1, (in_flight + 1) // 2))
