@@ -194,13 +194,20 @@ class NDArraySerializer(Serializer):
 
         dtype, shape, count, order, scalar = _layout(meta)
         flat_shape = shape == (count,)
+        nbytes = dtype.itemsize * count if _copies_bytes_into(dtype) else -1
 
         def decode(data: Buffer) -> Any:
-            arr = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
-            if not arr.flags.writeable:
-                # frombuffer over bytes is read-only: one copy makes the result
-                # writeable and owns its memory (the driver's buffer can be freed).
-                arr = arr.copy()
+            if data.__class__ is bytes and len(data) == nbytes:
+                # What drivers return for small content, copied straight into
+                # a new array: two thirds of the time of a view and its copy.
+                arr = np.empty(count, dtype)
+                memoryview(arr).cast("B")[:] = data
+            else:
+                arr = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
+                if not arr.flags.writeable:
+                    # frombuffer over bytes is read-only: one copy makes the result
+                    # writeable and owns its memory (the driver's buffer can be freed).
+                    arr = arr.copy()
             if not flat_shape:
                 arr = arr.reshape(shape, order=order)
             return arr[()] if scalar else arr
@@ -253,6 +260,24 @@ class NDArraySerializer(Serializer):
             return out
 
         return decode_many
+
+
+def _copies_bytes_into(dtype: Any) -> bool:
+    """Whether content can be copied into a new array of ``dtype`` as raw bytes.
+
+    Not for object dtypes (the bytes would be pointers), subarray dtypes (an
+    array of them takes another shape) or those Python's buffers cannot
+    describe (datetimes).
+    """
+    import numpy as np
+
+    if dtype.hasobject or dtype.subdtype is not None:
+        return False
+    try:
+        memoryview(np.empty(1, dtype)).cast("B")
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _layout(meta: dict[str, Any]) -> tuple[Any, tuple[int, ...], int, Any, bool]:

@@ -127,6 +127,17 @@ def test_array_round_trip_exact(backend: SQLBackend, name: str) -> None:
     assert info.size == arr.nbytes
 
 
+@pytest.mark.parametrize("name", ["float32", "structured", "fortran", "datetime64"])
+def test_each_load_returns_an_array_of_its_own(backend: SQLBackend, name: str) -> None:
+    arr = ARRAYS[name]
+    backend.save(arr, "own.npy")
+    first, second = backend.load("own.npy"), backend.load("own.npy")
+    assert not np.shares_memory(first, second)
+    first[...] = np.zeros_like(first)
+    np.testing.assert_array_equal(second, arr)
+    np.testing.assert_array_equal(backend.load("own.npy"), arr)
+
+
 def test_numpy_scalar_round_trips_as_scalar(backend: SQLBackend) -> None:
     backend.save(np.float32(2.5), "s.npy")
     out = backend.load("s.npy")
