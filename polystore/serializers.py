@@ -201,7 +201,7 @@ class NDArraySerializer(Serializer):
                 # What drivers return for small content, copied straight into
                 # a new array: two thirds of the time of a view and its copy.
                 arr = np.empty(count, dtype)
-                memoryview(arr).cast("B")[:] = data
+                arr.data.cast("B")[:] = data
             else:
                 arr = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
                 if not arr.flags.writeable:
@@ -274,7 +274,7 @@ def _copies_bytes_into(dtype: Any) -> bool:
     if dtype.hasobject or dtype.subdtype is not None:
         return False
     try:
-        memoryview(np.empty(1, dtype)).cast("B")
+        np.empty(1, dtype).data.cast("B")
     except (TypeError, ValueError, NotImplementedError):
         return False
     return True

@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
 
 from zarr.abc.store import (
     ByteRequest,
@@ -479,6 +479,22 @@ def _nbytes(data: _Bytes | None) -> int:
     return 0 if data is None else memoryview(data).nbytes
 
 
+T = TypeVar("T")
+
+
+async def _in_thread(func: Callable[..., T], /, *args: Any) -> T:
+    """``func(*args)`` on a worker thread, in a context of its own.
+
+    Not :func:`asyncio.to_thread`, which copies the caller's context: zarr's
+    sync API hands its calls to its I/O thread with the calling thread's, and
+    a ``backend.transaction()`` open there would then be joined from another
+    thread -- by some of the store's calls, while group commits
+    (:class:`_Group`) never join it. No call on zarr's side does.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, partial(contextvars.Context().run, func, *args))
+
+
 def _attempt(call: Callable[[], Any]) -> _Outcome:
     try:
         return _Outcome(call())
@@ -749,7 +765,7 @@ class PolystoreStore(Store):
         return self._over(self._catalog, self._pending, self.path, read_only)
 
     async def _open(self) -> None:
-        await asyncio.to_thread(lambda: self._catalog.backend)
+        await _in_thread(lambda: self._catalog.backend)
         await super()._open()
 
     def close(self) -> None:
@@ -1015,7 +1031,7 @@ class PolystoreStore(Store):
             if byte_range is None and self._catalog.reads_in_groups and not reads.large:
                 data = await reads.submit(key)
             else:
-                data = await asyncio.to_thread(self._load, key, byte_range)
+                data = await _in_thread(self._load, key, byte_range)
                 if byte_range is None:
                     reads.saw(key, data)
         return _buffer(data, prototype)
@@ -1058,7 +1074,7 @@ class PolystoreStore(Store):
         decided, value = self._pending.lookup(key)
         if decided:
             return value is not None
-        return await asyncio.to_thread(self._exists, key)
+        return await _in_thread(self._exists, key)
 
     async def getsize(self, key: str) -> int:
         # docstring inherited
@@ -1067,13 +1083,13 @@ class PolystoreStore(Store):
             if value is None:
                 raise NotFoundError(f"no key {key!r} in {self!r}")
             return len(value)
-        return await asyncio.to_thread(self._size, key)
+        return await _in_thread(self._size, key)
 
     async def is_empty(self, prefix: str) -> bool:
         # docstring inherited: the catalog's directories answer without listing every key
         if self._pending.active:
             return await super().is_empty(prefix)
-        return not await asyncio.to_thread(self._has_keys, self._dir(prefix))
+        return not await _in_thread(self._has_keys, self._dir(prefix))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -1122,7 +1138,7 @@ class PolystoreStore(Store):
                 for key, data in writes.items():
                     self._pending.write(key, data)
                 return
-        await asyncio.to_thread(self._apply, writes)
+        await _in_thread(self._apply, writes)
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # docstring inherited: atomic on the built-in catalogs (overwrite=False)
@@ -1138,7 +1154,7 @@ class PolystoreStore(Store):
                 if not self._exists(key):
                     self._pending.write(key, data)
                 return
-        await asyncio.to_thread(self._save_new, key, data)
+        await _in_thread(self._save_new, key, data)
 
     async def delete(self, key: str) -> None:
         # docstring inherited; deleting a key that names a directory deletes it all
@@ -1157,7 +1173,7 @@ class PolystoreStore(Store):
         self._check_writable()
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         if not self._pending.clear(prefix):
-            await asyncio.to_thread(self._apply, {}, [prefix])
+            await _in_thread(self._apply, {}, [prefix])
 
     async def clear(self) -> None:
         # docstring inherited
@@ -1167,15 +1183,15 @@ class PolystoreStore(Store):
 
     async def list(self) -> AsyncIterator[str]:
         # docstring inherited
-        for key in await asyncio.to_thread(self._keys, ""):
+        for key in await _in_thread(self._keys, ""):
             yield key
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
         # docstring inherited
-        for key in await asyncio.to_thread(self._keys, prefix):
+        for key in await _in_thread(self._keys, prefix):
             yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         # docstring inherited
-        for name in await asyncio.to_thread(self._children, prefix):
+        for name in await _in_thread(self._children, prefix):
             yield name

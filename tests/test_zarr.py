@@ -652,6 +652,25 @@ def test_a_group_on_the_loop_runs_outside_the_callers_context() -> None:
     assert seen == [("unset", threading.get_ident())]  # one group, on the loop's thread
 
 
+def test_no_call_of_the_store_joins_a_transaction_open_in_the_calling_thread(
+    catalog: SQLBackend,
+) -> None:
+    # zarr's sync API hands each call to its loop with the calling thread's
+    # context, where a catalog.transaction() may be open: the store's calls
+    # on worker threads must not run in it, as its group commits do not.
+    store = PolystoreStore(catalog)
+
+    async def keys() -> list[str]:
+        return [key async for key in store.list()]
+
+    with catalog.transaction():
+        catalog.save(b"not committed yet", "k")
+        assert sync(store.exists("k")) is False
+        assert sync(keys()) == []
+    assert sync(store.exists("k")) is True
+    assert sync(keys()) == ["k"]
+
+
 def test_a_group_goes_to_a_worker_while_another_thread_writes() -> None:
     # Waiting on zarr's loop for another thread's write would hold all of zarr's I/O.
     from polystore.zarr import _GroupCommit
