@@ -436,6 +436,25 @@ def test_durability_settings(catalog_url: str) -> None:
             }
 
 
+def test_a_large_transaction_leaves_no_large_wal_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from polystore.backends.sql import SQLBackend, engine
+
+    limit = 1 << 20
+    monkeypatch.setattr(engine, "WAL_SIZE_LIMIT", limit)
+    wal = tmp_path / "catalog.db-wal"
+    with SQLBackend(f"sqlite:///{tmp_path / 'catalog.db'}") as backend:
+        arrays = [np.full(1 << 17, i, dtype=np.float64) for i in range(24)]  # 24 MiB inline
+        backend.save_batch(arrays, [f"big/{i}.npy" for i in range(24)])
+        grown = wal.stat().st_size
+        backend.save(np.zeros(1), "small.npy")  # starts the checkpointed WAL over
+        assert grown > 16 * limit and wal.stat().st_size <= limit
+        assert float(backend.load("big/23.npy")[0]) == 23.0
+
+
 @pytest.mark.parametrize("placement", ["inline", "external"])
 def test_sigkill_writer_repeatedly(
     helper: Helper, catalog_url: str, placement: str, tmp_path: Path

@@ -39,6 +39,7 @@ from polystore.errors import (
 
 __all__ = [
     "DEFAULT_URL",
+    "WAL_SIZE_LIMIT",
     "WRITE",
     "CatalogChanged",
     "JSONColumnError",
@@ -149,6 +150,12 @@ def _set_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
+#: Bytes a SQLite catalog's ``-wal`` file is cut down to once a checkpoint has
+#: emptied it (``PRAGMA journal_size_limit``); four times what the
+#: ``wal_autocheckpoint`` of 4,000 pages lets it grow to between checkpoints.
+WAL_SIZE_LIMIT = 64 << 20
+
+
 def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
     path = sqlite_file(url)
     memory = path is None
@@ -180,6 +187,10 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
                 # files: 2.2-3.5 ms -> 1.4-2.2 ms each. What a power cut can
                 # lose is still "the last transactions" (synchronous=NORMAL).
                 cursor.execute("PRAGMA wal_autocheckpoint=4000")
+                # Once a checkpoint has copied it all back, the next writer
+                # starts the WAL over and cuts it down to this size: one large
+                # transaction would otherwise leave a -wal file that large.
+                cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             # Batch loads touch node, index and blob pages all over the file: a
             # 64 MiB page cache (allocated only as used) and reads through a
