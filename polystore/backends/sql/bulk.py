@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["BulkStatement", "bound", "driver_fetch", "params_for"]
+__all__ = ["BulkStatement", "bound", "params_for"]
 
 
 def params_for(columns: Sequence[sa.ColumnClause[Any]]) -> dict[str, Any]:
@@ -284,47 +284,6 @@ def _sql_literal(value: Any) -> str | None:
             return None  # (binding it raises the driver's own error)
         return "'" + value.replace("'", "''") + "'"
     return None
-
-
-def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """The rows of ``sql``, run on the DBAPI cursor itself, errors raised as SQLAlchemy raises them.
-
-    For small lookups on the hot path of a write: no execution context, no
-    result object (on SQLite ~10 µs a statement instead of ~100). ``sql``
-    uses the driver's placeholders. When something listens to the
-    connection's statement events (a tracer, a test counting
-    statements), the statement goes through SQLAlchemy instead, so that
-    listeners get a real execution context and see failures too.
-    """
-    if _statement_listeners(conn):
-        return list(conn.exec_driver_sql(sql, tuple(params)).all())
-    dbapi_conn: Any = conn.connection.dbapi_connection
-    error_class = conn.dialect.loaded_dbapi.Error
-    cursor = dbapi_conn.cursor()
-    try:
-        cursor.execute(sql, params)
-        return cursor.fetchall()  # type: ignore[no-any-return]
-    except error_class as error:
-        raise sa.exc.DBAPIError.instance(
-            sql, params, error, error_class, dialect=conn.dialect
-        ) from error
-    finally:
-        cursor.close()
-
-
-def _statement_listeners(conn: Connection) -> bool:
-    """Whether anything listens to ``conn``'s cursor-level statement events.
-
-    Not ``engine._has_events``: that is true of every polystore engine, which
-    listens to ``connect`` and ``begin`` itself. (Any listener on the
-    connection itself counts, to be safe.)
-    """
-    dispatch = conn.engine.dispatch
-    return (
-        conn._has_events
-        or bool(dispatch.before_cursor_execute)
-        or bool(dispatch.after_cursor_execute)
-    )
 
 
 def _sqlite_executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:

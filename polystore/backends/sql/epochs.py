@@ -31,7 +31,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from polystore.backends.sql.bulk import driver_fetch
+from polystore.backends.sql.engine import driver_fetch
 
 __all__ = ["close_epoch", "current"]
 

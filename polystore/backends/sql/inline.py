@@ -73,7 +73,7 @@ def _gone(content_hash: str) -> ContentGone:
 
 @contextmanager
 def _sqlalchemy_errors(conn: Connection, what: str) -> Iterator[None]:
-    """Raise the driver's errors in the block as SQLAlchemy raises them (see :func:`.bulk.driver_fetch`)."""
+    """Raise the driver's errors in the block as SQLAlchemy raises them (see :func:`.engine.driver_fetch`)."""
     error_class = conn.dialect.loaded_dbapi.Error
     try:
         yield

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
-from polystore.backends.sql.bulk import driver_fetch
+from polystore.backends.sql.engine import driver_fetch
 from polystore.backends.sql.models import kinds_table
 from polystore.errors import SerializationError
 

@@ -21,8 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from polystore import paths
 from polystore.backends._common import not_a_directory
 from polystore.backends.sql import epochs
-from polystore.backends.sql.bulk import driver_fetch
-from polystore.backends.sql.engine import CatalogChanged
+from polystore.backends.sql.engine import CatalogChanged, driver_fetch
 from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
 from polystore.backends.sql.inline import data_column, data_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
