@@ -20,6 +20,8 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
+from polystore.backends.sql.engine import driver_fetch
+from polystore.backends.sql.inline import WHOLE, insert_in_pieces
 from polystore.backends.sql.models import blobs_table, history_table
 from polystore.backends.sql.tree import chunks
 from polystore.serializers import Buffer
@@ -114,11 +116,15 @@ def add_blobs(
     """
     where = external or {}
     sums = checksums or {}
-    first = dict(zip(hashes, range(len(hashes)), strict=True))  # hash -> an entry holding it
-    counts: Counter[str] | None = None if len(first) == len(hashes) else Counter(hashes)
     statement = _UPSERT_BLOBS if existing is None else _INSERT_BLOBS
     processors = statement.processors(conn)
     created = bound(processors, "created_at", now)
+    if conn.dialect.name == "sqlite" and max(sizes, default=0) > WHOLE:
+        hashes, sizes, datas = _add_large_inline(conn, hashes, sizes, datas, where, created)
+        if not hashes:
+            return
+    first = dict(zip(hashes, range(len(hashes)), strict=True))  # hash -> an entry holding it
+    counts: Counter[str] | None = None if len(first) == len(hashes) else Counter(hashes)
     data_processor = processors.get("data")
 
     def some_rows() -> Iterator[tuple[Any, ...]]:
@@ -130,7 +136,7 @@ def add_blobs(
             if data is not None and data_processor is not None:
                 data = data_processor(data)
             count = 1 if counts is None else counts[h]
-            yield (h, sizes[i], where.get(h, INLINE), count, data, created, sums.get(h))
+            yield (h, sizes[i], where.get(h, INLINE), count, created, sums.get(h), data)
 
     if counts is None and not where and not existing:
         _add_distinct_inline(conn, statement, hashes, sizes, datas, created, data_processor)
@@ -142,6 +148,40 @@ def add_blobs(
         add_references(
             conn, Counter({h: 1 if counts is None else counts[h] for h in existing if h in first})
         )
+
+
+def _add_large_inline(
+    conn: Connection,
+    hashes: Sequence[str],
+    sizes: Sequence[int],
+    datas: Sequence[Buffer],
+    external: Mapping[str, str],
+    created: Any,
+) -> tuple[Sequence[str], Sequence[int], Sequence[Buffer]]:
+    """:func:`add_blobs` of the inline contents over :data:`~.inline.WHOLE` bytes (SQLite).
+
+    A content stored already gets its references; a new one is written
+    through a BLOB handle (:func:`~.inline.insert_in_pieces`), with no copy of
+    it made. Returns the other entries, for the rest of :func:`add_blobs`.
+    """
+    large: dict[str, list[int]] = {}
+    for i, (h, size) in enumerate(zip(hashes, sizes, strict=True)):
+        if size > WHOLE and h not in external:
+            large.setdefault(h, []).append(i)
+    if not large:
+        return hashes, sizes, datas
+    for h in sorted(large):
+        entries = large[h]
+        stored = driver_fetch(
+            conn,
+            "UPDATE polystore_blobs SET refcount = refcount + ? WHERE hash = ? RETURNING 1",
+            (len(entries), h),
+        )
+        if not stored:
+            i = entries[0]
+            insert_in_pieces(conn, (h, sizes[i], len(entries), created), datas[i])
+    rest = [i for i, h in enumerate(hashes) if h not in large]
+    return [hashes[i] for i in rest], [sizes[i] for i in rest], [datas[i] for i in rest]
 
 
 def _add_distinct_inline(
@@ -170,7 +210,7 @@ def _add_distinct_inline(
         return
     # (A concurrent writer inserting the same content fails the COPY: retried.)
     statement.execute_processed(
-        conn, zip(keys, lengths, repeat(INLINE), repeat(1), contents, repeat(created), repeat(None))
+        conn, zip(keys, lengths, repeat(INLINE), repeat(1), repeat(created), repeat(None), contents)
     )
 
 
@@ -187,9 +227,9 @@ _BLOB_COLUMNS = [
     blobs.c.size,
     blobs.c.store,
     blobs.c.refcount,
-    blobs.c.data,
     blobs.c.created_at,
     blobs.c.checksums,
+    blobs.c.data,  # (the table's last column: see models.Blob)
 ]
 _UPSERT_BLOBS = BulkStatement(_upsert_blobs, _BLOB_COLUMNS)
 _INSERT_BLOBS = BulkStatement(

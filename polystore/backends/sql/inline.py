@@ -24,35 +24,38 @@ its content left the catalog, :class:`ContentGone` is raised, and the loader
 reads the file again. Driver errors are raised as SQLAlchemy's, as on every
 other path, so that they are translated to polystore's.
 
-Saves are left as they are. PostgreSQL's binary ``COPY`` takes one copy of
-the content. SQLite binds it by copying it, then copies it again into the
-record it writes; a BLOB handle cannot help there: ``zeroblob(size)`` is
-materialised in full unless ``data`` is the last column of its table, and in
-``polystore_blobs`` it is not.
+Saves of new content over :data:`WHOLE` bytes on SQLite (:func:`insert_in_pieces`)
+insert the row holding ``zeroblob(size)``, then write the content through a
+BLOB handle, a piece at a time: binding it would copy it, and SQLite would
+copy it again into the row it builds. SQLite stores such a row without
+allocating its zeros because ``data`` is the table's last column (revision
+0009). PostgreSQL's binary ``COPY`` takes one copy of the content already.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from polystore.backends.sql.engine import driver_fetch
 from polystore.backends.sql.models import blobs_table
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, Buffer
 from polystore.errors import NotFoundError
 
-__all__ = ["WHOLE", "ContentGone", "InlineReader", "data_column", "data_sql"]
+__all__ = ["WHOLE", "ContentGone", "InlineReader", "data_column", "data_sql", "insert_in_pieces"]
 
 #: Inline content up to this size is read with its row; larger, in pieces this size.
 WHOLE = CHUNK_SIZE
 
-#: The page cache while a BLOB handle reads (KiB, as ``PRAGMA cache_size`` counts
-#: negative values): the handle reads overflow pages past it, straight into the
-#: caller's buffer.
-_READ_CACHE_KIB = 2048
+#: The page cache while a BLOB handle reads or writes (KiB, as ``PRAGMA
+#: cache_size`` counts negative values): the handle reads overflow pages past
+#: it, straight into the caller's buffer, and a write spills its pages to the
+#: WAL as they fill it.
+_HANDLE_CACHE_KIB = 2048
 
 
 class ContentGone(NotFoundError):
@@ -93,6 +96,60 @@ def data_column(size: Any) -> Any:
     return sa.case((size <= WHOLE, blobs_table.c.data)).label("data")
 
 
+def _lower_caches(driver: Any) -> Callable[[], None]:
+    """Turn SQLite's memory map off and its page cache down on ``driver``, for a
+    BLOB handle; return what gives them back."""
+    changed: list[tuple[str, Any]] = []  # (setting, value before)
+
+    def restore() -> None:
+        while changed:
+            name, value = changed.pop()
+            driver.execute(f"PRAGMA {name}={value}")
+
+    try:
+        for name, value in (("mmap_size", 0), ("cache_size", -_HANDLE_CACHE_KIB)):
+            before = driver.execute(f"PRAGMA {name}").fetchone()[0]
+            driver.execute(f"PRAGMA {name}={value}")
+            changed.append((name, before))
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+def insert_in_pieces(conn: Connection, row: Sequence[Any], data: Buffer) -> None:
+    """Insert the inline blob ``row`` with its content ``data`` written in pieces (SQLite).
+
+    ``row`` is ``hash, size, refcount, created_at`` (the latter as the driver
+    takes it). The row goes in holding ``zeroblob(size)``, which SQLite stores
+    without allocating it (``data`` is the table's last column), and
+    ``data`` is written into it through a BLOB handle, :data:`WHOLE` bytes at
+    a time: no copy of the content is made.
+    """
+    view = memoryview(data).cast("B")
+    driver: Any = conn.connection.driver_connection
+    content_hash, size, refcount, created = row
+    with _sqlalchemy_errors(conn, "writing large inline content"):
+        # (Before the insert too: the row's overflow pages, zeros, go through the cache.)
+        restore = _lower_caches(driver)
+    try:
+        found = driver_fetch(
+            conn,
+            "INSERT INTO polystore_blobs (hash, size, store, refcount, created_at, checksums, data) "
+            "VALUES (?, ?, 'inline', ?, ?, NULL, zeroblob(?)) RETURNING rowid",
+            (content_hash, size, refcount, created, view.nbytes),
+        )
+        with (
+            _sqlalchemy_errors(conn, "writing large inline content"),
+            driver.blobopen("polystore_blobs", "data", found[0][0]) as blob,
+        ):
+            for start in range(0, view.nbytes, WHOLE):
+                blob.write(view[start : start + WHOLE])
+    finally:
+        with _sqlalchemy_errors(conn, "writing large inline content"):
+            restore()
+
+
 class InlineReader(BlobReader):
     """The inline content of one blob, read in pieces on ``conn``; ``size`` is its length.
 
@@ -125,18 +182,8 @@ class InlineReader(BlobReader):
         ).scalar()
         if rowid is None:
             raise _gone(content_hash)
-        changed: list[tuple[str, Any]] = []  # (setting, value before)
-
-        def restore() -> None:
-            while changed:
-                name, value = changed.pop()
-                driver.execute(f"PRAGMA {name}={value}")
-
+        restore = _lower_caches(driver)
         try:
-            for name, value in (("mmap_size", 0), ("cache_size", -_READ_CACHE_KIB)):
-                before = driver.execute(f"PRAGMA {name}").fetchone()[0]
-                driver.execute(f"PRAGMA {name}={value}")
-                changed.append((name, before))
             blob = driver.blobopen("polystore_blobs", "data", rowid, readonly=True)
         except BaseException:
             restore()

@@ -128,11 +128,14 @@ class Blob(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     store: Mapped[str] = mapped_column(String(64))
     refcount: Mapped[int] = mapped_column(BigInteger)
-    data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
     created_at: Mapped[Timestamp]
     #: A digest of each piece of external content, what a load checks (revision
     #: 0007, :mod:`.checksums`); NULL inline and for rows written before.
     checksums: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
+    #: Last (on SQLite since revision 0009): large inline content is saved
+    #: through a BLOB handle into a row inserted with ``zeroblob(size)``, which
+    #: SQLite stores without allocating it only as the last non-empty column.
+    data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
 
     __table_args__ = (
         CheckConstraint("refcount >= 0", name="refcount_nonnegative"),

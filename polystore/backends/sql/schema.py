@@ -48,7 +48,17 @@ __all__ = [
 VERSION_TABLE = "polystore_alembic_version"
 #: Every revision this polystore knows, oldest first. A test checks it against
 #: the scripts in migrations/versions, so it cannot drift.
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
+REVISIONS: tuple[str, ...] = (
+    "0001",
+    "0002",
+    "0003",
+    "0004",
+    "0005",
+    "0006",
+    "0007",
+    "0008",
+    "0009",
+)
 HEAD = REVISIONS[-1]
 #: The columns of the ``polystore_catalog`` view, in order: a public contract
 #: (docs/schema.rst); ``polystore db check`` verifies them.
