@@ -576,13 +576,15 @@ def _catalog_rows(url: str) -> dict[str, Any]:
     """Node and blob rows, without the nodes' kind ids (derived, since 0004), their
     epochs (0 until a snapshot is taken, since 0006), the blobs' piece checksums
     (NULL for rows written before 0007) and the catalog identity a downgrade
-    below 0005 keeps in the root's ``meta``."""
+    below 0005 keeps in the root's ``meta``. Blob rows are by column name: their
+    order on SQLite changes at 0009."""
     full = snapshot(url)
     rows = {t: full[t]["rows"] for t in ("polystore_nodes", "polystore_blobs")}
     blob_names = [name for name, _ in full["polystore_blobs"]["columns"]]
-    if "checksums" in blob_names:
-        at = blob_names.index("checksums")
-        rows["polystore_blobs"] = [row[:at] + row[at + 1 :] for row in rows["polystore_blobs"]]
+    rows["polystore_blobs"] = [
+        sorted((k, v) for k, v in zip(blob_names, row, strict=True) if k != "checksums")
+        for row in rows["polystore_blobs"]
+    ]
     names = [name for name, _ in full["polystore_nodes"]["columns"]]
     meta = names.index("meta")
     nodes = [
