@@ -193,6 +193,22 @@ class _Catalog:
                 backend = self._backend
         return backend
 
+    def check_not_joined(self) -> None:
+        """Raise :class:`~polystore.errors.UnsupportedOperationError` if a transaction of
+        the backend is open in the calling context.
+
+        zarr runs store calls on its own thread, which cannot join a caller's
+        ``backend.transaction()``: a write from there would wait for its locks
+        (on SQLite, its write lock, for the whole busy timeout).
+        """
+        catalog = getattr(self._backend, "_catalog", None)
+        if catalog is not None and catalog.in_transaction:
+            raise UnsupportedOperationError(
+                f"a transaction of {self._backend!r} is open where zarr was called: zarr "
+                "writes from its own thread, which cannot join it; write inside "
+                "PolystoreStore.transaction() instead, which applies the writes together"
+            )
+
     def writing(self) -> AbstractContextManager[Any]:
         """Held while the store writes: one writer at a time on SQLite, any number elsewhere."""
         self.backend  # noqa: B018 -- (opened first: :attr:`local` is False until it is)
@@ -1118,6 +1134,7 @@ class PolystoreStore(Store):
         data = self._data(value)
         self._file(key)  # a bad key fails now, not when a transaction ends
         if not self._pending.write(key, data):
+            self._catalog.check_not_joined()
             await self._commits.submit((key, data))
 
     def set_sync(self, key: str, value: Buffer) -> None:
@@ -1138,6 +1155,7 @@ class PolystoreStore(Store):
                 for key, data in writes.items():
                     self._pending.write(key, data)
                 return
+        self._catalog.check_not_joined()
         await _in_thread(self._apply, writes)
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
@@ -1151,15 +1169,17 @@ class PolystoreStore(Store):
                     if current is None:
                         self._pending.write(key, data)
                     return
-                if not self._exists(key):
+                if not contextvars.Context().run(self._exists, key):  # (see _in_thread)
                     self._pending.write(key, data)
                 return
+        self._catalog.check_not_joined()
         await _in_thread(self._save_new, key, data)
 
     async def delete(self, key: str) -> None:
         # docstring inherited; deleting a key that names a directory deletes it all
         self._check_writable()
         if not self._pending.write(key, None):
+            self._catalog.check_not_joined()
             await self._commits.submit((key, None))
 
     def delete_sync(self, key: str) -> None:
@@ -1173,6 +1193,7 @@ class PolystoreStore(Store):
         self._check_writable()
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         if not self._pending.clear(prefix):
+            self._catalog.check_not_joined()
             await _in_thread(self._apply, {}, [prefix])
 
     async def clear(self) -> None:

@@ -285,22 +285,73 @@ def test_a_save_rolled_back_leaves_no_content(backend: SQLBackend) -> None:
     assert backend.fsck(verify=True).ok
 
 
+def test_rebalance_moves_it_out_of_the_catalog_and_back_whole(
+    catalog_url: str, open_backend: Callable[..., SQLBackend], tmp_path: Any
+) -> None:
+    # Moved back in on SQLite, it is written through a BLOB handle, as saves write it.
+    backend = open_backend(catalog_url, inline_limit=1000, blob_store=tmp_path / "blobs")
+    value = array(39)
+    backend.save(value, "big.npy")
+    assert backend.rebalance(inline_limit=4 * inline.WHOLE).to_inline == 1
+    assert inline_blob(backend, "big.npy", "length(b.data)") == value.nbytes
+    assert inline_blob(backend, "big.npy", "b.checksums") is None
+    assert np.array_equal(backend.load("big.npy"), value)
+    assert backend.rebalance().to_external == 1  # this backend's own limit: out again
+    assert np.array_equal(backend.load("big.npy"), value)
+    assert_refcounts_consistent(backend)
+    assert backend.fsck(verify=True).ok
+
+
+def _one_connection(url: str, open_backend: Callable[..., SQLBackend]) -> SQLBackend:
+    """A SQLite backend whose every statement runs on one connection (reads included)."""
+    return open_backend(
+        url, inline_limit=4 * inline.WHOLE, engine_options={"poolclass": sa.pool.StaticPool}
+    )
+
+
+def _settings(backend: SQLBackend) -> list[Any]:
+    with backend.engine.connect() as conn:
+        return [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")]
+
+
 def test_sqlite_saves_give_the_connection_its_settings_back(
     sqlite_url: str, open_backend: Callable[..., SQLBackend]
 ) -> None:
-    backend = open_backend(sqlite_url, inline_limit=4 * inline.WHOLE)
-    with backend.transaction(), backend.engine.connect() as other:
-        expected = [
-            other.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")
-        ]
+    backend = _one_connection(sqlite_url, open_backend)
+    expected = _settings(backend)
     assert expected[0] > 0
-    for value in (array(35), array(35)):  # new content, then content stored already
-        with backend.transaction():
-            backend.save(value, "big.npy")
-    with backend.engine.connect() as conn:  # (the pool's one connection: the writer's)
-        assert [
-            conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("mmap_size", "cache_size")
-        ] == (expected)
+    backend.save(array(35), "big.npy")  # new content
+    assert _settings(backend) == expected
+    backend.save(array(35), "again.npy")  # content stored already
+    assert _settings(backend) == expected
+    assert inline_blob(backend, "again.npy", "b.refcount") == 2
+
+
+def test_a_sqlite_save_failing_half_way_leaves_nothing(
+    sqlite_url: str, open_backend: Callable[..., SQLBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The row is in, its content not yet: the BLOB handle is opened on a row
+    # that is not there. The whole save rolls back, settings given back.
+    backend = _one_connection(sqlite_url, open_backend)
+    backend.save(array(40), "kept.npy")
+    expected = _settings(backend)
+    driver_fetch = inline.driver_fetch
+
+    def wrong_row(conn: Any, sql: str, params: Any) -> list[Any]:
+        return [(rowid + 1000,) for (rowid,) in driver_fetch(conn, sql, params)]
+
+    monkeypatch.setattr(inline, "driver_fetch", wrong_row)
+    # (The driver's own error, as SQLAlchemy raises it: no user can cause it.)
+    with pytest.raises(sa.exc.OperationalError, match="no such rowid"):
+        backend.save(array(41), "lost.npy")
+    with pytest.raises(sa.exc.OperationalError), backend.transaction():
+        backend.save(array(41), "lost.npy")
+    monkeypatch.undo()
+    assert not backend.exists("lost.npy") and _settings(backend) == expected
+    with backend.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM polystore_blobs")).scalar() == 1
+    assert_refcounts_consistent(backend)
+    assert backend.fsck(verify=True).ok
 
 
 _SAVE_MEMORY = """
@@ -379,6 +430,31 @@ def test_revision_0009_puts_data_last_on_sqlite_and_keeps_every_row(
         for path, value in values.items():
             assert np.array_equal(b.load(path), value)
         assert b.fsck(verify=True).ok
+
+
+def test_revision_0009_keeps_an_applications_view_over_the_catalog(sqlite_url: str) -> None:
+    # SQLite checks every view when a table is renamed, and this one names
+    # polystore_catalog, which the rebuild drops and makes again last.
+    with SQLBackend(sqlite_url) as backend:
+        backend.save(b"x", "a.bin")
+    migrate.downgrade(sqlite_url, "0008")
+    engine = sa.create_engine(sqlite_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE VIEW app_files AS SELECT path, size FROM polystore_catalog"
+            )
+        for step in (
+            lambda: migrate.upgrade(sqlite_url),
+            lambda: migrate.downgrade(sqlite_url, "0008"),
+        ):
+            step()
+            with engine.connect() as conn:
+                assert list(conn.exec_driver_sql("SELECT path, size FROM app_files")) == [
+                    ("a.bin", 1)
+                ]
+    finally:
+        engine.dispose()
 
 
 def _storage(url: str) -> str:

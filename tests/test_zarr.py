@@ -671,6 +671,30 @@ def test_no_call_of_the_store_joins_a_transaction_open_in_the_calling_thread(
     assert sync(keys()) == ["k"]
 
 
+def test_a_write_through_zarr_inside_a_callers_transaction_fails_at_once(
+    catalog: SQLBackend,
+) -> None:
+    # Run on zarr's thread, it could not join the transaction, only wait for
+    # its locks (SQLite's write lock: the whole busy timeout, retried).
+    store = PolystoreStore(catalog)
+    value = cpu.Buffer.from_bytes(b"1")
+    writes = [
+        lambda: store.set("k", value),
+        lambda: store.set_if_not_exists("k", value),
+        lambda: store.delete("k"),
+        lambda: store.delete_dir("d"),
+        lambda: store._set_many([("k", value)]),
+    ]
+    with catalog.transaction():
+        for write in writes:
+            with pytest.raises(UnsupportedOperationError, match=r"PolystoreStore\.transaction"):
+                sync(write())
+        with store.transaction():  # kept until the block ends, on this thread: joined
+            sync(store.set("k", value))
+    assert catalog.load("k") == b"1"
+    sync(store.delete_dir("d"))  # outside any transaction: fine
+
+
 def test_a_group_goes_to_a_worker_while_another_thread_writes() -> None:
     # Waiting on zarr's loop for another thread's write would hold all of zarr's I/O.
     from polystore.zarr import _GroupCommit

@@ -57,7 +57,8 @@ def _rebuild(order: Sequence[str]) -> None:
     with foreign keys off (:func:`polystore.backends.sql.schema.migration_transaction`),
     so dropping the table that ``polystore_nodes.blob_hash`` refers to deletes
     nothing else; the view that reads the table is dropped first and made
-    again last, as SQLite checks views when a table is renamed.
+    again last. Triggers an application put on ``polystore_blobs`` go with
+    the old table.
     """
     if op.get_bind().dialect.name != "sqlite":
         return
@@ -81,7 +82,12 @@ def _rebuild(order: Sequence[str]) -> None:
         f"INSERT INTO polystore_blobs_rebuilt ({columns}) SELECT {columns} FROM polystore_blobs"
     )
     op.drop_table("polystore_blobs")
+    # Renaming checks every view and trigger of the database (SQLite 3.26+),
+    # and one of an application's over polystore_catalog names a view that is
+    # not there until the end: the legacy rename checks none of them.
+    op.execute("PRAGMA legacy_alter_table=ON")
     op.rename_table("polystore_blobs_rebuilt", "polystore_blobs")
+    op.execute("PRAGMA legacy_alter_table=OFF")
     op.create_index(
         "polystore_blobs_unreferenced_idx",
         "polystore_blobs",

@@ -243,7 +243,7 @@ def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]
 
 
 def _statement_listeners(conn: Connection) -> bool:
-    """Whether anything listens to ``conn``'s cursor-level statement events.
+    """Whether anything listens to ``conn``'s cursor-level statement events, or its errors.
 
     Not ``engine._has_events``: that is true of every polystore engine, which
     listens to ``connect`` and ``begin`` itself. (Any listener on the
@@ -254,6 +254,7 @@ def _statement_listeners(conn: Connection) -> bool:
         conn._has_events
         or bool(dispatch.before_cursor_execute)
         or bool(dispatch.after_cursor_execute)
+        or bool(conn.dialect.dispatch.handle_error)
     )
 
 

@@ -24,7 +24,8 @@ its content left the catalog, :class:`ContentGone` is raised, and the loader
 reads the file again. Driver errors are raised as SQLAlchemy's, as on every
 other path, so that they are translated to polystore's.
 
-Saves of new content over :data:`WHOLE` bytes on SQLite (:func:`insert_in_pieces`)
+Saves of new content over :data:`WHOLE` bytes on SQLite (:func:`insert_in_pieces`;
+``rebalance()`` moving content into the catalog too, :func:`write_in_pieces`)
 insert the row holding ``zeroblob(size)``, then write the content through a
 BLOB handle, a piece at a time: binding it would copy it, and SQLite would
 copy it again into the row it builds. SQLite stores such a row without
@@ -46,7 +47,15 @@ from polystore.backends.sql.models import blobs_table
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, Buffer
 from polystore.errors import NotFoundError
 
-__all__ = ["WHOLE", "ContentGone", "InlineReader", "data_column", "data_sql", "insert_in_pieces"]
+__all__ = [
+    "WHOLE",
+    "ContentGone",
+    "InlineReader",
+    "data_column",
+    "data_sql",
+    "insert_in_pieces",
+    "write_in_pieces",
+]
 
 #: Inline content up to this size is read with its row; larger, in pieces this size.
 WHOLE = CHUNK_SIZE
@@ -121,30 +130,44 @@ def insert_in_pieces(conn: Connection, row: Sequence[Any], data: Buffer) -> None
     """Insert the inline blob ``row`` with its content ``data`` written in pieces (SQLite).
 
     ``row`` is ``hash, size, refcount, created_at`` (the latter as the driver
-    takes it). The row goes in holding ``zeroblob(size)``, which SQLite stores
-    without allocating it (``data`` is the table's last column), and
-    ``data`` is written into it through a BLOB handle, :data:`WHOLE` bytes at
-    a time: no copy of the content is made.
+    takes it); see :func:`write_in_pieces`.
+    """
+    content_hash, size, refcount, created = row
+    write_in_pieces(
+        conn,
+        "INSERT INTO polystore_blobs (hash, size, store, refcount, created_at, checksums, data) "
+        "VALUES (?, ?, 'inline', ?, ?, NULL, zeroblob(?)) RETURNING rowid",
+        (content_hash, size, refcount, created, memoryview(data).nbytes),
+        data,
+    )
+
+
+def write_in_pieces(conn: Connection, sql: str, params: Sequence[Any], data: Buffer) -> bool:
+    """Run ``sql``, then write ``data`` into the ``data`` of the row it returns (SQLite).
+
+    ``sql`` inserts or updates one blob row, with ``zeroblob(size of data)``
+    for its ``data``, and returns its ``rowid``; False if it returned none (an
+    update found no row). SQLite stores the zeroblob without allocating it
+    (``data`` is the table's last column), and ``data`` is written into it
+    through a BLOB handle, :data:`WHOLE` bytes at a time: no copy of the
+    content is made.
     """
     view = memoryview(data).cast("B")
     driver: Any = conn.connection.driver_connection
-    content_hash, size, refcount, created = row
     with _sqlalchemy_errors(conn, "writing large inline content"):
-        # (Before the insert too: the row's overflow pages, zeros, go through the cache.)
+        # (Before the statement too: the row's overflow pages, zeros, go through the cache.)
         restore = _lower_caches(driver)
     try:
-        found = driver_fetch(
-            conn,
-            "INSERT INTO polystore_blobs (hash, size, store, refcount, created_at, checksums, data) "
-            "VALUES (?, ?, 'inline', ?, ?, NULL, zeroblob(?)) RETURNING rowid",
-            (content_hash, size, refcount, created, view.nbytes),
-        )
+        found = driver_fetch(conn, sql, params)
+        if not found:
+            return False
         with (
             _sqlalchemy_errors(conn, "writing large inline content"),
             driver.blobopen("polystore_blobs", "data", found[0][0]) as blob,
         ):
             for start in range(0, view.nbytes, WHOLE):
                 blob.write(view[start : start + WHOLE])
+        return True
     finally:
         with _sqlalchemy_errors(conn, "writing large inline content"):
             restore()
