@@ -134,6 +134,14 @@ class Decoders:
 
     def use(self, serializers: SerializerRegistry, allow_pickle: bool) -> None:
         """Decode with these (the backend's, as they are now); drop cached decoders if they changed."""
+        state = self._state
+        if (
+            state
+            and serializers is state[0]
+            and serializers.changes == state[1]
+            and allow_pickle == state[2]
+        ):
+            return  # (every load asks: the common case makes no tuple)
         self.serializers, self.allow_pickle = serializers, allow_pickle
         state = (serializers, serializers.changes, allow_pickle)
         if self._state != state:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from polystore import paths
 from polystore.backends._common import is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.catalog import Catalog
@@ -78,6 +77,7 @@ class Loader:
         self.reader = reader
         self.decoders = decoders
         self._dialect = catalog.dialect
+        self._cached_sql = cached_load_sql(self._dialect)
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -168,10 +168,10 @@ class Loader:
 
     def _load_fast(self, path: str) -> Any:
         """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""
-        parent, name = paths.split(path)
+        parent, _, name = path.rpartition("/")  # (paths.split, inlined: every load runs it)
         known = self._dirs.get(parent)
         if known is not None:  # one join, whatever the depth
-            rows = self.fast.fetch_raw(cached_load_sql(self._dialect), [known[0], name, known[1]])
+            rows = self.fast.fetch_raw(self._cached_sql, [known[0], name, known[1]])
             if rows:
                 return self.decode_fast(rows[0], path)
         parts = path.split("/")
