@@ -193,20 +193,38 @@ class _Catalog:
                 backend = self._backend
         return backend
 
-    def check_not_joined(self) -> None:
-        """Raise :class:`~polystore.errors.UnsupportedOperationError` if a transaction of
-        the backend is open in the calling context.
+    def check_not_joined(self, *, write: bool = True) -> None:
+        """Raise :class:`~polystore.errors.UnsupportedOperationError` if a call of the
+        store from zarr's side cannot go on beside a transaction of the SQL
+        catalog open in the calling context.
 
         zarr runs store calls on its own thread, which cannot join a caller's
-        ``backend.transaction()``: a write from there would wait for its locks
-        (on SQLite, its write lock, for the whole busy timeout).
+        ``backend.transaction()``. A write would run outside it: on SQLite it
+        would wait for its write lock (the whole busy timeout), on PostgreSQL
+        commit apart from it, or wait on a row it holds. A read runs beside it
+        on a connection of its own, and sees what has committed -- except on an
+        in-memory SQLite catalog, which is one connection: the read would take
+        it from the transaction, and roll the transaction back when done.
         """
+        if not self.is_sql:
+            return
         catalog = getattr(self._backend, "_catalog", None)
-        if catalog is not None and catalog.in_transaction:
+        if catalog is None or not catalog.in_transaction:
+            return
+        if write:
             raise UnsupportedOperationError(
                 f"a transaction of {self._backend!r} is open where zarr was called: zarr "
                 "writes from its own thread, which cannot join it; write inside "
                 "PolystoreStore.transaction() instead, which applies the writes together"
+            )
+        from sqlalchemy.pool import StaticPool
+
+        engine = getattr(self._backend, "engine", None)
+        if engine is not None and isinstance(engine.pool, StaticPool):
+            raise UnsupportedOperationError(
+                f"a transaction of {self._backend!r} is open where zarr was called, and this "
+                "in-memory catalog is one connection, which zarr's thread would take from it: "
+                "read through zarr outside the transaction, or use a SQLite file"
             )
 
     def writing(self) -> AbstractContextManager[Any]:
@@ -1043,6 +1061,7 @@ class PolystoreStore(Store):
         # docstring inherited
         decided, data = self._decided(key, byte_range)
         if not decided:
+            self._catalog.check_not_joined(write=False)
             reads = self._reads
             if byte_range is None and self._catalog.reads_in_groups and not reads.large:
                 data = await reads.submit(key)
@@ -1085,12 +1104,17 @@ class PolystoreStore(Store):
 
         return await concurrent_map(list(key_ranges), get_one, limit=None)
 
+    async def _read(self, func: Callable[..., T], /, *args: Any) -> T:
+        """``func(*args)``, a read of the backend, on a worker thread (see :func:`_in_thread`)."""
+        self._catalog.check_not_joined(write=False)
+        return await _in_thread(func, *args)
+
     async def exists(self, key: str) -> bool:
         # docstring inherited
         decided, value = self._pending.lookup(key)
         if decided:
             return value is not None
-        return await _in_thread(self._exists, key)
+        return await self._read(self._exists, key)
 
     async def getsize(self, key: str) -> int:
         # docstring inherited
@@ -1099,13 +1123,13 @@ class PolystoreStore(Store):
             if value is None:
                 raise NotFoundError(f"no key {key!r} in {self!r}")
             return len(value)
-        return await _in_thread(self._size, key)
+        return await self._read(self._size, key)
 
     async def is_empty(self, prefix: str) -> bool:
         # docstring inherited: the catalog's directories answer without listing every key
         if self._pending.active:
             return await super().is_empty(prefix)
-        return not await _in_thread(self._has_keys, self._dir(prefix))
+        return not await self._read(self._has_keys, self._dir(prefix))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -1169,7 +1193,10 @@ class PolystoreStore(Store):
                     if current is None:
                         self._pending.write(key, data)
                     return
-                if not contextvars.Context().run(self._exists, key):  # (see _in_thread)
+                # In the caller's context: the write is applied by the thread
+                # that leaves the block, in a transaction of the caller's if one
+                # is open there, and must not replace what that one wrote.
+                if not self._exists(key):
                     self._pending.write(key, data)
                 return
         self._catalog.check_not_joined()
@@ -1204,15 +1231,15 @@ class PolystoreStore(Store):
 
     async def list(self) -> AsyncIterator[str]:
         # docstring inherited
-        for key in await _in_thread(self._keys, ""):
+        for key in await self._read(self._keys, ""):
             yield key
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
         # docstring inherited
-        for key in await _in_thread(self._keys, prefix):
+        for key in await self._read(self._keys, prefix):
             yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         # docstring inherited
-        for name in await _in_thread(self._children, prefix):
+        for name in await self._read(self._children, prefix):
             yield name

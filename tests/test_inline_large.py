@@ -24,7 +24,7 @@ from catalog_checks import assert_refcounts_consistent
 from processes import run_together
 
 from polystore import SQLBackend, migrate
-from polystore.backends.sql import inline, verify
+from polystore.backends.sql import gc, inline, verify
 from polystore.errors import IntegrityError, NotFoundError
 
 LARGE = inline.WHOLE + 12_345  # two pieces, the second short
@@ -286,13 +286,25 @@ def test_a_save_rolled_back_leaves_no_content(backend: SQLBackend) -> None:
 
 
 def test_rebalance_moves_it_out_of_the_catalog_and_back_whole(
-    catalog_url: str, open_backend: Callable[..., SQLBackend], tmp_path: Any
+    catalog_url: str,
+    open_backend: Callable[..., SQLBackend],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Moved back in on SQLite, it is written through a BLOB handle, as saves write it.
     backend = open_backend(catalog_url, inline_limit=1000, blob_store=tmp_path / "blobs")
     value = array(39)
     backend.save(value, "big.npy")
+    handles: list[int] = []
+    write_in_pieces = inline.write_in_pieces
+
+    def counted(conn: Any, sql: str, params: Any, data: Any) -> bool:
+        handles.append(memoryview(data).nbytes)
+        return write_in_pieces(conn, sql, params, data)
+
+    monkeypatch.setattr(gc, "write_in_pieces", counted)
     assert backend.rebalance(inline_limit=4 * inline.WHOLE).to_inline == 1
+    assert handles == ([value.nbytes] if catalog_url.startswith("sqlite") else [])
     assert inline_blob(backend, "big.npy", "length(b.data)") == value.nbytes
     assert inline_blob(backend, "big.npy", "b.checksums") is None
     assert np.array_equal(backend.load("big.npy"), value)

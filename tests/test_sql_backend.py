@@ -31,7 +31,7 @@ from polystore import (
 )
 from polystore.backends.sql import SQLBackend, bulk
 from polystore.backends.sql import save as save_module
-from polystore.backends.sql.engine import is_retryable
+from polystore.backends.sql.engine import driver_fetch, is_retryable
 
 
 @pytest.fixture
@@ -364,6 +364,23 @@ def test_statement_listeners_get_an_execution_context(backend: SQLBackend) -> No
     assert any(" name IN (" in statement for statement in seen)
     if backend.engine.dialect.name == "sqlite":  # (a statement of its own there)
         assert "BEGIN IMMEDIATE" in seen
+
+
+def test_error_listeners_see_the_lookups_failures(backend: SQLBackend) -> None:
+    # A handle_error listener (an error reporter) is one more reason to run
+    # the lookups through SQLAlchemy, which calls it.
+    seen: list[str] = []
+
+    def record(context: Any) -> None:
+        seen.append(context.statement)
+
+    sa.event.listen(backend.engine, "handle_error", record)
+    try:
+        with backend.engine.connect() as conn, pytest.raises(sa.exc.DBAPIError):
+            driver_fetch(conn, "SELECT no_such_column FROM polystore_nodes", ())
+    finally:
+        sa.event.remove(backend.engine, "handle_error", record)
+    assert seen and "no_such_column" in seen[0]
 
 
 def test_a_saves_lookups_skip_sqlalchemys_execution_when_no_one_listens(

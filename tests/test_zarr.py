@@ -695,6 +695,37 @@ def test_a_write_through_zarr_inside_a_callers_transaction_fails_at_once(
     sync(store.delete_dir("d"))  # outside any transaction: fine
 
 
+def test_a_conditional_write_in_a_store_block_sees_the_callers_transaction(
+    catalog: SQLBackend,
+) -> None:
+    # The block's writes are applied by this thread, in the caller's
+    # transaction: set_if_not_exists must not replace what that one wrote.
+    store = PolystoreStore(catalog)
+    with catalog.transaction():
+        catalog.save(b"mine", "k")
+        with store.transaction():
+            sync(store.set_if_not_exists("k", cpu.Buffer.from_bytes(b"zarr")))
+            sync(store.set_if_not_exists("new", cpu.Buffer.from_bytes(b"zarr")))
+    assert catalog.load("k") == b"mine" and catalog.load("new") == b"zarr"
+
+
+def test_reads_through_zarr_refuse_a_transaction_on_an_in_memory_catalog() -> None:
+    # One connection: a read from zarr's thread would take it from the
+    # transaction and roll the transaction back.
+    with SQLBackend("sqlite://") as catalog:
+        store = PolystoreStore(catalog)
+        with catalog.transaction():
+            catalog.save(b"1", "k")
+            for read in (
+                lambda: store.exists("k"),
+                lambda: store.get("k", default_buffer_prototype()),
+            ):
+                with pytest.raises(UnsupportedOperationError, match="one connection"):
+                    sync(read())
+            assert catalog.load("k") == b"1"  # the transaction is whole
+        assert sync(store.exists("k")) and catalog.load("k") == b"1"
+
+
 def test_a_group_goes_to_a_worker_while_another_thread_writes() -> None:
     # Waiting on zarr's loop for another thread's write would hold all of zarr's I/O.
     from polystore.zarr import _GroupCommit

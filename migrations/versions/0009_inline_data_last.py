@@ -86,8 +86,10 @@ def _rebuild(order: Sequence[str]) -> None:
     # and one of an application's over polystore_catalog names a view that is
     # not there until the end: the legacy rename checks none of them.
     op.execute("PRAGMA legacy_alter_table=ON")
-    op.rename_table("polystore_blobs_rebuilt", "polystore_blobs")
-    op.execute("PRAGMA legacy_alter_table=OFF")
+    try:
+        op.rename_table("polystore_blobs_rebuilt", "polystore_blobs")
+    finally:  # (a setting of the connection, which a rollback does not undo)
+        op.execute("PRAGMA legacy_alter_table=OFF")
     op.create_index(
         "polystore_blobs_unreferenced_idx",
         "polystore_blobs",
