@@ -523,7 +523,7 @@ async def _in_thread(func: Callable[..., T], /, *args: Any) -> T:
     sync API hands its calls to its I/O thread with the calling thread's, and
     a ``backend.transaction()`` open there would then be joined from another
     thread -- by some of the store's calls, while group commits
-    (:class:`_Group`) never join it. No call on zarr's side does.
+    (:class:`_Group`) never join it. No call sent to a worker thread does.
     """
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, partial(contextvars.Context().run, func, *args))
