@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql
 
+from polystore.backends.sql.engine import driver_error
+
 __all__ = ["BulkStatement", "bound", "params_for"]
 
 
@@ -86,7 +88,6 @@ class BulkStatement:
         # timeout) are raised as SQLAlchemy raises the driver's, so retries and
         # error translation see no difference from any other statement.
         psycopg_conn: Any = conn.connection.driver_connection
-        error_class = conn.dialect.loaded_dbapi.Error
         try:
             with psycopg_conn.cursor() as cursor, cursor.copy(sql) as copy:
                 copy.set_types(types)
@@ -97,10 +98,8 @@ class BulkStatement:
                             if row[i] is not None:
                                 row[i] = jsonb.encode(row[i])
                     copy.write_row(row)
-        except error_class as error:
-            raise sa.exc.DBAPIError.instance(
-                sql, None, error, error_class, dialect=conn.dialect, ismulti=True
-            ) from error
+        except conn.dialect.loaded_dbapi.Error as error:
+            raise driver_error(conn, error, sql, many=True) from error
 
     def _prepare(self, conn: Connection) -> tuple[str, list[str] | None, list[Any]]:
         name = conn.dialect.name
@@ -300,9 +299,7 @@ def _sqlite_executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]
     try:
         cursor.executemany(sql, rows)
     except sqlite3.Error as error:
-        raise sa.exc.DBAPIError.instance(
-            sql, None, error, sqlite3.Error, dialect=conn.dialect, ismulti=True
-        ) from error
+        raise driver_error(conn, error, sql, many=True) from error
     finally:
         cursor.close()
 

@@ -46,6 +46,7 @@ __all__ = [
     "create_catalog_engine",
     "damaged_catalog",
     "default_url",
+    "driver_error",
     "driver_fetch",
     "is_retryable",
     "load_json_column",
@@ -229,17 +230,35 @@ def driver_fetch(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]
         result = conn.exec_driver_sql(sql, tuple(params))
         return list(result.all()) if result.returns_rows else []
     dbapi_conn: Any = conn.connection.dbapi_connection
-    error_class = conn.dialect.loaded_dbapi.Error
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute(sql, params)
         return cursor.fetchall()  # type: ignore[no-any-return]
-    except error_class as error:
-        raise sa.exc.DBAPIError.instance(
-            sql, params, error, error_class, dialect=conn.dialect
-        ) from error
+    except conn.dialect.loaded_dbapi.Error as error:
+        raise driver_error(conn, error, sql, params) from error
     finally:
         cursor.close()
+
+
+def driver_error(
+    conn: Connection,
+    error: Exception,
+    statement: str,
+    params: Sequence[Any] | None = None,
+    *,
+    many: bool = False,
+) -> exc.StatementError:
+    """The driver's ``error`` as SQLAlchemy raises it (``OperationalError`` for a busy
+    database, ``IntegrityError``...), for statements run on the driver itself:
+    retries and error translation then see no difference."""
+    return exc.DBAPIError.instance(
+        statement,
+        params,
+        error,
+        conn.dialect.loaded_dbapi.Error,
+        dialect=conn.dialect,
+        ismulti=many,
+    )
 
 
 def _statement_listeners(conn: Connection) -> bool:

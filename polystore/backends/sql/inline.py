@@ -42,7 +42,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from polystore.backends.sql.engine import driver_fetch
+from polystore.backends.sql.engine import driver_error, driver_fetch
 from polystore.backends.sql.models import blobs_table
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, Buffer
 from polystore.errors import NotFoundError
@@ -85,14 +85,11 @@ def _gone(content_hash: str) -> ContentGone:
 
 @contextmanager
 def _sqlalchemy_errors(conn: Connection, what: str) -> Iterator[None]:
-    """Raise the driver's errors in the block as SQLAlchemy raises them (see :func:`.engine.driver_fetch`)."""
-    error_class = conn.dialect.loaded_dbapi.Error
+    """Raise the driver's errors in the block as SQLAlchemy raises them (:func:`.engine.driver_error`)."""
     try:
         yield
-    except error_class as error:
-        raise sa.exc.DBAPIError.instance(
-            what, None, error, error_class, dialect=conn.dialect
-        ) from error
+    except conn.dialect.loaded_dbapi.Error as error:
+        raise driver_error(conn, error, what) from error
 
 
 def data_sql(node: str) -> str:
@@ -157,19 +154,15 @@ def write_in_pieces(conn: Connection, sql: str, params: Sequence[Any], data: Buf
     with _sqlalchemy_errors(conn, "writing large inline content"):
         # (Before the statement too: the row's overflow pages, zeros, go through the cache.)
         restore = _lower_caches(driver)
-    try:
-        found = driver_fetch(conn, sql, params)
-        if not found:
-            return False
-        with (
-            _sqlalchemy_errors(conn, "writing large inline content"),
-            driver.blobopen("polystore_blobs", "data", found[0][0]) as blob,
-        ):
-            for start in range(0, view.nbytes, WHOLE):
-                blob.write(view[start : start + WHOLE])
-        return True
-    finally:
-        with _sqlalchemy_errors(conn, "writing large inline content"):
+        try:
+            found = driver_fetch(conn, sql, params)  # (its errors are SQLAlchemy's already)
+            if not found:
+                return False
+            with driver.blobopen("polystore_blobs", "data", found[0][0]) as blob:
+                for start in range(0, view.nbytes, WHOLE):
+                    blob.write(view[start : start + WHOLE])
+            return True
+        finally:
             restore()
 
 
