@@ -143,11 +143,9 @@ class Decoders:
         ):
             return  # (every load asks: the common case makes no tuple)
         self.serializers, self.allow_pickle = serializers, allow_pickle
-        state = (serializers, serializers.changes, allow_pickle)
-        if self._state != state:
-            self.single.clear()
-            self.many.clear()
-            self._state = state
+        self.single.clear()
+        self.many.clear()
+        self._state = (serializers, serializers.changes, allow_pickle)
 
     def buffer(self, kind_id: int | None) -> str:
         """The buffer to read external content of kind ``kind_id`` into (:meth:`.ContentReader.content`)."""
