@@ -1153,6 +1153,11 @@ class PolystoreStore(Store):
             return value.to_bytes()
         return byte_view(value.as_numpy_array())
 
+    async def _write(self, func: Callable[..., T], /, *args: Any) -> T:
+        """``func(*args)``, a write to the backend, on a worker thread (see :func:`_in_thread`)."""
+        self._catalog.check_not_joined()
+        return await _in_thread(func, *args)
+
     async def set(self, key: str, value: Buffer) -> None:
         # docstring inherited
         data = self._data(value)
@@ -1179,8 +1184,7 @@ class PolystoreStore(Store):
                 for key, data in writes.items():
                     self._pending.write(key, data)
                 return
-        self._catalog.check_not_joined()
-        await _in_thread(self._apply, writes)
+        await self._write(self._apply, writes)
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # docstring inherited: atomic on the built-in catalogs (overwrite=False)
@@ -1199,8 +1203,7 @@ class PolystoreStore(Store):
                 if not self._exists(key):
                     self._pending.write(key, data)
                 return
-        self._catalog.check_not_joined()
-        await _in_thread(self._save_new, key, data)
+        await self._write(self._save_new, key, data)
 
     async def delete(self, key: str) -> None:
         # docstring inherited; deleting a key that names a directory deletes it all
@@ -1220,8 +1223,7 @@ class PolystoreStore(Store):
         self._check_writable()
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         if not self._pending.clear(prefix):
-            self._catalog.check_not_joined()
-            await _in_thread(self._apply, {}, [prefix])
+            await self._write(self._apply, {}, [prefix])
 
     async def clear(self) -> None:
         # docstring inherited
