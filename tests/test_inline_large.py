@@ -397,27 +397,26 @@ def test_a_sqlite_save_adds_little_to_the_content_in_memory(sqlite_url: str) -> 
     assert float(done.stdout) < 0.25, done.stdout
 
 
-def _blob_columns(url: str) -> list[str]:
+def _fetch(url: str, sql: str) -> list[Any]:
+    """The rows of ``sql`` on a fresh engine of its own (no backend open)."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return [row[1] for row in conn.exec_driver_sql("PRAGMA table_info(polystore_blobs)")]
+            return list(conn.exec_driver_sql(sql))
     finally:
         engine.dispose()
+
+
+def _blob_columns(url: str) -> list[str]:
+    return [row[1] for row in _fetch(url, "PRAGMA table_info(polystore_blobs)")]
 
 
 def _blob_rows(url: str) -> list[Any]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return list(
-                conn.exec_driver_sql(
-                    "SELECT hash, size, store, refcount, created_at, checksums, data "
-                    "FROM polystore_blobs ORDER BY hash"
-                )
-            )
-    finally:
-        engine.dispose()
+    return _fetch(
+        url,
+        "SELECT hash, size, store, refcount, created_at, checksums, data "
+        "FROM polystore_blobs ORDER BY hash",
+    )
 
 
 def test_revision_0009_puts_data_last_on_sqlite_and_keeps_every_row(
@@ -470,19 +469,12 @@ def test_revision_0009_keeps_an_applications_view_over_the_catalog(sqlite_url: s
 
 
 def _storage(url: str) -> str:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return str(
-                conn.execute(
-                    sa.text(
-                        "SELECT attstorage FROM pg_attribute "
-                        "WHERE attrelid = 'polystore_blobs'::regclass AND attname = 'data'"
-                    )
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
+    (row,) = _fetch(
+        url,
+        "SELECT attstorage FROM pg_attribute "
+        "WHERE attrelid = 'polystore_blobs'::regclass AND attname = 'data'",
+    )
+    return str(row[0])
 
 
 def _compressed(backend: SQLBackend, path: str) -> bool:
