@@ -343,6 +343,38 @@ def test_batch_into_new_directories_looks_up_no_names(backend: SQLBackend) -> No
     assert backend.load_batch(["new/b/3.bin", "old/kept.bin"]) == [b"3", b"5"]
 
 
+def test_batch_into_many_new_directories_creates_them_together(backend: SQLBackend) -> None:
+    """Ten new directories in a new one: looked up at once, created a level at a time."""
+    backend.save(b"old", "top/old.bin")
+    names = [f"top/new/{i}/c.bin" for i in range(10)]
+    with StatementCounter(backend.engine) as counter:
+        backend.save_batch([b"%d" % i for i in range(10)], names)
+    created = [s for s in counter.statements if "'dir'" in s and s.startswith("INSERT")]
+    assert [s.count("'dir'") for s in created] == [1, 10]  # top/new, then its ten
+    lookups = [s for s in counter.statements if s.startswith("SELECT") and "polystore_nodes" in s]
+    # the ten at once, then their parent (top/new: absent), then its parent (top)
+    assert [s.count("UNION ALL") for s in lookups[:3]] == [9, 0, 0]
+    assert backend.list_dir("top/new") == [str(i) for i in range(10)]
+    assert backend.load_batch(names) == [b"%d" % i for i in range(10)]
+    assert backend.list_dir("top") == ["new", "old.bin"]
+
+
+def test_batch_creating_directories_at_many_depths(backend: SQLBackend) -> None:
+    backend.ensure_directory("a/b")
+    names = ["a/b/c/d/e/1", "a/b/c/2", "a/x/3", "a/b/c/d/4", "z/5", "6", "a/b/7"]
+    backend.save_batch([n.encode() for n in names], names)
+    assert backend.load_batch(names) == [n.encode() for n in names]
+    assert backend.list_dir("a") == ["b", "x"]
+    assert backend.list_dir("a/b/c") == ["2", "d"]
+    assert backend.list_dir("a/b/c/d") == ["4", "e"]
+    assert backend.fsck().ok
+    # A parent that is a file, among new directories: nothing is written.
+    before = catalog_snapshot(backend)
+    with pytest.raises(NotADirectoryError):
+        backend.save_batch([b"1", b"2"], ["q/new/1", "a/x/3/under-a-file"])
+    assert catalog_snapshot(backend) == before
+
+
 def test_statement_listeners_get_an_execution_context(backend: SQLBackend) -> None:
     # Tracers keep their state on the context (OpenTelemetry: its span): the
     # lookups a save makes on the driver's cursor must then go through SQLAlchemy.

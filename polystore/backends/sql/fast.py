@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import StaticPool
 
 from polystore.backends.sql.inline import data_sql
+from polystore.backends.sql.models import ROOT_ID
 
 __all__ = [
     "JOIN_DEPTH",
@@ -38,6 +39,7 @@ __all__ = [
     "cached_load_sql",
     "children_sql",
     "load_columns",
+    "locate_sql",
     "names_sql",
     "parse_json",
     "resolve_args",
@@ -182,6 +184,36 @@ def resolve_sql(dialect: str, depth: int, what: str = "kind") -> str:
     else:
         sql.append("WHERE n0.id = 0")
     return "\n".join(sql)
+
+
+@lru_cache(maxsize=256)
+def locate_sql(dialect: str, depths: tuple[int, ...]) -> str:
+    """One statement for the nodes at paths of these depths (each <= JOIN_DEPTH).
+
+    One ``SELECT`` per path, each a chain of joins as in :func:`resolve_sql`,
+    glued by ``UNION ALL`` and told apart by their first column; the
+    parameters are each path's names in :func:`resolve_args` order; rows are
+    ``slot, id, parent_id, name, kind``, ``slot`` the path's place in the list.
+    """
+    mark = _placeholder(dialect)
+    arms = []
+    for slot, depth in enumerate(depths):
+        if not depth:
+            arms.append(
+                f"SELECT {slot}, id, parent_id, name, kind FROM polystore_nodes WHERE id = {ROOT_ID}"
+            )
+            continue
+        last = f"n{depth - 1}"
+        sql = [f"SELECT {slot}, {last}.id, {last}.parent_id, {last}.name, {last}.kind"]
+        sql.append("FROM polystore_nodes AS n0")
+        for i in range(1, depth):
+            sql.append(
+                f"JOIN polystore_nodes AS n{i} ON n{i}.parent_id = n{i - 1}.id "
+                f"AND n{i}.name = {mark}"
+            )
+        sql.append(f"WHERE n0.parent_id = {ROOT_ID} AND n0.name = {mark}")
+        arms.append(" ".join(sql))
+    return "\nUNION ALL\n".join(arms)
 
 
 def _select(dialect: str, what: str, node: str) -> str:

@@ -28,9 +28,11 @@ from polystore.backends.sql.content import INLINE
 from polystore.backends.sql.decoders import reading
 from polystore.backends.sql.engine import JSONColumnError
 from polystore.backends.sql.fast import (
+    JOIN_DEPTH,
     STREAM_ROWS,
     Unavailable,
     children_sql,
+    locate_sql,
     resolve_args,
     resolve_sql,
 )
@@ -341,27 +343,39 @@ class BatchLoader:
         """``(prefix, id, names)`` of each parent in ``by_parent`` that is a directory.
 
         Parents that do not exist or are files are left out (their paths are
-        not found). None if the fast path is unavailable.
+        not found). The parents are looked up together, up to
+        :data:`~.tree.FIND_AT_ONCE` a statement (:func:`~.fast.locate_sql`):
+        zarr reads ten chunks at a time, each in a directory of its own. None
+        if the fast path is unavailable.
         """
-        dialect = self._dialect
-        targets = []
-        for parent, names in by_parent.items():
-            parent_id = ROOT_ID
-            if parent:
-                parts = parent.split("/")
-                found = self._fast.fetch_raw(
-                    resolve_sql(dialect, len(parts), "kind"), resolve_args(dialect, parts)
-                )
+        dialect, fetch = self._dialect, self._fast.fetch_raw
+        ids: dict[str, int] = {"": ROOT_ID}
+        parents = sorted((p for p in by_parent if p), key=lambda p: p.count("/"))
+        for part in tree.chunks(parents, tree.FIND_AT_ONCE):
+            names = [parent.split("/") for parent in part]
+            if len(names[-1]) > JOIN_DEPTH:  # (one at a time, by a recursive walk)
+                rows = []
+                for slot, parts in enumerate(names):
+                    found = fetch(
+                        resolve_sql(dialect, len(parts), "kind"), resolve_args(dialect, parts)
+                    )
+                    if found is None:
+                        return None
+                    rows += [(slot, node_id, None, None, kind) for node_id, kind in found]
+            else:
+                args = [arg for parts in names for arg in resolve_args(dialect, parts)]
+                found = fetch(locate_sql(dialect, tuple(map(len, names))), args)
                 if found is None:
                     return None
-                if not found:
-                    continue
-                found_id, kind = found[0][:2]
-                if kind != "dir":
-                    continue
-                parent_id = found_id
-            targets.append((f"{parent}/" if parent else "", parent_id, names))
-        return targets
+                rows = found
+            for slot, node_id, _, _, kind in rows:
+                if kind == "dir":
+                    ids[part[slot]] = node_id
+        return [
+            (f"{parent}/" if parent else "", ids[parent], names)
+            for parent, names in by_parent.items()
+            if parent in ids
+        ]
 
     def _children_queries(
         self, targets: list[Target], stream: bool, lean: bool

@@ -258,14 +258,16 @@ def _resolve_parents(
 ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """``parent path -> name -> entry`` of ``batch``, and each parent's id, created if missing.
 
-    Each distinct parent is resolved once, in the order the batch first names
-    it, and every directory exists before any name is looked up (a batch may
-    name "a" and "a/x"). The parents that existed are held against deletion.
+    The distinct parents are looked up together, and the missing ones created
+    (:func:`~.tree.find_dirs`): every directory exists before any name is
+    looked up (a batch may name "a" and "a/x"). The parents that existed are
+    held against deletion.
     """
     by_dir: dict[str, dict[str, int]] = defaultdict(dict)
     for path, i in batch.index.items():
         parent, name = paths.split(path)
         by_dir[parent][name] = i
+    tree.find_dirs(conn, by_dir.keys(), now, cache)
     parent_ids = {parent: tree.ensure_dirs(conn, parent, now, cache) for parent in by_dir}
     tree.hold_dirs(conn, {i for i in parent_ids.values() if i not in cache.created})
     return by_dir, parent_ids

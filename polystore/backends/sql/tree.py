@@ -16,13 +16,12 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
-from sqlalchemy.dialects import postgresql, sqlite
 
 from polystore import paths
 from polystore.backends._common import not_a_directory
 from polystore.backends.sql import epochs
 from polystore.backends.sql.engine import CatalogChanged, driver_fetch
-from polystore.backends.sql.fast import JOIN_DEPTH, walk_names, walk_sql
+from polystore.backends.sql.fast import JOIN_DEPTH, locate_sql, walk_names, walk_sql
 from polystore.backends.sql.inline import data_column, data_sql
 from polystore.backends.sql.models import ROOT_ID, blobs_table, nodes_table, tree_version_table
 
@@ -36,6 +35,7 @@ __all__ = [
     "chunks",
     "delete_files_in",
     "ensure_dirs",
+    "find_dirs",
     "hold_dirs",
     "iter_names",
     "locate",
@@ -149,35 +149,6 @@ class Place(NamedTuple):
     kind: str
 
 
-@lru_cache(maxsize=256)
-def _locate_sql(dialect: str, depths: tuple[int, ...]) -> str:
-    """One statement for the nodes at paths of these depths (each <= JOIN_DEPTH).
-
-    One ``SELECT`` per path, each a chain of joins as in :func:`resolve`,
-    glued by ``UNION ALL`` and told apart by their first column; the
-    parameters are each path's names in :func:`~.fast.resolve_args` order.
-    """
-    mark = "%s" if dialect == "postgresql" else "?"
-    arms = []
-    for slot, depth in enumerate(depths):
-        if not depth:
-            arms.append(
-                f"SELECT {slot}, id, parent_id, name, kind FROM polystore_nodes WHERE id = {ROOT_ID}"
-            )
-            continue
-        last = f"n{depth - 1}"
-        sql = [f"SELECT {slot}, {last}.id, {last}.parent_id, {last}.name, {last}.kind"]
-        sql.append("FROM polystore_nodes AS n0")
-        for i in range(1, depth):
-            sql.append(
-                f"JOIN polystore_nodes AS n{i} ON n{i}.parent_id = n{i - 1}.id "
-                f"AND n{i}.name = {mark}"
-            )
-        sql.append(f"WHERE n0.parent_id = {ROOT_ID} AND n0.name = {mark}")
-        arms.append(" ".join(sql))
-    return "\nUNION ALL\n".join(arms)
-
-
 def locate(conn: Connection, normal_paths: Sequence[str]) -> list[Place | None]:
     """Where each of these normal paths is (None: nothing there), in one statement.
 
@@ -201,7 +172,7 @@ def locate(conn: Connection, normal_paths: Sequence[str]) -> list[Place | None]:
         params += [*parts[1:], *parts[:1]]
     if slots:
         depths = tuple(len(paths.split_parts(normal_paths[s])) for s in slots)
-        sql = _locate_sql(conn.dialect.name, depths)
+        sql = locate_sql(conn.dialect.name, depths)
         for arm, *row in driver_fetch(conn, sql, params):
             found[slots[arm]] = Place(*row)
     return found
@@ -253,6 +224,7 @@ class DirCache:
         #: Ids of directories this transaction created: their only children are
         #: what this transaction puts there (the directories are in this cache).
         self.created: set[int] = set()
+        self._stamp: tuple[dt.datetime, Any] | None = None  # (now, as the driver takes it)
 
     def get(self, path: str) -> int | None:
         return self._ids.get(path)
@@ -266,20 +238,125 @@ class DirCache:
         parent, name = paths.split(path)
         self._subdirs.setdefault(parent, set()).add(name)
 
+    def stamp(self, conn: Connection, now: dt.datetime) -> Any:
+        """``now`` as the driver takes a timestamp column (converted once per transaction)."""
+        if self._stamp is None or self._stamp[0] is not now:
+            dialect = conn.dialect
+            process = nodes.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+            self._stamp = (now, now if process is None else process(now))
+        return self._stamp[1]
 
-@lru_cache(maxsize=2)
-def _insert_dir(dialect: str) -> Any:
-    """INSERT of one directory, if absent, returning its id (built once per dialect)."""
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(nodes)
-    values: dict[str, Any] = {
-        key: sa.bindparam(key)
-        for key in ("parent_id", "name", "created_at", "modified_at", "epoch")
-    }
+
+#: Most paths :func:`find_dirs` looks up in one statement.
+FIND_AT_ONCE = 50
+#: Most directories :func:`_create_dirs` inserts in one statement (5 parameters each).
+CREATE_AT_ONCE = 100
+
+
+def find_dirs(
+    conn: Connection, dir_paths: Collection[str], now: dt.datetime, cache: DirCache
+) -> None:
+    """Put the ids of directories ``dir_paths`` in ``cache``, creating the missing ones.
+
+    What ``cache`` does not know is looked up at once (:func:`locate`, up to
+    :data:`FIND_AT_ONCE` paths a statement), then the parents of what is
+    missing, and so on; the missing directories are then created a level at
+    a time, those of one parent by one statement (:func:`_create_dirs`), in
+    name order (so that writers creating the same ones queue on PostgreSQL
+    instead of deadlocking). A save of files in ten new directories takes
+    three statements, not twenty. Raises
+    :class:`~polystore.errors.NotADirectoryError` where one is a file.
+    """
+    looked: set[str] = set()
+    absent: list[str] = []
+    wanted = {p for p in dir_paths if cache.get(p) is None}
+    while wanted:
+        looked |= wanted
+        parents = set()
+        for part in chunks(sorted(wanted, key=_depth), FIND_AT_ONCE):  # (like depths, like SQL)
+            for path, place in zip(part, locate(conn, part), strict=True):
+                if place is None:
+                    absent.append(path)
+                    parent = paths.split(path)[0]
+                    if cache.get(parent) is None and parent not in looked:
+                        parents.add(parent)
+                elif place.kind != "dir":
+                    raise not_a_directory(path)
+                else:
+                    cache.put(path, place.id)
+        wanted = parents
+    by_parent: dict[str, list[str]] = {}
+    for path in sorted(absent, key=lambda p: (_depth(p), p)):  # (parents first)
+        parent, name = paths.split(path)
+        by_parent.setdefault(parent, []).append(name)
+    for parent, names in by_parent.items():
+        _create_dirs(conn, parent, names, now, cache)
+
+
+def _depth(path: str) -> int:
+    return path.count("/")
+
+
+@lru_cache(maxsize=64)
+def _insert_dirs_sql(dialect: str, count: int) -> str:
+    """SQL creating ``count`` directories, each ``parent_id, name, created_at,
+    modified_at, epoch``, unless the name is taken; returns ``id, name`` of each created."""
+    mark = "%s" if dialect == "postgresql" else "?"
+    row = f"({mark}, {mark}, 'dir', {mark}, {mark}, {mark})"
     return (
-        insert.values(kind="dir", **values)
-        .on_conflict_do_nothing(index_elements=["parent_id", "name"])
-        .returning(nodes.c.id)
+        "INSERT INTO polystore_nodes (parent_id, name, kind, created_at, modified_at, epoch) "
+        f"VALUES {', '.join([row] * count)} "
+        "ON CONFLICT (parent_id, name) DO NOTHING RETURNING id, name"
     )
+
+
+def _create_dirs(
+    conn: Connection, parent: str, names: Sequence[str], now: dt.datetime, cache: DirCache
+) -> list[int]:
+    """Create directories ``names`` in directory ``parent``; their ids, in order, also put
+    in ``cache``.
+
+    A concurrent writer may create the same directory: the name is then
+    looked up again, and a directory it made is used as if made here.
+    (RETURNING, not rowcount: PostgreSQL's driver reports -1 for these inserts.)
+    """
+    parent_id = cache.get(parent)
+    if parent_id is None:
+        parent_id = ensure_dirs(conn, parent, now, cache)
+    stamp, epoch = cache.stamp(conn, now), epochs.current(conn)
+    dialect = conn.dialect.name
+    ids = []
+    for part in chunks(names, CREATE_AT_ONCE):
+        params: list[Any] = []
+        for name in part:
+            params += (parent_id, name, stamp, stamp, epoch)
+        sql = _insert_dirs_sql(dialect, len(part))
+        made = {name: node_id for node_id, name in driver_fetch(conn, sql, params)}
+        for name in part:
+            path = paths.join(parent, name)
+            node_id = made.get(name)
+            if node_id is not None:
+                cache.created.add(node_id)
+            else:
+                node_id = _taken(conn, path, parent_id, name)
+            cache.put(path, node_id)
+            ids.append(node_id)
+    return ids
+
+
+def _taken(conn: Connection, path: str, parent_id: int, name: str) -> int:
+    """The id of the directory another writer created at ``path`` meanwhile."""
+    found = conn.execute(
+        sa.select(nodes.c.id, nodes.c.kind).where(
+            nodes.c.parent_id == parent_id, nodes.c.name == name
+        )
+    ).first()
+    if found is None:  # the row the insert ran into was moved or deleted since
+        raise CatalogChanged(f"{path!r} changed while it was being created")
+    node_id, kind = found
+    if kind != "dir":
+        raise not_a_directory(path)
+    return int(node_id)
 
 
 def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) -> int:
@@ -295,35 +372,7 @@ def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) 
                 raise not_a_directory(path)
             cache.put(path, row.id)
             return int(row.id)
-    parent_id = ensure_dirs(conn, parent_path, now, cache)
-    # A concurrent writer may create the same directory: keep whichever won.
-    # (RETURNING, not rowcount: PostgreSQL's driver reports -1 for this insert.)
-    created = conn.execute(
-        _insert_dir(conn.dialect.name),
-        {
-            "parent_id": parent_id,
-            "name": name,
-            "created_at": now,
-            "modified_at": now,
-            "epoch": epochs.current(conn),
-        },
-    ).first()
-    if created is not None:
-        node_id = int(created.id)
-        cache.created.add(node_id)
-    else:
-        found = conn.execute(
-            sa.select(nodes.c.id, nodes.c.kind).where(
-                nodes.c.parent_id == parent_id, nodes.c.name == name
-            )
-        ).first()
-        if found is None:  # the row the insert ran into was moved or deleted since
-            raise CatalogChanged(f"{path!r} changed while it was being created")
-        node_id, kind = found
-        if kind != "dir":
-            raise not_a_directory(path)
-    cache.put(path, node_id)
-    return int(node_id)
+    return _create_dirs(conn, parent_path, [name], now, cache)[0]
 
 
 def bump_version(conn: Connection) -> None:
