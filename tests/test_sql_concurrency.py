@@ -43,6 +43,24 @@ def _overwrite_one(url: str, worker: int) -> list[bytes]:
     return written
 
 
+ROUNDS = 30
+SHARED_DIRS = 12
+
+
+def _batches_into_new_directories(url: str, worker: int) -> int:
+    """Each round, one batch into directories every worker creates at once, in its own order."""
+    backend = SQLBackend(url)
+    order = list(range(SHARED_DIRS))
+    try:
+        for r in range(ROUNDS):
+            np.random.default_rng(worker * ROUNDS + r).shuffle(order)
+            names = [f"r{r}/d{j}/w{worker}.npy" for j in order]
+            backend.save_batch([np.full(4, r * 100 + j, np.int64) for j in order], names)
+    finally:
+        backend.close()
+    return ROUNDS
+
+
 def _run_processes(target: Callable[[str, int], Any], url: str) -> list[Any]:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(WORKERS) as pool:
@@ -61,6 +79,23 @@ def test_processes_lose_no_write(catalog_url: str) -> None:
         for path, arr in zip(files, sample, strict=True):
             worker, i = (int(x) for x in path.rsplit("/", 1)[1][1:-4].split("_"))
             assert arr[0] == worker * SAVES + i
+        assert_refcounts_consistent(backend)
+
+
+@pytest.mark.slow
+def test_processes_creating_the_same_directories_in_batches(catalog_url: str) -> None:
+    SQLBackend(catalog_url).close()
+    assert _run_processes(_batches_into_new_directories, catalog_url) == [ROUNDS] * WORKERS
+    with SQLBackend(catalog_url) as backend:
+        assert backend.list_dir("") == sorted(f"r{r}" for r in range(ROUNDS))
+        for r in range(ROUNDS):
+            assert backend.list_dir(f"r{r}") == sorted(f"d{j}" for j in range(SHARED_DIRS))
+        files = backend.list_files("", recursive=True)
+        assert len(files) == ROUNDS * SHARED_DIRS * WORKERS
+        for path, value in zip(files, backend.load_batch(files), strict=True):
+            r, j = int(path.split("/")[0][1:]), int(path.split("/")[1][1:])
+            assert value.tolist() == [r * 100 + j] * 4
+        assert backend.fsck().ok
         assert_refcounts_consistent(backend)
 
 
