@@ -43,8 +43,14 @@ def normalize(path: str | os.PathLike[str]) -> str:
     >>> normalize("/plate1//A01/./img.npy/")
     'plate1/A01/img.npy'
     """
-    if type(path) is str and _is_plain(path):
-        return path
+    if type(path) is str:
+        if path in _plain_seen:
+            return path
+        if _is_plain(path):
+            if len(_plain_seen) >= _PLAIN_SEEN_MAX:
+                _plain_seen.clear()
+            _plain_seen.add(path)
+            return path
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -65,6 +71,10 @@ def normalize(path: str | os.PathLike[str]) -> str:
 # backslash, no name over 255 bytes. One regex match, the common case's only check.
 _PLAIN_NAME = r"(?!\.\.?(?:/|\x00|\Z))[\x01-\x2e\x30-\x5b\x5d-\x7f]{1,255}"
 _is_plain = re.compile(rf"{_PLAIN_NAME}(?:/{_PLAIN_NAME})*").fullmatch
+#: Plain paths met lately: a set lookup costs a load or an exists a fifth of
+#: the match (~0.04 µs against ~0.2); cleared when it holds this many.
+_plain_seen: set[str] = set()
+_PLAIN_SEEN_MAX = 4096
 
 
 def normalize_file(path: str | os.PathLike[str]) -> str:

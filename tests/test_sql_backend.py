@@ -502,6 +502,39 @@ def test_load_in_a_cached_directory_is_one_indexed_lookup(sqlite_url: str) -> No
         assert statements[0].count("polystore_nodes") == 1  # no join per level
 
 
+def test_load_in_a_cached_directory_reads_what_is_not_small_inline_in_full(
+    sqlite_url: str, tmp_path: Any
+) -> None:
+    """The lean row serves small inline content; the rest is read again, in full."""
+    from polystore.errors import IntegrityError
+
+    with SQLBackend(sqlite_url, blob_store=str(tmp_path / "blobs"), inline_limit=8) as b:
+        small, big = b"tiny", b"bigger than eight bytes"
+        b.save_batch([small, big, small + b"!"], ["d/s.bin", "d/big.bin", "d/damaged.bin"])
+        b.ensure_directory("d/sub")
+        assert b.load("d/s.bin") == small  # (the directory's id is cached now)
+        statements: list[str] = []
+        conn = b._fast._connection()  # this thread's read connection (internal, for counting)
+        conn.set_trace_callback(statements.append)
+        try:
+            assert b.load("d/s.bin") == small
+            assert len(statements) == 1
+            assert b.load("d/big.bin") == big  # content in the blob store
+            assert len(statements) == 3
+            with pytest.raises(IsADirectoryError):
+                b.load("d/sub")
+        finally:
+            conn.set_trace_callback(None)
+        with b.engine.begin() as write:  # behind polystore's back: one byte short
+            write.execute(
+                sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
+                {"d": small, "h": hashlib.sha256(small + b"!").hexdigest()},
+            )
+        with pytest.raises(IntegrityError):
+            b.load("d/damaged.bin")
+        assert b.load("d/s.bin") == small
+
+
 def test_exists_in_a_cached_directory_follows_another_writer(catalog_url: str) -> None:
     """exists/is_file/is_dir use the reader's cache of directory ids, and see every change."""
     with SQLBackend(catalog_url) as reader, SQLBackend(catalog_url) as writer:

@@ -78,6 +78,7 @@ class Loader:
         self.decoders = decoders
         self._dialect = catalog.dialect
         self._cached_sql = cached_load_sql(self._dialect)
+        self._lean_sql = cached_load_sql(self._dialect, lean=True)
         #: Directory path -> (id, tree version it was read at), for single loads.
         self._dirs: dict[str, tuple[int, int]] = {}
         self._dirs_version = 0
@@ -171,7 +172,21 @@ class Loader:
         parent, _, name = path.rpartition("/")  # (paths.split, inlined: every load runs it)
         known = self._dirs.get(parent)
         if known is not None:  # one join, whatever the depth
-            rows = self.fast.fetch_raw(self._cached_sql, [known[0], name, known[1]])
+            fetch, args = self.fast.fetch_raw, [known[0], name, known[1]]
+            if self.reader.verify_inline:
+                rows = fetch(self._cached_sql, args)
+            else:
+                # Lean first: small inline content of a known kind, the common
+                # case, needs only its kind id and bytes. Anything else (a
+                # directory, content elsewhere or damaged) is read again in full.
+                rows = fetch(self._lean_sql, args)
+                if rows:
+                    kind_id, size, data = rows[0]
+                    if kind_id is not None and data is not None and len(data) == size:
+                        decoders = self.decoders
+                        decode = decoders.single.get(kind_id) or decoders.get(kind_id, many=False)
+                        return decode(data)
+                    rows = fetch(self._cached_sql, args)
             if rows:
                 return self.decode_fast(rows[0], path)
         parts = path.split("/")
