@@ -41,7 +41,7 @@ from polystore.backends.sql.fast import (
     resolve_sql,
 )
 from polystore.backends.sql.inline import ContentGone
-from polystore.backends.sql.verify import ContentReader
+from polystore.backends.sql.verify import ContentReader, ObjectGone
 from polystore.blobs.base import is_content_hash
 
 __all__ = ["ATTEMPTS", "Loader", "check_file"]
@@ -146,9 +146,12 @@ class Loader:
 
         Large inline content is read after its file's row: if the file
         changed in between and its content left the catalog
-        (:class:`~.inline.ContentGone`), the file is read again.
+        (:class:`~.inline.ContentGone`), the file is read again. So is a file
+        whose external object is missing, once (:class:`~.verify.ObjectGone`):
+        its content may have moved into the catalog meanwhile.
         """
         attempts = ATTEMPTS
+        gone = None  # the hash of an object found missing once
         while True:  # (no call of its own: a load takes a few µs)
             try:
                 if not self.catalog.in_transaction:
@@ -166,6 +169,10 @@ class Loader:
                 attempts -= 1
                 if not attempts:
                     raise
+            except ObjectGone as missing:
+                if missing.content_hash == gone:
+                    raise  # named by the catalog twice: damage
+                gone = missing.content_hash
 
     def _load_fast(self, path: str) -> Any:
         """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""

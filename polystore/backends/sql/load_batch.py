@@ -40,6 +40,7 @@ from polystore.backends.sql.inline import ContentGone, data_column
 from polystore.backends.sql.load import ATTEMPTS, Loader, check_file
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
+from polystore.backends.sql.verify import ObjectGone
 from polystore.serializers import SHARED_ARRAY_BYTES
 
 __all__ = ["BatchLoader"]
@@ -87,14 +88,22 @@ class BatchLoader:
         Large inline content is read after the snapshot: if a file changed
         meanwhile and its content left the catalog
         (:class:`~.inline.ContentGone`), the batch is read again, from a new
-        snapshot.
+        snapshot; so is a batch with a missing external object, once
+        (:class:`~.verify.ObjectGone`, as :meth:`.Loader.load`).
         """
-        for _ in range(ATTEMPTS - 1):
+        attempts = ATTEMPTS
+        gone = None  # the hash of an object found missing once
+        while True:
             try:
                 return self._load_batch(norm)
             except ContentGone:
-                pass
-        return self._load_batch(norm)
+                attempts -= 1
+                if not attempts:
+                    raise
+            except ObjectGone as missing:
+                if missing.content_hash == gone:
+                    raise  # named by the catalog twice: damage
+                gone = missing.content_hash
 
     def _load_batch(self, norm: list[str]) -> list[Any]:
         by_parent: dict[str, list[str]] = defaultdict(list)

@@ -25,7 +25,21 @@ from polystore.backends.sql.inline import WHOLE, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
 
-__all__ = ["UNKNOWN", "ContentReader", "Digest", "digest"]
+__all__ = ["UNKNOWN", "ContentReader", "Digest", "ObjectGone", "digest"]
+
+
+class ObjectGone(IntegrityError):
+    """The external object a blob row named is not in its store.
+
+    Damage -- unless the row was read just before the content moved into the
+    catalog (``rebalance()``) or the file changed and ``gc()`` took the
+    object: a load reads the file again once (:meth:`.Loader.load`), and
+    raises this if the catalog still names the same missing object.
+    """
+
+    def __init__(self, message: str, content_hash: str) -> None:
+        super().__init__(message)
+        self.content_hash = content_hash
 
 
 class Unknown(enum.Enum):
@@ -178,9 +192,10 @@ class ContentReader:
         try:
             reader = self.store.open(content_hash)
         except NotFoundError:
-            raise IntegrityError(
+            raise ObjectGone(
                 f"content of {path!r} is missing: blob {content_hash} is not in blob store "
-                f"{self.store.name!r}"
+                f"{self.store.name!r}",
+                content_hash,
             ) from None
         with reader:
             if reader.size != size:
