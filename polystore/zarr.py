@@ -657,6 +657,13 @@ class _GroupRead(_Group):
         and only what queued before goes in a group."""
         return self._catalog.large_values is False and self._catalog.local
 
+    @property
+    def busy(self) -> bool:
+        """Whether a group is being read: a read then joins the queue, so that
+        reads never run on two threads at once (an in-memory catalog is one
+        connection)."""
+        return self._busy
+
     def _run(self, items: list[str]) -> list[_Outcome]:
         values = None
         if len(items) > 1:
@@ -1072,7 +1079,7 @@ class PolystoreStore(Store):
             self._catalog.check_not_joined(write=False)
             reads = self._reads
             if byte_range is None and self._catalog.reads_in_groups and not reads.large:
-                if reads.here():
+                if reads.here() and not reads.busy:
                     # A few µs on zarr's loop, without a wait: a group's futures
                     # and wake-ups cost each read more than its own load (10,000
                     # reads of 4 KiB: 0.83 s -> 0.78 s). In a context of its own,

@@ -873,8 +873,8 @@ def test_concurrent_chunk_reads_share_batch_loads(
     if backend.engine.dialect.name == "sqlite":
         # Once the chunks are known to be small, each is read on zarr's loop
         # itself, without waiting: only the first group went to a worker thread.
-        assert len(batches) == 1 and "zarr_io" not in threads
-        assert single == ["zarr_io"] * (400 - batches[0])
+        assert sum(batches) + len(single) == 400 and "zarr_io" not in threads
+        assert single.count("zarr_io") >= 300
     else:  # a database server is read from worker threads, in groups
         assert len(batches) < 400 and "zarr_io" not in threads + single
 
@@ -926,7 +926,7 @@ def test_once_a_large_chunk_is_read_chunks_are_read_each_alone(
     monkeypatch.setattr(backend, "load", counted)
     for _ in range(2):  # (the first read's chunks are all asked for before one is seen)
         np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
-    assert "zarr_io" in threads  # each read on zarr's loop again, as it asks
+    assert threads.count("zarr_io") >= 8  # each read on zarr's loop again, as it asks
 
 
 def test_reads_in_one_group_each_get_their_own_outcome(

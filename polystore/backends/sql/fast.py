@@ -369,13 +369,18 @@ class FastReader:
             fairy = self._engine.raw_connection()
             driver: Any = fairy.driver_connection
             may_stream = False
+            cursor = None
             if self._dialect == "postgresql":
                 driver.autocommit = True
                 may_stream = self.streams and _no_statement_timeout(driver)
+            else:
+                # fetch_raw's cursor on SQLite: one made per call costs a load
+                # ~0.15 µs. (Not psycopg's, which would keep its last result,
+                # up to a chunk of large values, until the thread's next read.)
+                cursor = driver.cursor()
             self._held.append(fairy)
-        # (generation, pooled connection, driver's connection, may it stream,
-        # a cursor for fetch_raw: one made per call costs a load ~0.15 µs)
-        self._local.held = (_generation, fairy, driver, may_stream, driver.cursor())
+        # (generation, pooled connection, driver's connection, may it stream, cursor)
+        self._local.held = (_generation, fairy, driver, may_stream, cursor)
         return driver
 
     def can_stream(self) -> bool:
@@ -429,15 +434,15 @@ class FastReader:
 
     def fetch_raw(self, sql: str, params: Sequence[Any]) -> list[Any] | None:
         """Plain result tuples for ``sql``, or None when the fast path is unavailable."""
-        if self._connection() is None:
+        conn = self._connection()
+        if conn is None:
             return None
-        cursor = self._local.held[4]
         try:
             if self._dialect == "postgresql":
                 # Binary results: bytea arrives as raw bytes, not hex text that
                 # doubles the client's memory and must be decoded.
-                return cursor.execute(sql, params, binary=True).fetchall()  # type: ignore[no-any-return]
-            return cursor.execute(sql, params).fetchall()  # type: ignore[no-any-return]
+                return conn.execute(sql, params, binary=True).fetchall()  # type: ignore[no-any-return]
+            return self._local.held[4].execute(sql, params).fetchall()  # type: ignore[no-any-return]
         except Exception:  # noqa: BLE001
             # A broken connection (server restart) is dropped; the caller
             # retries through SQLAlchemy, which reports the error properly.

@@ -151,7 +151,7 @@ class Loader:
         its content may have moved into the catalog meanwhile.
         """
         attempts = ATTEMPTS
-        gone = None  # the hash of an object found missing once
+        missed = False  # an external object was found missing once
         while True:  # (no call of its own: a load takes a few µs)
             try:
                 if not self.catalog.in_transaction:
@@ -169,10 +169,10 @@ class Loader:
                 attempts -= 1
                 if not attempts:
                     raise
-            except ObjectGone as missing:
-                if missing.content_hash == gone:
-                    raise  # named by the catalog twice: damage
-                gone = missing.content_hash
+            except ObjectGone:
+                if missed:
+                    raise  # missing again: damage
+                missed = True
 
     def _load_fast(self, path: str) -> Any:
         """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""

@@ -92,7 +92,7 @@ class BatchLoader:
         (:class:`~.verify.ObjectGone`, as :meth:`.Loader.load`).
         """
         attempts = ATTEMPTS
-        gone = None  # the hash of an object found missing once
+        missed = False  # an external object was found missing once
         while True:
             try:
                 return self._load_batch(norm)
@@ -100,10 +100,10 @@ class BatchLoader:
                 attempts -= 1
                 if not attempts:
                     raise
-            except ObjectGone as missing:
-                if missing.content_hash == gone:
-                    raise  # named by the catalog twice: damage
-                gone = missing.content_hash
+            except ObjectGone:
+                if missed:
+                    raise  # missing again: damage
+                missed = True
 
     def _load_batch(self, norm: list[str]) -> list[Any]:
         by_parent: dict[str, list[str]] = defaultdict(list)

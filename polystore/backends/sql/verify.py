@@ -34,11 +34,12 @@ class ObjectGone(IntegrityError):
     Damage -- unless the row was read just before the content moved into the
     catalog (``rebalance()``) or the file changed and ``gc()`` took the
     object: a load reads the file again once (:meth:`.Loader.load`), and
-    raises this if the catalog still names the same missing object.
+    raises this if an object is missing again.
     """
 
     def __init__(self, message: str, content_hash: str) -> None:
         super().__init__(message)
+        #: The hash of the missing object.
         self.content_hash = content_hash
 
 
