@@ -9,6 +9,7 @@ import pytest
 
 from polystore import SerializationError
 from polystore.backends.sql import SQLBackend
+from polystore.backends.sql.bulk import LITERALS_FROM
 from polystore.serializers import Encoded, NDArraySerializer, Serializer, SerializerRegistry
 from polystore.testing.samples import assert_values_equal, samples
 
@@ -112,15 +113,19 @@ HOSTILE_ATTRS = {
 }
 
 
+@pytest.mark.parametrize("copies", [1, LITERALS_FROM])
 @pytest.mark.parametrize("name", ["o'brien", "plain"])
-def test_batch_values_written_into_sql_come_back_exactly(catalog_url: str, name: str) -> None:
-    """File rows of a batch share their kind's values, which SQLite gets as literals."""
+def test_batch_values_written_into_sql_come_back_exactly(
+    catalog_url: str, name: str, copies: int
+) -> None:
+    """File rows of a batch share their kind's values, which SQLite gets as literals
+    when a kind has many rows (bound when few)."""
     registry = SerializerRegistry.default()
     registry.register(_Named(name), first=True)
     structured = np.zeros(2, dtype=[("it's", "<i4"), ('say "hi"', "<f8")])
     other = structured.copy()
     other["it's"] = 5
-    values: list[Any] = [b"one", b"two", structured, other]
+    values: list[Any] = [b"one", b"two", structured, other] * copies
     paths = [f"q/{i}.bin" for i in range(len(values))]
     with SQLBackend(catalog_url, serializers=registry) as b:
         b.save_batch(values, paths, attrs=HOSTILE_ATTRS)
@@ -234,9 +239,8 @@ def test_a_shared_value_with_no_literal_is_bound(sqlite_url: str) -> None:
     engine = sa.create_engine(sqlite_url)
     with engine.begin() as conn:
         table.create(conn)
-        statement.execute_groups(
-            conn, [({"a": "nul\x00"}, [(1,), (2,)]), ({"a": "quote'"}, [(3,)])]
-        )
+        many = [(i,) for i in range(LITERALS_FROM)]  # (enough rows to take literals)
+        statement.execute_groups(conn, [({"a": "nul\x00"}, many), ({"a": "quote'"}, [(-1,)])])
         got = conn.execute(sa.select(table.c.a, table.c.b).order_by(table.c.b)).all()
     engine.dispose()
-    assert [tuple(r) for r in got] == [("nul\x00", 1), ("nul\x00", 2), ("quote'", 3)]
+    assert [tuple(r) for r in got] == [("quote'", -1)] + [("nul\x00", i) for (i,) in many]
