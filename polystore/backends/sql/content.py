@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
-from polystore.backends.sql.bulk import BulkStatement, bound, params_for
+from polystore.backends.sql.bulk import LITERALS_FROM, BulkStatement, bound, params_for
 from polystore.backends.sql.engine import driver_fetch
 from polystore.backends.sql.inline import WHOLE, insert_in_pieces
 from polystore.backends.sql.models import blobs_table, history_table
@@ -202,9 +202,10 @@ def _add_distinct_inline(
     contents = map(datas.__getitem__, order)
     if data_processor is not None:
         contents = map(data_processor, contents)
-    if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite" and len(hashes) >= LITERALS_FROM:
         # Store, count and time are one value for every row: SQLite gets
-        # them as literals, and binds only hash, size and bytes.
+        # them as literals, and binds only hash, size and bytes. (Not for a
+        # few rows: see BulkStatement.execute_groups.)
         shared = {"store": INLINE, "refcount": 1, "created_at": created, "checksums": None}
         statement.execute_groups(conn, [(shared, zip(keys, lengths, contents, strict=True))])
         return
