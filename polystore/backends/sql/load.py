@@ -44,7 +44,7 @@ from polystore.backends.sql.inline import ContentGone
 from polystore.backends.sql.verify import ContentReader, ObjectGone
 from polystore.blobs.base import is_content_hash
 
-__all__ = ["ATTEMPTS", "Loader", "check_file"]
+__all__ = ["ATTEMPTS", "Loader", "check_file", "read_again"]
 
 #: Directory ids each backend keeps for single loads.
 _MAX_DIRS = 4096
@@ -52,6 +52,24 @@ _MAX_DIRS = 4096
 #: Reads of a file (or a batch) whose large inline content keeps leaving the
 #: catalog (:meth:`Loader.load`) before its :class:`~.inline.ContentGone` is raised.
 ATTEMPTS = 5
+
+
+def read_again(moved: ContentGone | ObjectGone, attempts: int, missed: bool) -> tuple[int, bool]:
+    """After a read met content that moved: the attempts left, and whether an
+    object was found missing; or raise ``moved`` when the read must stop.
+
+    Inline content that left the catalog (:class:`~.inline.ContentGone`) is
+    read again up to :data:`ATTEMPTS` times in all; a missing external object
+    (:class:`~.verify.ObjectGone`) once -- missing again, it is damage.
+    """
+    if isinstance(moved, ContentGone):
+        attempts -= 1
+        if not attempts:
+            raise moved
+        return attempts, missed
+    if missed:
+        raise moved
+    return attempts, True
 
 
 def check_file(row: Any, path: str) -> None:
@@ -165,14 +183,8 @@ class Loader:
                     )
                 check_file(row, path)
                 return self.decode(row, path)
-            except ContentGone:
-                attempts -= 1
-                if not attempts:
-                    raise
-            except ObjectGone:
-                if missed:
-                    raise  # missing again: damage
-                missed = True
+            except (ContentGone, ObjectGone) as moved:
+                attempts, missed = read_again(moved, attempts, missed)
 
     def _load_fast(self, path: str) -> Any:
         """``load`` on the fast path; raises :class:`~.fast.Unavailable` where it cannot."""

@@ -37,7 +37,7 @@ from polystore.backends.sql.fast import (
     resolve_sql,
 )
 from polystore.backends.sql.inline import ContentGone, data_column
-from polystore.backends.sql.load import ATTEMPTS, Loader, check_file
+from polystore.backends.sql.load import ATTEMPTS, Loader, check_file, read_again
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.verify import ObjectGone
@@ -96,14 +96,8 @@ class BatchLoader:
         while True:
             try:
                 return self._load_batch(norm)
-            except ContentGone:
-                attempts -= 1
-                if not attempts:
-                    raise
-            except ObjectGone:
-                if missed:
-                    raise  # missing again: damage
-                missed = True
+            except (ContentGone, ObjectGone) as moved:
+                attempts, missed = read_again(moved, attempts, missed)
 
     def _load_batch(self, norm: list[str]) -> list[Any]:
         by_parent: dict[str, list[str]] = defaultdict(list)
