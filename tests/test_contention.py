@@ -438,11 +438,18 @@ def test_a_load_racing_rebalance_reads_the_content_where_it_went(
 
         other: SQLBackend | None = None
 
-        def open(self, content_hash: str) -> Any:
+        def _move_in(self) -> None:
             if self.other is not None:
                 other, self.other = self.other, None
                 assert other.rebalance(inline_limit=1 << 20).to_inline >= 2
+
+        def open(self, content_hash: str) -> Any:
+            self._move_in()
             return super().open(content_hash)
+
+        def read_range(self, content_hash: str, start: int, end: int) -> bytes:
+            self._move_in()
+            return super().read_range(content_hash, start, end)
 
     store = MovedInOnFirstOpen(tmp_path / "blobs")
     with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
@@ -455,6 +462,10 @@ def test_a_load_racing_rebalance_reads_the_content_where_it_went(
         with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
             store.other = other
             assert [tag_of(v) for v in backend.load_batch(["c.bin", "d.bin"])] == ["c", "d"]
+        backend.rebalance(inline_limit=0)
+        with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
+            store.other = other
+            assert backend.read_range("c.bin", 0, 4) == content("c")[:4]
         assert backend.fsck(verify=True).ok
         # An object the catalog still names, missing: damage, after one more read.
         backend.rebalance(inline_limit=0)

@@ -38,6 +38,7 @@ from polystore.backends._common import is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE
 from polystore.backends.sql.models import blobs_table
+from polystore.backends.sql.verify import ObjectGone
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
@@ -156,16 +157,27 @@ def _read(
             )
         return _Located(norm, row.blob_hash, blob.store, start, stop, blob.piece)
 
-    # The caller's transaction if there is one; one snapshot across both statements.
-    located = catalog.read(locate, snapshot=True)
-    if located.hash is None:
-        return b""
-    if located.store == INLINE:
-        data = located.piece
-        where = "inline"
-    else:
-        data = _read_external(store, located)
+    missed = False
+    while True:
+        # The caller's transaction if there is one; one snapshot across both statements.
+        located = catalog.read(locate, snapshot=True)
+        if located.hash is None:
+            return b""
+        if located.store == INLINE:
+            data = located.piece
+            where = "inline"
+            break
+        try:
+            data = _read_external(store, located)
+        except ObjectGone:
+            # rebalance() may have moved the content into the catalog since
+            # its row was read: once more (as a load does); missing again is damage.
+            if missed:
+                raise
+            missed = True
+            continue
         where = f"in blob store {located.store!r}"
+        break
     wanted = located.stop - located.start
     if data is None or len(data) != wanted:
         got = "no" if data is None else len(data)
@@ -193,9 +205,10 @@ def _read_external(store: BlobStore | None, located: _Located) -> bytes:
     try:
         return store.read_range(located.hash, located.start, located.stop)
     except NotFoundError:
-        raise IntegrityError(
+        raise ObjectGone(
             f"content of {located.path!r} is missing: blob {located.hash} is not in "
-            f"blob store {store.name!r}"
+            f"blob store {store.name!r}",
+            located.hash,
         ) from None
 
 
