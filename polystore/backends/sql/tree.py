@@ -346,17 +346,12 @@ def _create_dirs(
 
 def _taken(conn: Connection, path: str, parent_id: int, name: str) -> int:
     """The id of the directory another writer created at ``path`` meanwhile."""
-    found = conn.execute(
-        sa.select(nodes.c.id, nodes.c.kind).where(
-            nodes.c.parent_id == parent_id, nodes.c.name == name
-        )
-    ).first()
+    found = children(conn, parent_id, [name]).get(name)
     if found is None:  # the row the insert ran into was moved or deleted since
         raise CatalogChanged(f"{path!r} changed while it was being created")
-    node_id, kind = found
-    if kind != "dir":
+    if found.kind != "dir":
         raise not_a_directory(path)
-    return int(node_id)
+    return int(found.id)
 
 
 def ensure_dirs(conn: Connection, path: str, now: dt.datetime, cache: DirCache) -> int:
