@@ -436,6 +436,38 @@ def test_durability_settings(catalog_url: str) -> None:
             }
 
 
+def test_new_sqlite_catalogs_have_16_kib_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    """A new file gets 16 KiB pages; a file made at 4 KiB keeps them, and works.
+
+    Either way the WAL is checkpointed every 16 MiB, counted in the file's pages.
+    """
+    import sqlite3
+
+    import numpy as np
+
+    from polystore.backends.sql import SQLBackend
+
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as db:  # a file another program made, at SQLite's default
+        db.execute("CREATE TABLE theirs (x)")
+    db.close()
+    value = np.arange(1024, dtype=np.float32)  # a 4 KiB row: one page at 16 KiB, two at 4 KiB
+    for path, page in ((tmp_path / "new.db", 16384), (old, 4096)):
+        with SQLBackend(f"sqlite:///{path}") as backend:
+            backend.save_batch([value + i for i in range(50)], [f"d/{i}.npy" for i in range(50)])
+            with backend.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA page_size").scalar() == page
+                assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == (
+                    (16 << 20) // page
+                )
+        with SQLBackend(f"sqlite:///{path}") as backend:  # opened again
+            assert np.array_equal(backend.load("d/49.npy"), value + 49)
+            assert backend.fsck().ok
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT count(*) FROM theirs").fetchone() == (0,)
+    db.close()
+
+
 def test_a_large_transaction_leaves_no_large_wal_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -152,9 +152,24 @@ def _set_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
+#: The page size of a new SQLite catalog file (``PRAGMA page_size``; a file
+#: keeps the size it was made with). At SQLite's default of 4 KiB a row
+#: holding 4 KiB of content does not fit its page: each spills into an
+#: overflow page of its own, and 10,000 of them cost some 12,000 page writes,
+#: twice over (the WAL, then the checkpoint). At 16 KiB three such rows share
+#: a page: ``save_batch`` of 10,000 arrays of 4 KiB took 196-219 ms instead of
+#: 359-432. The price is paid by small commits into large indexes, whose few
+#: dirty pages are each four times larger: a commit of ten 4 KiB chunks
+#: (zarr's group) costs ~10% more. ``docs/decisions.rst`` has the figures.
+PAGE_SIZE = 16 << 10
+
+#: WAL bytes between automatic checkpoints (``PRAGMA wal_autocheckpoint``,
+#: set in pages of the file's own size).
+WAL_CHECKPOINT_BYTES = 16 << 20
+
 #: Bytes a SQLite catalog's ``-wal`` file is cut down to once a checkpoint has
-#: emptied it (``PRAGMA journal_size_limit``); four times what the
-#: ``wal_autocheckpoint`` of 4,000 pages lets it grow to between checkpoints.
+#: emptied it (``PRAGMA journal_size_limit``); four times what it grows to
+#: between checkpoints (:data:`WAL_CHECKPOINT_BYTES`).
 WAL_SIZE_LIMIT = 64 << 20
 
 
@@ -180,15 +195,19 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         try:
+            # Before anything is written: a new file takes it, others keep theirs.
+            cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if not memory:
                 _set_wal(cursor)
                 # The commit that fills the WAL past this many pages copies
-                # them into the database and fsyncs: 1,000 (SQLite's default,
-                # 4 MiB) made that a commit in 30 of small saves, each ~10 ms,
-                # 40% of their commit time. At 16 MiB, batches of 10 small
-                # files: 2.2-3.5 ms -> 1.4-2.2 ms each. What a power cut can
-                # lose is still "the last transactions" (synchronous=NORMAL).
-                cursor.execute("PRAGMA wal_autocheckpoint=4000")
+                # them into the database and fsyncs: 1,000 4 KiB pages
+                # (SQLite's default, 4 MiB) made that a commit in 30 of small
+                # saves, each ~10 ms, 40% of their commit time. At 16 MiB,
+                # batches of 10 small files: 2.2-3.5 ms -> 1.4-2.2 ms each.
+                # What a power cut can lose is still "the last transactions"
+                # (synchronous=NORMAL).
+                page = cursor.execute("PRAGMA page_size").fetchone()[0]
+                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
                 # Once a checkpoint has copied it all back, the next writer
                 # starts the WAL over and cuts it down to this size: one large
                 # transaction would otherwise leave a -wal file that large.
