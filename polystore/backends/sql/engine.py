@@ -152,19 +152,9 @@ def _set_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
-#: The page size of a new SQLite catalog file (``PRAGMA page_size``; a file
-#: keeps the size it was made with). At SQLite's default of 4 KiB a row
-#: holding 4 KiB of content does not fit its page: each spills into an
-#: overflow page of its own, and 10,000 of them cost some 12,000 page writes,
-#: twice over (the WAL, then the checkpoint). At 16 KiB three such rows share
-#: a page: ``save_batch`` of 10,000 arrays of 4 KiB took 196-219 ms instead of
-#: 359-432. The price is paid by small commits into large indexes, whose few
-#: dirty pages are each four times larger: a commit of ten 4 KiB chunks
-#: (zarr's group) costs ~10% more. ``docs/decisions.rst`` has the figures.
-PAGE_SIZE = 16 << 10
-
 #: WAL bytes between automatic checkpoints (``PRAGMA wal_autocheckpoint``,
-#: set in pages of the file's own size).
+#: set in pages of the file's own size: 4 KiB, SQLite's default, unless the
+#: file was made with others; ``docs/decisions.rst`` says why not larger).
 WAL_CHECKPOINT_BYTES = 16 << 20
 
 #: Bytes a SQLite catalog's ``-wal`` file is cut down to once a checkpoint has
@@ -195,8 +185,6 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         try:
-            # Before anything is written: a new file takes it, others keep theirs.
-            cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if not memory:
                 _set_wal(cursor)
                 # The commit that fills the WAL past this many pages copies
