@@ -466,9 +466,23 @@ def test_a_load_racing_rebalance_reads_the_content_where_it_went(
         with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
             store.other = other
             assert backend.read_range("c.bin", 0, 4) == content("c")[:4]
+        # A streamed read (``iter_content``, ``polystore get``) follows the content
+        # too: into the catalog as the object is opened ...
+        backend.rebalance(inline_limit=0)
+        with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
+            store.other = other
+            assert b"".join(backend.iter_content("c.bin", chunk_size=16)) == content("c")
+        # ... and out of it after its first pieces: the rest by ranged reads.
+        streamed = backend.iter_content("c.bin", chunk_size=16)
+        first = next(streamed)
+        with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
+            assert other.rebalance(inline_limit=0).to_external >= 1
+        assert first + b"".join(streamed) == content("c")
         assert backend.fsck(verify=True).ok
         # An object the catalog still names, missing: damage, after one more read.
         backend.rebalance(inline_limit=0)
         store.delete([hashlib.sha256(content("a")).hexdigest()])
         with pytest.raises(IntegrityError, match="is missing"):
             backend.load("a.bin")
+        with pytest.raises(IntegrityError, match="is missing"):
+            b"".join(backend.iter_content("a.bin"))

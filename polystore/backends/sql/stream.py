@@ -247,6 +247,12 @@ def _inline_piece(catalog: Catalog, content_hash: str, start: int, length: int) 
     return None if piece is None else bytes(piece)
 
 
+def _store_of(catalog: Catalog, content_hash: str) -> str | None:
+    """Where content ``content_hash`` lives now: ``'inline'``, a blob store's name, or None."""
+    stmt = sa.select(blobs.c.store).where(blobs.c.hash == content_hash)
+    return catalog.read(lambda conn: conn.execute(stmt).scalar())
+
+
 def iter_content(
     catalog: Catalog,
     store: BlobStore | None,
@@ -264,14 +270,10 @@ def iter_content(
     """
     norm = paths.normalize_file(path)
     content_hash, size, where = _locate(catalog, norm, resolve)
-    if where == INLINE:
-        pieces = _inline_pieces(catalog, norm, content_hash, size, chunk_size)
-    else:
-        pieces = _external_pieces(store, where, norm, content_hash, chunk_size)
     hasher = hashlib.sha256()
     done = 0
     held: bytes | None = None
-    for piece in pieces:
+    for piece in _pieces(catalog, store, norm, content_hash, size, where, chunk_size):
         hasher.update(piece)
         done += len(piece)
         if held is not None:
@@ -286,17 +288,62 @@ def iter_content(
         yield held
 
 
-def _inline_pieces(
-    catalog: Catalog, norm: str, content_hash: str, size: int, chunk_size: int
+class _Moved(Exception):
+    """The content was not where its row said when a piece was read."""
+
+
+def _pieces(
+    catalog: Catalog,
+    store: BlobStore | None,
+    norm: str,
+    content_hash: str,
+    size: int,
+    where: str,
+    chunk_size: int,
 ) -> Iterator[bytes]:
-    """Inline content ``content_hash`` of file ``norm``, a ``substr`` at a time."""
+    """Content ``content_hash`` of file ``norm``, stored at ``where``, a piece at a time.
+
+    ``rebalance()`` may move the content between the catalog and the blob
+    store while it is read: then the read goes on where it went, from the
+    byte it had reached -- the same bytes, which the hash names. Once: content
+    found gone again is damage (external) or gone with its file (inline), and
+    raises as before.
+    """
     position = 0
+    followed = False
+    while True:
+        if where == INLINE:
+            pieces = _inline_pieces(catalog, content_hash, size, chunk_size, position)
+        else:
+            pieces = _external_pieces(store, where, norm, content_hash, size, chunk_size, position)
+        try:
+            for piece in pieces:
+                position += len(piece)
+                yield piece
+            return
+        except _Moved:
+            now = None if followed else _store_of(catalog, content_hash)
+            if now is None or now == where:
+                if where == INLINE:
+                    raise NotFoundError(
+                        f"content of {norm!r} was removed while it was read (the file "
+                        "changed); try again"
+                    ) from None
+                raise IntegrityError(
+                    f"content of {norm!r} is missing: blob {content_hash} is not in blob "
+                    f"store {where!r}"
+                ) from None
+            followed, where = True, now
+
+
+def _inline_pieces(
+    catalog: Catalog, content_hash: str, size: int, chunk_size: int, position: int
+) -> Iterator[bytes]:
+    """Inline content ``content_hash`` from byte ``position``, a ``substr`` at a time."""
     while position < size:
         piece = _inline_piece(catalog, content_hash, position, chunk_size)
         if piece is None:
-            raise NotFoundError(
-                f"content of {norm!r} was removed while it was read (the file changed); try again"
-            )
+            raise _Moved
         if not piece:
             return
         yield piece
@@ -304,9 +351,16 @@ def _inline_pieces(
 
 
 def _external_pieces(
-    store: BlobStore | None, where: str, norm: str, content_hash: str, chunk_size: int
+    store: BlobStore | None,
+    where: str,
+    norm: str,
+    content_hash: str,
+    size: int,
+    chunk_size: int,
+    position: int,
 ) -> Iterator[bytes]:
-    """Content ``content_hash`` of file ``norm`` from blob store ``where``, a read at a time."""
+    """Content ``content_hash`` of file ``norm`` from blob store ``where``, from byte
+    ``position``: one streamed read from the start, ranged reads from elsewhere."""
     if store is None or where != store.name:
         here = "no blob store" if store is None else f"blob store {store.name!r}"
         raise NotFoundError(
@@ -314,12 +368,16 @@ def _external_pieces(
             f"{here}; open it with that store (blob_store=...)"
         )
     try:
-        reader = store.open(content_hash)
+        if position:
+            while position < size:
+                piece = store.read_range(content_hash, position, min(size, position + chunk_size))
+                if not piece:
+                    return
+                yield piece
+                position += len(piece)
+            return
+        with store.open(content_hash) as reader:
+            while piece := reader.read(chunk_size):
+                yield piece
     except NotFoundError:
-        raise IntegrityError(
-            f"content of {norm!r} is missing: blob {content_hash} is not in blob store "
-            f"{store.name!r}"
-        ) from None
-    with reader:
-        while piece := reader.read(chunk_size):
-            yield piece
+        raise _Moved from None
