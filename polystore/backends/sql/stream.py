@@ -323,7 +323,9 @@ def _pieces(
             return
         except _Moved:
             now = None if followed else _store_of(catalog, content_hash)
-            if now is None or now == where:
+            # (Still inline: moved out and back in meanwhile. Still in the store
+            # its row names, yet missing: damage.)
+            if now is None or (now == where != INLINE):
                 if where == INLINE:
                     raise NotFoundError(
                         f"content of {norm!r} was removed while it was read (the file "
