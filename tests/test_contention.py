@@ -486,3 +486,30 @@ def test_a_load_racing_rebalance_reads_the_content_where_it_went(
             backend.load("a.bin")
         with pytest.raises(IntegrityError, match="is missing"):
             b"".join(backend.iter_content("a.bin"))
+
+
+def test_a_streamed_read_follows_content_out_through_one_reader(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    """Content moved out of the catalog mid-stream, into a store without ranged reads
+    of its own: the rest comes through one reader, not one opened per piece."""
+    from polystore.blobs.base import BlobStore
+    from polystore.blobs.local import LocalBlobStore
+
+    class NoRanges(LocalBlobStore):
+        read_range = BlobStore.read_range  # reads from the start, each time
+        opened = 0
+
+        def open(self, content_hash: str) -> Any:
+            self.opened += 1
+            return super().open(content_hash)
+
+    store = NoRanges(tmp_path / "blobs")
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=1 << 20) as backend:
+        backend.save(content("e"), "e.bin")  # 66 bytes, inline
+        streamed = backend.iter_content("e.bin", chunk_size=16)
+        first = next(streamed)  # (the first two pieces are read)
+        with SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs") as other:
+            assert other.rebalance(inline_limit=0).to_external == 1
+        assert first + b"".join(streamed) == content("e")
+        assert store.opened == 1

@@ -49,12 +49,11 @@ from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.kinds import Kind
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.save import Batch, SaveOptions, Saver
-from polystore.blobs.base import CHUNK_SIZE
+from polystore.blobs.base import CHUNK_SIZE, BlobStore
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
     from polystore.backends.sql.catalog import Catalog
-    from polystore.blobs.base import BlobStore
     from polystore.serializers import SerializerRegistry
 
 __all__ = ["STREAMED_SERIALIZERS", "FileSource", "file_hash", "iter_content", "save_file"]
@@ -322,18 +321,20 @@ def _pieces(
                 yield piece
             return
         except _Moved:
-            now = None if followed else _store_of(catalog, content_hash)
-            # (Still inline: moved out and back in meanwhile. Still in the store
-            # its row names, yet missing: damage.)
-            if now is None or (now == where != INLINE):
-                if where == INLINE:
-                    raise NotFoundError(
-                        f"content of {norm!r} was removed while it was read (the file "
-                        "changed); try again"
-                    ) from None
+            now = _store_of(catalog, content_hash)
+            if now is None:  # no blob row: gone with its file
+                raise NotFoundError(
+                    f"content of {norm!r} was removed while it was read (the file changed); "
+                    "try again"
+                ) from None
+            if now == where != INLINE:  # still named there, yet missing: damage
                 raise IntegrityError(
                     f"content of {norm!r} is missing: blob {content_hash} is not in blob "
                     f"store {where!r}"
+                ) from None
+            if followed:  # (still inline: moved out and back in meanwhile)
+                raise NotFoundError(
+                    f"content of {norm!r} moved again while it was read; try again"
                 ) from None
             followed, where = True, now
 
@@ -362,7 +363,9 @@ def _external_pieces(
     position: int,
 ) -> Iterator[bytes]:
     """Content ``content_hash`` of file ``norm`` from blob store ``where``, from byte
-    ``position``: one streamed read from the start, ranged reads from elsewhere."""
+    ``position``: one streamed read, or ranged reads from elsewhere than the start
+    where the store makes them itself (a store that does not would read from the
+    start for each)."""
     if store is None or where != store.name:
         here = "no blob store" if store is None else f"blob store {store.name!r}"
         raise NotFoundError(
@@ -370,7 +373,7 @@ def _external_pieces(
             f"{here}; open it with that store (blob_store=...)"
         )
     try:
-        if position:
+        if position and type(store).read_range is not BlobStore.read_range:
             while position < size:
                 piece = store.read_range(content_hash, position, min(size, position + chunk_size))
                 if not piece:
@@ -379,6 +382,11 @@ def _external_pieces(
                 position += len(piece)
             return
         with store.open(content_hash) as reader:
+            while position:  # (read past, once)
+                skipped = reader.read(min(position, chunk_size))
+                if not skipped:
+                    return
+                position -= len(skipped)
             while piece := reader.read(chunk_size):
                 yield piece
     except NotFoundError:
