@@ -304,9 +304,9 @@ def _pieces(
 
     ``rebalance()`` may move the content between the catalog and the blob
     store while it is read: then the read goes on where it went, from the
-    byte it had reached -- the same bytes, which the hash names. Once: content
-    found gone again is damage (external) or gone with its file (inline), and
-    raises as before.
+    byte it had reached -- the same bytes, which the hash names. Once: an
+    object its row still names but missing is damage (``IntegrityError``);
+    content gone with its file, or moved a second time, is ``NotFoundError``.
     """
     position = 0
     followed = False
@@ -332,11 +332,11 @@ def _pieces(
                     f"content of {norm!r} is missing: blob {content_hash} is not in blob "
                     f"store {where!r}"
                 ) from None
-            if followed:  # (still inline: moved out and back in meanwhile)
+            if followed:
                 raise NotFoundError(
                     f"content of {norm!r} moved again while it was read; try again"
                 ) from None
-            followed, where = True, now
+            followed, where = True, now  # (may be where it was: out and back in)
 
 
 def _inline_pieces(
