@@ -205,11 +205,7 @@ def _read_external(store: BlobStore | None, located: _Located) -> bytes:
     try:
         return store.read_range(located.hash, located.start, located.stop)
     except NotFoundError:
-        raise ObjectGone(
-            f"content of {located.path!r} is missing: blob {located.hash} is not in "
-            f"blob store {store.name!r}",
-            located.hash,
-        ) from None
+        raise ObjectGone.of(located.path, located.hash, store.name) from None
 
 
 # -- lazy arrays ----------------------------------------------------------------------

@@ -49,6 +49,7 @@ from polystore.backends.sql.content import INLINE, Content
 from polystore.backends.sql.kinds import Kind
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.save import Batch, SaveOptions, Saver
+from polystore.backends.sql.verify import ObjectGone
 from polystore.blobs.base import CHUNK_SIZE, BlobStore
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
@@ -222,7 +223,7 @@ def _locate(catalog: Catalog, norm: str, resolve: Any) -> tuple[str, int, str]:
             return None
         if row.kind != "file":
             raise is_a_directory(norm)
-        store = conn.execute(sa.select(blobs.c.store).where(blobs.c.hash == row.blob_hash)).scalar()
+        store = conn.execute(_store_of_content(row.blob_hash)).scalar()
         return str(row.blob_hash), int(row.size), store
 
     found = catalog.read(work, snapshot=True)
@@ -246,10 +247,14 @@ def _inline_piece(catalog: Catalog, content_hash: str, start: int, length: int) 
     return None if piece is None else bytes(piece)
 
 
+def _store_of_content(content_hash: str) -> sa.Select[str]:
+    """Where content ``content_hash`` lives: ``'inline'`` or a blob store's name (no row: none)."""
+    return sa.select(blobs.c.store).where(blobs.c.hash == content_hash)
+
+
 def _store_of(catalog: Catalog, content_hash: str) -> str | None:
-    """Where content ``content_hash`` lives now: ``'inline'``, a blob store's name, or None."""
-    stmt = sa.select(blobs.c.store).where(blobs.c.hash == content_hash)
-    return catalog.read(lambda conn: conn.execute(stmt).scalar())
+    """Where content ``content_hash`` lives now, read afresh (None: nowhere)."""
+    return catalog.read(lambda conn: conn.execute(_store_of_content(content_hash)).scalar())
 
 
 def iter_content(
@@ -328,10 +333,7 @@ def _pieces(
                     "try again"
                 ) from None
             if now == where != INLINE:  # still named there, yet missing: damage
-                raise IntegrityError(
-                    f"content of {norm!r} is missing: blob {content_hash} is not in blob "
-                    f"store {where!r}"
-                ) from None
+                raise ObjectGone.of(norm, content_hash, where) from None
             if followed:
                 raise NotFoundError(
                     f"content of {norm!r} moved again while it was read; try again"

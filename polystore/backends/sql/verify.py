@@ -42,6 +42,15 @@ class ObjectGone(IntegrityError):
         #: The hash of the missing object.
         self.content_hash = content_hash
 
+    @classmethod
+    def of(cls, path: str, content_hash: str, store_name: str) -> ObjectGone:
+        """The error for file ``path``, whose object ``content_hash`` is not in ``store_name``."""
+        return cls(
+            f"content of {path!r} is missing: blob {content_hash} is not in blob store "
+            f"{store_name!r}",
+            content_hash,
+        )
+
 
 class Unknown(enum.Enum):
     """The type of :data:`UNKNOWN`."""
@@ -193,11 +202,7 @@ class ContentReader:
         try:
             reader = self.store.open(content_hash)
         except NotFoundError:
-            raise ObjectGone(
-                f"content of {path!r} is missing: blob {content_hash} is not in blob store "
-                f"{self.store.name!r}",
-                content_hash,
-            ) from None
+            raise ObjectGone.of(path, content_hash, self.store.name) from None
         with reader:
             if reader.size != size:
                 raise IntegrityError(
