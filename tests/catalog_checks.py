@@ -11,7 +11,13 @@ import sqlalchemy as sa
 
 from polystore import StorageBackend
 from polystore.backends.sql import SQLBackend
+from polystore.backends.sql.hashing import named
 from polystore.backends.sql.models import nodes_table
+
+
+def content_hash(backend: SQLBackend, data: Any) -> str:
+    """The name ``backend``'s catalog gives content ``data`` (by its own hash algorithm)."""
+    return named(backend.hash_algorithm).of(data)
 
 
 def file_kinds(conn: sa.Connection) -> list[Any]:

@@ -6,7 +6,6 @@ any size reads back), so that content of many pieces stays small.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 from polystore import SQLBackend
 from polystore.backends.sql import checksums
+from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs.base import BlobStore
 from polystore.blobs.local import LocalBlobStore
 from polystore.errors import IntegrityError
@@ -33,7 +33,8 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The name a catalog made now gives ``data`` (and a valid object name in any store)."""
+    return NEW_CATALOGS.of(data)
 
 
 def digests(data: bytes, piece: int = PIECE) -> list[int]:

@@ -40,6 +40,7 @@ import pytest
 import sqlalchemy as sa
 from catalog_checks import (
     catalog_rows,
+    content_hash,
     damage_columns,
     damage_sqlite_table,
     plant_files,
@@ -804,12 +805,11 @@ def _plant(backend: SQLBackend, path: str, payload: bytes, serializer: str, **me
     """Write a node and its blob straight into the catalog, as a hostile user with
     database access could (the hash is right, so only the serializer stands guard)."""
     import datetime as dt
-    import hashlib
 
     from polystore.backends.sql.models import blobs_table, nodes_table
 
     now = dt.datetime.now(dt.UTC)
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = content_hash(backend, payload)
     with backend.engine.begin() as conn:
         added = conn.execute(
             blobs_table.update()

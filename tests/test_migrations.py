@@ -56,6 +56,17 @@ def engine_for(url: str) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
+def made_before_0010(url: str) -> None:
+    """Make a fresh catalog at ``url`` as one that held content before revision 0010 was:
+    its content named by SHA-256. Only such a catalog goes below 0010 with its content
+    (a catalog whose content BLAKE3 names refuses: see
+    ``test_a_catalog_of_blake3_content_refuses_to_go_below_0010``)."""
+    with SQLBackend(url):
+        pass
+    with engine_for(url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("UPDATE polystore_identity SET hash_algorithm = 'sha256'"))
+
+
 def schema_objects(url: str) -> set[tuple[str, str]]:
     """Every table, view, index and sequence in the database (or PostgreSQL schema)."""
     with engine_for(url) as engine, engine.connect() as conn:
@@ -339,6 +350,7 @@ def test_coexists_with_an_application_schema(catalog_url: str) -> None:
         conn.execute(sa.text("INSERT INTO alembic_version VALUES ('a1b2c3d4e5f6')"))
     app = snapshot(catalog_url)
 
+    made_before_0010(catalog_url)
     with statements() as seen:
         with SQLBackend(catalog_url) as backend:
             backend.save(np.arange(5), "data/x.npy")
@@ -632,6 +644,7 @@ def test_data_survives_upgrade_downgrade_upgrade(catalog_url: str) -> None:
     # The files are saved by today's SQLBackend (the only writer there is) and the
     # catalog is then taken down to 0001, checked to really be the 0001 schema;
     # one more file is written with plain SQL against the 0001 tables.
+    made_before_0010(catalog_url)
     with SQLBackend(catalog_url) as backend:
         for path, value in VALUES.items():
             backend.save(value, path, attrs={"well": "A01"} if path == "plate1/A01.npy" else None)
@@ -686,6 +699,7 @@ def test_an_older_catalog_gets_an_identity_and_claims_its_store(
     store = LocalBlobStore(tmp_path / "blobs")
     other = more_catalogs()
     for url, value in ((catalog_url, VALUES), (other, {"raw/other.bin": bytes(300)})):
+        made_before_0010(url)
         with SQLBackend(url, blob_store=store, inline_limit=0) as backend:
             for path, item in value.items():
                 backend.save(item, path)
@@ -713,6 +727,7 @@ def test_an_older_catalog_gets_an_identity_and_claims_its_store(
 
 def test_identity_survives_downgrade_and_upgrade(catalog_url: str, tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
+    made_before_0010(catalog_url)
     with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
         backend.save(b"kept", "f.bin")
     first = _identity(catalog_url)
@@ -739,6 +754,7 @@ def test_tree_version_never_repeats_across_downgrade_and_upgrade(catalog_url: st
     """A process that cached directory ids across a re-created table must not trust them."""
     from polystore.backends.sql import SQLBackend
 
+    made_before_0010(catalog_url)
     with SQLBackend(catalog_url) as reader, SQLBackend(catalog_url) as writer:
         writer.save(b"old", "c/f")
         writer.move("c", "c-moved")
@@ -756,6 +772,7 @@ def test_upgrade_to_0004_gives_files_of_several_pages_their_kinds(catalog_url: s
     # more than one directory, and files without a serializer keep no kind id.
     count = 21_000
     values: list[Any] = [np.arange(i % 3 + 1, dtype=np.int16) for i in range(count)]
+    made_before_0010(catalog_url)
     with SQLBackend(catalog_url) as backend:
         backend.save_batch(values, [f"d{i % 2}/f{i}" for i in range(count)])
     migrate.downgrade(catalog_url, "0003")
@@ -796,6 +813,7 @@ def test_revision_0004_makes_kind_ids_as_polystore_does() -> None:
 
 def test_upgrade_to_0004_leaves_files_with_bad_json_without_a_kind(sqlite_url: str) -> None:
     # Rows another program wrote: the upgrade must go through, and give them no kind id.
+    made_before_0010(sqlite_url)
     with SQLBackend(sqlite_url) as backend:
         backend.save_batch([np.arange(n) for n in (3, 4, 5, 6)], ["a", "b", "c", "d"])
     migrate.downgrade(sqlite_url, "0003")
@@ -819,3 +837,88 @@ def test_upgrade_to_0004_leaves_files_with_bad_json_without_a_kind(sqlite_url: s
         report = backend.fsck()  # (reads the bad rows without failing)
         assert report.without_kind == 3, str(report)
         np.testing.assert_array_equal(backend.load_batch(["d"])[0], np.arange(6))
+
+
+# -- 0010: the hash that names content ------------------------------------------------
+
+
+def _algorithm(url: str) -> str:
+    with engine_for(url) as engine, engine.connect() as conn:
+        return str(conn.execute(sa.text("SELECT hash_algorithm FROM polystore_identity")).scalar())
+
+
+def test_content_stored_before_0010_keeps_its_sha256_names(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    migrate.upgrade(catalog_url, "0001")
+    _write_at_0001(catalog_url)  # content, named by its SHA-256
+    migrate.upgrade(catalog_url)
+    assert _algorithm(catalog_url) == "sha256"
+    old = b"written at 0001"
+    with SQLBackend(catalog_url, blob_store=tmp_path / "blobs", inline_limit=64) as backend:
+        assert backend.hash_algorithm == "sha256"
+        backend.save(old, "again.bin")  # the same content: the same blob
+        backend.save(b"x" * 100, "external.bin")
+        backend.save_file(_local(tmp_path, b"y" * 200), "streamed.bin", serializer="bytes")
+        for path, data in (("again.bin", old), ("external.bin", b"x" * 100)):
+            assert backend.stat(path).hash == hashlib.sha256(data).hexdigest()
+        assert backend.stat("streamed.bin").hash == hashlib.sha256(b"y" * 200).hexdigest()
+        with engine_for(catalog_url) as engine, engine.connect() as conn:
+            refcount = conn.execute(
+                sa.text("SELECT refcount FROM polystore_blobs WHERE hash = :h"),
+                {"h": hashlib.sha256(old).hexdigest()},
+            ).scalar()
+        assert refcount == 2
+        assert backend.load("legacy/note.txt") == old.decode()
+        assert b"".join(backend.iter_content("external.bin")) == b"x" * 100
+        assert backend.fsck(verify=True).ok
+    with SQLBackend(catalog_url, blob_store=tmp_path / "blobs", verify_inline=True) as backend:
+        assert backend.load("again.bin") == old
+
+
+def _local(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / f"local-{len(data)}.bin"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_catalog_without_content_at_0010_takes_blake3(catalog_url: str) -> None:
+    import blake3
+
+    migrate.upgrade(catalog_url, "0009")  # made before 0010, but never given content
+    migrate.upgrade(catalog_url)
+    assert _algorithm(catalog_url) == "blake3"
+    with SQLBackend(catalog_url) as backend:
+        assert backend.hash_algorithm == "blake3"
+        backend.save(b"new", "f.bin")
+        assert backend.stat("f.bin").hash == blake3.blake3(b"new").hexdigest()
+
+
+def test_a_catalog_of_blake3_content_refuses_to_go_below_0010(catalog_url: str) -> None:
+    with SQLBackend(catalog_url) as backend:
+        backend.save(np.arange(5), "x.npy")
+    before = _catalog_rows(catalog_url)
+    with pytest.raises(SchemaVersionError, match=r"blake3.*only sha256.*Nothing was changed"):
+        migrate.downgrade(catalog_url, "0009")
+    assert migrate.current(catalog_url) == HEAD
+    assert _catalog_rows(catalog_url) == before
+    with SQLBackend(catalog_url) as backend:
+        assert np.array_equal(backend.load("x.npy"), np.arange(5))
+        backend.delete("x.npy")
+        backend.gc(grace=0)  # no content left: it may go down, and comes back up as blake3
+    migrate.downgrade(catalog_url, "0009")
+    migrate.upgrade(catalog_url)
+    assert _algorithm(catalog_url) == "blake3"
+    with SQLBackend(catalog_url) as backend:
+        backend.save(b"kept", "f.bin")
+    migrate.downgrade(catalog_url, "base")  # which removes the content with everything else
+    assert migrate.current(catalog_url) is None
+
+
+def test_an_algorithm_this_polystore_does_not_know_is_refused(catalog_url: str) -> None:
+    with SQLBackend(catalog_url):
+        pass
+    with engine_for(catalog_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("UPDATE polystore_identity SET hash_algorithm = 'sha3-512'"))
+    with pytest.raises(SchemaVersionError, match=r"'sha3-512'.*does not know.*upgrade polystore"):
+        SQLBackend(catalog_url)

@@ -7,7 +7,6 @@ the whole content.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from polystore import SQLBackend
+from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs import BlobStore, LocalBlobStore
 from polystore.errors import (
     IntegrityError,
@@ -29,7 +29,8 @@ CONTENT = bytes(range(256)) * 64  # 16 KiB
 
 
 def _hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The name a catalog made now gives ``data`` (and a valid object name in any store)."""
+    return NEW_CATALOGS.of(data)
 
 
 # -- the blob stores ----------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import pickle
 import sqlite3
@@ -14,7 +13,7 @@ from typing import Any, Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import assert_refcounts_consistent
+from catalog_checks import assert_refcounts_consistent, content_hash
 
 from polystore import (
     AlreadyExistsError,
@@ -528,7 +527,7 @@ def test_load_in_a_cached_directory_reads_what_is_not_small_inline_in_full(
         with b.engine.begin() as write:  # behind polystore's back: one byte short
             write.execute(
                 sa.text("UPDATE polystore_blobs SET data = :d WHERE hash = :h"),
-                {"d": small, "h": hashlib.sha256(small + b"!").hexdigest()},
+                {"d": small, "h": content_hash(b, small + b"!")},
             )
         with pytest.raises(IntegrityError):
             b.load("d/damaged.bin")
@@ -654,7 +653,7 @@ def test_save_batch_path_twice(backend: SQLBackend) -> None:
     backend.save_batch([b"1", b"2", b"3"], ["d/x.bin", "d/y.bin", "/d/x.bin"])
     assert backend.load("d/x.bin") == b"3"
     assert backend.load("d/y.bin") == b"2"
-    assert set(blob_rows(backend)) == {hashlib.sha256(v).hexdigest() for v in (b"2", b"3")}
+    assert set(blob_rows(backend)) == {content_hash(backend, v) for v in (b"2", b"3")}
     assert_refcounts_consistent(backend)
 
 
@@ -666,7 +665,7 @@ def test_batch_with_repeated_content(backend: SQLBackend) -> None:
     counts = blob_rows(backend)
     assert len(counts) == 1500
     for v in values[:3] + values[-3:]:
-        assert counts[hashlib.sha256(v.tobytes()).hexdigest()] == (2 if v[0] < 500 else 1)
+        assert counts[content_hash(backend, v.tobytes())] == (2 if v[0] < 500 else 1)
     for got, want in zip(backend.load_batch(names), values, strict=True):
         assert np.array_equal(got, want)
     assert_refcounts_consistent(backend)

@@ -2,7 +2,7 @@
 
 These modules know nothing of SQL: the catalog decides what is stored where and
 when an object may go; a store only keeps immutable objects named by their
-SHA-256. See :mod:`polystore.blobs.base` for the interface.
+hash. See :mod:`polystore.blobs.base` for the interface.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The external blob-store interface, and building a store from a URL.
 
 A blob store keeps content that is too large for a row of the catalog. It is
-*content-addressed*: every object is named by the hex SHA-256 of its bytes, so a
+*content-addressed*: every object is named by the hex hash of its bytes (BLAKE3,
+or SHA-256 in older catalogs: the catalog's algorithm), so a
 store never holds two copies of the same content and an object never changes
 once written. The store knows nothing of the catalog: which blobs are
 referenced, and when one may be deleted, is the SQL backend's business.
@@ -81,17 +82,17 @@ _MARKER_PATIENCE = 2.0
 
 
 def is_content_hash(value: object) -> bool:
-    """Whether ``value`` is a lowercase hex SHA-256, the only content hash polystore writes."""
+    """Whether ``value`` is 64 lowercase hex digits: a content hash as polystore writes them."""
     return isinstance(value, str) and _HASH.fullmatch(value) is not None
 
 
 def check_hash(content_hash: str) -> str:
-    """``content_hash`` if it is a lowercase hex SHA-256; otherwise ValueError.
+    """``content_hash`` if it is 64 lowercase hex digits; otherwise ValueError.
 
     Keys are built from hashes, so a malformed one must never reach a path.
     """
     if not is_content_hash(content_hash):
-        raise ValueError(f"not a hex SHA-256 content hash: {content_hash!r}")
+        raise ValueError(f"not a content hash (64 lowercase hex digits): {content_hash!r}")
     return content_hash
 
 
@@ -222,7 +223,7 @@ class BytesReader(BlobReader):
 
 
 class BlobStore(abc.ABC):
-    """A content-addressed store of immutable objects, each named by its SHA-256.
+    """A content-addressed store of immutable objects, each named by its hash.
 
     Subclasses implement :meth:`put`, :meth:`open`, :meth:`size`,
     :meth:`delete` and :meth:`scan`; the rest is derived. Every method is safe

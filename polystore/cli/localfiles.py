@@ -24,7 +24,6 @@ verbatim as text, and ``put`` says so. A TIFF keeps its pixels, not its tags.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
+from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.errors import SerializationError
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ __all__ = [
     "LocalContent",
     "atomic_write",
     "describe_local",
-    "file_digest",
     "local_matches",
     "local_name",
     "local_writer",
@@ -110,7 +109,7 @@ def read_local(path: Path, *, raw: bool = False) -> tuple[Any, dict[str, Any], s
 def stored_as_bytes(path: PurePath, *, raw: bool = False) -> str | None:
     """``"bytes"`` or ``"str"`` when ``put`` stores the file's own bytes, else None.
 
-    Such a file's content hash is the SHA-256 of the file, and it can be
+    Such a file's content hash is the hash of the file, and it can be
     streamed (:meth:`polystore.SQLBackend.save_file`); the other kinds are
     parsed (an array, a JSON value) and stored re-encoded.
     """
@@ -122,24 +121,6 @@ def stored_as_bytes(path: PurePath, *, raw: bool = False) -> str | None:
     if suffix in (".npy", ".json") or (suffix in _TIFF and _tifffile() is not None):
         return None
     return "bytes"
-
-
-#: Bytes read at a time when hashing a local file.
-_READ_CHUNK = 8 << 20
-
-
-def file_digest(path: Path, advance: Callable[[int], None] | None = None) -> tuple[int, str]:
-    """Size and hex SHA-256 of local file ``path``, read a chunk at a time."""
-    hasher = hashlib.sha256()
-    size = 0
-    buffer = bytearray(_READ_CHUNK)
-    with open(path, "rb", buffering=0) as fh, memoryview(buffer) as view:
-        while n := fh.readinto(view):
-            hasher.update(view[:n])
-            size += n
-            if advance is not None:
-                advance(n)
-    return size, hasher.hexdigest()
 
 
 @dataclass
@@ -170,17 +151,20 @@ class LocalContent:
 _MISSING = object()
 
 
-def describe_local(path: Path, serializers: SerializerRegistry, *, raw: bool) -> LocalContent:
-    """What ``put`` would store for ``path`` (hashed a chunk at a time when it is bytes)."""
+def describe_local(
+    path: Path, serializers: SerializerRegistry, algorithm: HashAlgorithm, *, raw: bool
+) -> LocalContent:
+    """What ``put`` would store for ``path``, hashed by the catalog's ``algorithm``
+    (a chunk at a time when it is bytes)."""
     as_bytes = stored_as_bytes(path, raw=raw)
     if as_bytes is not None:
-        return LocalContent(as_bytes, file_digest(path)[1])
+        return LocalContent(as_bytes, algorithm.of_file(path)[1])
     value, extra, remark = read_local(path, raw=raw)
     encoded = serializers.encode(value)
     shape = tuple(encoded.shape) if encoded.shape is not None else None
     return LocalContent(
         encoded.serializer,
-        hashlib.sha256(encoded.data).hexdigest(),
+        algorithm.of(encoded.data),
         encoded.dtype,
         shape,
         extra,
@@ -198,16 +182,19 @@ def local_name(st: StatResult, target: Path) -> Path:
     return target
 
 
-def local_matches(st: StatResult, local: Path, serializers: SerializerRegistry) -> bool:
-    """Whether local file ``local`` already holds what ``get`` would write for ``st``."""
+def local_matches(
+    st: StatResult, local: Path, serializers: SerializerRegistry, algorithm: HashAlgorithm
+) -> bool:
+    """Whether local file ``local`` already holds what ``get`` would write for ``st``
+    (a file of a catalog whose content ``algorithm`` names)."""
     try:
         if not local.is_file():
             return False
         if st.serializer in ("bytes", "str"):
-            return local.stat().st_size == st.size and file_digest(local)[1] == st.hash
+            return local.stat().st_size == st.size and algorithm.of_file(local)[1] == st.hash
         if st.serializer not in ("ndarray", "json"):
             return False
-        described = describe_local(local, serializers, raw=False)
+        described = describe_local(local, serializers, algorithm, raw=False)
     except (OSError, SerializationError, ValueError):
         return False
     return described.same_as(st, {})

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from polystore import paths
+from polystore.backends.sql.hashing import named
 from polystore.cli.app import State, interrupted, main, pass_state, url_option
 from polystore.cli.complete import complete_catalog_path
 from polystore.cli.globs import Filters, expand_all, has_magic
@@ -226,7 +227,7 @@ def _put_one(
         return True, None
     if streamed is not None and existing.size != local.stat().st_size:
         return True, None
-    described = describe_local(local, backend.serializers, raw=raw)
+    described = describe_local(local, backend.serializers, named(backend.hash_algorithm), raw=raw)
     if described.same_as(existing, user_attrs):
         return False, None
     return True, described
@@ -301,7 +302,7 @@ def put(
     installed), anything else bytes; ``--raw`` stores bytes throughout.
     ``polystore get`` writes them back byte for byte.
 
-    Like ``rclone copy``, a file whose content (SHA-256), type and attributes
+    Like ``rclone copy``, a file whose content (its hash), type and attributes
     are already at its destination is skipped, so running put again after an
     interruption copies only what is missing; a different file there is
     replaced. Plain files larger than the inline limit stream to the blob
@@ -610,8 +611,9 @@ def get(
     files, dirs = _plan_get(backend, expanded, dest, globbed, Filters(include, exclude))
     tally = _Tally(files=len(files))
     todo: list[tuple[StatResult, Path]] = []
+    algorithm = named(backend.hash_algorithm)
     for st, local in files:
-        if local_matches(st, local_name(st, local), backend.serializers):
+        if local_matches(st, local_name(st, local), backend.serializers, algorithm):
             tally.skipped += 1
         else:
             todo.append((st, local))

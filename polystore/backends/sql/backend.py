@@ -55,10 +55,12 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
     raises :class:`~polystore.errors.SchemaVersionError` unless
     ``auto_upgrade=True``.
 
-    Every load checks content against its recorded size, and content from an
-    external blob store against its SHA-256 as well; ``verify_inline=True``
-    hashes content stored in the database on every load too (about 3 µs per
-    4 KiB). ``fsck(verify=True)`` hashes everything.
+    Content is named by a hash of its bytes: BLAKE3, or SHA-256 in catalogs
+    that held content before revision 0010 (:attr:`hash_algorithm`). Every
+    load checks content against its recorded size, and content from an
+    external blob store against its piece checksums (or its hash) as well;
+    ``verify_inline=True`` hashes content stored in the database on every
+    load too (a few µs per 4 KiB). ``fsck(verify=True)`` hashes everything.
 
     The methods delegate to the modules of ``polystore/backends/sql``
     (:doc:`architecture`); the snapshot and maintenance methods come from mixins.
@@ -103,6 +105,7 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
                 # in-memory database is the pool's one connection, and giving
                 # it back to the pool rolls back whatever it was doing.
                 placement.max_inline()
+                self._catalog.hashing  # noqa: B018 -- read now, for the same reason
             except BaseException:
                 self._catalog.close()
                 raise
@@ -135,6 +138,17 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"inline_limit must be an int >= 0, not {limit!r}")
         self._inline_limit = limit
+
+    @property
+    def hash_algorithm(self) -> str:
+        """The hash that names this catalog's content: ``"blake3"`` or ``"sha256"``.
+
+        What ``polystore_blobs.hash``, ``StatResult.hash`` and the keys of external objects
+        are: BLAKE3 for catalogs made since revision 0010, SHA-256 for those
+        that held content before it. Fixed for the catalog's life; hashes of
+        two catalogs compare only when their algorithms are the same.
+        """
+        return self._catalog.hashing.name
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -274,7 +288,8 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
         gives (``serializer="str"``: the file as UTF-8 text), but content over
         the inline limit goes to the external blob store a chunk at a time,
         never whole in memory; see ``polystore/backends/sql/stream.py``.
-        ``known`` is the file's ``(size, sha256 hex)`` if already computed;
+        ``known`` is the file's ``(size, hex hash)`` if already computed (by
+        :attr:`hash_algorithm`; checked as the file is read);
         ``advance(n)`` is called as bytes are uploaded.
         """
         from polystore.backends.sql.stream import save_file

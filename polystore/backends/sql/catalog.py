@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 
 from polystore.backends.sql.engine import WRITE, create_catalog_engine, retrying, translate_errors
+from polystore.backends.sql.hashing import HashAlgorithm
+from polystore.backends.sql.identity import hash_algorithm
 
 __all__ = ["Catalog", "utcnow"]
 
@@ -55,6 +57,19 @@ class Catalog:
         self._tx: ContextVar[Connection | None] = ContextVar(
             f"polystore_tx_{id(self)}", default=None
         )
+        self._hashing: HashAlgorithm | None = None
+
+    @property
+    def hashing(self) -> HashAlgorithm:
+        """The algorithm that names this catalog's content (:mod:`.hashing`).
+
+        Read once, from ``polystore_identity``: it never changes once the
+        catalog holds content. :class:`~polystore.SQLBackend` reads it as it
+        opens, outside any transaction.
+        """
+        if self._hashing is None:
+            self._hashing = self.read(hash_algorithm)
+        return self._hashing
 
     def close(self) -> None:
         self.engine.dispose()

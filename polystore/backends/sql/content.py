@@ -1,4 +1,4 @@
-"""Content: blobs deduplicated by SHA-256 with reference counts.
+"""Content: blobs deduplicated by hash (:mod:`.hashing`) with reference counts.
 
 Reference counts change in the same transaction as the nodes that point at the
 blobs, so a rolled-back save leaves counts exactly as they were. Inline blobs
@@ -8,7 +8,6 @@ whose count drops to zero are deleted at once, in that same transaction.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ __all__ = [
     "Content",
     "add_blobs",
     "add_references",
-    "content_hash",
-    "content_hashes",
     "fetch_blobs",
     "lock_blobs",
     "release_blobs",
@@ -42,29 +39,6 @@ __all__ = [
 
 INLINE = "inline"
 blobs = blobs_table
-
-
-def content_hash(data: Buffer) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def content_hashes(datas: Sequence[Buffer]) -> list[str]:
-    """Hex SHA-256 of each buffer, in order.
-
-    One thread: hashlib lets go of the GIL while it hashes a buffer over 2 KiB,
-    but for buffers of a few KiB taking it back costs more than a second thread
-    gains (measured: 10,000 x 4 KiB hash in 34 ms on one thread, 40-48 ms on two).
-    Each hash starts as a copy of one fresh context, which costs OpenSSL less
-    than setting up a new one (10,000 x 4 KiB: 40 ms instead of 46).
-    """
-    copy = hashlib.sha256().copy
-    out = []
-    for data in datas:
-        h = copy()
-        h.update(data)
-        out.append(h.hexdigest())
-    return out
 
 
 @runtime_checkable

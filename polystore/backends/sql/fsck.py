@@ -1,7 +1,7 @@
 """``fsck()``: check the catalog against its content, in both directions.
 
 Catalog -> content: every blob a file refers to exists, with the recorded size
-(and, with ``verify=True``, the recorded SHA-256), whether inline or in the
+(and, with ``verify=True``, the recorded hash), whether inline or in the
 external store; every reference count equals the number of files pointing at
 its blob.
 
@@ -13,7 +13,7 @@ Content -> catalog: every object in the external store belongs to a blob row
 (or to an upload in flight). This is the one place polystore lists the store.
 
 Rows another program wrote with what polystore never writes -- a blob hash
-that is not a SHA-256 hex digest, ``shape``, ``meta`` or ``attrs`` that are
+that is not 64 lowercase hex digits, ``shape``, ``meta`` or ``attrs`` that are
 not JSON or not of the JSON type polystore stores -- are reported by name,
 and the checks go on over the rest.
 
@@ -24,7 +24,6 @@ reported as damage. The report is exact when nothing else writes meanwhile.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from sqlalchemy import Connection
 
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE
+from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import key_id, same_json
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import history_table as history
@@ -69,13 +69,13 @@ class FsckReport:
       not their key's, used by files or not.
     * ``damaged_nodes``: ``path -> what is wrong`` for files and directories
       whose row holds what polystore never writes (another program's): a
-      blob hash that is not a SHA-256 hex digest, or ``shape``, ``meta`` or
+      blob hash that is not 64 lowercase hex digits, or ``shape``, ``meta`` or
       ``attrs`` that are not JSON, or not the JSON type polystore stores
       there (an array, an object). Operations that need such a column raise
       :class:`~polystore.errors.CatalogDamagedError`. A row no path reaches
       from the root is named ``"<node ID>"``.
     * ``damaged_blobs``: hashes of ``polystore_blobs`` rows whose hash is not
-      a SHA-256 hex digest (their content is not checked further).
+      64 lowercase hex digits (their content is not checked further).
 
     For information only: ``blobs_checked``, ``objects_checked``, ``verified``;
     ``garbage`` (unreferenced blob rows that ``gc()`` will remove);
@@ -141,7 +141,7 @@ class FsckReport:
         lines += [f"kind row {kind_id} does not match its key" for kind_id in self.bad_kinds]
         lines += [f"damaged row of {path!r}: {what}" for path, what in self.damaged_nodes.items()]
         lines += [
-            f"damaged blob row {h!r}: its hash is not a SHA-256 hex digest"
+            f"damaged blob row {h!r}: its hash is not a content hash (64 lowercase hex digits)"
             for h in self.damaged_blobs
         ]
         return lines
@@ -166,9 +166,9 @@ class FsckReport:
         return "\n".join(notes)
 
 
-def _hash_inline(conn: Connection, content_hash: str) -> str | None:
+def _hash_inline(conn: Connection, content_hash: str, algorithm: HashAlgorithm) -> str | None:
     data = conn.execute(sa.select(blobs.c.data).where(blobs.c.hash == content_hash)).scalar()
-    return None if data is None else hashlib.sha256(data).hexdigest()
+    return None if data is None else algorithm.of(data)
 
 
 def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) -> FsckReport:
@@ -182,7 +182,8 @@ def check(catalog: Catalog, store: BlobStore | None, *, verify: bool = False) ->
         report.missing.extend(facts.kept - {row.hash for row in facts.rows})
         report.blobs_checked = len(facts.rows)
         report.pending_uploads = len(facts.pending)
-        ours = _check_blobs(conn, store, report, facts, objects, verify)
+        verifier = catalog.hashing if verify else None
+        ours = _check_blobs(conn, store, report, facts, objects, verifier)
         _check_kinds(conn, report)
         damaged = [h for h in facts.counted if h is not None and not is_content_hash(h)]
         _check_nodes(conn, report, damaged)
@@ -244,9 +245,13 @@ def _check_blobs(
     report: FsckReport,
     facts: _Facts,
     objects: list[StoredObject],
-    verify: bool,
+    verify: HashAlgorithm | None,
 ) -> set[str]:
-    """Check every blob row against its files and its content; the hashes kept in ``store``."""
+    """Check every blob row against its files and its content; the hashes kept in ``store``.
+
+    ``verify``: the catalog's algorithm, to hash every content by; None to
+    check sizes only.
+    """
     listed = {o.hash: o for o in objects if o.hash is not None and o.token is None}
     others: Counter[str] = Counter()
     ours: set[str] = set()
@@ -265,7 +270,7 @@ def _check_blobs(
         if row.store == INLINE:
             if row.stored != row.size:
                 report.size_mismatch.append(row.hash)
-            elif verify and _hash_inline(conn, row.hash) != row.hash:
+            elif verify is not None and _hash_inline(conn, row.hash, verify) != row.hash:
                 report.hash_mismatch.append(row.hash)
         elif store is not None and row.store == store.name:
             _check_object(store, report, row, listed.get(row.hash), verify)
@@ -391,8 +396,8 @@ def _json_damage_sql(dialect: str) -> str:
 def _check_nodes(conn: Connection, report: FsckReport, bad_hashes: list[str]) -> None:
     """Report rows of ``polystore_nodes`` holding what polystore never writes, by path.
 
-    ``bad_hashes``: the blob hashes files refer to that are not SHA-256 hex
-    digests. Paths are found (by a walk of the whole tree) only when something
+    ``bad_hashes``: the blob hashes files refer to that are not 64 lowercase
+    hex digits. Paths are found (by a walk of the whole tree) only when something
     is wrong.
     """
     found: dict[int, str] = {}
@@ -400,7 +405,9 @@ def _check_nodes(conn: Connection, report: FsckReport, bad_hashes: list[str]) ->
         for node_id, blob_hash in conn.execute(
             sa.select(nodes.c.id, nodes.c.blob_hash).where(nodes.c.blob_hash.in_(part))
         ):
-            found[node_id] = f"its blob hash {blob_hash!r} is not a SHA-256 hex digest"
+            found[node_id] = (
+                f"its blob hash {blob_hash!r} is not a content hash (64 lowercase hex digits)"
+            )
     for node_id, what in conn.execute(sa.text(_json_damage_sql(conn.dialect.name))):
         found.setdefault(node_id, what)
     if not found:
@@ -433,15 +440,19 @@ def _row_matches_key(kind_id: int, columns: list[Any], loose: bool) -> bool:
 
 
 def _check_object(
-    store: BlobStore, report: FsckReport, row: Any, obj: StoredObject | None, verify: bool
+    store: BlobStore,
+    report: FsckReport,
+    row: Any,
+    obj: StoredObject | None,
+    verify: HashAlgorithm | None,
 ) -> None:
     size = obj.size if obj is not None else store.size(row.hash)  # listed, or uploaded since
     if size is None:
         report.missing.append(row.hash)
     elif size != row.size:
         report.size_mismatch.append(row.hash)
-    elif verify:
-        found = digest(store, row.hash)
+    elif verify is not None:
+        found = digest(store, row.hash, verify)
         if found is None:
             report.missing.append(row.hash)
         elif found.size != row.size:

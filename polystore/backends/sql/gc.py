@@ -14,8 +14,8 @@ place. Only after it commits does the object go, through the upload
 protocol's release (:meth:`~polystore.backends.sql.uploads.Uploads.release`):
 under the hash's lock, and only if no blob row and no other intent needs the
 object by then, so a writer running at the same time either protected the
-object first or uploads it again afterwards. A row whose hash is not a hex
-SHA-256 (written by another program) is skipped and counted, never a reason
+object first or uploads it again afterwards. A row whose hash is not 64
+lowercase hex digits (written by another program) is skipped and counted, never a reason
 to stop; docs/reliability.rst has the whole protocol.
 
 ``rebalance()`` moves blobs between inline and external placement to match an
@@ -26,7 +26,6 @@ whole in one place or the other.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,8 +75,8 @@ class GCReport:
     intents_expired: int = 0
     #: Objects deleted from the external store (unreferenced blobs and abandoned uploads).
     objects_deleted: int = 0
-    #: Unreferenced blob rows left alone because their hash is not a hex
-    #: SHA-256 (written by another program; ``fsck()`` names them).
+    #: Unreferenced blob rows left alone because their hash is not 64 lowercase
+    #: hex digits (written by another program; ``fsck()`` names them).
     rows_skipped: int = 0
     #: Old versions of files no kept snapshot can see any more, removed
     #: (``polystore_node_history``); their content is collected in the same run.
@@ -279,7 +278,7 @@ class _Mover:
         data = self.catalog.read(lambda conn: conn.execute(stmt).scalar())
         if data is None:
             return False  # deleted or moved meanwhile
-        if len(data) != size or hashlib.sha256(data).hexdigest() != content_hash:
+        if len(data) != size or self.catalog.hashing.of(data) != content_hash:
             raise IntegrityError(f"inline blob {content_hash} does not match its size or hash")
 
         def switch(staged: Staged | None) -> bool:

@@ -38,11 +38,12 @@ import socket
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
+from polystore.backends.sql.hashing import HashAlgorithm, named
 from polystore.backends.sql.models import identity_table
 from polystore.blobs.base import OWNER_KEY, BlobStore, StoreOwner
 from polystore.errors import BackendConfigError
 
-__all__ = ["catalog_id", "claim_store", "describe", "only_checks"]
+__all__ = ["catalog_id", "claim_store", "describe", "hash_algorithm", "only_checks"]
 
 
 # Plain text for the driver: a statement compiled by SQLAlchemy would be
@@ -62,6 +63,17 @@ def catalog_id(conn: Connection) -> str:
             "changed behind polystore's back"
         )
     return str(found)
+
+
+_SELECT_ALGORITHM = (
+    f"SELECT {identity_table.c.hash_algorithm.name} FROM {identity_table.name} "
+    f"WHERE {identity_table.c.id.name} = 1"
+)
+
+
+def hash_algorithm(conn: Connection) -> HashAlgorithm:
+    """The algorithm that names the content of the catalog ``conn`` is connected to."""
+    return named(conn.exec_driver_sql(_SELECT_ALGORITHM).scalar())
 
 
 def describe(url: sa.URL) -> str:

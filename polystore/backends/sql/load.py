@@ -154,7 +154,9 @@ class Loader:
         (another program's row) is damage, not a key to look up.
         """
         if store is not None and store != INLINE and not is_content_hash(blob_hash):
-            raise damaged_record(path, f"its blob hash {blob_hash!r} is not a SHA-256 hex digest")
+            raise damaged_record(
+                path, f"its blob hash {blob_hash!r} is not a content hash (64 lowercase hex digits)"
+            )
         return self.reader.content(
             store, size, blob_hash, data, path, into=into, checksums=checksums
         )

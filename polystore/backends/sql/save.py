@@ -32,6 +32,7 @@ from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import Content, add_blobs, lock_blobs, release_blobs
+from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.placement import Placement
@@ -143,13 +144,13 @@ class Batch:
             if size > over:
                 yield Content(h, staged.get(i, data), size)
 
-    def hash(self, store: BlobStore | None, over: int) -> None:
+    def hash(self, algorithm: HashAlgorithm, store: BlobStore | None, over: int) -> None:
         """Hash every content; stage the large ones over ``over`` bytes in ``store`` meanwhile.
 
         See :func:`~.staging.hash_batch`; what the save does not use of the
         staged content, :meth:`discard` removes.
         """
-        self.hashes, self.prestaged = hash_batch(self.datas, self.sizes, store, over)
+        self.hashes, self.prestaged = hash_batch(self.datas, self.sizes, store, over, algorithm)
 
     def discard(self, store: BlobStore | None) -> None:
         """Remove the staged content the save did not give a name."""
@@ -163,10 +164,11 @@ def encode_batch(
     output_paths: list[str],
     overwrite: bool,
     *,
+    algorithm: HashAlgorithm,
     stage_in: BlobStore | None = None,
     stage_over: int = 0,
 ) -> Batch:
-    """Normalize, serialize and hash every value (the database is not touched).
+    """Normalize, serialize and hash every value by ``algorithm`` (the database is not touched).
 
     Content of more than ``stage_over`` bytes is staged in ``stage_in`` while
     it is hashed (:meth:`Batch.hash`); the caller then owns what is staged
@@ -211,7 +213,7 @@ def encode_batch(
             kinds.append(kind)
         else:
             sizes[at], datas[at], kinds[at] = size, data, kind
-    batch.hash(stage_in, stage_over)
+    batch.hash(algorithm, stage_in, stage_over)
     return batch
 
 
@@ -444,6 +446,7 @@ class Saver:
             values,
             output_paths,
             overwrite,
+            algorithm=self.catalog.hashing,
             stage_in=store,
             stage_over=limit,
         )

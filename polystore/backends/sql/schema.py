@@ -58,6 +58,7 @@ REVISIONS: tuple[str, ...] = (
     "0007",
     "0008",
     "0009",
+    "0010",
 )
 HEAD = REVISIONS[-1]
 #: The columns of the ``polystore_catalog`` view, in order: a public contract

@@ -10,8 +10,8 @@ Saving (:func:`save_file`), decided in ``docs/decisions.rst``:
 * Content over the inline limit goes to the external blob store under the
   usual upload protocol (:mod:`.uploads`: intents committed before a byte is
   uploaded, the blob row and the file row written in one catalog transaction
-  afterwards). The file is read twice -- once to hash it (its name in the
-  store), once to upload it -- through one buffer of :data:`CHUNK_SIZE`; the
+  afterwards). The file is read twice, 8 MiB at a time -- once to hash it
+  (by the catalog's algorithm: its name in the store), once to upload it; the
   second pass hashes again, and an upload whose bytes no longer match (the
   file changed in between) fails and leaves no object. The store receives an
   iterator of chunks: a local store writes them to a temporary file, S3 makes
@@ -34,7 +34,6 @@ and renames it at the end never publishes corrupt content.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -46,6 +45,7 @@ from polystore import paths
 from polystore.backends._common import check_attrs, is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE, Content
+from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import Kind
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.save import Batch, SaveOptions, Saver
@@ -57,25 +57,12 @@ if TYPE_CHECKING:
     from polystore.backends.sql.catalog import Catalog
     from polystore.serializers import SerializerRegistry
 
-__all__ = ["STREAMED_SERIALIZERS", "FileSource", "file_hash", "iter_content", "save_file"]
+__all__ = ["STREAMED_SERIALIZERS", "FileSource", "iter_content", "save_file"]
 
 #: The serializers whose stored content is a file's own bytes.
 STREAMED_SERIALIZERS = ("bytes", "str")
 
 Advance = Callable[[int], None]
-
-
-def file_hash(path: str | os.PathLike[str], advance: Advance | None = None) -> tuple[int, str]:
-    """Size and hex SHA-256 of local file ``path``, read :data:`CHUNK_SIZE` at a time."""
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            hasher.update(chunk)
-            size += len(chunk)
-            if advance is not None:
-                advance(len(chunk))
-    return size, hasher.hexdigest()
 
 
 class FileSource:
@@ -93,6 +80,7 @@ class FileSource:
         path: str | os.PathLike[str],
         size: int,
         content_hash: str,
+        algorithm: HashAlgorithm,
         *,
         text: bool = False,
         advance: Advance | None = None,
@@ -100,11 +88,12 @@ class FileSource:
         self.path = os.fspath(path)
         self.size = size
         self.hash = content_hash
+        self.algorithm = algorithm
         self.text = text
         self.advance = advance
 
     def chunks(self) -> Iterator[bytes]:
-        hasher = hashlib.sha256()
+        hasher = self.algorithm.new()
         decoder = codecs.getincrementaldecoder("utf-8")() if self.text else None
         size = 0
         with open(self.path, "rb") as fh:
@@ -178,9 +167,10 @@ def save_file(
             advance(size)
         return
     with saver.catalog.errors():
-        size, content_hash = known if known is not None else file_hash(local_path)
+        algorithm = saver.catalog.hashing
+        size, content_hash = known if known is not None else algorithm.of_file(local_path)
         text = serializer == "str"
-        source = FileSource(local_path, size, content_hash, text=text, advance=advance)
+        source = FileSource(local_path, size, content_hash, algorithm, text=text, advance=advance)
         batch = _file_batch(options.serializers, serializer, path, source)
         # force: upload even when the content already has a blob row elsewhere
         # (inline): the row then keeps its placement, the object is released,
@@ -274,7 +264,7 @@ def iter_content(
     """
     norm = paths.normalize_file(path)
     content_hash, size, where = _locate(catalog, norm, resolve)
-    hasher = hashlib.sha256()
+    hasher = catalog.hashing.new()
     done = 0
     held: bytes | None = None
     for piece in _pieces(catalog, store, norm, content_hash, size, where, chunk_size):

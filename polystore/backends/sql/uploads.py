@@ -302,7 +302,7 @@ class Uploads:
                 return pieces.value()
         if vouched:
             return None
-        found = digest(self.store, content.hash)
+        found = digest(self.store, content.hash, self.catalog.hashing)
         if found is not None and found[:2] == (content.size, content.hash):
             return found.checksums
         if prestaged is not None:

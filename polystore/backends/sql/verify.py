@@ -4,14 +4,13 @@ Inline content is checked against its recorded size (and its hash with
 ``verify_inline``); external content is streamed from the blob store into one
 buffer and always checked, since other programs can write the directory or
 bucket it sits in: by its piece checksums where its row has them
-(:mod:`~polystore.backends.sql.checksums`), by its SHA-256 otherwise. Any
+(:mod:`~polystore.backends.sql.checksums`), by its hash otherwise. Any
 mismatch raises :class:`~polystore.errors.IntegrityError`.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import io
 from functools import partial
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from sqlalchemy import Connection
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.checksums import Checksummer, Verifier, decode
 from polystore.backends.sql.content import INLINE, stored_checksums
+from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.inline import WHOLE, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
@@ -66,14 +66,14 @@ class Digest(NamedTuple):
     """What :func:`digest` found of a stored object."""
 
     size: int
-    #: Hex SHA-256 of the bytes.
+    #: Hex hash of the bytes, by the algorithm :func:`digest` was given.
     hash: str
     #: Their piece checksums, as a blob row records them (:mod:`.checksums`).
     checksums: bytes
 
 
-def digest(store: BlobStore, content_hash: str) -> Digest | None:
-    """Size, SHA-256 and piece checksums of the stored object, streamed through one buffer.
+def digest(store: BlobStore, content_hash: str, algorithm: HashAlgorithm) -> Digest | None:
+    """Size, hash and piece checksums of the stored object, streamed through one buffer.
 
     ``None`` when there is no such object.
     """
@@ -81,7 +81,7 @@ def digest(store: BlobStore, content_hash: str) -> Digest | None:
         reader = store.open(content_hash)
     except NotFoundError:
         return None
-    hasher = hashlib.sha256()
+    hasher = algorithm.new()
     summer = Checksummer()
     size = 0
     buffer = bytearray(min(CHUNK_SIZE, max(reader.size, 1)))
@@ -137,7 +137,7 @@ class ContentReader:
                 raise IntegrityError(
                     f"content of {path!r} is {view.nbytes} bytes inline, the catalog records {size}"
                 )
-            if self.verify_inline and hashlib.sha256(view).hexdigest() != content_hash:
+            if self.verify_inline and self.catalog.hashing.of(view) != content_hash:
                 raise IntegrityError(
                     f"content of {path!r} does not match its hash {content_hash} (stored inline)"
                 )
@@ -183,7 +183,7 @@ class ContentReader:
 
         Checked by the blob's piece checksums where its row records them
         (:mod:`~polystore.backends.sql.checksums`, each piece as soon as it is
-        in the buffer), else by its SHA-256. ``checksums`` is the row's value
+        in the buffer), else by its hash. ``checksums`` is the row's value
         where the caller read it (one query less), else it is looked up.
         ``into`` says which buffer, so
         that no byte is zeroed or copied for nothing:
@@ -216,7 +216,7 @@ class ContentReader:
                 f"{self.store.name!r}"
             )
         if recorded is None:
-            if hashlib.sha256(data).hexdigest() != content_hash:
+            if self.catalog.hashing.of(data) != content_hash:
                 raise IntegrityError(
                     f"content of {path!r} does not match its hash {content_hash} "
                     f"(blob store {self.store.name!r})"
