@@ -2,7 +2,7 @@
 
 SQLite and PostgreSQL, each against the raw driver moving the same bytes.
 ``save_sqlite~hashed`` (info) runs the raw side once more, keyed by each
-value's SHA-256 computed in the run: the least a content-addressed store
+value's hash computed in the run (BLAKE3, as a new catalog names content): the least a content-addressed store
 pays, against which polystore's catalog rows and Python are what is left.
 """
 

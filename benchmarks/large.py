@@ -1,7 +1,7 @@
 """Issue 19's large-array goals: one 512 MiB array saved and loaded whole.
 
 polystore (``SQLBackend`` on a SQLite file, the content in its default blob
-store ``<file>.blobs/``: hashed with SHA-256, checksummed, fsynced, and
+store ``<file>.blobs/``: hashed (BLAKE3, a new catalog's), checksummed, fsynced, and
 checked by its piece checksums on every load) against ``np.save`` of the same
 array to one ``.npy`` file followed by an fsync, and ``np.load`` of that file.
 Each save goes into a fresh catalog, so no save finds its content stored
@@ -84,7 +84,7 @@ def large_save(bench: Bench) -> list[Row]:
     profile_side(bench, "large_save", sides["polystore"])
     what = (
         f"save of one {mib} MiB float64 array into a fresh SQLite catalog (default blob store: "
-        "SHA-256, piece checksums, fsync) vs np.save to a .npy file + fsync"
+        "BLAKE3, piece checksums, fsync) vs np.save to a .npy file + fsync"
     )
     return [bulk_row("large_save", what, times, GOAL)]
 
