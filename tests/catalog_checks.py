@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 from polystore import StorageBackend
 from polystore.backends.sql import SQLBackend
-from polystore.backends.sql.hashing import named
 from polystore.backends.sql.models import nodes_table
+from polystore.hashing import named
 
 
 def content_hash(backend: SQLBackend, data: Any) -> str:

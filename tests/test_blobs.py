@@ -32,7 +32,6 @@ from polystore import (
     SerializationError,
 )
 from polystore.backends.sql import SQLBackend
-from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs import (
     OWNER_KEY,
     BlobStore,
@@ -43,6 +42,7 @@ from polystore.blobs import (
     hash_key,
 )
 from polystore.errors import BackendConfigError, UnsupportedOperationError
+from polystore.hashing import NEW_CATALOGS
 
 LIMIT = 64  # bytes: small enough that most test values go external
 

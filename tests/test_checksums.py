@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from polystore import SQLBackend
 from polystore.backends.sql import checksums
-from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs.base import BlobStore
 from polystore.blobs.local import LocalBlobStore
 from polystore.errors import IntegrityError
+from polystore.hashing import NEW_CATALOGS
 
 PIECE = 4096
 

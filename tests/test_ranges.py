@@ -16,7 +16,6 @@ import pytest
 import sqlalchemy as sa
 
 from polystore import SQLBackend
-from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs import BlobStore, LocalBlobStore
 from polystore.errors import (
     IntegrityError,
@@ -24,6 +23,7 @@ from polystore.errors import (
     NotFoundError,
     SerializationError,
 )
+from polystore.hashing import NEW_CATALOGS
 
 CONTENT = bytes(range(256)) * 64  # 16 KiB
 

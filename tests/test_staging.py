@@ -19,9 +19,9 @@ from polystore import SQLBackend
 from polystore.backends.sql import save as save_module
 from polystore.backends.sql import staging
 from polystore.backends.sql import uploads as uploads_module
-from polystore.backends.sql.hashing import NEW_CATALOGS
 from polystore.blobs import LocalBlobStore, Staging, from_url
 from polystore.errors import IsADirectoryError, NotFoundError, UnsupportedOperationError
+from polystore.hashing import NEW_CATALOGS
 
 OVER = 64 << 10
 

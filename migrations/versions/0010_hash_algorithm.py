@@ -4,7 +4,7 @@ Content was named by its SHA-256 until now. A catalog that holds no content
 yet (no blob row, no upload under way) -- every catalog made from now on --
 takes BLAKE3, which hashes about 2.5 times as fast; a catalog that holds
 content keeps SHA-256, so its content keeps the names it was stored, and is
-found, under (:mod:`polystore.backends.sql.hashing`).
+found, under (:mod:`polystore.hashing`).
 
 The downgrade drops the column. Revision 0009 knows only SHA-256, so the
 downgrade refuses a catalog whose content BLAKE3 names, unless it goes on to

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.errors import SerializationError
+from polystore.hashing import HashAlgorithm
 
 if TYPE_CHECKING:
     from polystore.backends.base import StatResult

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from polystore import paths
-from polystore.backends.sql.hashing import named
 from polystore.cli.app import State, interrupted, main, pass_state, url_option
 from polystore.cli.complete import complete_catalog_path
 from polystore.cli.globs import Filters, expand_all, has_magic
@@ -43,6 +42,7 @@ from polystore.cli.localfiles import (
 )
 from polystore.cli.output import Meter, echo_json, human_size, info, note, transfer_progress
 from polystore.errors import NotFoundError
+from polystore.hashing import named
 
 if TYPE_CHECKING:
     from polystore.backends.base import StatResult

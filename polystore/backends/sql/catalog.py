@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 
 from polystore.backends.sql.engine import WRITE, create_catalog_engine, retrying, translate_errors
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.identity import hash_algorithm
+from polystore.hashing import HashAlgorithm
 
 __all__ = ["Catalog", "utcnow"]
 
@@ -61,7 +61,7 @@ class Catalog:
 
     @property
     def hashing(self) -> HashAlgorithm:
-        """The algorithm that names this catalog's content (:mod:`.hashing`).
+        """The algorithm that names this catalog's content (:mod:`polystore.hashing`).
 
         Read once, from ``polystore_identity``: it never changes once the
         catalog holds content. :class:`~polystore.SQLBackend` reads it as it

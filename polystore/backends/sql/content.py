@@ -1,4 +1,4 @@
-"""Content: blobs deduplicated by hash (:mod:`.hashing`) with reference counts.
+"""Content: blobs deduplicated by hash (:mod:`polystore.hashing`), with reference counts.
 
 Reference counts change in the same transaction as the nodes that point at the
 blobs, so a rolled-back save leaves counts exactly as they were. Inline blobs

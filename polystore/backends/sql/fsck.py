@@ -34,7 +34,6 @@ from sqlalchemy import Connection
 
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.content import INLINE
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import key_id, same_json
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.models import history_table as history
@@ -44,6 +43,7 @@ from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.tree import chunks, subtree_sql
 from polystore.backends.sql.verify import digest
 from polystore.blobs.base import BlobStore, StoredObject, is_content_hash
+from polystore.hashing import HashAlgorithm
 
 __all__ = ["FsckReport", "check"]
 

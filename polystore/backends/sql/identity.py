@@ -38,10 +38,10 @@ import socket
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from polystore.backends.sql.hashing import HashAlgorithm, named
 from polystore.backends.sql.models import identity_table
 from polystore.blobs.base import OWNER_KEY, BlobStore, StoreOwner
 from polystore.errors import BackendConfigError
+from polystore.hashing import HashAlgorithm, named
 
 __all__ = ["catalog_id", "claim_store", "describe", "hash_algorithm", "only_checks"]
 

@@ -8,11 +8,11 @@ migrations in ``migrations/``; these models are what those migrations must match
 * ``polystore_nodes`` -- the directory tree as an adjacency list: one row per file
   or directory, ``UNIQUE(parent_id, name)``. The root is the row with ``id = 0``
   and no parent. Moving a directory rewrites one row.
-* ``polystore_blobs`` -- content, keyed by its hash (:mod:`.hashing`), with a reference count
-  kept in the same transaction as the nodes that point at it. ``store`` says
-  where the bytes live: ``'inline'`` (the deferred ``data`` column) or the name
-  of an external blob store; external rows also record the checksums a load
-  checks (``checksums``, revision 0007).
+* ``polystore_blobs`` -- content, keyed by its hash (:mod:`polystore.hashing`),
+  with a reference count kept in the same transaction as the nodes that point
+  at it. ``store`` says where the bytes live: ``'inline'`` (the deferred
+  ``data`` column) or the name of an external blob store; external rows also
+  record the checksums a load checks (``checksums``, revision 0007).
 * ``polystore_upload_intents`` -- uploads to external blob stores in flight. An
   intent is committed before the upload starts and deleted in the transaction
   that commits the blob row, so ``gc()`` finds abandoned uploads without listing
@@ -31,7 +31,7 @@ migrations in ``migrations/``; these models are what those migrations must match
   external blob store records the identity of the catalog it belongs to
   (:mod:`~polystore.backends.sql.identity`). Since revision 0010 it also
   names the hash algorithm of the catalog's content
-  (:mod:`~polystore.backends.sql.hashing`).
+  (:mod:`~polystore.hashing`).
 * ``polystore_epoch`` -- one row, the catalog's current epoch: what
   :meth:`~polystore.SQLBackend.snapshot` records and raises (revision 0006).
 * ``polystore_snapshots`` -- one row per kept snapshot: its name and the epoch
@@ -242,7 +242,7 @@ class Identity(Base):
     #: When the catalog was given it: created, or upgraded to revision 0005.
     created_at: Mapped[Timestamp]
     #: The hash that names its content: ``blake3``, or ``sha256`` for content
-    #: stored before revision 0010 (:mod:`~polystore.backends.sql.hashing`).
+    #: stored before revision 0010 (:mod:`~polystore.hashing`).
     hash_algorithm: Mapped[str] = mapped_column(String(16), server_default=text("'sha256'"))
 
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

@@ -32,7 +32,6 @@ from polystore.backends.sql import epochs, tree
 from polystore.backends.sql.bulk import BulkStatement, bound, params_for
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import Content, add_blobs, lock_blobs, release_blobs
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import Kind, ensure_kinds, kind_key
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.placement import Placement
@@ -40,6 +39,7 @@ from polystore.backends.sql.staging import Prestaged, discard, hash_batch
 from polystore.backends.sql.uploads import Staged, Uploads, promote
 from polystore.blobs.base import BlobStore
 from polystore.errors import SerializationError
+from polystore.hashing import HashAlgorithm
 from polystore.serializers import Buffer, SerializerRegistry
 
 __all__ = ["Batch", "SaveOptions", "Saver", "encode_batch", "write_batch"]

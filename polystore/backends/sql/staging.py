@@ -1,11 +1,10 @@
 """Large content hashed and written at once, for stores that can stage it.
 
-A blob's name is the hash of its bytes (:mod:`.hashing`), and the upload
-protocol (:mod:`.uploads`) commits an intent naming that hash before the
-object may appear under it. Done in that order, a 1 GiB save hashed (for
+A blob's name is the hash of its bytes (:mod:`polystore.hashing`), and the
+upload protocol (:mod:`.uploads`) commits an intent naming that hash before
+the object may appear under it. Done in that order, a 1 GiB save hashed (for
 about 0.6 s on one core with SHA-256, 0.25 s with BLAKE3), then wrote and
-fsynced. A store with
-:attr:`~polystore.blobs.BlobStore.can_stage` lets the two overlap: a worker
+fsynced. A store with :attr:`~polystore.blobs.BlobStore.can_stage` lets the two overlap: a worker
 thread writes the content to the store's staging area (and checksums each
 piece as it goes) while this thread hashes it; both let go of the GIL. The
 upload then only renames the staged file under its hash
@@ -25,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from polystore.backends.sql.checksums import Checksummer
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.blobs.base import CHUNK_SIZE, BlobStore, Staging
+from polystore.hashing import HashAlgorithm
 from polystore.serializers import Buffer
 
 __all__ = ["PARALLEL_MIN", "STAGE_OVER", "Prestaged", "discard", "hash_and_stage", "hash_batch"]

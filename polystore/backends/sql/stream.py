@@ -45,13 +45,13 @@ from polystore import paths
 from polystore.backends._common import check_attrs, is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE, Content
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.kinds import Kind
 from polystore.backends.sql.models import blobs_table as blobs
 from polystore.backends.sql.save import Batch, SaveOptions, Saver
 from polystore.backends.sql.verify import ObjectGone
 from polystore.blobs.base import CHUNK_SIZE, BlobStore
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
+from polystore.hashing import HashAlgorithm
 
 if TYPE_CHECKING:
     from polystore.backends.sql.catalog import Catalog

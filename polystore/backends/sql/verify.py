@@ -20,10 +20,10 @@ from sqlalchemy import Connection
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.checksums import Checksummer, Verifier, decode
 from polystore.backends.sql.content import INLINE, stored_checksums
-from polystore.backends.sql.hashing import HashAlgorithm
 from polystore.backends.sql.inline import WHOLE, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
+from polystore.hashing import HashAlgorithm
 
 __all__ = ["UNKNOWN", "ContentReader", "Digest", "ObjectGone", "digest"]
 
