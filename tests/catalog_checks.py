@@ -20,6 +20,15 @@ def content_hash(backend: SQLBackend, data: Any) -> str:
     return named(backend.hash_algorithm).of(data)
 
 
+def made_before_0010(url: str) -> None:
+    """Make a fresh catalog at ``url`` as one that held content before revision 0010 was:
+    its content named by SHA-256. Only such a catalog goes below 0010 with its content
+    (a catalog whose content BLAKE3 names refuses: see
+    ``test_a_catalog_of_blake3_content_refuses_to_go_below_0010``)."""
+    with SQLBackend(url) as backend, backend.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE polystore_identity SET hash_algorithm = 'sha256'"))
+
+
 def file_kinds(conn: sa.Connection) -> list[Any]:
     """``(kind_id, serializer, serializer_version, dtype, shape, meta)`` of every file."""
     nodes = nodes_table

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from catalog_checks import assert_refcounts_consistent
+from catalog_checks import assert_refcounts_consistent, made_before_0010
 from processes import run_together
 
 from polystore import SQLBackend, migrate
@@ -423,6 +423,7 @@ def test_revision_0009_puts_data_last_on_sqlite_and_keeps_every_row(
     sqlite_url: str, tmp_path: Any
 ) -> None:
     values = {"big.npy": array(36), "small.npy": array(37, 100), "out.npy": array(38, 5000)}
+    made_before_0010(sqlite_url)
     with SQLBackend(sqlite_url, inline_limit=4 * inline.WHOLE, blob_store=tmp_path / "blobs") as b:
         b.save_batch([values["big.npy"], values["small.npy"]], ["big.npy", "small.npy"])
         b.inline_limit = 1000
@@ -446,6 +447,7 @@ def test_revision_0009_puts_data_last_on_sqlite_and_keeps_every_row(
 def test_revision_0009_keeps_an_applications_view_over_the_catalog(sqlite_url: str) -> None:
     # SQLite checks every view when a table is renamed, and this one names
     # polystore_catalog, which the rebuild drops and makes again last.
+    made_before_0010(sqlite_url)
     with SQLBackend(sqlite_url) as backend:
         backend.save(b"x", "a.bin")
     migrate.downgrade(sqlite_url, "0008")
@@ -487,6 +489,7 @@ def test_postgresql_stores_inline_content_uncompressed_since_0008(pg_url: str) -
     assert _storage(pg_url) == "x"  # EXTENDED: compressed where it can be
     migrate.upgrade(pg_url)
     assert _storage(pg_url) == "e"  # EXTERNAL: never compressed
+    made_before_0010(pg_url)
     with SQLBackend(pg_url, inline_limit=4 * inline.WHOLE) as backend:
         backend.save(np.zeros(LARGE, np.uint8), "zeros.npy")
         assert not _compressed(backend, "zeros.npy")

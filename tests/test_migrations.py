@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from catalog_checks import file_kinds
+from catalog_checks import file_kinds, made_before_0010
 
 from polystore import migrate
 from polystore.backends.sql import SQLBackend, schema
@@ -54,17 +54,6 @@ def engine_for(url: str) -> Iterator[sa.Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def made_before_0010(url: str) -> None:
-    """Make a fresh catalog at ``url`` as one that held content before revision 0010 was:
-    its content named by SHA-256. Only such a catalog goes below 0010 with its content
-    (a catalog whose content BLAKE3 names refuses: see
-    ``test_a_catalog_of_blake3_content_refuses_to_go_below_0010``)."""
-    with SQLBackend(url):
-        pass
-    with engine_for(url) as engine, engine.begin() as conn:
-        conn.execute(sa.text("UPDATE polystore_identity SET hash_algorithm = 'sha256'"))
 
 
 def schema_objects(url: str) -> set[tuple[str, str]]:

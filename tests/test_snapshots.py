@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from catalog_checks import made_before_0010
 from test_schema_docs import sql_blocks
 
 from polystore import (
@@ -444,6 +445,7 @@ def test_restore_is_one_transaction(backend: SQLBackend) -> None:
 
 
 def test_migration_down_and_up_with_snapshots(catalog_url: str) -> None:
+    made_before_0010(catalog_url)
     with SQLBackend(catalog_url) as backend:
         fill(backend)
         backend.snapshot("s")

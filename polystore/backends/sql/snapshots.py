@@ -239,6 +239,11 @@ class SnapshotView(KindLookups, ReadOnlyBackend):
         """The backend's serializers (what ``get`` compares local files with)."""
         return self._backend.serializers
 
+    @property
+    def hash_algorithm(self) -> str:
+        """The hash that names the catalog's content (:attr:`SQLBackend.hash_algorithm`)."""
+        return self._catalog.hashing.name
+
     def _resolve_in(self, conn: Connection, norm: str) -> Any:
         """The row at ``norm`` as at the snapshot (which must still be kept), or None."""
         find(conn, self.snapshot)
