@@ -135,10 +135,10 @@ class CatalogDamagedError(IntegrityError):
     A SQLite file with damaged pages ("database disk image is malformed"), a
     table or index PostgreSQL reports corrupt, or a row that another program
     wrote with what polystore never writes: a blob hash that is not a content
-    hash (64 lowercase hex digits), or ``shape``, ``meta`` or ``attrs`` that are not the JSON
-    polystore stores. The message names the file or row where it can, and
-    says what to do; ``fsck()`` lists the damaged rows. Nothing was written by
-    the operation that raised it.
+    hash (64 lowercase hex digits), or ``shape``, ``meta`` or ``attrs`` that
+    are not the JSON polystore stores. The message names the file or row where
+    it can, and says what to do; ``fsck()`` lists the damaged rows. Nothing was
+    written by the operation that raised it.
     """
 
 

@@ -143,9 +143,9 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
     def hash_algorithm(self) -> str:
         """The hash that names this catalog's content: ``"blake3"`` or ``"sha256"``.
 
-        What ``polystore_blobs.hash``, ``StatResult.hash`` and the keys of external objects
-        are: BLAKE3 for catalogs made since revision 0010, SHA-256 for those
-        that held content before it. Fixed for the catalog's life; hashes of
+        What ``polystore_blobs.hash``, ``StatResult.hash`` and the keys of
+        external objects are: BLAKE3 for catalogs made since revision 0010,
+        SHA-256 for those that held content before it. Fixed for the catalog's life; hashes of
         two catalogs compare only when their algorithms are the same.
         """
         return self._catalog.hashing.name

@@ -1,17 +1,17 @@
 """Piece checksums: the check a load makes of external content.
 
-A blob is named by the hash of its bytes (:mod:`polystore.hashing`), and
-that stays its address. But SHA-256 runs on one core at about 1.7 GiB/s here
+A blob is named by the hash of its bytes (:mod:`polystore.hashing`), and that
+stays its address. But SHA-256 runs on one core at about 1.7 GiB/s here
 (BLAKE3 at about 4) and cannot be split, so checking it on every load made a
-1 GiB load cost several times ``np.load``. Since revision 0007 the row of every external blob written also records an
-XXH3-64 digest of each :data:`PIECE` of its content,
-``polystore_blobs.checksums``; a load checks each piece right after reading it,
-while it is still in the CPU's cache (XXH3 runs at about 17 GiB/s a core here:
-a 512 MiB load spends some 30 ms on it). A damaged piece passes only by a
-1-in-2\\ :sup:`64` chance. It is a check against accidents -- bit rot,
-truncation, a file overwritten in place -- not against someone forging
-content: that is what the hash is for, which ``fsck(verify=True)`` still
-checks for every object, and the recorded checksums against it.
+1 GiB load cost several times ``np.load``. Since revision 0007 the row of
+every external blob written also records an XXH3-64 digest of each
+:data:`PIECE` of its content, ``polystore_blobs.checksums``; a load checks
+each piece right after reading it, while it is still in the CPU's cache (XXH3
+runs at about 17 GiB/s a core here: a 512 MiB load spends some 30 ms on it). A damaged piece
+passes only by a 1-in-2\\ :sup:`64` chance. It is a check against accidents --
+bit rot, truncation, a file overwritten in place -- not against someone
+forging content: that is what the hash is for, which ``fsck(verify=True)``
+still checks for every object, and the recorded checksums against it.
 
 Rows without checksums (written before revision 0007, or by another program)
 are checked by their hash as before; so are rows whose checksums this version

@@ -15,8 +15,8 @@ protocol's release (:meth:`~polystore.backends.sql.uploads.Uploads.release`):
 under the hash's lock, and only if no blob row and no other intent needs the
 object by then, so a writer running at the same time either protected the
 object first or uploads it again afterwards. A row whose hash is not 64
-lowercase hex digits (written by another program) is skipped and counted, never a reason
-to stop; docs/reliability.rst has the whole protocol.
+lowercase hex digits (written by another program) is skipped and counted,
+never a reason to stop; docs/reliability.rst has the whole protocol.
 
 ``rebalance()`` moves blobs between inline and external placement to match an
 inline limit, one blob per transaction, so an interruption leaves every blob

@@ -4,10 +4,10 @@ A blob's name is the hash of its bytes (:mod:`polystore.hashing`), and the
 upload protocol (:mod:`.uploads`) commits an intent naming that hash before
 the object may appear under it. Done in that order, a 1 GiB save hashed (for
 about 0.6 s on one core with SHA-256, 0.25 s with BLAKE3), then wrote and
-fsynced. A store with :attr:`~polystore.blobs.BlobStore.can_stage` lets the two overlap: a worker
-thread writes the content to the store's staging area (and checksums each
-piece as it goes) while this thread hashes it; both let go of the GIL. The
-upload then only renames the staged file under its hash
+fsynced. A store with :attr:`~polystore.blobs.BlobStore.can_stage` lets the
+two overlap: a worker thread writes the content to the store's staging area
+(and checksums each piece as it goes) while this thread hashes it; both let go
+of the GIL. The upload then only renames the staged file under its hash
 (:meth:`~polystore.blobs.BlobStore.put_staged`), after the intent commits, so
 the protocol is unchanged. Staged content nobody renamed is discarded by the
 save, or swept by ``gc()`` after the grace period if the writer died.
