@@ -70,6 +70,22 @@ def remove_sqlite(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def open_catalog(path: Path, *, hash_algorithm: str = "blake3", **options: Any) -> Any:
+    """A fresh SQLite catalog at ``path``; ``hash_algorithm="sha256"`` makes it one whose
+    content SHA-256 names, as a catalog that held content before revision 0010 does."""
+    from polystore.backends.sql import SQLBackend
+
+    url = f"sqlite:///{path}"
+    if hash_algorithm != "blake3":
+        with SQLBackend(url) as made, made.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE polystore_identity SET hash_algorithm = ?", (hash_algorithm,)
+            )
+    backend = SQLBackend(url, **options)
+    assert backend.hash_algorithm == hash_algorithm
+    return backend
+
+
 # -- raw drivers -----------------------------------------------------------------
 
 
