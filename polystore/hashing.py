@@ -52,9 +52,18 @@ class HashAlgorithm:
     title: str
 
     def of(self, data: Buffer) -> str:
-        """The hex hash of ``data``."""
+        """The hex hash of the bytes of ``data``, whatever the format of its items.
+
+        A serializer may hand over any C-contiguous buffer (a ``memoryview`` of
+        float64, an array): hashlib hashes its bytes as they are, BLAKE3 wants
+        them as bytes, so it is given a byte view of them.
+        """
         hasher = self.new()
-        hasher.update(data)
+        try:
+            hasher.update(data)
+        except BufferError:  # items that are not bytes (BLAKE3): the same bytes, as bytes
+            with memoryview(data) as view, view.cast("B") as as_bytes:
+                hasher.update(as_bytes)
         return hasher.hexdigest()
 
     def of_each(self, datas: Sequence[Buffer]) -> list[str]:

@@ -197,7 +197,7 @@ def test_loads_read_the_checksums_with_the_files_row(backend: SQLBackend) -> Non
     assert lookups == []
 
 
-def test_rows_without_checksums_are_checked_by_sha256(backend: SQLBackend) -> None:
+def test_rows_without_checksums_are_checked_by_their_hash(backend: SQLBackend) -> None:
     # As a row written before revision 0007, or by another program.
     data = payload(3 * PIECE)
     backend.save(data, "old")
@@ -213,14 +213,14 @@ def test_rows_without_checksums_are_checked_by_sha256(backend: SQLBackend) -> No
     assert backend.fsck(verify=True).hash_mismatch == [content_hash]
 
 
-def test_unreadable_checksums_fall_back_to_sha256_and_fsck_names_them(
+def test_unreadable_checksums_fall_back_to_the_hash_and_fsck_names_them(
     backend: SQLBackend,
 ) -> None:
     data = payload(3 * PIECE)
     backend.save(data, "f")
     content_hash = sha(data)
     set_recorded(backend, content_hash, b"\x07garbage")
-    assert backend.load("f") == data  # checked by its SHA-256 instead
+    assert backend.load("f") == data  # checked by its hash instead
     report = backend.fsck(verify=True)
     assert report.checksum_mismatch == [content_hash]
     assert not report.ok

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from catalog_checks import made_before_0010
 from test_cli import local_tree, make_tree, snapshot
 
 from polystore import SQLBackend
@@ -75,7 +76,11 @@ def ps(catalog_url: str, tmp_path: Path) -> Polystore:
 # -- skipping what is already there ---------------------------------------------------
 
 
-def test_put_skips_unchanged_files(ps: Polystore, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_put_skips_unchanged_files(ps: Polystore, tmp_path: Path, algorithm: str) -> None:
+    """Local files are hashed by the catalog's algorithm (SHA-256: made before 0010)."""
+    if algorithm == "sha256":
+        made_before_0010(ps.url)
     src = tmp_path / "src"
     original = make_tree(src)
     total = sum(len(data) for data in original.values())
@@ -99,9 +104,13 @@ def test_put_skips_unchanged_files(ps: Polystore, tmp_path: Path) -> None:
     with ps.backend() as backend:
         assert backend.load("data/notes.txt") == "changed"
         assert backend.stat("data/raw.bin").attrs == {"run": 2}
+        assert backend.hash_algorithm == algorithm
 
 
-def test_get_skips_unchanged_files(ps: Polystore, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_get_skips_unchanged_files(ps: Polystore, tmp_path: Path, algorithm: str) -> None:
+    if algorithm == "sha256":
+        made_before_0010(ps.url)
     src = tmp_path / "src"
     original = make_tree(src)
     ps("put", str(src), "data")
@@ -118,6 +127,8 @@ def test_get_skips_unchanged_files(ps: Polystore, tmp_path: Path) -> None:
     (out / "sub" / "deeper" / "indent2.json").write_text('{"a": [1, 2], "é": "ü"}')  # layout
     assert ps.json("get", "data", str(out))["copied"] == 2
     assert local_tree(out)[0] == original
+    with ps.backend() as backend:
+        assert backend.hash_algorithm == algorithm
 
 
 def test_dry_run_changes_nothing(ps: Polystore, tmp_path: Path) -> None:

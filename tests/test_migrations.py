@@ -911,3 +911,44 @@ def test_an_algorithm_this_polystore_does_not_know_is_refused(catalog_url: str) 
         conn.execute(sa.text("UPDATE polystore_identity SET hash_algorithm = 'sha3-512'"))
     with pytest.raises(SchemaVersionError, match=r"'sha3-512'.*does not know.*upgrade polystore"):
         SQLBackend(catalog_url)
+
+
+def test_a_sha256_catalog_names_content_by_sha256_on_every_path(
+    catalog_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staged and parallel hashing, an object found already in the store, rebalance
+    both ways, streamed reads, fsck: all by the catalog's SHA-256, none by BLAKE3."""
+    from polystore.backends.sql import staging
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    monkeypatch.setattr(staging, "STAGE_OVER", 64 << 10)
+    monkeypatch.setattr(staging, "PARALLEL_MIN", 64 << 10)
+    made_before_0010(catalog_url)
+    store = LocalBlobStore(tmp_path / "blobs")
+    big = [bytes([n]) * (100 << 10) for n in range(3)]  # staged, hashed on worker threads
+    there = b"already in the store, with no row" * 4000
+    store.put(sha(there), [there], len(there))
+    with SQLBackend(catalog_url, blob_store=store, inline_limit=1024) as backend:
+        backend.save_batch([*big, b"small", there], ["b0", "b1", "b2", "small", "there"])
+        for path, data in (("b0", big[0]), ("b2", big[2]), ("small", b"small"), ("there", there)):
+            assert backend.stat(path).hash == sha(data)
+            assert b"".join(backend.iter_content(path)) == data
+        assert sorted(o.hash for o in store.scan() if o.hash) == sorted(
+            sha(d) for d in (*big, there)
+        )
+        assert backend.rebalance(inline_limit=1 << 20).to_inline == 4
+        assert backend.rebalance(inline_limit=0).to_external == 5
+        assert backend.stat("small").store == store.name
+        assert backend.load("small") == b"small"
+        assert backend.fsck(verify=True).ok
+
+
+def test_a_catalog_without_its_identity_row_says_so(catalog_url: str) -> None:
+    with SQLBackend(catalog_url):
+        pass
+    with engine_for(catalog_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM polystore_identity"))
+    with pytest.raises(BackendConfigError, match="polystore_identity row is missing"):
+        SQLBackend(catalog_url)

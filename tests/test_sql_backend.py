@@ -899,6 +899,40 @@ def test_each_load_gets_metadata_of_its_own(catalog_url: str) -> None:
         assert b.load_batch(["d/a", "d/b", "d/a"]) == [1 + 2j, 3 + 4j, 1 + 2j]
 
 
+def test_a_serializer_may_hand_over_a_buffer_of_any_item_format(catalog_url: str) -> None:
+    """A memoryview of float64 is content like any other: hashed by its bytes, by either
+    algorithm (BLAKE3 wants bytes), inline or in a batch; a buffer that is not contiguous
+    is refused with SerializationError and saves nothing."""
+    from polystore.serializers import Encoded, Serializer, SerializerRegistry
+
+    class Floats(Serializer):
+        name = "floats"
+
+        def accepts(self, value: Any) -> bool:
+            return isinstance(value, list)
+
+        def encode(self, value: Any) -> Encoded:
+            array = np.asarray(value, np.float64)
+            strided = len(value) == 4  # (the serializer's bug: a view of every other item)
+            return Encoded(self.name, self.version, memoryview(array[::2] if strided else array))
+
+        def decode(self, data: Any, meta: dict[str, Any]) -> Any:
+            return np.frombuffer(bytes(data), np.float64).tolist()
+
+    registry = SerializerRegistry.default()
+    registry.register(Floats(), first=True)
+    with SQLBackend(catalog_url, serializers=registry) as b:
+        b.save([1.0, 2.0], "f/one")
+        b.save_batch([[3.0], [1.0, 2.0]], ["f/two", "f/three"])
+        assert [b.load(p) for p in ("f/one", "f/two", "f/three")] == [[1.0, 2.0], [3.0], [1.0, 2.0]]
+        as_bytes = np.asarray([1.0, 2.0], np.float64).tobytes()
+        assert b.stat("f/one").hash == b.stat("f/three").hash == content_hash(b, as_bytes)
+        before = b.list_files("f")
+        with pytest.raises(SerializationError, match="contiguous"):
+            b.save([1.0, 2.0, 3.0, 4.0], "f/strided")
+        assert b.list_files("f") == before
+
+
 def test_allow_pickle_turned_off_holds_for_cached_decoders(catalog_url: str) -> None:
     with SQLBackend(catalog_url, allow_pickle=True) as b:
         b.save({1, 2}, "p/set.pkl")

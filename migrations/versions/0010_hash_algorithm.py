@@ -33,7 +33,16 @@ FOR_NEW = "blake3"
 
 
 def _holds_content() -> bool:
+    """Whether a blob row or an upload intent exists, committed or not yet.
+
+    On PostgreSQL the two tables are locked first (SHARE: readers go on, writers
+    wait), so a save still in flight commits before they are looked at, and
+    none starts until the migration commits. SQLite's migration holds the
+    database's write lock already.
+    """
     conn = op.get_bind()
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("LOCK TABLE polystore_blobs, polystore_upload_intents IN SHARE MODE"))
     return any(
         conn.execute(sa.text(f"SELECT 1 FROM {table} LIMIT 1")).first() is not None
         for table in ("polystore_blobs", "polystore_upload_intents")

@@ -96,16 +96,17 @@ class SQLBackend(KindLookups, SnapshotMethods, MaintenanceMethods, StorageBacken
         with self._catalog.errors():
             try:
                 ensure_schema(self.engine, self.url, auto_upgrade=auto_upgrade)
+                # Read now, outside any transaction (an in-memory database is
+                # the pool's one connection, and giving it back to the pool
+                # rolls back whatever it was doing), and before the store is
+                # claimed: an algorithm this polystore does not know is refused.
+                self._catalog.hashing  # noqa: B018
                 #: Where content over ``inline_limit`` goes (None: everything inline).
                 self.blob_store = resolve_blob_store(blob_store, self.engine.url)
                 if self.blob_store is not None:  # refused if another catalog owns it
                     claim_store(self.blob_store, self.engine)
                 placement = Placement(self._catalog, self.blob_store)
-                # What one value holds, read now, outside any transaction: an
-                # in-memory database is the pool's one connection, and giving
-                # it back to the pool rolls back whatever it was doing.
-                placement.max_inline()
-                self._catalog.hashing  # noqa: B018 -- read now, for the same reason
+                placement.max_inline()  # (read now, for the same reason)
             except BaseException:
                 self._catalog.close()
                 raise

@@ -56,13 +56,7 @@ _SELECT_ID = (
 
 def catalog_id(conn: Connection) -> str:
     """The identity of the catalog ``conn`` is connected to."""
-    found = conn.exec_driver_sql(_SELECT_ID).scalar()
-    if found is None:
-        raise BackendConfigError(
-            "the catalog has no identity (its polystore_identity row is missing); it was "
-            "changed behind polystore's back"
-        )
-    return str(found)
+    return str(_identity_column(conn, _SELECT_ID))
 
 
 _SELECT_ALGORITHM = (
@@ -73,7 +67,17 @@ _SELECT_ALGORITHM = (
 
 def hash_algorithm(conn: Connection) -> HashAlgorithm:
     """The algorithm that names the content of the catalog ``conn`` is connected to."""
-    return named(conn.exec_driver_sql(_SELECT_ALGORITHM).scalar())
+    return named(_identity_column(conn, _SELECT_ALGORITHM))
+
+
+def _identity_column(conn: Connection, select: str) -> object:
+    found = conn.exec_driver_sql(select).scalar()
+    if found is None:
+        raise BackendConfigError(
+            "the catalog has no identity (its polystore_identity row is missing); it was "
+            "changed behind polystore's back"
+        )
+    return found
 
 
 def describe(url: sa.URL) -> str:

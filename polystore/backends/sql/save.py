@@ -197,7 +197,14 @@ def encode_batch(
         if kind is None:
             encoded = encode(value)
             data = encoded.data
-            size = data.nbytes if data.__class__ is memoryview else memoryview(data).nbytes
+            view = data if data.__class__ is memoryview else memoryview(data)
+            if not view.c_contiguous:  # (a serializer's own, handing over a strided view)
+                raise SerializationError(
+                    f"serializer {encoded.serializer!r} gave the content of {path!r} as a buffer "
+                    "that is not C-contiguous; give its bytes in one piece (bytes, or a "
+                    "memoryview of a contiguous array)"
+                )
+            size = view.nbytes
             shape, meta = encoded.shape, encoded.meta or None
             key = (encoded.serializer, encoded.version, encoded.dtype, shape)
             kind = shared.get(key)
