@@ -22,7 +22,7 @@ from harness import Bench, Row, Side, step, time_runs
 
 from polystore.backends.sql import SQLBackend
 
-__all__ = ["large_load", "large_save"]
+__all__ = ["hash_reads", "large_load", "large_save"]
 
 GOAL = 1.5
 MiB = 1 << 20
@@ -133,3 +133,54 @@ def large_load(bench: Bench) -> list[Row]:
         "piece checksums) vs np.load of a .npy file; both from the page cache"
     )
     return [bulk_row("large_load", what, times, GOAL)]
+
+
+def hash_reads(bench: Bench) -> list[Row]:
+    """What reads that hash every byte cost, by the hash: ``fsck(verify=True)`` and a
+    streamed read (``polystore get``/``cat``) of one array's content, in a new catalog
+    (BLAKE3) and in one whose content SHA-256 names; both from the page cache."""
+    data = _array(bench)
+    mib = data.nbytes // MiB
+    catalogs = {name: _catalog(bench, f"hash-{name}", name) for name in ("blake3", "sha256")}
+    try:
+        with step(f"hash_reads: storing {mib} MiB in each catalog"):
+            for _, backend in catalogs.values():
+                backend.save(data.tobytes(), "big.bin")
+
+        def streamed(backend: SQLBackend) -> int:
+            return sum(len(piece) for piece in backend.iter_content("big.bin"))
+
+        def verified(backend: SQLBackend) -> Any:
+            return backend.fsck(verify=True)
+
+        def check_size(_: Any, n: int) -> None:
+            assert n == data.nbytes
+
+        def check_ok(_: Any, report: Any) -> None:
+            assert report.ok and report.verified
+
+        rows = []
+        for name, read, check in (("stream", streamed, check_size), ("fsck", verified, check_ok)):
+            sides = {
+                "polystore": Side(run=lambda _, r=read: r(catalogs["blake3"][1]), check=check),
+                "raw": Side(run=lambda _, r=read: r(catalogs["sha256"][1]), check=check),
+            }
+            with step(f"hash_reads: {name}"):
+                times = time_runs(sides, min(bench.repeat, 5))
+            what = {
+                "stream": f"iter_content of a {mib} MiB file (what polystore get streams, each "
+                "piece hashed)",
+                "fsck": f"fsck(verify=True) of a catalog holding one {mib} MiB file",
+            }[name]
+            rows.append(
+                bulk_row(
+                    f"hash_{name}~sha256",
+                    f"{what}: a new catalog (BLAKE3) vs one whose content SHA-256 names (info)",
+                    times,
+                    None,
+                )
+            )
+        return rows
+    finally:
+        for state in catalogs.values():
+            _drop_catalog(state)

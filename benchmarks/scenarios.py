@@ -11,7 +11,7 @@ from collections.abc import Callable
 from bulk import load_postgres, load_sqlite, save_postgres, save_sqlite
 from ecosystem import array_slice, zarr_large, zarr_small
 from harness import Bench, Row
-from large import large_load, large_save
+from large import hash_reads, large_load, large_save
 from lookups import exists, list_dir, load_one
 from snapshots import (
     snapshot_cost,
@@ -51,6 +51,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(array_slice),
         Scenario(large_save),
         Scenario(large_load),
+        Scenario(hash_reads),
         Scenario(snapshot_cost),
         Scenario(snapshot_save_sqlite),
         Scenario(snapshot_save_postgres, postgres=True),
