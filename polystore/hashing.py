@@ -6,8 +6,10 @@ object's key). Each catalog uses one algorithm for all its content, recorded
 in ``polystore_identity.hash_algorithm`` (revision 0010):
 
 * ``blake3`` -- catalogs made since revision 0010. BLAKE3 hashes about 2.5
-  times as fast as SHA-256 on one core here (16 MiB: 3.6 ms against 9.4 ms),
-  and a large save spends much of its CPU time hashing.
+  times as fast as SHA-256 on one core here (16 MiB: 3.6 ms against 9.4 ms):
+  reads that hash every byte (``iter_content``, ``fsck(verify=True)``) take
+  half the time, and saves half the CPU to hash (docs/performance.rst). For
+  values of a few KiB the two are level.
 * ``sha256`` -- catalogs that held content before revision 0010: their
   content keeps the names it was stored under.
 
