@@ -30,6 +30,7 @@ cannot use.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,7 @@ from polystore.errors import BackendUnavailableError, SchemaVersionError
 if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
 
-__all__ = ["check", "current", "downgrade", "head", "history", "upgrade"]
+__all__ = ["check", "current", "downgrade", "head", "history", "resolve", "upgrade"]
 
 VIEW = "polystore_catalog"
 
@@ -81,6 +82,7 @@ def upgrade(url: str, revision: str = "head") -> None:
         found = current_revision(conn)
         check_revision(found, url, auto_upgrade=True)
         check_adoptable(conn, found, url)
+        revision = _absolute(revision, found, url)
         target = _position(revision)
         if target is not None and target < (_position(found) or 0):
             raise SchemaVersionError(
@@ -112,6 +114,7 @@ def downgrade(url: str, revision: str) -> None:
             raise SchemaVersionError(
                 f"there is no catalog at {display_url(url)} to downgrade to {revision!r}"
             )
+        revision = _absolute(revision, found, url)
         target = _position(revision)
         if target is not None and target > (_position(found) or 0):
             raise SchemaVersionError(
@@ -130,6 +133,16 @@ def current(url: str) -> str | None:
         return None
     with _catalog(url) as engine, _connect(engine, url) as conn:
         return current_revision(conn)
+
+
+def resolve(url: str, revision: str) -> str:
+    """The revision ``revision`` names for the catalog at ``url``: a relative step
+    (``"-1"``, ``"+2"``) made the plain id it reaches from the catalog's revision
+    (``"base"`` for the start of history); any other target as it is.
+
+    Raises :class:`~polystore.errors.SchemaVersionError` for a step past either end.
+    """
+    return _absolute(revision, current(url), url)
 
 
 def check(url: str) -> list[str]:
@@ -192,14 +205,37 @@ def _position(revision: str | None) -> int | None:
     """Where a plain revision id sits in history (0 for base); None for "head", "+1", ...
 
     Alembic silently does nothing when asked to upgrade to an older revision;
-    polystore refuses plain ids that go the wrong way instead, and leaves
-    symbolic and relative targets to Alembic.
+    polystore refuses plain ids that go the wrong way instead (relative
+    targets are plain ids by then, :func:`_absolute`).
     """
     if revision is None or revision == "base":
         return 0
     if revision in REVISIONS:
         return REVISIONS.index(revision) + 1
     return None
+
+
+def _absolute(revision: str, found: str | None, url: str) -> str:
+    """``revision`` with a relative step (``"-2"``, ``"+1"``) made a plain id from ``found``.
+
+    Alembic would resolve the step itself, but then a migration could not tell
+    where the downgrade ends: ``0010`` lets a downgrade that reaches ``base``
+    through, whatever spelling reached it. A step past either end is refused.
+    """
+    step = _STEP.fullmatch(revision)
+    if step is None:
+        return revision
+    position = (_position(found) or 0) + int(step.group(0))
+    if not 0 <= position <= len(REVISIONS):
+        raise SchemaVersionError(
+            f"the catalog at {display_url(url)} is at revision {found or 'base'}: "
+            f"{revision} steps past the {'first' if position < 0 else 'newest'} revision"
+        )
+    return "base" if position == 0 else REVISIONS[position - 1]
+
+
+#: A relative target: a signed number of revisions.
+_STEP = re.compile(r"[+-][0-9]+")
 
 
 def _no_catalog(url: str) -> str:

@@ -807,6 +807,23 @@ def test_db_commands(cli: Invoke) -> None:
     assert cli("db", "current").stdout.strip() == "none"
 
 
+def test_db_downgrade_takes_steps_back(cli: Invoke) -> None:
+    """``-1`` is a number of revisions back, not an option; the question names
+    where the steps end."""
+    cli("db", "upgrade")
+    revisions = [revision for revision, _ in migrate.history()]
+    cli("db", "downgrade", "-2", "--yes")
+    assert cli("db", "current").stdout.strip() == revisions[-3]
+    cli("db", "upgrade", "+1")
+    assert cli("db", "current").stdout.strip() == revisions[-2]
+    asked = cli("db", "downgrade", f"-{len(revisions) - 1}", code=1, stdin="n\n").stdout
+    assert "to base? Data of later revisions (here: the whole catalog) is lost" in asked
+    assert cli("db", "current").stdout.strip() == revisions[-2]
+    assert "No such option '--yess'" in cli("db", "downgrade", "--yess", code=2).stderr
+    cli("db", "downgrade", "--yes", f"-{len(revisions) - 1}")
+    assert cli("db", "current").stdout.strip() == "none"
+
+
 def test_db_history(invoke: Invoke) -> None:
     out = invoke("db", "history").stdout
     for revision, _ in migrate.history():

@@ -904,6 +904,29 @@ def test_a_catalog_of_blake3_content_refuses_to_go_below_0010(catalog_url: str) 
     assert migrate.current(catalog_url) is None
 
 
+def test_relative_targets_are_steps_from_the_catalogs_revision(catalog_url: str) -> None:
+    """A step back that reaches base removes the catalog, content and all, even one
+    whose content BLAKE3 names; a step short of it is refused like ``0009``."""
+    with SQLBackend(catalog_url) as backend:
+        backend.save(b"kept", "f.bin")
+    with pytest.raises(SchemaVersionError, match=r"blake3.*Nothing was changed"):
+        migrate.downgrade(catalog_url, "-1")
+    assert migrate.current(catalog_url) == HEAD
+    steps = len(migrate.history())
+    with pytest.raises(SchemaVersionError, match=f"-{steps + 1} steps past the first"):
+        migrate.downgrade(catalog_url, f"-{steps + 1}")
+    with pytest.raises(SchemaVersionError, match=r"\+1 steps past the newest"):
+        migrate.upgrade(catalog_url, "+1")
+    with pytest.raises(SchemaVersionError, match="newer than 0009: use downgrade"):
+        migrate.upgrade(catalog_url, "-1")
+    assert migrate.resolve(catalog_url, f"-{steps}") == "base"
+    migrate.downgrade(catalog_url, f"-{steps}")
+    assert migrate.current(catalog_url) is None
+    assert migrate.resolve(catalog_url, "+2") == migrate.history()[1][0]
+    migrate.upgrade(catalog_url, "+2")
+    assert migrate.current(catalog_url) == migrate.history()[1][0]
+
+
 def test_an_algorithm_this_polystore_does_not_know_is_refused(catalog_url: str) -> None:
     with SQLBackend(catalog_url):
         pass

@@ -181,7 +181,7 @@ def upgrade(state: State, revision: str) -> None:
     info(state, f"catalog at {state.url} is at revision {migrate.current(state.url)}")
 
 
-@db.command()
+@db.command(context_settings={"ignore_unknown_options": True})
 @click.argument("revision")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @url_option
@@ -189,15 +189,20 @@ def upgrade(state: State, revision: str) -> None:
 def downgrade(state: State, revision: str, yes: bool) -> None:
     """Downgrade the catalog's schema to REVISION, losing what later revisions added.
 
-    ``base`` removes every polystore table and view, with all their
+    REVISION is a revision id, ``base``, or a number of steps back such as
+    ``-1``. ``base`` removes every polystore table and view, with all their
     contents. Asks for confirmation unless --yes is given.
     """
     from polystore import migrate
 
+    if revision.startswith("-") and not revision[1:].isdigit():
+        # (Unknown options reach here as REVISION, so that "-1" can.)
+        raise click.NoSuchOption(revision)
     if not yes:
+        target = migrate.resolve(state.url, revision)
         click.confirm(
-            f"Downgrade the catalog at {state.url} to {revision}? Data of later revisions "
-            + ("(here: the whole catalog) " if revision == "base" else "")
+            f"Downgrade the catalog at {state.url} to {target}? Data of later revisions "
+            + ("(here: the whole catalog) " if target == "base" else "")
             + "is lost",
             abort=True,
         )
