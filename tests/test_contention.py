@@ -488,6 +488,56 @@ def test_a_load_racing_rebalance_reads_the_content_where_it_went(
             b"".join(backend.iter_content("a.bin"))
 
 
+def test_a_read_follows_a_file_changed_and_collected_twice(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    """Each time a read opens the object its row named, another process has just
+    overwritten the file and gc() taken that object -- twice in a row. Each missing
+    object is another one: the file is read again until its content is there, not
+    reported as damage (only the same object missing twice is)."""
+    from polystore.blobs.local import LocalBlobStore
+
+    class ChangedOnOpen(LocalBlobStore):
+        """Before each of the next ``changes`` opens, another process overwrites
+        the file and collects what it replaced."""
+
+        other: SQLBackend | None = None
+        changes: list[tuple[str, bytes]] = []
+
+        def _change(self) -> None:
+            if self.other is not None and self.changes:
+                path, value = self.changes.pop(0)
+                self.other.save(value, path)
+                assert self.other.gc(grace=0).blobs_deleted == 1
+
+        def open(self, content_hash: str) -> Any:
+            self._change()
+            return super().open(content_hash)
+
+        def read_range(self, content_hash: str, start: int, end: int) -> bytes:
+            self._change()
+            return super().read_range(content_hash, start, end)
+
+    store = ChangedOnOpen(tmp_path / "blobs")
+    with (
+        SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend,
+        SQLBackend(catalog_url, blob_store=f"file://{tmp_path}/blobs", inline_limit=0) as other,
+    ):
+        store.other = other
+        backend.save_batch([content("x0"), content("y0")], ["x.bin", "y.bin"])
+        reads = {
+            "load": lambda: backend.load("x.bin"),
+            "load_batch": lambda: backend.load_batch(["x.bin", "y.bin"])[0],
+            "read_range": lambda: backend.read_range("x.bin", 0, 4),
+        }
+        for n, (how, read) in enumerate(reads.items()):
+            store.changes = [("x.bin", content(f"x{n}{k}")) for k in (1, 2)]
+            got = read()
+            assert not store.changes, how  # both changes happened under the read
+            assert got == content(f"x{n}2")[: len(got)], how
+        assert backend.fsck(verify=True).ok
+
+
 def test_a_streamed_read_follows_content_out_through_one_reader(
     catalog_url: str, tmp_path: Path
 ) -> None:

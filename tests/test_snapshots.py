@@ -6,6 +6,7 @@ Every test runs on SQLite and on PostgreSQL (``catalog_url``).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from catalog_checks import made_before_0010
+from processes import run_together
 from test_schema_docs import sql_blocks
 
 from polystore import (
@@ -569,6 +571,92 @@ def test_snapshots_hold_whole_batches_while_others_write(catalog_url: str) -> No
         assert count(backend, "polystore_node_history") == 0
         report = backend.fsck(verify=True)
         assert report.ok and report.garbage == 0, str(report)
+
+
+# -- restore while others write in the same tree ------------------------------------------
+
+RESTORE_FILES = 300
+
+
+def _restore_worker(
+    config: dict[str, Any], role: str, number: int, ready: Any, go: Any, out: Any
+) -> None:
+    """``restorer``: fills ``r/new`` (which snapshot ``s`` lacks) and restores ``r``
+    (and now and then ``r/x.bin`` alone) to ``s``; ``mover``: moves files out of
+    ``r`` into ``out/``, where nothing else writes, and reads each back;
+    ``overwriter``: overwrites and deletes ``r/x.bin``, which ``s`` holds."""
+    errors: list[str] = []
+    moved: dict[str, bytes] = {}
+    done = 0
+    try:
+        with SQLBackend(config["url"], blob_store=config["blob_store"], inline_limit=64) as backend:
+            ready.put(number)
+            go.wait()
+            stop = time.monotonic() + config["seconds"]
+            while time.monotonic() < stop:
+                if role == "restorer":
+                    names = [f"r/new/n{i}.bin" for i in range(RESTORE_FILES)]
+                    backend.save_batch(
+                        [f"{done}|{i}|".encode() * 9 for i in range(RESTORE_FILES)], names
+                    )
+                    backend.restore("s", "r/x.bin" if done % 4 == 3 else "r")
+                elif role == "mover":
+                    try:
+                        name = backend.list_dir("r/new")[-1]
+                        backend.move(f"r/new/{name}", f"out/{done}.bin")
+                    except (NotFoundError, NotADirectoryError, IndexError):
+                        continue  # restored away meanwhile: nothing to move
+                    moved[f"out/{done}.bin"] = backend.load(f"out/{done}.bin")
+                else:
+                    if done % 3 == 2:
+                        with contextlib.suppress(NotFoundError):
+                            backend.delete("r/x.bin")
+                    else:
+                        backend.save(f"{number}|{done}|".encode() * 20, "r/x.bin")
+                done += 1
+    except Exception:  # noqa: BLE001 -- reported to the parent, which fails
+        errors.append(traceback.format_exc())
+    out.put({"role": role, "done": done, "errors": errors, "moved": moved})
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_restore_never_touches_what_was_moved_out_and_counts_what_it_replaced(
+    catalog_url: str, tmp_path: Path, external: bool
+) -> None:
+    """A restore of ``r`` races moves out of ``r`` and overwrites of a file in it.
+
+    Every file moved out stays where it went, with its bytes (a restore that
+    deleted by id once deleted it there); every reference count is the number
+    of files and kept versions using the content, so ``gc`` leaves a clean
+    catalog.
+    """
+    blob_store = str(tmp_path / "blobs") if external else None
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=64) as backend:
+        backend.save(b"then" * 40, "r/x.bin")
+        backend.save(b"kept", "r/keep.bin")
+        backend.snapshot("s")
+    config = {"url": catalog_url, "blob_store": blob_store, "seconds": 6.0}
+    reports = run_together(
+        _restore_worker, config, ["restorer", "mover", "overwriter"], seconds=config["seconds"]
+    )
+    assert [r["errors"] for r in reports] == [[]] * 3
+    done = {r["role"]: r["done"] for r in reports}
+    (moved,) = [r["moved"] for r in reports if r["role"] == "mover"]
+    assert done["restorer"] >= 3 and moved, (done, len(moved))
+
+    with SQLBackend(catalog_url, blob_store=blob_store, inline_limit=64) as backend:
+        assert sorted(backend.list_dir("out")) == sorted(p.split("/")[1] for p in moved)
+        assert backend.load_batch(list(moved)) == list(moved.values())
+        report = backend.fsck(verify=True)
+        assert report.ok, str(report)
+        backend.restore("s", "r")
+        assert backend.load("r/x.bin") == b"then" * 40
+        backend.delete("r", recursive=True)
+        backend.delete_snapshot("s")
+        backend.gc(grace=0)
+        report = backend.fsck(verify=True)
+        assert report.ok and report.garbage == 0, str(report)
+        assert backend.load_batch(list(moved)) == list(moved.values())
 
 
 # -- the command line -----------------------------------------------------------------------

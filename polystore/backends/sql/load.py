@@ -41,35 +41,13 @@ from polystore.backends.sql.fast import (
     resolve_sql,
 )
 from polystore.backends.sql.inline import ContentGone
-from polystore.backends.sql.verify import ContentReader, ObjectGone
+from polystore.backends.sql.verify import ATTEMPTS, ContentReader, ObjectGone, read_again
 from polystore.blobs.base import is_content_hash
 
-__all__ = ["ATTEMPTS", "Loader", "check_file", "read_again"]
+__all__ = ["Loader", "check_file"]
 
 #: Directory ids each backend keeps for single loads.
 _MAX_DIRS = 4096
-
-#: Reads of a file (or a batch) whose large inline content keeps leaving the
-#: catalog (:meth:`Loader.load`) before its :class:`~.inline.ContentGone` is raised.
-ATTEMPTS = 5
-
-
-def read_again(moved: ContentGone | ObjectGone, attempts: int, missed: bool) -> tuple[int, bool]:
-    """After a read met content that moved: the attempts left, and whether an
-    object was found missing; or raise ``moved`` when the read must stop.
-
-    Inline content that left the catalog (:class:`~.inline.ContentGone`) is
-    read again up to :data:`ATTEMPTS` times in all; a missing external object
-    (:class:`~.verify.ObjectGone`) once -- missing again, it is damage.
-    """
-    if isinstance(moved, ContentGone):
-        attempts -= 1
-        if not attempts:
-            raise moved
-        return attempts, missed
-    if missed:
-        raise moved
-    return attempts, True
 
 
 def check_file(row: Any, path: str) -> None:
@@ -167,11 +145,12 @@ class Loader:
         Large inline content is read after its file's row: if the file
         changed in between and its content left the catalog
         (:class:`~.inline.ContentGone`), the file is read again. So is a file
-        whose external object is missing, once (:class:`~.verify.ObjectGone`):
-        its content may have moved into the catalog meanwhile.
+        whose external object is missing (:class:`~.verify.ObjectGone`): its
+        content may have moved into the catalog, or the file changed and
+        ``gc()`` took the object (:func:`~.verify.read_again`).
         """
         attempts = ATTEMPTS
-        missed = False  # an external object was found missing once
+        missed: frozenset[str] = frozenset()  # hashes of external objects found missing
         while True:  # (no call of its own: a load takes a few µs)
             try:
                 if not self.catalog.in_transaction:

@@ -37,10 +37,10 @@ from polystore.backends.sql.fast import (
     resolve_sql,
 )
 from polystore.backends.sql.inline import ContentGone, data_column
-from polystore.backends.sql.load import ATTEMPTS, Loader, check_file, read_again
+from polystore.backends.sql.load import Loader, check_file
 from polystore.backends.sql.models import ROOT_ID
 from polystore.backends.sql.models import nodes_table as nodes
-from polystore.backends.sql.verify import ObjectGone
+from polystore.backends.sql.verify import ATTEMPTS, ObjectGone, read_again
 from polystore.serializers import SHARED_ARRAY_BYTES
 
 __all__ = ["BatchLoader"]
@@ -88,11 +88,11 @@ class BatchLoader:
         Large inline content is read after the snapshot: if a file changed
         meanwhile and its content left the catalog
         (:class:`~.inline.ContentGone`), the batch is read again, from a new
-        snapshot; so is a batch with a missing external object, once
+        snapshot; so is a batch with a missing external object
         (:class:`~.verify.ObjectGone`, as :meth:`.Loader.load`).
         """
         attempts = ATTEMPTS
-        missed = False  # an external object was found missing once
+        missed: frozenset[str] = frozenset()  # hashes of external objects found missing
         while True:
             try:
                 return self._load_batch(norm)

@@ -38,7 +38,7 @@ from polystore.backends._common import is_a_directory, not_found
 from polystore.backends.sql import tree
 from polystore.backends.sql.content import INLINE
 from polystore.backends.sql.models import blobs_table
-from polystore.backends.sql.verify import ObjectGone
+from polystore.backends.sql.verify import ATTEMPTS, ObjectGone, read_again
 from polystore.errors import IntegrityError, NotFoundError, SerializationError
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def _read(
             )
         return _Located(norm, row.blob_hash, blob.store, start, stop, blob.piece)
 
-    missed = False
+    attempts, missed = ATTEMPTS, frozenset[str]()
     while True:
         # The caller's transaction if there is one; one snapshot across both statements.
         located = catalog.read(locate, snapshot=True)
@@ -169,12 +169,11 @@ def _read(
             break
         try:
             data = _read_external(store, located)
-        except ObjectGone:
-            # rebalance() may have moved the content into the catalog since
-            # its row was read: once more (as a load does); missing again is damage.
-            if missed:
-                raise
-            missed = True
+        except ObjectGone as gone:
+            # rebalance() may have moved the content into the catalog since its
+            # row was read, or gc() taken a replaced file's object: again, as a
+            # load goes again; the same object missing twice is damage.
+            attempts, missed = read_again(gone, attempts, missed)
             continue
         where = f"in blob store {located.store!r}"
         break

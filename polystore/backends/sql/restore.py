@@ -13,6 +13,13 @@ live subtree locked, blob rows last, in hash order):
 
 No content is copied. The snapshot is locked against deletion meanwhile, so
 the old versions read stay until they are written back.
+
+On PostgreSQL the live rows are read again under a lock before anything is
+written: the directories of the subtree (against new children), then its
+files, in id order. A file a concurrent writer moved out meanwhile is then no
+longer in the walk, and one it overwrote is read with its new content, so a
+restore never deletes or rewrites a file elsewhere in the tree, and releases
+exactly the content it replaces. SQLite's writers run one at a time.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from polystore import paths
 from polystore.backends.sql import edit, epochs, history, tree
 from polystore.backends.sql.catalog import Catalog, utcnow
 from polystore.backends.sql.content import add_references, lock_blobs, release_blobs
+from polystore.backends.sql.engine import CatalogChanged
 from polystore.backends.sql.models import nodes_table as nodes
 from polystore.backends.sql.snapshots import SnapshotRef, find
 
@@ -66,7 +75,7 @@ def _restore(conn: Connection, ref: SnapshotRef, norm: str) -> None:
         if old.kind == "dir":
             _insert_tree(conn, snap.epoch, old, new_id, {}, epoch, refs)
     elif old.kind == "file":
-        _update(conn, live, old, epoch, refs, released)
+        _update(conn, _relock(conn, live), old, epoch, refs, released)
     else:
         _reconcile(conn, snap.epoch, old, live, epoch, refs, released)
     if conn.dialect.name == "postgresql":
@@ -134,6 +143,48 @@ def _insert_tree(
         level = below
 
 
+def _relock(conn: Connection, live: Any) -> Any:
+    """Live row ``live``, locked where it was resolved and read again (PostgreSQL).
+
+    Under READ COMMITTED a concurrent overwrite may have committed between
+    the resolve and this lock: the row read now has its content. Raises
+    :class:`~.engine.CatalogChanged` if it was moved or deleted meanwhile.
+    """
+    if conn.dialect.name != "postgresql":
+        return live
+    row = conn.execute(
+        sa.select(*(nodes.c[c] for c in history.COLUMNS))
+        .where(
+            nodes.c.id == live.id,
+            nodes.c.parent_id == live.parent_id,
+            nodes.c.name == live.name,
+        )
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise CatalogChanged(f"{live.name!r} was moved or deleted meanwhile")
+    return row
+
+
+def _lock_files(conn: Connection, dir_ids: list[int]) -> None:
+    """Lock the files directly in directories ``dir_ids``, in id order (PostgreSQL).
+
+    With the directories locked too (:func:`.tree.lock_subtree`), the live
+    walk that follows sees the subtree as it stays until this transaction
+    ends: nothing enters it, and nothing in it is moved, overwritten or
+    deleted meanwhile.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    for part in tree.chunks(dir_ids):
+        conn.execute(
+            sa.select(nodes.c.id)
+            .where(nodes.c.parent_id.in_(part), nodes.c.kind == "file")
+            .order_by(nodes.c.id)
+            .with_for_update()
+        ).all()
+
+
 def _differs(live: Any, old: Any) -> bool:
     return any(getattr(live, c) != getattr(old, c) for c in _CONTENT)
 
@@ -162,8 +213,8 @@ def _reconcile(
     released: Counter[str],
 ) -> None:
     """Make live directory ``live_root`` hold what ``old_root`` held at epoch ``at``."""
-    tree.lock_subtree(conn, live_root)
-    _update(conn, live_root, old_root, epoch, refs, released)
+    _lock_files(conn, tree.lock_subtree(conn, live_root))
+    _update(conn, _relock(conn, live_root), old_root, epoch, refs, released)
     before = dict(history.walk(conn, at, old_root))
     now = dict(history.walk(conn, None, live_root))
     gone = {

@@ -20,12 +20,20 @@ from sqlalchemy import Connection
 from polystore.backends.sql.catalog import Catalog
 from polystore.backends.sql.checksums import Checksummer, Verifier, decode
 from polystore.backends.sql.content import INLINE, stored_checksums
-from polystore.backends.sql.inline import WHOLE, InlineReader
+from polystore.backends.sql.inline import WHOLE, ContentGone, InlineReader
 from polystore.blobs.base import CHUNK_SIZE, BlobReader, BlobStore
 from polystore.errors import IntegrityError, NotFoundError
 from polystore.hashing import HashAlgorithm
 
-__all__ = ["UNKNOWN", "ContentReader", "Digest", "ObjectGone", "digest"]
+__all__ = [
+    "ATTEMPTS",
+    "UNKNOWN",
+    "ContentReader",
+    "Digest",
+    "ObjectGone",
+    "digest",
+    "read_again",
+]
 
 
 class ObjectGone(IntegrityError):
@@ -33,8 +41,8 @@ class ObjectGone(IntegrityError):
 
     Damage -- unless the row was read just before the content moved into the
     catalog (``rebalance()``) or the file changed and ``gc()`` took the
-    object: a load reads the file again once (:meth:`.Loader.load`), and
-    raises this if an object is missing again.
+    object: a read of the file goes again (:func:`read_again`), and raises
+    this if the same object is missing again.
     """
 
     def __init__(self, message: str, content_hash: str) -> None:
@@ -50,6 +58,35 @@ class ObjectGone(IntegrityError):
             f"{store_name!r}",
             content_hash,
         )
+
+
+#: Reads of a file (or a batch) whose content keeps moving (large inline content
+#: leaving the catalog, external objects taken by ``gc()``) before the last
+#: :class:`~.inline.ContentGone` or :class:`ObjectGone` is raised.
+ATTEMPTS = 5
+
+
+def read_again(
+    moved: ContentGone | ObjectGone, attempts: int, missed: frozenset[str]
+) -> tuple[int, frozenset[str]]:
+    """After a read met content that moved: the attempts left, and the hashes of
+    the external objects found missing so far; or raise ``moved`` when the read
+    must stop.
+
+    The file is read again, up to :data:`ATTEMPTS` times in all: its large
+    inline content may have left the catalog (:class:`~.inline.ContentGone`),
+    its content may have moved into the catalog (``rebalance()``), or the file
+    may have changed and ``gc()`` taken the object its row named -- as often
+    as it changed. Only the same object missing twice is damage.
+    """
+    if isinstance(moved, ObjectGone):
+        if moved.content_hash in missed:
+            raise moved
+        missed |= {moved.content_hash}
+    attempts -= 1
+    if not attempts:
+        raise moved
+    return attempts, missed
 
 
 class Unknown(enum.Enum):
