@@ -30,7 +30,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from polystore.backends.sql.engine import WRITE, create_catalog_engine, retrying, translate_errors
+from polystore.backends.sql.checkpoints import Checkpointer
+from polystore.backends.sql.engine import (
+    WAL_CHECKPOINT_BYTES,
+    WRITE,
+    create_catalog_engine,
+    retrying,
+    sqlite_file,
+    translate_errors,
+)
 from polystore.backends.sql.identity import hash_algorithm
 from polystore.hashing import HashAlgorithm
 
@@ -58,6 +66,9 @@ class Catalog:
             f"polystore_tx_{id(self)}", default=None
         )
         self._hashing: HashAlgorithm | None = None
+        # A SQLite file's WAL is checkpointed on a thread, not in commits.
+        path = sqlite_file(url) if self.dialect == "sqlite" else None
+        self._checkpointer = None if path is None else Checkpointer(path, WAL_CHECKPOINT_BYTES)
 
     @property
     def hashing(self) -> HashAlgorithm:
@@ -72,7 +83,14 @@ class Catalog:
         return self._hashing
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.engine.dispose()
+
+    def _committed(self) -> None:
+        """After a write transaction of this catalog committed."""
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
 
     def errors(self) -> Any:
         """A context in which driver errors become polystore errors (for this catalog)."""
@@ -117,7 +135,9 @@ class Catalog:
 
     def _run_write(self, work: Callable[[Connection], T]) -> T:
         with self.engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
-            return work(conn)
+            result = work(conn)
+        self._committed()
+        return result
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -141,3 +161,4 @@ class Catalog:
                     yield conn
             finally:
                 self._tx.reset(token)
+        self._committed()

@@ -39,6 +39,7 @@ from polystore.errors import (
 
 __all__ = [
     "DEFAULT_URL",
+    "WAL_CHECKPOINT_BYTES",
     "WAL_SIZE_LIMIT",
     "WRITE",
     "CatalogChanged",
@@ -152,14 +153,17 @@ def _set_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
-#: WAL bytes between automatic checkpoints (``PRAGMA wal_autocheckpoint``,
-#: set in pages of the file's own size: 4 KiB, SQLite's default, unless the
-#: file was made with others; ``docs/decisions.rst`` says why not larger).
+#: WAL bytes left by commits that a catalog's checkpoint thread copies back
+#: into the database file (:mod:`.checkpoints`; ``docs/decisions.rst`` says
+#: why not more). Four times as many make SQLite checkpoint in the commit
+#: itself (``PRAGMA wal_autocheckpoint``, set in pages of the file's own size:
+#: 4 KiB, SQLite's default, unless the file was made with others): where no
+#: thread does (migrations, the command line), or where it falls behind.
 WAL_CHECKPOINT_BYTES = 16 << 20
 
 #: Bytes a SQLite catalog's ``-wal`` file is cut down to once a checkpoint has
-#: emptied it (``PRAGMA journal_size_limit``); four times what it grows to
-#: between checkpoints (:data:`WAL_CHECKPOINT_BYTES`).
+#: emptied it (``PRAGMA journal_size_limit``): the most it grows to between
+#: checkpoints when commits make them (four times :data:`WAL_CHECKPOINT_BYTES`).
 WAL_SIZE_LIMIT = 64 << 20
 
 
@@ -190,12 +194,12 @@ def _sqlite_engine(url: URL, **engine_kwargs: Any) -> Engine:
                 # The commit that fills the WAL past this many pages copies
                 # them into the database and fsyncs: 1,000 4 KiB pages
                 # (SQLite's default, 4 MiB) made that a commit in 30 of small
-                # saves, each ~10 ms, 40% of their commit time. At 16 MiB,
-                # batches of 10 small files: 2.2-3.5 ms -> 1.4-2.2 ms each.
-                # What a power cut can lose is still "the last transactions"
-                # (synchronous=NORMAL).
+                # saves, each ~10 ms, 40% of their commit time. A catalog's
+                # checkpoint thread copies them back at a quarter of this
+                # (.checkpoints), so commits rarely do. What a power cut can
+                # lose is still "the last transactions" (synchronous=NORMAL).
                 page = cursor.execute("PRAGMA page_size").fetchone()[0]
-                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
+                cursor.execute(f"PRAGMA wal_autocheckpoint={4 * WAL_CHECKPOINT_BYTES // page}")
                 # Once a checkpoint has copied it all back, the next writer
                 # starts the WAL over and cuts it down to this size: one large
                 # transaction would otherwise leave a -wal file that large.

@@ -14,12 +14,15 @@ live subtree locked, blob rows last, in hash order):
 No content is copied. The snapshot is locked against deletion meanwhile, so
 the old versions read stay until they are written back.
 
-On PostgreSQL the live rows are read again under a lock before anything is
-written: the directories of the subtree (against new children), then its
-files, in id order. A file a concurrent writer moved out meanwhile is then no
-longer in the walk, and one it overwrote is read with its new content, so a
-restore never deletes or rewrites a file elsewhere in the tree, and releases
-exactly the content it replaces. SQLite's writers run one at a time.
+On PostgreSQL, READ COMMITTED lets a concurrent writer move a file out of
+the subtree, overwrite it or delete it between the walk and the writes (the
+subtree's directories are locked first, so nothing enters it). So the files
+a restore deletes or rewrites are locked and read again first, in id order:
+one moved or deleted meanwhile makes the transaction run again from the
+start (``CatalogChanged``), and one overwritten is rewritten from what it
+holds now. A restore never deletes or rewrites a file elsewhere in the tree,
+and releases exactly the content it replaces. SQLite's writers run one at a
+time.
 """
 
 from __future__ import annotations
@@ -144,45 +147,39 @@ def _insert_tree(
 
 
 def _relock(conn: Connection, live: Any) -> Any:
-    """Live row ``live``, locked where it was resolved and read again (PostgreSQL).
+    """Live row ``live``, locked where it was read and read again (PostgreSQL);
+    see :func:`_relock_all`."""
+    return _relock_all(conn, [live])[0]
 
-    Under READ COMMITTED a concurrent overwrite may have committed between
-    the resolve and this lock: the row read now has its content. Raises
-    :class:`~.engine.CatalogChanged` if it was moved or deleted meanwhile.
+
+def _relock_all(conn: Connection, live: Sequence[Any]) -> list[Any]:
+    """Live rows ``live``, locked in id order and read again, in their order.
+
+    Under READ COMMITTED a concurrent overwrite may have committed since they
+    were read: the rows returned hold what the files hold now. Raises
+    :class:`~.engine.CatalogChanged` if one was moved or deleted meanwhile.
+    SQLite: ``live`` itself (its writers run one at a time).
     """
-    if conn.dialect.name != "postgresql":
-        return live
-    row = conn.execute(
-        sa.select(*(nodes.c[c] for c in history.COLUMNS))
-        .where(
-            nodes.c.id == live.id,
-            nodes.c.parent_id == live.parent_id,
-            nodes.c.name == live.name,
+    if conn.dialect.name != "postgresql" or not live:
+        return list(live)
+    now: dict[int, Any] = {}
+    for part in tree.chunks(sorted(int(row.id) for row in live)):
+        now.update(
+            (int(row.id), row)
+            for row in conn.execute(
+                sa.select(*(nodes.c[c] for c in history.COLUMNS))
+                .where(nodes.c.id.in_(part))
+                .order_by(nodes.c.id)
+                .with_for_update()
+            )
         )
-        .with_for_update()
-    ).first()
-    if row is None:
-        raise CatalogChanged(f"{live.name!r} was moved or deleted meanwhile")
-    return row
-
-
-def _lock_files(conn: Connection, dir_ids: list[int]) -> None:
-    """Lock the files directly in directories ``dir_ids``, in id order (PostgreSQL).
-
-    With the directories locked too (:func:`.tree.lock_subtree`), the live
-    walk that follows sees the subtree as it stays until this transaction
-    ends: nothing enters it, and nothing in it is moved, overwritten or
-    deleted meanwhile.
-    """
-    if conn.dialect.name != "postgresql":
-        return
-    for part in tree.chunks(dir_ids):
-        conn.execute(
-            sa.select(nodes.c.id)
-            .where(nodes.c.parent_id.in_(part), nodes.c.kind == "file")
-            .order_by(nodes.c.id)
-            .with_for_update()
-        ).all()
+    fresh = []
+    for row in live:
+        found = now.get(int(row.id))
+        if found is None or (found.parent_id, found.name) != (row.parent_id, row.name):
+            raise CatalogChanged(f"{row.name!r} was moved or deleted meanwhile")
+        fresh.append(found)
+    return fresh
 
 
 def _differs(live: Any, old: Any) -> bool:
@@ -213,17 +210,25 @@ def _reconcile(
     released: Counter[str],
 ) -> None:
     """Make live directory ``live_root`` hold what ``old_root`` held at epoch ``at``."""
-    _lock_files(conn, tree.lock_subtree(conn, live_root))
+    tree.lock_subtree(conn, live_root)
     _update(conn, _relock(conn, live_root), old_root, epoch, refs, released)
     before = dict(history.walk(conn, at, old_root))
     now = dict(history.walk(conn, None, live_root))
     gone = {
         rel: row for rel, row in now.items() if rel not in before or before[rel].kind != row.kind
     }
-    # Files first (each releases its content), then directories: emptied,
-    # they go with ON DELETE CASCADE from the topmost one down.
-    doomed = sorted(int(row.id) for row in gone.values() if row.kind == "file")
-    for part in tree.chunks(doomed):
+    kept = {rel: row for rel, row in now.items() if rel not in gone}
+    # The files to delete or rewrite, locked where the walk found them (the
+    # directories were locked before it, so the walk saw them all).
+    changed = [
+        (rel, row) for rel, row in kept.items() if row.kind == "file" and _differs(row, before[rel])
+    ]
+    doomed = [row for row in gone.values() if row.kind == "file"]
+    fresh = _relock_all(conn, doomed + [row for _, row in changed])
+    kept.update((rel, row) for (rel, _), row in zip(changed, fresh[len(doomed) :], strict=True))
+    # Files first (each releases the content it holds as it goes), then
+    # directories: emptied, they go with ON DELETE CASCADE from the topmost down.
+    for part in tree.chunks(sorted(int(row.id) for row in doomed)):
         released.update(
             conn.execute(
                 nodes.delete().where(nodes.c.id.in_(part)).returning(nodes.c.blob_hash)
@@ -232,7 +237,6 @@ def _reconcile(
     dirs = sorted(int(row.id) for row in gone.values() if row.kind == "dir")
     for part in tree.chunks(dirs):
         conn.execute(nodes.delete().where(nodes.c.id.in_(part)))
-    kept = {rel: row for rel, row in now.items() if rel not in gone}
     for rel, row in kept.items():
         _update(conn, row, before[rel], epoch, refs, released)
     _insert_tree(conn, at, old_root, int(live_root.id), kept, epoch, refs)
