@@ -18,17 +18,17 @@ On PostgreSQL, READ COMMITTED lets a concurrent writer move a file out of
 the subtree, overwrite it or delete it between the walk and the writes (the
 subtree's directories are locked first, so nothing enters it). So the files
 a restore deletes or rewrites are locked and read again first, in id order:
-one moved or deleted meanwhile makes the transaction run again from the
-start (``CatalogChanged``), and one overwritten is rewritten from what it
-holds now. A restore never deletes or rewrites a file elsewhere in the tree,
-and releases exactly the content it replaces. SQLite's writers run one at a
-time.
+one moved out or deleted meanwhile is left where it went (and the snapshot's
+version comes back in its place, if there is one), and one overwritten is
+rewritten from what it holds now. A restore never deletes or rewrites a file
+elsewhere in the tree, and releases exactly the content it replaces.
+SQLite's writers run one at a time.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -147,17 +147,23 @@ def _insert_tree(
 
 
 def _relock(conn: Connection, live: Any) -> Any:
-    """Live row ``live``, locked where it was read and read again (PostgreSQL);
-    see :func:`_relock_all`."""
-    return _relock_all(conn, [live])[0]
+    """Live file or directory row ``live``, locked where it was read and read
+    again (PostgreSQL; see :func:`_relock_all`). Raises
+    :class:`~.engine.CatalogChanged` if it was moved or deleted meanwhile."""
+    (now,) = _relock_all(conn, [live], inside=())
+    if now is None:
+        raise CatalogChanged(f"{live.name!r} was moved or deleted meanwhile")
+    return now
 
 
-def _relock_all(conn: Connection, live: Sequence[Any]) -> list[Any]:
+def _relock_all(conn: Connection, live: Sequence[Any], inside: Collection[int]) -> list[Any]:
     """Live rows ``live``, locked in id order and read again, in their order.
 
-    Under READ COMMITTED a concurrent overwrite may have committed since they
-    were read: the rows returned hold what the files hold now. Raises
-    :class:`~.engine.CatalogChanged` if one was moved or deleted meanwhile.
+    Under READ COMMITTED a concurrent writer may have changed them since they
+    were read. A row overwritten meanwhile is returned as it is now; one
+    moved out of directories ``inside``, or deleted, as None. Raises
+    :class:`~.engine.CatalogChanged` for one renamed in its directory (in
+    ``inside``, whose locks keep rows from moving in, but not from renaming).
     SQLite: ``live`` itself (its writers run one at a time).
     """
     if conn.dialect.name != "postgresql" or not live:
@@ -173,11 +179,13 @@ def _relock_all(conn: Connection, live: Sequence[Any]) -> list[Any]:
                 .with_for_update()
             )
         )
-    fresh = []
+    fresh: list[Any] = []
     for row in live:
         found = now.get(int(row.id))
-        if found is None or (found.parent_id, found.name) != (row.parent_id, row.name):
-            raise CatalogChanged(f"{row.name!r} was moved or deleted meanwhile")
+        if found is not None and (found.parent_id, found.name) != (row.parent_id, row.name):
+            if found.parent_id in inside:
+                raise CatalogChanged(f"{row.name!r} was renamed meanwhile")
+            found = None
         fresh.append(found)
     return fresh
 
@@ -210,7 +218,7 @@ def _reconcile(
     released: Counter[str],
 ) -> None:
     """Make live directory ``live_root`` hold what ``old_root`` held at epoch ``at``."""
-    tree.lock_subtree(conn, live_root)
+    inside = set(tree.lock_subtree(conn, live_root))
     _update(conn, _relock(conn, live_root), old_root, epoch, refs, released)
     before = dict(history.walk(conn, at, old_root))
     now = dict(history.walk(conn, None, live_root))
@@ -218,14 +226,21 @@ def _reconcile(
         rel: row for rel, row in now.items() if rel not in before or before[rel].kind != row.kind
     }
     kept = {rel: row for rel, row in now.items() if rel not in gone}
-    # The files to delete or rewrite, locked where the walk found them (the
-    # directories were locked before it, so the walk saw them all).
+    # The files to delete or rewrite, locked and read again (the directories
+    # were locked before the walk, so it saw every file there is). One moved
+    # out or deleted meanwhile is no longer here: not deleted, and in the
+    # place of one the snapshot holds, its old version comes back.
     changed = [
         (rel, row) for rel, row in kept.items() if row.kind == "file" and _differs(row, before[rel])
     ]
-    doomed = [row for row in gone.values() if row.kind == "file"]
-    fresh = _relock_all(conn, doomed + [row for _, row in changed])
-    kept.update((rel, row) for (rel, _), row in zip(changed, fresh[len(doomed) :], strict=True))
+    files = [row for row in gone.values() if row.kind == "file"]
+    fresh = _relock_all(conn, files + [row for _, row in changed], inside)
+    doomed = [row for row in fresh[: len(files)] if row is not None]
+    for (rel, _), row in zip(changed, fresh[len(files) :], strict=True):
+        if row is None:
+            del kept[rel]
+        else:
+            kept[rel] = row
     # Files first (each releases the content it holds as it goes), then
     # directories: emptied, they go with ON DELETE CASCADE from the topmost down.
     for part in tree.chunks(sorted(int(row.id) for row in doomed)):
