@@ -43,6 +43,7 @@ from processes import join, run_together
 
 from polystore import AlreadyExistsError, IsADirectoryError, NotFoundError
 from polystore.backends.sql import SQLBackend
+from polystore.blobs.local import LocalBlobStore
 
 SECONDS = float(os.environ.get("POLYSTORE_CONTENTION_SECONDS", "").strip() or 6)
 SOAK_SECONDS = float(os.environ.get("POLYSTORE_SOAK_SECONDS", "").strip() or 0)
@@ -424,32 +425,39 @@ def test_rebalance_skips_a_blob_collected_while_it_runs(catalog_url: str, tmp_pa
         assert backend.fsck(verify=True).ok
 
 
+class _BeforeEachRead(LocalBlobStore):
+    """A local blob store that runs :meth:`before_read` as each object is opened or
+    read by range: what another process does at that moment."""
+
+    def before_read(self) -> None:
+        """What happens just before each read (nothing, here)."""
+
+    def open(self, content_hash: str) -> Any:
+        self.before_read()
+        return super().open(content_hash)
+
+    def read_range(self, content_hash: str, start: int, end: int) -> bytes:
+        self.before_read()
+        return super().read_range(content_hash, start, end)
+
+
 def test_a_load_racing_rebalance_reads_the_content_where_it_went(
     catalog_url: str, tmp_path: Path
 ) -> None:
     """A row read just before rebalance() brings its content into the catalog names an
     object that is gone by the time it is opened: the file is read again, not reported
     as damage (the contention test met it once: ``IntegrityError ... is missing``)."""
-    from polystore.blobs.local import LocalBlobStore
     from polystore.errors import IntegrityError
 
-    class MovedInOnFirstOpen(LocalBlobStore):
+    class MovedInOnFirstOpen(_BeforeEachRead):
         """Another process rebalances everything inline as a load first opens an object."""
 
         other: SQLBackend | None = None
 
-        def _move_in(self) -> None:
+        def before_read(self) -> None:
             if self.other is not None:
                 other, self.other = self.other, None
                 assert other.rebalance(inline_limit=1 << 20).to_inline >= 2
-
-        def open(self, content_hash: str) -> Any:
-            self._move_in()
-            return super().open(content_hash)
-
-        def read_range(self, content_hash: str, start: int, end: int) -> bytes:
-            self._move_in()
-            return super().read_range(content_hash, start, end)
 
     store = MovedInOnFirstOpen(tmp_path / "blobs")
     with SQLBackend(catalog_url, blob_store=store, inline_limit=0) as backend:
@@ -495,28 +503,19 @@ def test_a_read_follows_a_file_changed_and_collected_twice(
     overwritten the file and gc() taken that object -- twice in a row. Each missing
     object is another one: the file is read again until its content is there, not
     reported as damage (only the same object missing twice is)."""
-    from polystore.blobs.local import LocalBlobStore
 
-    class ChangedOnOpen(LocalBlobStore):
+    class ChangedOnOpen(_BeforeEachRead):
         """Before each of the next ``changes`` opens, another process overwrites
         the file and collects what it replaced."""
 
         other: SQLBackend | None = None
         changes: list[tuple[str, bytes]] = []
 
-        def _change(self) -> None:
+        def before_read(self) -> None:
             if self.other is not None and self.changes:
                 path, value = self.changes.pop(0)
                 self.other.save(value, path)
                 assert self.other.gc(grace=0).blobs_deleted == 1
-
-        def open(self, content_hash: str) -> Any:
-            self._change()
-            return super().open(content_hash)
-
-        def read_range(self, content_hash: str, start: int, end: int) -> bytes:
-            self._change()
-            return super().read_range(content_hash, start, end)
 
     store = ChangedOnOpen(tmp_path / "blobs")
     with (

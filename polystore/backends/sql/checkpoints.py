@@ -92,8 +92,6 @@ class Checkpointer:
         self._shm: int | None = None  # the -shm file, open (:meth:`_read_index`)
         #: Held while a checkpoint runs (and by a fork, which waits for it).
         self._working = threading.Lock()
-        #: Checkpoints run so far (by this process's thread).
-        self.checkpoints = 0
         _ALL.add(self)
 
     def pending(self) -> int | None:
@@ -170,7 +168,6 @@ class Checkpointer:
                 # PASSIVE: copies what no reader still needs, never waits.
                 with self._working, contextlib.suppress(sqlite3.Error):
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    self.checkpoints += 1
                 # Short of the threshold still (a reader holds old pages, another
                 # process checkpoints): again soon, then less and less often,
                 # for a few seconds; after that, at the next commit.

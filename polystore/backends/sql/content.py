@@ -257,16 +257,7 @@ def release_blobs(conn: Connection, counts: Counter[str]) -> None:
     counts = Counter({h: n for h, n in counts.items() if h is not None and n})
     if not counts:
         return
-    if conn.dialect.name == "postgresql":
-        # One row at a time in hash order: the order every writer locks blob
-        # rows in (docs/reliability.rst), which an IN list does not promise.
-        conn.execute(
-            blobs.update()
-            .where(blobs.c.hash == sa.bindparam("h"))
-            .values(refcount=blobs.c.refcount - sa.bindparam("n")),
-            [{"h": h, "n": n} for h, n in sorted(counts.items())],
-        )
-    else:
+    if conn.dialect.name != "postgresql":
         # SQLite writers run one at a time: no lock order to keep. The hashes
         # dropping the same count (nearly always 1) go as IN lists, one
         # statement per 500 instead of one per hash (a recursive delete of
@@ -282,19 +273,32 @@ def release_blobs(conn: Connection, counts: Counter[str]) -> None:
                 conn.execute(_DROP_UNREFERENCED, {"n": n, "hashes": part})
                 conn.execute(_DROP_REFERENCES, {"n": n, "hashes": part})
         return
+    # One row at a time in hash order: the order every writer locks blob
+    # rows in (docs/reliability.rst), which an IN list does not promise.
+    conn.execute(
+        blobs.update()
+        .where(blobs.c.hash == sa.bindparam("h"))
+        .values(refcount=blobs.c.refcount - sa.bindparam("n")),
+        [{"h": h, "n": n} for h, n in sorted(counts.items())],
+    )
     for part in chunks(sorted(counts)):
-        conn.execute(
-            blobs.delete().where(
-                blobs.c.hash.in_(part),
-                # Not "refcount = 0": the planners then read the partial index
-                # of unreferenced blobs, which every blob this delete freed is
-                # in, for each chunk (SQLite: a recursive delete of 1,000,000
-                # files read ~10**9 entries), instead of the primary key.
-                blobs.c.refcount + 0 == 0,
-                blobs.c.store == INLINE,
-                ~sa.exists().where(history_table.c.blob_hash == blobs.c.hash),
-            )
-        )
+        conn.execute(blobs.delete().where(blobs.c.hash.in_(part), *_left_unreferenced(0)))
+
+
+def _left_unreferenced(count: Any) -> tuple[Any, ...]:
+    """Conditions on a blob row: inline, held by ``count`` references, and by no
+    history row (a kept snapshot's file): dropping ``count`` leaves it unused.
+
+    Not "refcount = :count" but "refcount + 0": with 0, the planners would
+    read the partial index of unreferenced blobs, which every blob a delete
+    freed is in, for each chunk (SQLite: a recursive delete of 1,000,000
+    files read ~10**9 entries), instead of the primary key.
+    """
+    return (
+        blobs.c.refcount + 0 == count,
+        blobs.c.store == INLINE,
+        ~sa.exists().where(history_table.c.blob_hash == blobs.c.hash),
+    )
 
 
 _DROP_REFERENCES = (
@@ -304,14 +308,10 @@ _DROP_REFERENCES = (
 )
 
 #: The inline blobs among ``hashes`` that dropping ``n`` references leaves
-#: unreferenced, deleted (SQLite; before :data:`_DROP_REFERENCES`). A blob a
-#: history row refers to stays, for ``gc()``.
+#: unreferenced, deleted (SQLite, before :data:`_DROP_REFERENCES`).
 _DROP_UNREFERENCED = blobs.delete().where(
     blobs.c.hash.in_(sa.bindparam("hashes", expanding=True)),
-    # (+ 0: not the partial index of unreferenced blobs; see release_blobs)
-    blobs.c.refcount + 0 == sa.bindparam("n"),
-    blobs.c.store == INLINE,
-    ~sa.exists().where(history_table.c.blob_hash == blobs.c.hash),
+    *_left_unreferenced(sa.bindparam("n")),
 )
 
 
